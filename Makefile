@@ -1,0 +1,33 @@
+# dsv3lab: `make lab` opens JupyterLab on notebooks/, `make test` runs every test.
+# Both create the virtual environment in .venv on first use.
+PY      ?= python3
+VENV    := .venv
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.installed
+PYTEST_ARGS ?=
+
+.PHONY: setup lab test bench report clean
+
+setup: $(STAMP)
+
+$(STAMP): requirements.txt pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -r requirements.txt
+	$(BIN)/pip install -q --no-deps -e .
+	touch $(STAMP)
+
+data/lab-model/config.json: | $(STAMP)
+	$(BIN)/python -m dsv3lab train-lab --out data/lab-model
+
+lab: $(STAMP)
+	DSV3LAB_MODEL=$(CURDIR)/data/lab-model $(BIN)/jupyter lab --notebook-dir=notebooks
+
+test: $(STAMP)
+	TRITON_INTERPRET=1 $(BIN)/python -m pytest -q -n 2 $(PYTEST_ARGS)
+
+bench: $(STAMP)
+	$(BIN)/python -m dsv3lab bench engine
+
+clean:
+	rm -rf $(VENV) .pytest_cache

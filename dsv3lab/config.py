@@ -1,0 +1,311 @@
+"""ModelConfig: every DeepSeek-V2/V3 hyper-parameter, documented once, with named presets.
+
+Field names follow the Hugging Face ``config.json`` of ``deepseek-ai/DeepSeek-V3`` so that
+``from_hf``/``to_hf`` are a near-identity; the official demo's names are given in brackets.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from dataclasses import dataclass, field, fields
+from typing import Any, Optional
+
+
+class ConfigError(ValueError):
+    """A config field is missing, unknown or inconsistent with another one."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    # --- sizes -------------------------------------------------------------------------------
+    vocab_size: int = 129280            # [vocab_size] token embeddings and head rows
+    hidden_size: int = 7168             # [dim] residual stream width D
+    intermediate_size: int = 18432      # [inter_dim] SwiGLU width of the dense first layers
+    moe_intermediate_size: int = 2048   # [moe_inter_dim] SwiGLU width of one routed expert
+    num_hidden_layers: int = 61         # [n_layers] main-model blocks (MTP blocks come after)
+    first_k_dense_replace: int = 3      # [n_dense_layers] blocks [0, k) use a dense FFN
+    num_attention_heads: int = 128      # [n_heads] H
+    # --- MoE ---------------------------------------------------------------------------------
+    n_routed_experts: int = 256         # [n_routed_experts] E
+    n_shared_experts: int = 1           # shared SwiGLU width = n_shared * moe_intermediate_size
+    num_experts_per_tok: int = 8        # [n_activated_experts] top-k
+    n_group: int = 8                    # [n_expert_groups] E/G contiguous experts per group
+    topk_group: int = 4                 # [n_limited_groups] groups a token may use (node limit M)
+    scoring_func: str = "sigmoid"       # [score_func] "sigmoid" (V3) or "softmax" (V2)
+    topk_method: str = "noaux_tc"       # "noaux_tc": bias + top-2-sum groups; "greedy"/"group_limited_greedy": V2
+    routed_scaling_factor: float = 2.5  # [route_scale] multiplies the routing weights
+    norm_topk_prob: bool = True         # renormalise the chosen weights to sum to 1 (sigmoid)
+    # --- MLA ---------------------------------------------------------------------------------
+    q_lora_rank: int = 1536             # 0 means a single full-rank q_proj (V2-Lite)
+    kv_lora_rank: int = 512             # latent width cached per token
+    qk_nope_head_dim: int = 128         # per-head query/key part without RoPE
+    qk_rope_head_dim: int = 64          # per-head RoPE part; the key part is shared by all heads
+    v_head_dim: int = 128               # per-head value width
+    # --- positions ---------------------------------------------------------------------------
+    max_position_embeddings: int = 163840
+    rope_theta: float = 10000.0
+    rope_scaling: Optional[dict] = field(default_factory=lambda: dict(
+        type="yarn", factor=40.0, original_max_position_embeddings=4096,
+        beta_fast=32.0, beta_slow=1.0, mscale=1.0, mscale_all_dim=1.0))
+    # --- misc --------------------------------------------------------------------------------
+    rms_norm_eps: float = 1e-6
+    num_nextn_predict_layers: int = 1   # MTP depth D; stored at layer index num_hidden_layers
+    bos_token_id: int = 0
+    eos_token_id: int = 1
+    tie_word_embeddings: bool = False
+    initializer_range: float = 0.006
+    # FP8 weights in the checkpoint: None, or the square block size (128) of weight_scale_inv
+    fp8_block_size: Optional[int] = 128
+    name: str = "v3-671b"               # label only
+
+    # ----------------------------------------------------------------------------------------
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self) -> None:
+        def need(cond, fld, msg):
+            if not cond:
+                raise ConfigError(f"ModelConfig.{fld}: {msg}")
+
+        for f in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                  "num_attention_heads", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim",
+                  "v_head_dim"):
+            need(int(getattr(self, f)) > 0, f, f"must be > 0, got {getattr(self, f)}")
+        need(self.qk_rope_head_dim % 2 == 0, "qk_rope_head_dim",
+             f"must be even (rotated in pairs), got {self.qk_rope_head_dim}")
+        need(0 <= self.first_k_dense_replace <= self.num_hidden_layers, "first_k_dense_replace",
+             f"must be in [0, num_hidden_layers={self.num_hidden_layers}], got {self.first_k_dense_replace}")
+        need(self.scoring_func in ("sigmoid", "softmax"), "scoring_func",
+             f"must be 'sigmoid' or 'softmax', got {self.scoring_func!r}")
+        need(self.topk_method in ("noaux_tc", "greedy", "group_limited_greedy"), "topk_method",
+             f"must be 'noaux_tc', 'greedy' or 'group_limited_greedy', got {self.topk_method!r}")
+        need(self.q_lora_rank >= 0, "q_lora_rank", f"must be >= 0, got {self.q_lora_rank}")
+        need(self.num_nextn_predict_layers >= 0, "num_nextn_predict_layers", "must be >= 0")
+        if self.has_moe:
+            need(self.n_routed_experts > 0, "n_routed_experts", "must be > 0 when any layer is MoE")
+            need(1 <= self.num_experts_per_tok <= self.n_routed_experts, "num_experts_per_tok",
+                 f"must be in [1, n_routed_experts={self.n_routed_experts}], got {self.num_experts_per_tok}")
+            need(self.n_group >= 1 and self.n_routed_experts % self.n_group == 0, "n_group",
+                 f"n_routed_experts={self.n_routed_experts} must divide into n_group={self.n_group} groups")
+            need(1 <= self.topk_group <= self.n_group, "topk_group",
+                 f"must be in [1, n_group={self.n_group}], got {self.topk_group}")
+            per_group = self.n_routed_experts // self.n_group
+            if self.topk_method == "noaux_tc" and self.n_group > 1:
+                need(per_group >= 2, "n_group", "noaux_tc scores groups by their top-2 experts: "
+                     f"needs >= 2 experts per group, got {per_group}")
+            need(self.topk_group * per_group >= self.num_experts_per_tok, "topk_group",
+                 f"topk_group={self.topk_group} groups of {per_group} experts cannot hold "
+                 f"num_experts_per_tok={self.num_experts_per_tok}")
+            need(self.moe_intermediate_size > 0, "moe_intermediate_size", "must be > 0")
+        if self.rope_scaling is not None:
+            rtype = self.rope_scaling.get("type", self.rope_scaling.get("rope_type"))
+            need(rtype in ("yarn", "default", None), "rope_scaling",
+                 f"only 'yarn' scaling is supported, got type {rtype!r}")
+            if rtype == "yarn":
+                need(float(self.rope_scaling.get("factor", 1.0)) >= 1.0, "rope_scaling.factor", "must be >= 1")
+
+    # --- derived -----------------------------------------------------------------------------
+    @property
+    def has_moe(self) -> bool:
+        return self.first_k_dense_replace < self.num_hidden_layers or self.num_nextn_predict_layers > 0
+
+    @property
+    def n_moe_layers(self) -> int:
+        return self.num_hidden_layers - self.first_k_dense_replace
+
+    @property
+    def qk_head_dim(self) -> int:
+        return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+    @property
+    def yarn(self) -> Optional[dict]:
+        """The YaRN parameters, or None when positions are plain RoPE."""
+        rs = self.rope_scaling
+        if rs is None or rs.get("type", rs.get("rope_type")) != "yarn":
+            return None
+        return dict(factor=float(rs.get("factor", 1.0)),
+                    original_max_position_embeddings=int(rs.get("original_max_position_embeddings", 4096)),
+                    beta_fast=float(rs.get("beta_fast", 32)), beta_slow=float(rs.get("beta_slow", 1)),
+                    mscale=float(rs.get("mscale", 1.0)), mscale_all_dim=float(rs.get("mscale_all_dim", 0.0)))
+
+    @property
+    def softmax_scale(self) -> float:
+        """qk_head_dim^-0.5 * m^2 with m = 0.1 * mscale_all_dim * ln(factor) + 1 under YaRN."""
+        scale = self.qk_head_dim ** -0.5
+        y = self.yarn
+        if y is not None and y["mscale_all_dim"] and y["factor"] > 1:
+            m = 0.1 * y["mscale_all_dim"] * math.log(y["factor"]) + 1.0
+            scale = scale * m * m
+        return scale
+
+    def __hash__(self) -> int:
+        return hash(json.dumps(dataclasses.asdict(self), sort_keys=True))
+
+    def is_moe_layer(self, layer: int) -> bool:
+        return layer >= self.first_k_dense_replace
+
+    def replace(self, **kw) -> "ModelConfig":
+        return dataclasses.replace(self, **kw)
+
+    # --- presets -----------------------------------------------------------------------------
+    @staticmethod
+    def preset(name: str) -> "ModelConfig":
+        if name not in PRESETS:
+            raise ConfigError(f"unknown preset {name!r}; known: {', '.join(sorted(PRESETS))}")
+        return PRESETS[name]
+
+    @staticmethod
+    def presets() -> list[str]:
+        return sorted(PRESETS)
+
+    # --- HF config.json ----------------------------------------------------------------------
+    @classmethod
+    def from_hf(cls, path_or_dict: Any) -> "ModelConfig":
+        """Read an HF ``config.json`` (path, directory or dict) of model_type deepseek_v3/v2."""
+        src = "dict"
+        if isinstance(path_or_dict, (str, os.PathLike)):
+            p = os.fspath(path_or_dict)
+            if os.path.isdir(p):
+                p = os.path.join(p, "config.json")
+            src = p
+            if not os.path.exists(p):
+                raise ConfigError(f"{p}: no config.json")
+            try:
+                with open(p) as f:
+                    d = json.load(f)
+            except json.JSONDecodeError as e:
+                raise ConfigError(f"{p}: not valid JSON ({e})") from None
+        else:
+            d = dict(path_or_dict)
+        mt = d.get("model_type")
+        if mt not in ("deepseek_v3", "deepseek_v2"):
+            raise ConfigError(f"{src}: model_type must be 'deepseek_v3' or 'deepseek_v2', got {mt!r}")
+        names = {f.name for f in fields(cls)}
+        kw = {k: v for k, v in d.items() if k in names and k not in ("rope_scaling", "name")}
+        # transformers 5.x writes rope_parameters (with rope_type) instead of rope_scaling
+        rs = d.get("rope_scaling") or d.get("rope_parameters")
+        if rs:
+            rs = dict(rs)
+            rtype = rs.pop("rope_type", None)
+            rtype = rs.pop("type", None) or rtype
+            rs.pop("rope_theta", None)
+            if "rope_theta" not in d and "rope_parameters" in d and "rope_theta" in d["rope_parameters"]:
+                kw["rope_theta"] = d["rope_parameters"]["rope_theta"]
+            kw["rope_scaling"] = None if rtype in (None, "default") else dict(type=rtype, **rs)
+        else:
+            kw["rope_scaling"] = None
+        if kw.get("q_lora_rank") is None:
+            kw["q_lora_rank"] = 0
+        if d.get("num_nextn_predict_layers") is None and "num_mtp_layers" in d:
+            kw["num_nextn_predict_layers"] = d["num_mtp_layers"]
+        kw.setdefault("num_nextn_predict_layers", 0)
+        if mt == "deepseek_v2":
+            kw.setdefault("scoring_func", d.get("scoring_func", "softmax"))
+            kw.setdefault("topk_method", d.get("topk_method", "greedy"))
+            kw.setdefault("norm_topk_prob", d.get("norm_topk_prob", False))
+            kw.setdefault("routed_scaling_factor", d.get("routed_scaling_factor", 1.0))
+        if kw.get("n_group") is None:
+            kw["n_group"] = 1
+        if kw.get("topk_group") is None:
+            kw["topk_group"] = 1
+        if kw.get("n_shared_experts") is None:
+            kw["n_shared_experts"] = 0
+        qc = d.get("quantization_config")
+        if qc:
+            if qc.get("quant_method") != "fp8":
+                raise ConfigError(f"{src}: quantization_config.quant_method {qc.get('quant_method')!r} "
+                                  "is not supported (only 'fp8')")
+            bs = qc.get("weight_block_size", [128, 128])
+            if len(bs) != 2 or bs[0] != bs[1]:
+                raise ConfigError(f"{src}: quantization_config.weight_block_size must be square, got {bs}")
+            kw["fp8_block_size"] = int(bs[0])
+        else:
+            kw["fp8_block_size"] = None
+        for k in ("eos_token_id", "bos_token_id"):
+            if isinstance(kw.get(k), list):
+                kw[k] = kw[k][0]
+            if kw.get(k) is None:
+                kw.pop(k, None)
+        kw["name"] = os.path.basename(os.path.dirname(src)) if src != "dict" else "hf"
+        try:
+            return cls(**kw)
+        except ConfigError as e:
+            raise ConfigError(f"{src}: {e}") from None
+
+    def to_hf(self) -> dict:
+        """The HF ``config.json`` dict (DeepseekV3 style; V2-style configs keep their gate)."""
+        d = {f.name: getattr(self, f.name) for f in fields(self)}
+        for k in ("name", "fp8_block_size"):
+            d.pop(k)
+        d["q_lora_rank"] = self.q_lora_rank or None
+        d["rope_scaling"] = dict(self.rope_scaling) if self.rope_scaling else None
+        d.update(model_type="deepseek_v3", architectures=["DeepseekV3ForCausalLM"],
+                 num_key_value_heads=self.num_attention_heads, hidden_act="silu",
+                 attention_bias=False, attention_dropout=0.0, moe_layer_freq=1, ep_size=1,
+                 use_cache=True, torch_dtype="bfloat16")
+        if self.fp8_block_size:
+            d["quantization_config"] = dict(quant_method="fp8", fmt="e4m3", activation_scheme="dynamic",
+                                            weight_block_size=[self.fp8_block_size, self.fp8_block_size])
+        return d
+
+
+def _official(name, **kw) -> ModelConfig:
+    return ModelConfig(name=name, **kw)
+
+
+def _yarn(mscale: float) -> dict:
+    return dict(type="yarn", factor=40.0, original_max_position_embeddings=4096, beta_fast=32.0,
+                beta_slow=1.0, mscale=mscale, mscale_all_dim=mscale)
+
+
+PRESETS: dict[str, ModelConfig] = {
+    "v3-671b": _official("v3-671b"),
+    "v2-236b": _official(
+        "v2-236b", vocab_size=102400, hidden_size=5120, intermediate_size=12288,
+        moe_intermediate_size=1536, num_hidden_layers=60, first_k_dense_replace=1,
+        num_attention_heads=128, n_routed_experts=160, n_shared_experts=2, num_experts_per_tok=6,
+        n_group=8, topk_group=3, scoring_func="softmax", topk_method="group_limited_greedy",
+        routed_scaling_factor=16.0, norm_topk_prob=False, q_lora_rank=1536, rope_scaling=_yarn(1.0),
+        num_nextn_predict_layers=0, fp8_block_size=None, eos_token_id=100001, bos_token_id=100000),
+    "v2-lite-16b": _official(
+        "v2-lite-16b", vocab_size=102400, hidden_size=2048, intermediate_size=10944,
+        moe_intermediate_size=1408, num_hidden_layers=27, first_k_dense_replace=1,
+        num_attention_heads=16, n_routed_experts=64, n_shared_experts=2, num_experts_per_tok=6,
+        n_group=1, topk_group=1, scoring_func="softmax", topk_method="greedy",
+        routed_scaling_factor=1.0, norm_topk_prob=False, q_lora_rank=0, rope_scaling=_yarn(0.707),
+        num_nextn_predict_layers=0, fp8_block_size=None, eos_token_id=100001, bos_token_id=100000),
+    # Small lab presets: every V3 feature (sigmoid gate + bias, group-limited top-2-sum routing,
+    # q and kv low rank, dense first layers, shared experts, MTP, YaRN) at toy width.
+    "tiny": _official(
+        "tiny", vocab_size=512, hidden_size=64, intermediate_size=128, moe_intermediate_size=32,
+        num_hidden_layers=3, first_k_dense_replace=1, num_attention_heads=4, n_routed_experts=16,
+        n_shared_experts=1, num_experts_per_tok=4, n_group=4, topk_group=2,
+        routed_scaling_factor=2.5, q_lora_rank=48, kv_lora_rank=32, qk_nope_head_dim=16,
+        qk_rope_head_dim=8, v_head_dim=16, max_position_embeddings=2048,
+        rope_scaling=dict(type="yarn", factor=4.0, original_max_position_embeddings=256,
+                          beta_fast=32.0, beta_slow=1.0, mscale=1.0, mscale_all_dim=1.0),
+        num_nextn_predict_layers=1, fp8_block_size=None, initializer_range=0.02),
+    "lab": _official(
+        "lab", vocab_size=4096, hidden_size=256, intermediate_size=768, moe_intermediate_size=128,
+        num_hidden_layers=6, first_k_dense_replace=1, num_attention_heads=8, n_routed_experts=32,
+        n_shared_experts=1, num_experts_per_tok=4, n_group=8, topk_group=4,
+        routed_scaling_factor=2.5, q_lora_rank=192, kv_lora_rank=128, qk_nope_head_dim=32,
+        qk_rope_head_dim=16, v_head_dim=32, max_position_embeddings=8192,
+        rope_scaling=dict(type="yarn", factor=4.0, original_max_position_embeddings=1024,
+                          beta_fast=32.0, beta_slow=1.0, mscale=1.0, mscale_all_dim=1.0),
+        num_nextn_predict_layers=1, fp8_block_size=None, initializer_range=0.02),
+    # Benchmark size: real MLA head dims and latent width, few layers, so CPU timings reflect
+    # the per-layer cost of the released model's attention shapes.
+    "bench": _official(
+        "bench", vocab_size=8192, hidden_size=1024, intermediate_size=2816, moe_intermediate_size=256,
+        num_hidden_layers=4, first_k_dense_replace=1, num_attention_heads=16, n_routed_experts=32,
+        n_shared_experts=1, num_experts_per_tok=4, n_group=8, topk_group=4,
+        routed_scaling_factor=2.5, q_lora_rank=384, kv_lora_rank=512, qk_nope_head_dim=128,
+        qk_rope_head_dim=64, v_head_dim=128, max_position_embeddings=16384,
+        rope_scaling=dict(type="yarn", factor=4.0, original_max_position_embeddings=4096,
+                          beta_fast=32.0, beta_slow=1.0, mscale=1.0, mscale_all_dim=1.0),
+        num_nextn_predict_layers=1, fp8_block_size=None, initializer_range=0.02),
+}

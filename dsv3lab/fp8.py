@@ -1,0 +1,111 @@
+"""FP8 (e4m3) block quantization, the DeepSeek-V3 recipe, as plain torch references.
+
+Weights: 128x128 blocks, one fp32 ``weight_scale_inv`` per block = amax/448, so that
+  w ~= fp8 * scale_inv       (dequantize by *multiplying*; the name says "inverse" of the scale
+                               that quantization divides by).
+A matrix whose sides are not multiples of 128 is zero-padded up to whole blocks before the amax is
+taken and cut back afterwards: ``kv_a_proj_with_mqa`` [576, 7168] has scale_inv [5, 56].
+Activations: 1x128 tiles along the last dimension, scale = max(amax, 1e-4)/448 -- the floor makes
+an all-zero tile quantize to zeros instead of 0/0 = NaN. ``ue8m0`` rounds the scale *up* to a
+power of two (V3.1's ``scale_fmt``), so no value overflows after rounding.
+
+fp32 -> e4m3 uses torch's round-to-nearest-even with saturation at +-448 (we clamp first: a
+value that rounds past 448 would otherwise become NaN in e4m3fn, which has no infinity).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+FP8_MAX = 448.0
+E4M3 = torch.float8_e4m3fn
+
+
+def _pad_to(x: torch.Tensor, b: int) -> torch.Tensor:
+    M, N = x.shape[-2:]
+    pm, pn = (-M) % b, (-N) % b
+    return F.pad(x, (0, pn, 0, pm)) if pm or pn else x
+
+
+def weight_quant(w: torch.Tensor, block_size: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
+    """w [M,N] -> (e4m3 [M,N], scale_inv fp32 [ceil(M/b), ceil(N/b)]). All-zero blocks give 0."""
+    if w.dim() != 2:
+        raise ValueError(f"weight_quant expects a 2-D weight, got shape {tuple(w.shape)}")
+    M, N = w.shape
+    b = block_size
+    wp = _pad_to(w.float(), b)
+    mb, nb = wp.shape[0] // b, wp.shape[1] // b
+    blocks = wp.view(mb, b, nb, b)
+    amax = blocks.abs().amax(dim=(1, 3))
+    scale_inv = amax / FP8_MAX
+    safe = torch.where(scale_inv > 0, scale_inv, torch.ones_like(scale_inv))
+    q = (blocks / safe[:, None, :, None]).clamp(-FP8_MAX, FP8_MAX).to(E4M3)
+    return q.view(mb * b, nb * b)[:M, :N].contiguous(), scale_inv.contiguous()
+
+
+def weight_dequant(q: torch.Tensor, scale_inv: torch.Tensor, block_size: int = 128,
+                   dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """e4m3 [M,N] * per-block scale_inv [ceil(M/b), ceil(N/b)] -> dtype [M,N]."""
+    if q.dim() != 2:
+        raise ValueError(f"weight_dequant expects a 2-D weight, got shape {tuple(q.shape)}")
+    M, N = q.shape
+    b = block_size
+    want = (math.ceil(M / b), math.ceil(N / b))
+    if tuple(scale_inv.shape) != want:
+        raise ValueError(f"weight_scale_inv has shape {tuple(scale_inv.shape)}; a [{M}, {N}] weight "
+                         f"in {b}x{b} blocks needs {list(want)}")
+    s = scale_inv.float().repeat_interleave(b, 0)[:M].repeat_interleave(b, 1)[:, :N]
+    return (q.float() * s).to(dtype)
+
+
+def act_quant(x: torch.Tensor, block_size: int = 128, scale_fmt: str | None = None
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [..., K] (K % block_size == 0) -> (e4m3 [..., K], fp32 scale [..., K/block_size])."""
+    K = x.shape[-1]
+    if K % block_size:
+        raise ValueError(f"act_quant: last dimension {K} is not a multiple of block_size {block_size}")
+    t = x.float().reshape(*x.shape[:-1], K // block_size, block_size)
+    amax = t.abs().amax(dim=-1).clamp_min(1e-4)
+    scale = amax / FP8_MAX
+    if scale_fmt == "ue8m0":
+        scale = torch.exp2(torch.ceil(torch.log2(scale)))
+    y = (t / scale[..., None]).clamp(-FP8_MAX, FP8_MAX).to(E4M3)
+    return y.reshape(x.shape), scale
+
+
+def act_dequant(y: torch.Tensor, scale: torch.Tensor, block_size: int = 128) -> torch.Tensor:
+    K = y.shape[-1]
+    t = y.float().reshape(*y.shape[:-1], K // block_size, block_size) * scale[..., None]
+    return t.reshape(y.shape)
+
+
+def fp8_gemm_ref(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: torch.Tensor,
+                 block_size: int = 128) -> torch.Tensor:
+    """Reference block-scaled GEMM a @ b.T in fp32: a e4m3 [M,K] with [M,K/128] scales,
+    b e4m3 [N,K] with [ceil(N/128), K/128] scales; each K slice is scaled then accumulated."""
+    M, K = a.shape
+    N = b.shape[0]
+    nk = K // block_size
+    out = torch.zeros(M, N, dtype=torch.float32, device=a.device)
+    bs = b_scale.float().repeat_interleave(block_size, 0)[:N]             # [N, nk]
+    for j in range(nk):
+        sl = slice(j * block_size, (j + 1) * block_size)
+        part = a[:, sl].float() @ b[:, sl].float().T
+        out += part * a_scale[:, j:j + 1].float() * bs[None, :, j]
+    return out
+
+
+def fp8_linear(x: torch.Tensor, w: torch.Tensor, scale_inv: torch.Tensor, block_size: int = 128) -> torch.Tensor:
+    """y = x @ dequant(w).T. On CUDA with the kernels enabled this is an FP8 GEMM
+    (``dsv3lab.kernels``); elsewhere the weight is dequantized for the call."""
+    try:
+        from dsv3lab.kernels import dispatch
+        y = dispatch.fp8_linear(x, w, scale_inv, block_size)
+        if y is not None:
+            return y
+    except ImportError:
+        pass
+    return F.linear(x, weight_dequant(w, scale_inv, block_size, x.dtype))

@@ -1,0 +1,78 @@
+"""Small building blocks shared by every part of the model: hook points, RMSNorm, Linear, SwiGLU."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class HookPoint(nn.Module):
+    """Identity module with a stable dotted name (TransformerLens style).
+
+    Probes attach forward hooks to it (``dsv3lab.probes``); with nothing attached it costs one
+    module call. ``shape`` documents what passes through, for ``dsv3lab.probes.hook_names``.
+    """
+
+    def __init__(self, shape: str = ""):
+        super().__init__()
+        self.shape = shape
+
+    def forward(self, x):
+        return x
+
+    def extra_repr(self) -> str:
+        return self.shape
+
+    @property
+    def active(self) -> bool:
+        return bool(self._forward_hooks) or bool(self._forward_pre_hooks)
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm in fp32, cast back to the input dtype before the (learned) scale, as HF does."""
+
+    def __init__(self, dim: int, eps: float = 1e-6, dtype=None, device=None):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim, dtype=dtype, device=device))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
+        return self.weight * y
+
+
+class Linear(nn.Module):
+    """y = x @ W.T without bias. ``weight`` may be FP8 (e4m3) with a block ``weight_scale_inv``.
+
+    FP8 weights are dequantized on the fly by ``dsv3lab.fp8.linear`` (or run as FP8 GEMMs on a
+    GPU when the kernels are enabled); the loader normally dequantizes once on CPU instead.
+    """
+
+    def __init__(self, in_features: int, out_features: int, dtype=None, device=None):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=dtype, device=device))
+        self.weight_scale_inv = None  # set by the FP8 loader: fp32 [ceil(out/b), ceil(in/b)]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.weight.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+            from dsv3lab.fp8 import fp8_linear
+            return fp8_linear(x, self.weight, self.weight_scale_inv)
+        return F.linear(x, self.weight)
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, dtype={self.weight.dtype}"
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x)). gate = w1, up = w3, down = w2 in the official names."""
+
+    def __init__(self, dim: int, inter: int, dtype=None, device=None):
+        super().__init__()
+        self.gate_proj = Linear(dim, inter, dtype, device)
+        self.up_proj = Linear(dim, inter, dtype, device)
+        self.down_proj = Linear(inter, dim, dtype, device)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))

@@ -1,0 +1,126 @@
+"""DeepSeekMoE: router (gate), routed experts grouped per expert, shared experts.
+
+Router, for token t with hidden x (all in fp32; T tokens in batch-major order, E experts, G groups):
+  u = x W_g^T                                   [T,E]   no bias
+  s = sigmoid(u)   (V3)   |   softmax(u)  (V2)  [T,E]   "scores"
+  s~ = s + b        b = e_score_correction_bias, used for *selection only* (noaux_tc)
+  group score = sum of the group's top-2 s~ (noaux_tc) | max s (V2 group_limited_greedy)
+  keep the topk_group best groups, set every other expert to -inf (never 0: with negative biases
+  a 0-filled masked expert can win, the bug the official code and HF 4.x once had)
+  topk_ids = top-k of the masked s~;  weights = s[topk_ids]  (unbiased)
+  sigmoid: weights /= sum(weights) (norm_topk_prob);  weights *= routed_scaling_factor
+Output: sum_i weights_i * Expert_i(x) + Shared(x).
+
+Dispatch groups the T*k (token, expert) pairs by expert with one argsort, runs each expert once on
+its contiguous slice, and scatters back with index_add -- no per-token Python loop. Expert
+parallelism (``dsv3lab.parallel``) replaces ``MoE.dispatch`` from outside; the model keeps the
+plain single-process version.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dsv3lab.config import ModelConfig
+from dsv3lab.model.layers import MLP, HookPoint
+
+
+class Gate(nn.Module):
+    def __init__(self, cfg: ModelConfig, device=None):
+        super().__init__()
+        self.cfg = cfg
+        E = cfg.n_routed_experts
+        self.weight = nn.Parameter(torch.empty(E, cfg.hidden_size, dtype=torch.float32, device=device))
+        self.has_bias = cfg.topk_method == "noaux_tc"
+        if self.has_bias:
+            self.register_buffer("e_score_correction_bias", torch.zeros(E, dtype=torch.float32, device=device))
+        else:
+            self.e_score_correction_bias = None
+        self.hook_logits = HookPoint("[T,E] router logits u (fp32)")
+        self.hook_scores = HookPoint("[T,E] scores s: sigmoid(u) or softmax(u)")
+        self.hook_biased_scores = HookPoint("[T,E] selection scores s + b")
+        self.hook_group_mask = HookPoint("[T,G] bool, groups kept for each token")
+        self.hook_topk_ids = HookPoint("[T,k] int64 chosen experts")
+        self.hook_topk_weights = HookPoint("[T,k] fp32 routing weights")
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [T,D] -> topk_ids [T,k] (int64), topk_weights [T,k] (fp32)."""
+        cfg = self.cfg
+        E, G, k = cfg.n_routed_experts, cfg.n_group, cfg.num_experts_per_tok
+        logits = self.hook_logits(F.linear(x.float(), self.weight.float()))
+        if cfg.scoring_func == "sigmoid":
+            scores = logits.sigmoid()
+        else:
+            scores = logits.softmax(dim=-1)
+        scores = self.hook_scores(scores)
+        choice = scores
+        if self.has_bias:
+            choice = scores + self.e_score_correction_bias.float()
+        choice = self.hook_biased_scores(choice)
+        if G > 1 and cfg.topk_group < G:
+            grouped = choice.view(-1, G, E // G)
+            if self.has_bias:
+                group_scores = grouped.topk(2, dim=-1).values.sum(dim=-1)
+            else:
+                group_scores = grouped.amax(dim=-1)
+            keep = group_scores.topk(cfg.topk_group, dim=-1).indices
+            group_mask = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, keep, True)
+            group_mask = self.hook_group_mask(group_mask)
+            expert_mask = group_mask[:, :, None].expand(-1, G, E // G).reshape(-1, E)
+            choice = choice.masked_fill(~expert_mask, float("-inf"))
+        topk_ids = choice.topk(k, dim=-1).indices
+        weights = scores.gather(1, topk_ids)
+        if cfg.norm_topk_prob and k > 1:
+            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+        weights = weights * cfg.routed_scaling_factor
+        return self.hook_topk_ids(topk_ids), self.hook_topk_weights(weights)
+
+
+class MoE(nn.Module):
+    def __init__(self, cfg: ModelConfig, dtype=None, device=None):
+        super().__init__()
+        self.cfg = cfg
+        E = cfg.n_routed_experts
+        self.gate = Gate(cfg, device)
+        # experts[e] is None on ranks that do not own expert e (expert parallelism)
+        self.experts = nn.ModuleList([MLP(cfg.hidden_size, cfg.moe_intermediate_size, dtype, device)
+                                      for _ in range(E)])
+        self.shared_experts = (MLP(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts,
+                                   dtype, device) if cfg.n_shared_experts else None)
+        self.hook_expert_counts = HookPoint("[E] int64 tokens routed to each expert in this call")
+        self.hook_routed_out = HookPoint("[T,D] weighted sum of routed experts")
+        self.hook_shared_out = HookPoint("[T,D] shared experts' output")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])
+        topk_ids, topk_weights = self.gate(x)
+        routed = self.hook_routed_out(self.dispatch(x, topk_ids, topk_weights))
+        out = routed
+        if self.shared_experts is not None:
+            out = out + self.hook_shared_out(self.shared_experts(x))
+        return out.view(shape)
+
+    def dispatch(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
+        """sum_i w_i * Expert_{id_i}(x) for every token, experts run on contiguous token groups."""
+        T, k = topk_ids.shape
+        E = self.cfg.n_routed_experts
+        flat = topk_ids.reshape(-1)
+        counts = torch.bincount(flat, minlength=E)
+        self.hook_expert_counts(counts)
+        order = flat.argsort(stable=True)
+        token_of = order // k                                        # token index of each sorted pair
+        xs = x[token_of]
+        ws = topk_weights.reshape(-1)[order]
+        out = torch.zeros_like(x)
+        ys = torch.empty_like(xs)
+        bounds = counts.cumsum(0).tolist()
+        lo = 0
+        for e, hi in enumerate(bounds):
+            if hi > lo:
+                ys[lo:hi] = self.experts[e](xs[lo:hi])
+            lo = hi
+        out.index_add_(0, token_of, (ys.float() * ws[:, None]).to(x.dtype))
+        return out

@@ -1,0 +1,90 @@
+"""Counts derived from a config: parameters (total, activated, MTP), KV-cache bytes, FLOPs.
+
+Counts come from the model built on the meta device (so they are the engine's own tensors, not a
+second formula); the FLOP model is the usual 2 FLOPs per multiply-add:
+  forward matmul FLOPs per token = 2 * (activated parameters - embedding)      (the head counts)
+  attention FLOPs per token      = 2 * layers * heads * (qk_head_dim + v_head_dim) * keys attended
+Training = 3 x forward. For a training sequence of length L each token attends L/2 keys on average
+(causal); at L = 4096 this gives 250 GFLOPs/token for V3, the ISCA paper's Table 2 figure.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import torch
+
+from dsv3lab.config import ModelConfig
+
+
+def kv_cache_bytes_per_token(cfg: ModelConfig | str, dtype: torch.dtype = torch.bfloat16,
+                             mode: str = "absorbed", include_mtp: bool = False) -> int:
+    """Bytes of cache one token occupies across all layers.
+    absorbed: (kv_lora_rank + qk_rope_head_dim) per layer -- 61 x 576 x 2 = 70,272 B for V3.
+    naive: heads x (qk_head_dim + v_head_dim) per layer."""
+    if isinstance(cfg, str):
+        cfg = ModelConfig.preset(cfg)
+    L = cfg.num_hidden_layers + (cfg.num_nextn_predict_layers if include_mtp else 0)
+    size = torch.tensor([], dtype=dtype).element_size()
+    if mode == "absorbed":
+        per_layer = cfg.kv_lora_rank + cfg.qk_rope_head_dim
+    elif mode == "naive":
+        per_layer = cfg.num_attention_heads * (cfg.qk_head_dim + cfg.v_head_dim)
+    else:
+        raise ValueError(f"mode must be 'absorbed' or 'naive', got {mode!r}")
+    return L * per_layer * size
+
+
+@lru_cache(maxsize=32)
+def _counts(cfg: ModelConfig) -> dict:
+    from dsv3lab.checkpoint import build
+    model = build(cfg, device="meta")
+
+    def n(module) -> int:
+        return sum(p.numel() for p in module.parameters())
+
+    main = n(model) - n(model.mtp)
+    emb, head = model.embed_tokens.weight.numel(), model.lm_head.weight.numel()
+    expert = (n(model.layers[cfg.first_k_dense_replace].mlp.experts[0])
+              if cfg.n_moe_layers > 0 else 0)
+    idle = cfg.n_routed_experts - cfg.num_experts_per_tok
+    activated = main - cfg.n_moe_layers * idle * expert
+    # MTP and checkpoint counts include the gate's e_score_correction_bias buffers, as the
+    # checkpoint stores them (README_WEIGHTS' 11.5B MTP / 685B figures); the main-model count
+    # (671B) does not, matching transformers' num_parameters().
+    biases = sum(b.numel() for name, b in model.mtp.named_buffers() if name.endswith("correction_bias"))
+    all_biases = sum(b.numel() for name, b in model.named_buffers() if name.endswith("correction_bias"))
+    mtp = n(model.mtp) + biases
+    mtp_expert = n(model.mtp[0].mlp.experts[0]) if len(model.mtp) else 0
+    mtp_act = (mtp - biases - len(model.mtp) * idle * mtp_expert + emb + head) if len(model.mtp) else 0
+    attn = n(model.layers[0].self_attn)
+    return dict(total_params=main, activated_params=activated, mtp_params=mtp,
+                mtp_activated_params=mtp_act, embedding_params=emb, head_params=head,
+                expert_params=expert, attention_params=attn,
+                checkpoint_params=main + all_biases - biases + mtp + len(model.mtp) * (emb + head))
+
+
+def flops_per_token(cfg: ModelConfig, context: int) -> float:
+    """Forward FLOPs for one token attending ``context`` keys."""
+    c = _counts(cfg)
+    matmul = 2 * (c["activated_params"] - c["embedding_params"])
+    attn = 2 * cfg.num_hidden_layers * cfg.num_attention_heads * (cfg.qk_head_dim + cfg.v_head_dim) * context
+    return float(matmul + attn)
+
+
+def model_stats(cfg: ModelConfig | str, context: int = 4096, train_seq_len: int = 4096) -> dict:
+    """Everything ``dsv3lab info`` prints."""
+    if isinstance(cfg, str):
+        cfg = ModelConfig.preset(cfg)
+    c = dict(_counts(cfg))
+    c.update(
+        name=cfg.name,
+        kv_cache_bytes_per_token=kv_cache_bytes_per_token(cfg),
+        kv_cache_bytes_per_token_naive=kv_cache_bytes_per_token(cfg, mode="naive"),
+        forward_flops_per_token=flops_per_token(cfg, context),
+        forward_flops_context=context,
+        train_flops_per_token=3 * flops_per_token(cfg, train_seq_len / 2),
+        train_seq_len=train_seq_len,
+        softmax_scale=cfg.softmax_scale,
+    )
+    return c
