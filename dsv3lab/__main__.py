@@ -1,0 +1,5 @@
+import sys
+
+from dsv3lab.cli import main
+
+sys.exit(main())

@@ -1,0 +1,1 @@
+"""Triton kernels, each beside its torch reference; imported as ``dsv3lab.kernels``."""
