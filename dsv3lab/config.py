@@ -289,7 +289,7 @@ PRESETS: dict[str, ModelConfig] = {
                           beta_fast=32.0, beta_slow=1.0, mscale=1.0, mscale_all_dim=1.0),
         num_nextn_predict_layers=1, fp8_block_size=None, initializer_range=0.02),
     "lab": _official(
-        "lab", vocab_size=4096, hidden_size=256, intermediate_size=768, moe_intermediate_size=128,
+        "lab", vocab_size=4096, hidden_size=256, intermediate_size=768, moe_intermediate_size=64,
         num_hidden_layers=6, first_k_dense_replace=1, num_attention_heads=8, n_routed_experts=32,
         n_shared_experts=1, num_experts_per_tok=4, n_group=8, topk_group=4,
         routed_scaling_factor=2.5, q_lora_rank=192, kv_lora_rank=128, qk_nope_head_dim=32,
