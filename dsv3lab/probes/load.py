@@ -1,0 +1,239 @@
+"""Expert-load metrics on routing traces.
+
+Everything takes plain tensors (``topk_ids`` [L,N,k] or [N,k], loads [..., E]) so it applies to
+traces from dsv3lab, SGLang or Megatron alike; ``Routing`` objects are accepted where a function
+needs the token metadata (steps, sequences).
+
+  expert_load      [L,E]   tokens sent to each expert (sums to N*k per layer)
+  max_vio          [...]   (max_i load_i - mean load) / mean load  (FACTS C.7, Wang et al. 2024)
+  max_vio_per_batch [B,L]  MaxVio of each forward pass; MaxVio_batch in the paper is its mean
+  max_vio_global   [L]     MaxVio of the load summed over the whole trace
+  sequence_imbalance [S,L] MaxVio of each sequence's own load (what the sequence-wise aux loss
+                           targets), plus ``sequence_balance_loss`` when scores were traced
+  load_entropy     [L]     entropy of the load distribution / ln E (1 = perfectly even)
+  routing_entropy  [L]     mean entropy of each token's normalised top-k weights / ln k
+  co_selection     [E,E]   tokens that chose both i and j (diagonal = load)
+  groups_touched   [L,N]   distinct expert groups per token (<= topk_group by construction)
+  nodes_touched    [L,N]   distinct nodes per token for an expert->node map (the all-to-all
+                           fan-out that node-limited routing bounds to M = 4 in V3)
+  load_per_rank    [L,R]   tokens each rank computes for an expert->rank placement, or for an
+                           EPLB physical->logical map (replicas share their expert's load)
+  balancedness     [L]     mean/max load per rank (SGLang's and vLLM's figure of merit)
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+
+
+def _ids(x) -> torch.Tensor:
+    return x.topk_ids if hasattr(x, "topk_ids") else x
+
+
+def expert_load(topk_ids, n_experts: int) -> torch.Tensor:
+    """[..., N, k] ids -> [..., E] int64 counts."""
+    ids = _ids(topk_ids).to(torch.int64)
+    lead = ids.shape[:-2]
+    flat = ids.reshape(-1, ids.shape[-2] * ids.shape[-1])
+    valid = flat >= 0
+    offs = torch.arange(flat.shape[0])[:, None] * n_experts
+    out = torch.bincount((flat + offs)[valid], minlength=flat.shape[0] * n_experts)
+    return out.view(*lead, n_experts)
+
+
+def max_vio(load: torch.Tensor) -> torch.Tensor:
+    """MaxVio over the last (expert) axis: (max - mean) / mean. 0 = perfectly balanced."""
+    load = load.double()
+    mean = load.mean(dim=-1)
+    return ((load.amax(dim=-1) - mean) / mean.clamp_min(1e-12)).float()
+
+
+def _group_ids(routing, by: str) -> torch.Tensor:
+    if by == "step":
+        return routing.step
+    if by == "sequence":
+        return sequence_ids(routing)
+    raise ValueError(f"by must be 'step' or 'sequence', got {by!r}")
+
+
+def _grouped_load(routing, by: str) -> torch.Tensor:
+    """[n_groups, L, E] load of each step or sequence, groups in order of first appearance."""
+    gid = _group_ids(routing, by)
+    _, inv = torch.unique_consecutive(gid, return_inverse=True) if _is_sorted_runs(gid) else torch.unique(gid, return_inverse=True)
+    n = int(inv.max()) + 1 if inv.numel() else 0
+    ids = routing.topk_ids                                            # [L,N,k]
+    L, N, k = ids.shape
+    E = routing.n_routed_experts
+    key = (inv[None, :, None] * E + ids).reshape(L, -1)               # [L, N*k]
+    out = torch.stack([torch.bincount(key[l], minlength=n * E) for l in range(L)]) if L else torch.zeros(0, n * E)
+    return out.view(L, n, E).transpose(0, 1)
+
+
+def _is_sorted_runs(x: torch.Tensor) -> bool:
+    """True when equal values are contiguous (then runs keep their order of appearance)."""
+    if x.numel() < 2:
+        return True
+    _, counts = torch.unique_consecutive(x, return_counts=True)
+    return counts.numel() == torch.unique(x).numel()
+
+
+def max_vio_per_batch(routing) -> torch.Tensor:
+    """[steps, L] MaxVio of each forward pass (one batch)."""
+    return max_vio(_grouped_load(routing, "step"))
+
+
+def max_vio_global(routing_or_load, n_experts: Optional[int] = None) -> torch.Tensor:
+    """[L] MaxVio of the whole trace's load."""
+    if isinstance(routing_or_load, torch.Tensor) and routing_or_load.dim() == 2 and n_experts is None:
+        return max_vio(routing_or_load)
+    if hasattr(routing_or_load, "expert_load"):
+        return max_vio(routing_or_load.expert_load())
+    return max_vio(expert_load(routing_or_load, n_experts))
+
+
+def sequence_ids(routing) -> torch.Tensor:
+    """[N] one id per request: a step that starts at position 0 opens a new sequence for each
+    batch row; later steps (decode) continue the sequence of the same row."""
+    step, seq, pos = routing.step, routing.seq, routing.positions
+    out = torch.empty_like(step)
+    current: dict[int, int] = {}
+    next_id = 0
+    # iterate over (step, row) runs, cheap: one entry per run
+    key = step * (int(seq.max()) + 1 if seq.numel() else 1) + seq
+    vals, counts = torch.unique_consecutive(key, return_counts=True)
+    i = 0
+    for c in counts.tolist():
+        row, p0 = int(seq[i]), int(pos[i])
+        if p0 <= 0 or row not in current:
+            current[row] = next_id
+            next_id += 1
+        out[i:i + c] = current[row]
+        i += c
+    return out
+
+
+def sequence_imbalance(routing) -> torch.Tensor:
+    """[sequences, L] MaxVio of each sequence's own expert load."""
+    return max_vio(_grouped_load(routing, "sequence"))
+
+
+def sequence_balance_loss(routing, alpha: float = 1e-4) -> torch.Tensor:
+    """[L] sequence-wise balance loss alpha * sum_i f_i P_i averaged over sequences (FACTS A.4),
+    f_i = E/(k T) * #tokens choosing i, P_i = mean_t s_{i,t} / sum_j s_{j,t}. Needs scores."""
+    if routing.scores is None:
+        raise ValueError("trace with scores=True to compute the balance loss")
+    E, k = routing.n_routed_experts, routing.top_k
+    sid = sequence_ids(routing)
+    loads = _grouped_load(routing, "sequence").double()                # [S,L,E]
+    s = routing.scores.double()
+    s = s / s.sum(-1, keepdim=True)                                     # [L,N,E]
+    n_seq = loads.shape[0]
+    P = torch.zeros(routing.scores.shape[0], n_seq, E, dtype=torch.float64)
+    P.index_add_(1, torch.unique(sid, return_inverse=True)[1], s)
+    T = torch.bincount(torch.unique(sid, return_inverse=True)[1], minlength=n_seq).double()
+    P = P / T[None, :, None]
+    f = loads.transpose(0, 1) * E / (k * T[None, :, None])             # [L,S,E]
+    return (alpha * (f * P).sum(-1).mean(-1)).float()
+
+
+def load_entropy(load: torch.Tensor) -> torch.Tensor:
+    """Entropy of the normalised load over experts / ln E: 1 = even, 0 = one expert takes all."""
+    p = load.double() / load.double().sum(-1, keepdim=True).clamp_min(1e-12)
+    h = -(p * p.clamp_min(1e-300).log()).sum(-1)
+    return (h / math.log(load.shape[-1])).float()
+
+
+def routing_entropy(topk_weights: torch.Tensor) -> torch.Tensor:
+    """Mean over tokens of the entropy of each token's normalised top-k weights / ln k ([L])."""
+    w = topk_weights.double()
+    p = w / w.sum(-1, keepdim=True).clamp_min(1e-12)
+    h = -(p * p.clamp_min(1e-300).log()).sum(-1)
+    return (h.mean(-1) / math.log(max(w.shape[-1], 2))).float()
+
+
+def co_selection(topk_ids: torch.Tensor, n_experts: int) -> torch.Tensor:
+    """[N,k] (one layer) -> [E,E] int64: C[i,j] = tokens that chose both i and j; C[i,i] = load."""
+    ids = _ids(topk_ids)
+    if ids.dim() != 2:
+        raise ValueError(f"co_selection takes one layer's [N,k] ids, got shape {tuple(ids.shape)}")
+    onehot = torch.zeros(ids.shape[0], n_experts, dtype=torch.float64)
+    onehot.scatter_(1, ids, 1.0)
+    return (onehot.T @ onehot).round().to(torch.int64)
+
+
+def contiguous_map(n_experts: int, n_parts: int) -> torch.Tensor:
+    """[E] part of each expert when ``n_parts`` parts hold contiguous equal blocks (groups, nodes,
+    the official demo's expert-parallel ranks)."""
+    if n_experts % n_parts:
+        raise ValueError(f"{n_experts} experts do not split into {n_parts} equal parts")
+    return torch.arange(n_experts) // (n_experts // n_parts)
+
+
+def _distinct(parts: torch.Tensor) -> torch.Tensor:
+    s, _ = parts.sort(dim=-1)
+    return 1 + (s[..., 1:] != s[..., :-1]).sum(-1)
+
+
+def groups_touched(topk_ids, n_group: int, n_experts: int) -> torch.Tensor:
+    """[..., N] distinct expert groups each token routed to."""
+    ids = _ids(topk_ids)
+    return _distinct(contiguous_map(n_experts, n_group)[ids])
+
+
+def nodes_touched(topk_ids, expert_to_node: torch.Tensor) -> torch.Tensor:
+    """[..., N] distinct nodes each token's experts live on. ``expert_to_node`` is [E], or
+    [L,E] per layer (when ``topk_ids`` is [L,N,k])."""
+    ids = _ids(topk_ids)
+    m = torch.as_tensor(expert_to_node)
+    if m.dim() == 1:
+        return _distinct(m[ids])
+    return _distinct(torch.stack([m[l][ids[l]] for l in range(ids.shape[0])]))
+
+
+def load_per_rank(load: torch.Tensor, expert_to_rank: torch.Tensor, n_ranks: Optional[int] = None) -> torch.Tensor:
+    """[L,E] load -> [L,R] tokens each rank computes; ``expert_to_rank`` [E] or [L,E]."""
+    load = load if load.dim() == 2 else load[None]
+    m = torch.as_tensor(expert_to_rank).to(torch.int64)
+    m = m.expand(load.shape[0], -1) if m.dim() == 1 else m
+    R = n_ranks or int(m.max()) + 1
+    out = torch.zeros(load.shape[0], R, dtype=load.dtype)
+    return out.scatter_add_(1, m, load)
+
+
+def load_per_rank_replicated(load: torch.Tensor, phy_to_log: torch.Tensor, n_ranks: int) -> torch.Tensor:
+    """[L,E] load, EPLB ``physical_to_logical_map`` [L,P] (P physical slots, P/n_ranks per rank,
+    in rank order) -> [L,R] float load, each expert's tokens split evenly over its replicas."""
+    load = load.double()
+    L, P = phy_to_log.shape
+    replicas = torch.zeros_like(load).scatter_add_(1, phy_to_log, torch.ones(L, P, dtype=torch.float64))
+    per_slot = load.gather(1, phy_to_log) / replicas.gather(1, phy_to_log)
+    return per_slot.view(L, n_ranks, P // n_ranks).sum(-1)
+
+
+def balancedness(per_rank: torch.Tensor) -> torch.Tensor:
+    """mean / max tokens per rank over the last axis: 1 = perfectly even."""
+    per_rank = per_rank.double()
+    return (per_rank.mean(-1) / per_rank.amax(-1).clamp_min(1e-12)).float()
+
+
+def summary(routing, expert_to_node: Optional[torch.Tensor] = None) -> list[dict]:
+    """One row per traced layer: tokens, MaxVio (global and mean per batch), entropies, groups and
+    nodes touched per token."""
+    load = routing.expert_load()
+    E, meta = routing.n_routed_experts, routing.record["meta"]
+    mv_batch = max_vio_per_batch(routing).mean(0) if routing.n_tokens else torch.zeros(len(routing.layers))
+    rows = []
+    groups = groups_touched(routing.topk_ids, meta["n_group"], E).double().mean(-1)
+    nodes = nodes_touched(routing.topk_ids, expert_to_node).double().mean(-1) if expert_to_node is not None else None
+    ent = routing_entropy(routing.topk_weights)
+    for i, layer in enumerate(routing.layers):
+        row = dict(layer=layer, tokens=routing.n_tokens, max_vio_global=float(max_vio(load[i])),
+                   max_vio_batch=float(mv_batch[i]), load_entropy=float(load_entropy(load[i])),
+                   routing_entropy=float(ent[i]), groups_per_token=float(groups[i]))
+        if nodes is not None:
+            row["nodes_per_token"] = float(nodes[i])
+        rows.append(row)
+    return rows
