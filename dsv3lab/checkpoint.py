@@ -40,7 +40,7 @@ class CheckpointError(ValueError):
     """A checkpoint file or tensor is missing, extra, misshapen or unreadable."""
 
 
-_FP8_RE = re.compile(r"\.(self_attn|mlp)\.(.+\.)?[a-z_]+_proj\.weight$")
+_FP8_RE = re.compile(r"\.(self_attn|mlp)\.(.+\.)?[a-z_]+_proj(_with_mqa)?\.weight$")
 _MTP_COPY = ("embed_tokens.weight", "shared_head.head.weight")
 
 
@@ -254,7 +254,7 @@ def load(path: str, dtype: torch.dtype | None = None, device=None, fp8: str = "d
                                       f"{list(s.shape)}, a {list(want)} weight needs {list(want_s)}")
             if fp8 == "keep" and isinstance(mod, Linear):
                 mod.weight = nn.Parameter(t.to(device), requires_grad=False)
-                mod.register_buffer("weight_scale_inv", s.to(device))
+                mod.weight_scale_inv = s.to(device)
                 continue
             from dsv3lab.fp8 import weight_dequant
             t = weight_dequant(t, s, bs, target)

@@ -53,7 +53,8 @@ class Linear(nn.Module):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=dtype, device=device))
-        self.weight_scale_inv = None  # set by the FP8 loader: fp32 [ceil(out/b), ceil(in/b)]
+        # fp32 [ceil(out/b), ceil(in/b)] when weight is e4m3 (load(fp8="keep")); None otherwise
+        self.register_buffer("weight_scale_inv", None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.weight.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
