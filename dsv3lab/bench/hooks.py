@@ -1,0 +1,94 @@
+"""Cost of hook points: forward time with idle HookPoints vs HookPoints bypassed entirely.
+
+Four variants of the same model, timed interleaved (round-robin, median of ``--reps``):
+  bypassed   every HookPoint replaced by a plain Python identity (no nn.Module call at all) --
+             the engine as if it had no hook points
+  idle       the model as shipped: HookPoints present, nothing attached
+  observed   a no-op forward hook on every HookPoint (the cost of listening everywhere)
+  traced     inside ``dsv3lab.trace(model)`` (routing recorded, copied to CPU)
+The claim to check: idle / bypassed is ~1.00 (within run-to-run noise).
+"""
+
+from __future__ import annotations
+
+import copy
+import statistics
+import time
+
+import torch
+
+
+class _Bypass:
+    """Stands in for a HookPoint: a plain callable, not a module, never hooked."""
+    active = False
+
+    def __call__(self, x):
+        return x
+
+
+def bypass_hook_points(model):
+    """A deep copy of ``model`` whose HookPoints are plain identities (no module call)."""
+    from dsv3lab.model.layers import HookPoint
+    m = copy.deepcopy(model)
+    for mod in list(m.modules()):
+        for name, child in list(mod._modules.items()):
+            if isinstance(child, HookPoint):
+                del mod._modules[name]
+                object.__setattr__(mod, name, _Bypass())
+    return m
+
+
+def add_args(p) -> None:
+    p.add_argument("--preset", default="lab")
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--seq", type=int, default=128)
+    p.add_argument("--reps", type=int, default=15)
+    p.add_argument("--threads", type=int, default=None)
+
+
+def measure(preset="lab", batch=4, seq=128, reps=15, threads=None) -> dict:
+    import dsv3lab
+    from dsv3lab.probes import hook_points, hooks
+    if threads:
+        torch.set_num_threads(threads)
+    model = dsv3lab.build(preset, seed=0)
+    bare = bypass_hook_points(model)
+    tokens = torch.randint(0, model.cfg.vocab_size, (batch, seq), generator=torch.Generator().manual_seed(0))
+
+    def run(m):
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            m(tokens)
+        return time.perf_counter() - t0
+
+    def observed():
+        with hooks(model, [(None, lambda t, n: None)]):
+            return run(model)
+
+    def traced():
+        with dsv3lab.trace(model):
+            return run(model)
+
+    variants = dict(bypassed=lambda: run(bare), idle=lambda: run(model), observed=observed, traced=traced)
+    times = {k: [] for k in variants}
+    for f in variants.values():            # warm-up
+        f()
+    for _ in range(reps):
+        for k, f in variants.items():
+            times[k].append(f())
+    med = {k: statistics.median(v) for k, v in times.items()}
+    return dict(preset=preset, batch=batch, seq=seq, reps=reps, threads=torch.get_num_threads(),
+                hook_points=len(hook_points(model)),
+                rows=[dict(variant=k, median_ms=med[k] * 1e3, min_ms=min(times[k]) * 1e3,
+                           vs_bypassed=med[k] / med["bypassed"],
+                           min_vs_bypassed=min(times[k]) / min(times["bypassed"])) for k in variants])
+
+
+def run(args) -> int:
+    from dsv3lab.bench import print_table, write_json_atomic
+    res = measure(args.preset, args.batch, args.seq, args.reps, args.threads)
+    print(f"{res['preset']}: batch {res['batch']} x {res['seq']} tokens, {res['hook_points']} hook points, "
+          f"{res['threads']} threads, median of {res['reps']}")
+    print_table(res["rows"], ["variant", "median_ms", "min_ms", "vs_bypassed", "min_vs_bypassed"])
+    write_json_atomic(args.out or "results/bench-hooks.json", res)
+    return 0
