@@ -1,9 +1,9 @@
 """Triton kernels, each beside its torch reference; imported as ``dsv3lab.kernels``.
 
   act_quant, weight_quant, weight_dequant   FP8 block quantization           (quant.py)
-  fp8_gemm                                  block-scaled FP8 GEMM a @ b.T    (fp8_gemm.py)
+  fp8_gemm                                  block-scaled FP8 GEMM a @ b.T    (gemm.py)
   group_tokens, grouped_gemm                MoE token grouping + expert GEMM (moe_group.py)
-  mla_decode                                absorbed-MLA decode attention    (mla_decode.py)
+  mla_decode                                absorbed-MLA decode attention    (mla_attention.py)
   dispatch                                  which path the engine takes      (dispatch.py)
 
 Importing this package is cheap and works without triton: the kernel modules (which import
@@ -17,10 +17,10 @@ import importlib
 _WHERE = {
     "act_quant": "quant", "weight_quant": "quant", "weight_dequant": "quant",
     "act_quant_ref": "quant", "weight_quant_ref": "quant", "weight_dequant_ref": "quant",
-    "fp8_gemm": "fp8_gemm", "fp8_gemm_ref": "fp8_gemm",
+    "fp8_gemm": "gemm", "fp8_gemm_ref": "gemm",
     "group_tokens": "moe_group", "group_tokens_ref": "moe_group", "TokenGroups": "moe_group",
     "grouped_gemm": "moe_group", "grouped_gemm_ref": "moe_group",
-    "mla_decode": "mla_decode", "mla_decode_ref": "mla_decode",
+    "mla_decode": "mla_attention", "mla_decode_ref": "mla_attention",
 }
 
 __all__ = sorted(_WHERE) + ["dispatch"]

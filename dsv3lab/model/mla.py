@@ -156,6 +156,11 @@ class MLA(nn.Module):
         w_uk, w_uv = w[:, :self.n], w[:, self.n:]                        # [H,n,c], [H,v,c]
         q_lat = torch.einsum("bshn,hnc->bshc", q_nope, w_uk.to(q_nope.dtype))
         q_cat = torch.cat([q_lat, q_pe], dim=-1).reshape(B, S * H, c + self.r)
+        if S == 1 and not self.hook_attn_probs.active:
+            from dsv3lab.kernels import dispatch                         # Triton decode on CUDA
+            o_lat = dispatch.mla_decode(q_cat, latent, self.scale, c)      # [B, H, c] or None
+            if o_lat is not None:
+                return torch.einsum("bshc,hvc->bshv", o_lat.view(B, 1, H, c), w_uv.to(o_lat.dtype))
         scores = torch.bmm(q_cat, latent.transpose(1, 2)).float() * self.scale  # [B, S*H, T]
         if S > 1:
             mask = _causal_mask(S, start, latent.device)                   # [S,T]
