@@ -13,7 +13,8 @@ pieces. With one piece the first kernel writes the result directly. ``seqlens`` 
 sequence attend to its own prefix of the cache.
 
 Dots run in the cache dtype with fp32 accumulation on a GPU (bf16 like FlashMLA); under the
-interpreter everything is upcast to fp32 (its bf16 arithmetic is wrong, FACTS E.2).
+interpreter everything is upcast to fp32 (its bf16 arithmetic is wrong, FACTS E.2). fp32
+inputs use full-precision (not TF32) dots.
 """
 
 from __future__ import annotations
@@ -56,7 +57,7 @@ def _mla_decode_kernel(q_ptr, kv_ptr, lens_ptr, o_ptr, po_ptr, lse_ptr, T, H, C,
                        stride_pb, stride_ps, stride_ph,
                        BLOCK_H: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
                        BLOCK_R: tl.constexpr, HAS_LENS: tl.constexpr, SPLIT: tl.constexpr,
-                       UPCAST: tl.constexpr):
+                       UPCAST: tl.constexpr, PREC: tl.constexpr):
     b = tl.program_id(0)
     pid_h = tl.program_id(1)
     s = tl.program_id(2)
@@ -89,13 +90,13 @@ def _mla_decode_kernel(q_ptr, kv_ptr, lens_ptr, o_ptr, po_ptr, lse_ptr, T, H, C,
         if UPCAST:
             k_c = k_c.to(tl.float32)
             k_r = k_r.to(tl.float32)
-        sc = tl.dot(q_c, tl.trans(k_c)) + tl.dot(q_r, tl.trans(k_r))
+        sc = tl.dot(q_c, tl.trans(k_c), input_precision=PREC) + tl.dot(q_r, tl.trans(k_r), input_precision=PREC)
         sc = tl.where(t_ok[None, :], sc * qk_scale, float("-inf"))      # log2 domain
         m_new = tl.maximum(m_i, tl.max(sc, axis=1))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(sc - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(k_c.dtype), k_c)
+        acc = acc * alpha[:, None] + tl.dot(p.to(k_c.dtype), k_c, input_precision=PREC)
         m_i = m_new
     has = l_i > 0
     o = acc / tl.where(has, l_i, 1.0)[:, None]
@@ -184,7 +185,8 @@ def mla_decode(q: torch.Tensor, cache: torch.Tensor, scale: float, kv_lora_rank:
                              po.stride(1) if split else 0, po.stride(2) if split else 0,
                              BLOCK_C=max(16, next_pow2(C)), BLOCK_R=max(16, next_pow2(R)),
                              HAS_LENS=seqlens is not None, SPLIT=split,
-                             UPCAST=interpreting() or q.dtype == torch.float32)
+                             UPCAST=interpreting() or q.dtype == torch.float32,
+                             PREC="ieee" if q.dtype == torch.float32 else "tf32")
     if split:
         _merge_kernel[(B, H)](po, lse, o, H, C, n_split, po.stride(0), po.stride(1), po.stride(2),
                               o.stride(0), o.stride(1), BLOCK_S=max(2, next_pow2(n_split)),

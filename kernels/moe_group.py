@@ -142,7 +142,7 @@ def group_tokens(topk_ids: torch.Tensor, num_experts: int, block: int = 1) -> To
 def _grouped_gemm_kernel(x_ptr, w_ptr, y_ptr, rows_ptr, tile_expert_ptr, P, N, D,
                          stride_xm, stride_xd, stride_we, stride_wn, stride_wd, stride_ym, stride_yn,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                         UPCAST: tl.constexpr):
+                         UPCAST: tl.constexpr, PREC: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     expert = tl.load(tile_expert_ptr + pid_m)
@@ -162,7 +162,7 @@ def _grouped_gemm_kernel(x_ptr, w_ptr, y_ptr, rows_ptr, tile_expert_ptr, P, N, D
         if UPCAST:      # the interpreter computes bf16 arithmetic wrongly (FACTS E.2)
             x = x.to(tl.float32)
             w = w.to(tl.float32)
-        acc += tl.dot(x, tl.trans(w))
+        acc += tl.dot(x, tl.trans(w), input_precision=PREC)
         x_ptrs += BLOCK_D * stride_xd
         w_ptrs += BLOCK_D * stride_wd
     mask = (slots < P)[:, None] & col_ok[None, :]
@@ -225,6 +225,7 @@ def grouped_gemm(x: torch.Tensor, groups: TokenGroups, w: torch.Tensor, gather: 
                                x.stride(0), x.stride(1), w.stride(0), w.stride(1), w.stride(2),
                                y.stride(0), y.stride(1),
                                BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D,
-                               UPCAST=interpreting() or x.dtype == torch.float32, num_warps=4,
+                               UPCAST=interpreting() or x.dtype == torch.float32,
+                               PREC="ieee" if x.dtype == torch.float32 else "tf32", num_warps=4,
                                num_stages=1 if interpreting() else 3)
     return y
