@@ -1,0 +1,289 @@
+"""Expert-parallel dispatch and combine: what replaces ``MoE.dispatch`` on every rank.
+
+Every rank of a TP group holds the same T tokens and runs the (replicated) gate on all of them, so
+routing decisions are the single-process ones. The T tokens are then split over the TP ranks (rank
+i takes the i-th contiguous chunk), each rank sends *its* chunk's routed tokens to the experts'
+owners in its EP group, and the outputs are gathered back over the TP group. Two transports:
+
+alltoall (default) -- only the routed (token, expert) pairs travel:
+  1. header:   all_to_all of [active, layer, pairs for each of the receiver's experts] (int64)
+  2. dispatch: all_to_all_single of the pairs' hidden states, grouped by owner then expert
+  3. each owner runs each of its experts once on every row routed to it (from all senders)
+  4. combine:  all_to_all_single of the expert outputs back to the senders, who weight and sum
+     them with the same index_add as the single-process dispatch
+  Bytes per token per MoE layer on the wire: k * D * elem * 2 * (ep-1)/ep under uniform routing
+  (one copy per (token, expert) pair; pairs whose expert is local never leave the rank).
+
+allreduce (the official demo's baseline) -- every rank of the EP group sees every token:
+  all_gather of the chunks (skipped when the EP group is the TP group: the tokens are already
+  there), each rank adds its own experts' weighted outputs, all_reduce, keep the own rows.
+
+Ranks out of work (a data-parallel group that has finished its requests) must keep serving the
+experts they own until every rank of the EP group is done: ``serve(model)`` answers dispatches
+with zero tokens of its own and returns when a header shows no active rank. The header carries
+the MoE layer index, so a rank that runs a different layer than its peers fails loudly instead
+of mixing experts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+from dsv3lab.parallel.layers import all_gather_rows, all_reduce
+
+_HEAD = 2  # header columns before the per-expert counts: active flag, MoE layer index
+
+
+def chunk_sizes(T: int, n: int) -> list[int]:
+    """Sizes of torch.tensor_split(range(T), n): the first T % n chunks get one more."""
+    return [T // n + (1 if i < T % n else 0) for i in range(n)]
+
+
+@dataclass
+class LayerComm:
+    """Per-MoE-layer counters of one rank (accumulated over calls; ``reset`` clears them)."""
+    layer: int
+    ep: int
+    calls: int = 0
+    tokens: int = 0                  # tokens this rank routed (its TP chunk)
+    pairs_sent: list = field(default_factory=list)   # [ep] (token, expert) pairs sent to each EP rank
+    pairs_recv: list = field(default_factory=list)   # [ep] pairs received from each EP rank
+    bytes_sent: int = 0              # payload bytes that left this rank (dispatch + combine)
+    bytes_recv: int = 0              # payload bytes that arrived from other ranks
+    header_bytes: int = 0
+
+    def __post_init__(self):
+        self.reset()
+
+    def reset(self):
+        self.calls = self.tokens = self.bytes_sent = self.bytes_recv = self.header_bytes = 0
+        self.pairs_sent = [0] * self.ep
+        self.pairs_recv = [0] * self.ep
+
+    def as_dict(self) -> dict:
+        return dict(layer=self.layer, calls=self.calls, tokens=self.tokens, pairs_sent=list(self.pairs_sent),
+                    pairs_recv=list(self.pairs_recv), bytes_sent=self.bytes_sent, bytes_recv=self.bytes_recv,
+                    header_bytes=self.header_bytes)
+
+
+class ExpertParallelDispatch:
+    """Callable installed as ``moe.dispatch``: same signature and result as ``MoE.dispatch``."""
+
+    def __init__(self, moe, ctx, layer: int):
+        self.moe = moe
+        self.ctx = ctx
+        self.layer = layer
+        cfg = moe.cfg
+        self.E = cfg.n_routed_experts
+        self.k = cfg.num_experts_per_tok
+        self.owned = ctx.owned_experts(self.E)
+        self.E_local = len(self.owned)
+        self.mode = ctx.layout.moe_comm
+        self.comm = LayerComm(layer, ctx.ep)
+        # the EP group is the TP group: every rank of it already holds every token
+        self.same_tokens = ctx.ep == ctx.tp
+
+    # --- entry from MoE.forward --------------------------------------------------------------
+    def __call__(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
+        counts = torch.bincount(topk_ids.reshape(-1), minlength=self.E)
+        self.moe.hook_expert_counts(counts)
+        ctx = self.ctx
+        self.comm.calls += 1
+        if self.mode == "allreduce" and self.same_tokens:
+            self.comm.tokens += x.shape[0]
+            return self._allreduce_replicated(x, topk_ids, topk_weights)
+        sizes = chunk_sizes(x.shape[0], ctx.tp)
+        lo = sum(sizes[:ctx.tp_rank])
+        hi = lo + sizes[ctx.tp_rank]
+        xs, ids, ws = x[lo:hi], topk_ids[lo:hi], topk_weights[lo:hi]
+        self.comm.tokens += xs.shape[0]
+        if self.mode == "alltoall":
+            y = self._alltoall(xs, ids, ws)
+        else:
+            y = self._allreduce_gathered(xs, ids, ws, active=True)
+        return all_gather_rows(y, sizes, ctx.tp_group)
+
+    # --- experts ------------------------------------------------------------------------------
+    def _run_local(self, rows: torch.Tensor, local_ids: torch.Tensor) -> torch.Tensor:
+        """Rows [N,D] with local expert index [N] -> expert outputs [N,D] (each expert once)."""
+        out = torch.empty_like(rows)
+        if rows.shape[0] == 0:
+            return out
+        order = local_ids.argsort(stable=True)
+        counts = torch.bincount(local_ids, minlength=self.E_local).tolist()
+        xs = rows[order]
+        ys = torch.empty_like(xs)
+        lo = 0
+        for j, n in enumerate(counts):
+            if n:
+                ys[lo:lo + n] = self.moe.experts[self.owned.start + j](xs[lo:lo + n])
+            lo += n
+        out[order] = ys
+        return out
+
+    # --- all-to-all ----------------------------------------------------------------------------
+    def _header(self, counts_e: torch.Tensor, active: bool) -> torch.Tensor:
+        ep, El = self.ctx.ep, self.E_local
+        h = torch.zeros(ep, _HEAD + El, dtype=torch.int64, device=counts_e.device)
+        h[:, 0] = int(active)
+        h[:, 1] = self.layer if active else -1
+        h[:, _HEAD:] = counts_e.view(ep, El)
+        return h
+
+    def _exchange_header(self, header: torch.Tensor) -> torch.Tensor:
+        recv = torch.empty_like(header)
+        dist.all_to_all_single(recv.view(-1), header.view(-1), group=self.ctx.ep_group)
+        self.comm.header_bytes += header.numel() * header.element_size() * (self.ctx.ep - 1) // self.ctx.ep
+        return recv
+
+    def _check_step(self, recv: torch.Tensor) -> None:
+        active = recv[:, 0] > 0
+        other = recv[active, 1]
+        if other.numel() and bool((other != self.layer).any()):
+            srcs = [int(s) for s in torch.nonzero(active & (recv[:, 1] != self.layer)).flatten()]
+            raise RuntimeError(f"expert-parallel ranks out of step: rank {self.ctx.rank} is at MoE layer "
+                               f"{self.layer}, EP rank(s) {srcs} at layer(s) {sorted(set(other.tolist()))}")
+
+    def _alltoall(self, xs, ids, ws) -> torch.Tensor:
+        ctx = self.ctx
+        ep, El, D = ctx.ep, self.E_local, xs.shape[-1]
+        flat = ids.reshape(-1)
+        counts_e = torch.bincount(flat, minlength=self.E)
+        order = flat.argsort(stable=True)                   # grouped by expert, hence by owner
+        token_of = order // self.k
+        if ep == 1:
+            send = xs[token_of]
+            back = self._run_local(send, flat[order] - self.owned.start)
+        else:
+            recv_h = self._exchange_header(self._header(counts_e, True))
+            self._check_step(recv_h)
+            back = self._payload(xs[token_of], counts_e.view(ep, El).sum(1).tolist(), recv_h)
+        out = torch.zeros_like(xs)
+        w = ws.reshape(-1)[order]
+        out.index_add_(0, token_of, (back.float() * w[:, None]).to(xs.dtype))
+        return out
+
+    def _payload(self, send: torch.Tensor, send_splits: list[int], recv_h: torch.Tensor) -> torch.Tensor:
+        """Dispatch ``send`` (rows grouped by destination), run the local experts on what arrives,
+        and return the expert outputs for ``send``'s rows (combine)."""
+        ctx = self.ctx
+        recv_counts = recv_h[:, _HEAD:]                    # [src, local expert]
+        recv_splits = recv_counts.sum(1).tolist()
+        D = send.shape[-1]
+        got = send.new_empty(sum(recv_splits), D)
+        dist.all_to_all_single(got, send.contiguous(), recv_splits, send_splits, group=ctx.ep_group)
+        local_ids = torch.repeat_interleave(
+            torch.arange(self.E_local, device=got.device).repeat(ctx.ep), recv_counts.reshape(-1))
+        y = self._run_local(got, local_ids)
+        back = send.new_empty(send.shape[0], D)
+        dist.all_to_all_single(back, y, send_splits, recv_splits, group=ctx.ep_group)
+        me, esz = ctx.ep_rank, send.element_size()
+        c = self.comm
+        for j in range(ctx.ep):
+            c.pairs_sent[j] += send_splits[j]
+            c.pairs_recv[j] += recv_splits[j]
+        remote_out = sum(send_splits) - send_splits[me]
+        remote_in = sum(recv_splits) - recv_splits[me]
+        # dispatch rows out + their results back in (and the mirror for what we serve)
+        c.bytes_sent += (remote_out + remote_in) * D * esz
+        c.bytes_recv += (remote_in + remote_out) * D * esz
+        return back
+
+    def serve_once(self, recv_h: torch.Tensor, like: torch.Tensor) -> None:
+        """An idle rank's share of one dispatch (no tokens of its own)."""
+        self._payload(like.new_empty(0, like.shape[-1]), [0] * self.ctx.ep, recv_h)
+
+    # --- all-reduce baseline -------------------------------------------------------------------
+    def _weighted_local(self, x, ids, ws) -> torch.Tensor:
+        """sum over the *owned* experts of w * Expert(x) for every token (zeros elsewhere)."""
+        out = torch.zeros_like(x)
+        flat = ids.reshape(-1)
+        mine = (flat >= self.owned.start) & (flat < self.owned.stop)
+        pair = torch.nonzero(mine).flatten()
+        if pair.numel():
+            token_of = pair // self.k
+            y = self._run_local(x[token_of], flat[pair] - self.owned.start)
+            w = ws.reshape(-1)[pair]
+            out.index_add_(0, token_of, (y.float() * w[:, None]).to(x.dtype))
+        return out
+
+    def _allreduce_replicated(self, x, ids, ws) -> torch.Tensor:
+        out = self._weighted_local(x, ids, ws)
+        n = self.ctx.ep
+        self.comm.bytes_sent += out.numel() * out.element_size() * 2 * (n - 1) // n  # ring all-reduce
+        self.comm.bytes_recv += out.numel() * out.element_size() * 2 * (n - 1) // n
+        return all_reduce(out, self.ctx.ep_group)
+
+    def _allreduce_gathered(self, xs, ids, ws, active: bool) -> torch.Tensor:
+        ctx = self.ctx
+        if ctx.ep == 1:
+            return self._weighted_local(xs, ids, ws)
+        D = self.moe.cfg.hidden_size
+        head = torch.tensor([int(active), self.layer if active else -1, xs.shape[0]], dtype=torch.int64,
+                            device=xs.device)
+        heads = [torch.empty_like(head) for _ in range(ctx.ep)]
+        dist.all_gather(heads, head, group=ctx.ep_group)
+        heads = torch.stack(heads)
+        if active:
+            self._check_step(heads)
+        return self._allreduce_payload(xs, ids, ws, heads)
+
+    def _allreduce_payload(self, xs, ids, ws, heads) -> torch.Tensor:
+        ctx = self.ctx
+        sizes = heads[:, 2].tolist()
+        X = all_gather_rows(xs, sizes, ctx.ep_group)
+        I = all_gather_rows(ids, sizes, ctx.ep_group)
+        W = all_gather_rows(ws, sizes, ctx.ep_group)
+        out = all_reduce(self._weighted_local(X, I, W), ctx.ep_group)
+        n, esz = ctx.ep, xs.element_size()
+        total = sum(sizes) * xs.shape[-1] * esz
+        self.comm.bytes_sent += (total - xs.numel() * esz) + total * 2 * (n - 1) // n
+        self.comm.bytes_recv += (total - xs.numel() * esz) + total * 2 * (n - 1) // n
+        lo = sum(sizes[:ctx.ep_rank])
+        return out[lo:lo + xs.shape[0]]
+
+
+# --------------------------------------------------------------------------------------------
+# serving experts from a rank with no work of its own
+# --------------------------------------------------------------------------------------------
+
+def serve(model, max_steps: int | None = None) -> int:
+    """Answer the EP group's dispatches with no tokens of our own until no rank is active.
+    Every rank must call this after its last forward (it returns at once when the whole EP group
+    is done). Returns the number of dispatches served."""
+    state = getattr(model, "_dsv3_parallel", None)
+    if state is None or not state.dispatchers:
+        return 0
+    ctx = state.ctx
+    if ctx.ep == 1 or (state.layout.moe_comm == "allreduce" and ctx.ep == ctx.tp):
+        return 0
+    disp = next(iter(state.dispatchers.values()))
+    like = torch.empty(0, model.cfg.hidden_size, dtype=model.dtype, device=model.device)
+    served = 0
+    while max_steps is None or served < max_steps:
+        if state.layout.moe_comm == "alltoall":
+            recv = disp._exchange_header(disp._header(
+                torch.zeros(disp.E, dtype=torch.int64, device=like.device), False))
+            active = recv[:, 0] > 0
+            if not bool(active.any()):
+                return served
+            layer = int(recv[active][0, 1])
+            target = state.dispatchers[layer]
+            target.serve_once(recv, like)
+        else:
+            head = torch.tensor([0, -1, 0], dtype=torch.int64, device=like.device)
+            heads = [torch.empty_like(head) for _ in range(ctx.ep)]
+            dist.all_gather(heads, head, group=ctx.ep_group)
+            heads = torch.stack(heads)
+            active = heads[:, 0] > 0
+            if not bool(active.any()):
+                return served
+            layer = int(heads[active][0, 1])
+            target = state.dispatchers[layer]
+            target._allreduce_payload(like, torch.empty(0, target.k, dtype=torch.int64, device=like.device),
+                                      torch.empty(0, target.k, dtype=torch.float32, device=like.device), heads)
+        served += 1
+    return served

@@ -1,0 +1,134 @@
+"""Ready-made rank functions for ``spawn``: one forward (and optional greedy generation) under a
+layout, reporting what every rank did. The notebook, the tests and the benchmark call these, so
+a multi-rank run is one line:
+
+    out = spawn(rank_run, 2, "tiny", dict(tp=2, ep=2), tokens, max_new_tokens=8)
+    out["logits"], out["topk_ids"], out["generated"], out["ranks"][r]["experts"], ...
+
+``single_run`` computes the same fields in this process without any parallelism (the reference).
+``source`` is a preset name (the model is built with ``seed`` on every rank, then sharded in
+memory) or a checkpoint directory (each rank loads only its slices).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import torch
+
+
+def _rss_bytes() -> tuple[int, int]:
+    """(current, peak) resident set size of this process, from /proc (0 where unavailable)."""
+    cur = peak = 0
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    cur = int(line.split()[1]) * 1024
+                elif line.startswith("VmHWM:"):
+                    peak = int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return cur, peak
+
+
+def _model(source, seed, dtype, ctx=None, fp8="dequant"):
+    import dsv3lab
+    from dsv3lab.parallel.apply import apply_layout
+    from dsv3lab.parallel.loading import load_sharded
+    if os.path.isdir(str(source)):
+        if ctx is None:
+            return dsv3lab.load(source, dtype=dtype)
+        return load_sharded(source, ctx, dtype=dtype, fp8=fp8)
+    model = dsv3lab.build(source, seed=seed, dtype=dtype)
+    return apply_layout(model, ctx) if ctx is not None else model
+
+
+class _RoutingRecorder:
+    """Forward hooks on every gate's topk_ids (removed by ``close``)."""
+
+    def __init__(self, model):
+        self.ids, self.handles = {}, []
+        for name, m in model.named_modules():
+            if name.endswith("mlp.gate.hook_topk_ids"):
+                self.handles.append(m.register_forward_hook(
+                    lambda mod, inp, out, key=name: self.ids.setdefault(key, out.detach().clone())))
+
+    def close(self):
+        for h in self.handles:
+            h.remove()
+
+
+def _tokens(tokens) -> torch.Tensor:
+    t = torch.as_tensor(tokens, dtype=torch.long)
+    return t[None] if t.dim() == 1 else t
+
+
+def single_run(source="tiny", tokens=None, max_new_tokens: int = 0, seed: int = 0, dtype=None) -> dict:
+    """The one-process reference: logits [B,S,V], first-call routing ids per MoE layer, greedy ids."""
+    from dsv3lab.generate import generate
+    model = _model(source, seed, dtype)
+    tokens = _tokens(tokens)
+    rec = _RoutingRecorder(model)
+    with torch.no_grad():
+        logits = model(tokens)
+    rec.close()
+    gen = generate(model, tokens.tolist(), max_new_tokens=max_new_tokens) if max_new_tokens else None
+    return dict(logits=logits, topk_ids=rec.ids, generated=gen)
+
+
+def rank_run(rank: int, world: int, source="tiny", layout: dict | None = None, tokens=None,
+             max_new_tokens: int = 0, seed: int = 0, dtype=None, fp8: str = "dequant", repeat: int = 0) -> dict:
+    """One rank's part of a sharded forward (+ greedy generation). Every rank gets the same
+    ``tokens`` [B,S]; data-parallel group d runs rows chunk d. Rank 0 returns the whole picture:
+    logits [B,S,V] reassembled from the DP groups, routing ids per MoE layer (rank 0's group),
+    generated ids, and ``ranks``: one dict per rank (experts owned, parameter bytes, bytes read
+    from the checkpoint, RSS, per-layer dispatch counters, timings)."""
+    import torch.distributed as dist
+    from dsv3lab.parallel.apply import comm_stats, param_bytes
+    from dsv3lab.parallel.context import ParallelContext
+    from dsv3lab.parallel.dispatch import chunk_sizes, serve
+    from dsv3lab.parallel.launch import generate_parallel
+    from dsv3lab.parallel.layout import Layout
+    t0 = time.perf_counter()
+    ctx = ParallelContext.init(Layout(**(layout or {})))
+    model = _model(source, seed, dtype, ctx, fp8)
+    t_load = time.perf_counter() - t0
+    tokens = _tokens(tokens)
+    sizes = chunk_sizes(tokens.shape[0], ctx.layout.dp)
+    lo = sum(sizes[:ctx.dp_rank])
+    mine = tokens[lo:lo + sizes[ctx.dp_rank]]
+    rec = _RoutingRecorder(model)
+    t1 = time.perf_counter()
+    with torch.no_grad():
+        logits = model(mine) if mine.shape[0] else None
+        serve(model)
+    t_fwd = time.perf_counter() - t1
+    rec.close()
+    fwd_comm = comm_stats(model, reset=True)
+    gen, t_gen = None, 0.0
+    if max_new_tokens:
+        t2 = time.perf_counter()
+        for _ in range(max(1, repeat)):
+            gen = generate_parallel(model, tokens.tolist(), max_new_tokens=max_new_tokens)
+        t_gen = (time.perf_counter() - t2) / max(1, repeat)
+    gen_comm = comm_stats(model)
+    cfg = model.cfg
+    load = getattr(model, "_dsv3_load", {}) or {}
+    rss, peak = _rss_bytes()
+    info = dict(rank=rank, coords=ctx.layout.coords(rank), experts=list(ctx.owned_experts(cfg.n_routed_experts)),
+                param_bytes=param_bytes(model), bytes_read=load.get("bytes_read"), rss=rss, peak_rss=peak,
+                forward_comm=fwd_comm, generate_comm=gen_comm, t_load=t_load, t_forward=t_fwd, t_generate=t_gen,
+                tokens_in=int(mine.numel()))
+    payload = (ctx.dp_rank, ctx.tp_rank, logits, rec.ids if ctx.tp_rank == 0 else None, info)
+    everyone = [None] * world
+    dist.all_gather_object(everyone, payload) if world > 1 else everyone.__setitem__(0, payload)
+    if rank != 0:
+        return None
+    parts = {d: lg for d, t, lg, _, _ in everyone if t == 0 and lg is not None}
+    full = torch.cat([parts[d] for d in sorted(parts)]) if parts else None
+    groups = sorted((d, ids) for d, t, _, ids, _ in everyone if t == 0 and ids)
+    topk = {k: torch.cat([ids[k] for _, ids in groups]) for k in groups[0][1]} if groups else {}
+    return dict(logits=full, topk_ids=topk, generated=gen, ranks=[e[4] for e in everyone],
+                layout=ctx.layout.describe())
