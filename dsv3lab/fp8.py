@@ -71,7 +71,10 @@ def act_quant(x: torch.Tensor, block_size: int = 128, scale_fmt: str | None = No
     amax = t.abs().amax(dim=-1).clamp_min(1e-4)
     scale = amax / FP8_MAX
     if scale_fmt == "ue8m0":
-        scale = torch.exp2(torch.ceil(torch.log2(scale)))
+        # smallest power of two >= scale, read from the exponent (log2 rounding can go down)
+        mant, exp = torch.frexp(scale)
+        exp = torch.where(mant == 0.5, exp - 1, exp)
+        scale = torch.ldexp(torch.ones_like(scale), exp)
     y = (t / scale[..., None]).clamp(-FP8_MAX, FP8_MAX).to(E4M3)
     return y.reshape(x.shape), scale
 

@@ -1,0 +1,206 @@
+"""dsv3lab vs transformers on one checkpoint, CPU: prefill and decode throughput, KV bytes, memory.
+
+Both engines load the same checkpoint (the ``bench`` preset by default: V3's real MLA head dims
+and 512-wide latent, 4 layers) with the same thread count. Prefill = one forward over N tokens;
+decode = one new token against a cache already holding C tokens (timed over several steps).
+Machine limits are measured in the same run: a plain bf16/fp32 matmul's FLOP/s (prefill is
+compared to it) and a plain tensor copy's bytes/s (decode moves the activated weights plus the
+cache per token and is compared to it).
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import platform
+import resource
+import statistics
+import tempfile
+import time
+
+import torch
+
+from dsv3lab.bench import print_table, write_json_atomic
+
+
+def add_args(p) -> None:
+    p.add_argument("--preset", default="bench")
+    p.add_argument("--dir", default=None, help="checkpoint directory (default: a random one of --preset)")
+    p.add_argument("--dtypes", default="bfloat16,float32")
+    p.add_argument("--prefill", default="512,2048")
+    p.add_argument("--decode", default="512,4096", help="contexts for decode")
+    p.add_argument("--decode-steps", type=int, default=8)
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+    p.add_argument("--no-hf", action="store_true", help="skip transformers")
+    p.add_argument("--repeat", type=int, default=2)
+
+
+def _timeit(fn, repeat: int) -> float:
+    fn()                                    # warm-up
+    ts = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t0)
+    return min(ts)
+
+
+def machine_limits(dtype, repeat=3) -> dict:
+    n = 2048
+    a = torch.randn(n, n).to(dtype)
+    b = torch.randn(n, n).to(dtype)
+    t = _timeit(lambda: a @ b, repeat)
+    flops = 2 * n ** 3 / t
+    src = torch.empty(64 << 20, dtype=torch.uint8)
+    dst = torch.empty_like(src)
+    t = _timeit(lambda: dst.copy_(src), repeat)
+    bw = 2 * src.numel() / t               # read + write
+    return dict(matmul_flops=flops, copy_bytes_per_s=bw)
+
+
+def _rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _ours(d, dtype):
+    import dsv3lab
+    m = dsv3lab.load(d, dtype=dtype)
+    cache = {}
+
+    def prefill(x):
+        return m(x, last_only=True)
+
+    def decode_setup(ctx, x):
+        c = m.new_cache(1, ctx + 64)
+        m(x[:, :ctx], start=0, cache=c, last_only=True)
+        cache["c"], cache["pos"] = c, ctx
+
+    def decode_step(tok):
+        p = cache["pos"]
+        m(tok, start=p, cache=cache["c"], last_only=True)
+        cache["pos"] = p + 1
+
+    def kv_bytes(ctx):
+        return m.new_cache(1, ctx).nbytes()
+
+    return m, prefill, decode_setup, decode_step, kv_bytes
+
+
+def _hf(d, dtype):
+    from transformers import DeepseekV3ForCausalLM
+    from transformers.cache_utils import DynamicCache
+    m = DeepseekV3ForCausalLM.from_pretrained(d, dtype=dtype).eval()
+    try:
+        m.set_experts_implementation("eager")
+    except Exception:
+        pass
+    state = {}
+
+    def prefill(x):
+        return m(input_ids=x, logits_to_keep=1).logits
+
+    def decode_setup(ctx, x):
+        c = DynamicCache(config=m.config)
+        m(input_ids=x[:, :ctx], cache=c, use_cache=True, logits_to_keep=1)
+        state["c"], state["pos"] = c, ctx
+
+    def decode_step(tok):
+        c, p = state["c"], state["pos"]
+        m(input_ids=tok, cache=c, use_cache=True, logits_to_keep=1)
+        c.crop(-1)                          # keep the context fixed across timed steps
+
+    def kv_bytes(ctx):
+        c = DynamicCache(config=m.config)
+        m(input_ids=torch.zeros(1, ctx, dtype=torch.long), cache=c, use_cache=True, logits_to_keep=1)
+        total = 0
+        for layer in c.layers:
+            for name in ("keys", "values"):
+                t = getattr(layer, name, None)
+                if isinstance(t, torch.Tensor):
+                    total += t.numel() * t.element_size()
+        return total
+
+    return m, prefill, decode_setup, decode_step, kv_bytes
+
+
+def run(args) -> int:
+    import dsv3lab
+    from dsv3lab.stats import model_stats
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    threads = torch.get_num_threads()
+    tmp = None
+    d = args.dir
+    if d is None:
+        tmp = tempfile.mkdtemp(prefix="dsv3lab-bench-")
+        cfg = dsv3lab.ModelConfig.preset(args.preset).replace(num_nextn_predict_layers=0)
+        d = dsv3lab.save(dsv3lab.build(cfg, seed=0, dtype=torch.bfloat16), os.path.join(tmp, "ck"))
+    cfg = dsv3lab.ModelConfig.from_hf(d)
+    stats = model_stats(cfg)
+    prefill_lens = [int(s) for s in args.prefill.split(",") if s]
+    decode_ctx = [int(s) for s in args.decode.split(",") if s]
+    x = torch.randint(0, cfg.vocab_size, (1, max(prefill_lens + decode_ctx) + 1),
+                      generator=torch.Generator().manual_seed(0))
+    engines = [("dsv3lab", _ours)] + ([] if args.no_hf else [("transformers", _hf)])
+    rows, limits = [], {}
+    for dname in args.dtypes.split(","):
+        dtype = getattr(torch, dname)
+        lim = machine_limits(dtype)
+        limits[dname] = lim
+        for ename, make in engines:
+            gc.collect()
+            rss0 = _rss_mb()
+            m, prefill, decode_setup, decode_step, kv_bytes = make(d, dtype)
+            with torch.no_grad():
+                for n in prefill_lens:
+                    t = _timeit(lambda: prefill(x[:, :n]), args.repeat)
+                    fl = sum(_fwd_flops(stats, cfg, i) for i in range(n))
+                    rows.append(dict(dtype=dname, engine=ename, what=f"prefill {n}", tok_s=n / t,
+                                     pct_of_limit=100 * fl / t / lim["matmul_flops"]))
+                for ctx in decode_ctx:
+                    decode_setup(ctx, x)
+                    tok = x[:, ctx:ctx + 1]
+                    ts = []
+                    decode_step(tok)
+                    for _ in range(args.decode_steps):
+                        t0 = time.perf_counter()
+                        decode_step(tok)
+                        ts.append(time.perf_counter() - t0)
+                    t = statistics.median(ts)
+                    moved = _decode_bytes(stats, cfg, ctx, dtype)
+                    rows.append(dict(dtype=dname, engine=ename, what=f"decode @{ctx}", tok_s=1 / t,
+                                     pct_of_limit=100 * moved / t / lim["copy_bytes_per_s"]))
+                kvb = kv_bytes(256) // 256
+            rows.append(dict(dtype=dname, engine=ename, what="kv bytes/token", tok_s=float(kvb), pct_of_limit=float("nan")))
+            rows.append(dict(dtype=dname, engine=ename, what="peak RSS MB", tok_s=_rss_mb(), pct_of_limit=float("nan")))
+            del m, prefill, decode_setup, decode_step
+            gc.collect()
+    # ratios against transformers measured in this run
+    by = {(r["dtype"], r["engine"], r["what"]): r for r in rows}
+    for r in rows:
+        peer = by.get((r["dtype"], "transformers", r["what"]))
+        r["vs_transformers"] = (r["tok_s"] / peer["tok_s"]) if peer and r["what"] != "peak RSS MB" else float("nan")
+    print(f"\ndsv3lab bench engine: preset {cfg.name}, {threads} threads, {platform.processor() or platform.machine()}")
+    for k, v in limits.items():
+        print(f"  {k}: matmul {v['matmul_flops'] / 1e12:.2f} TFLOP/s, copy {v['copy_bytes_per_s'] / 1e9:.1f} GB/s")
+    text = print_table(rows, ["dtype", "engine", "what", "tok_s", "vs_transformers", "pct_of_limit"])
+    out = args.out or os.path.join("results", "bench-engine.json")
+    write_json_atomic(out, dict(preset=cfg.name, threads=threads, limits=limits, rows=rows, table=text))
+    print(f"wrote {out}")
+    return 0
+
+
+def _fwd_flops(stats, cfg, pos: int) -> float:
+    """Forward FLOPs of the token at ``pos`` in a causal prefill (matmuls + attention over pos+1)."""
+    matmul = 2 * (stats["activated_params"] - stats["embedding_params"])
+    attn = 2 * cfg.num_hidden_layers * cfg.num_attention_heads * (cfg.qk_head_dim + cfg.v_head_dim) * (pos + 1)
+    return matmul + attn
+
+
+def _decode_bytes(stats, cfg, ctx: int, dtype) -> float:
+    """Bytes one decode step must read: activated weights (no embedding table) + latent cache."""
+    size = torch.tensor([], dtype=dtype).element_size()
+    weights = (stats["activated_params"] - stats["embedding_params"]) * size
+    cache = ctx * cfg.num_hidden_layers * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * size
+    return weights + cache
