@@ -77,8 +77,21 @@ def measure(preset="lab", batch=4, seq=128, reps=15, threads=None) -> dict:
         for k, f in variants.items():
             times[k].append(f())
     med = {k: statistics.median(v) for k, v in times.items()}
+    # robust to machine noise: the cost of one idle HookPoint call x calls per forward
+    fired = []
+    with hooks(model, [(None, lambda t, n: fired.append(n))]), torch.no_grad():
+        model(tokens[:, :2])
+    from dsv3lab.model.layers import HookPoint
+    hp, x = HookPoint("[1]"), torch.zeros(1)
+    n_calls = 200_000
+    t0 = time.perf_counter()
+    for _ in range(n_calls):
+        hp(x)
+    per_call = (time.perf_counter() - t0) / n_calls
     return dict(preset=preset, batch=batch, seq=seq, reps=reps, threads=torch.get_num_threads(),
-                hook_points=len(hook_points(model)),
+                hook_points=len(hook_points(model)), calls_per_forward=len(fired),
+                idle_call_us=per_call * 1e6, idle_overhead_ms=per_call * len(fired) * 1e3,
+                idle_overhead_fraction=per_call * len(fired) / min(times["bypassed"]),
                 rows=[dict(variant=k, median_ms=med[k] * 1e3, min_ms=min(times[k]) * 1e3,
                            vs_bypassed=med[k] / med["bypassed"],
                            min_vs_bypassed=min(times[k]) / min(times["bypassed"])) for k in variants])
@@ -90,5 +103,7 @@ def run(args) -> int:
     print(f"{res['preset']}: batch {res['batch']} x {res['seq']} tokens, {res['hook_points']} hook points, "
           f"{res['threads']} threads, median of {res['reps']}")
     print_table(res["rows"], ["variant", "median_ms", "min_ms", "vs_bypassed", "min_vs_bypassed"])
+    print(f"idle HookPoint call: {res['idle_call_us']:.2f} us x {res['calls_per_forward']} calls per forward = "
+          f"{res['idle_overhead_ms']:.3f} ms = {100 * res['idle_overhead_fraction']:.3f}% of the fastest bypassed forward")
     write_json_atomic(args.out or "results/bench-hooks.json", res)
     return 0
