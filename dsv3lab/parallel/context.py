@@ -20,6 +20,19 @@ import torch.distributed as dist
 from dsv3lab.parallel.layout import Layout, LayoutError
 
 
+class VirtualGroup:
+    """Stands in for a process group in a virtual context: any collective on it is an error."""
+
+    def __repr__(self):
+        return "VirtualGroup()"
+
+
+def check_group(group, what: str) -> None:
+    if isinstance(group, VirtualGroup):
+        raise RuntimeError(f"{what} needs process groups, but this model was placed with a virtual context "
+                           "(planning / loading checks only); use ParallelContext.init() inside a rank")
+
+
 def default_backend() -> str:
     return "nccl" if torch.cuda.is_available() and dist.is_nccl_available() else "gloo"
 
@@ -40,7 +53,9 @@ class ParallelContext:
         layout.check_world(layout.world_size)
         if not 0 <= rank < layout.world_size:
             raise LayoutError(f"rank {rank} is outside the world of {layout.world_size} ranks")
-        return cls(layout=layout, rank=rank, device=torch.device(device), virtual=True)
+        return cls(layout=layout, rank=rank, device=torch.device(device), virtual=True,
+                   tp_group=VirtualGroup() if layout.tp > 1 else None,
+                   ep_group=VirtualGroup() if layout.ep > 1 else None)
 
     @classmethod
     def init(cls, layout: Optional[Layout] = None, backend: Optional[str] = None,

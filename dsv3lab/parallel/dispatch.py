@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
+from dsv3lab.parallel.context import check_group
 from dsv3lab.parallel.layers import all_gather_rows, all_reduce
 
 _HEAD = 2  # header columns before the per-expert counts: active flag, MoE layer index
@@ -91,6 +92,7 @@ class ExpertParallelDispatch:
         counts = torch.bincount(topk_ids.reshape(-1), minlength=self.E)
         self.moe.hook_expert_counts(counts)
         ctx = self.ctx
+        check_group(ctx.ep_group, "expert dispatch")
         self.comm.calls += 1
         if self.mode == "allreduce" and self.same_tokens:
             self.comm.tokens += x.shape[0]

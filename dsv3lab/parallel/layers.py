@@ -18,9 +18,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from dsv3lab.model.layers import Linear
+from dsv3lab.parallel.context import check_group
 
 
 def all_reduce(x: torch.Tensor, group) -> torch.Tensor:
+    check_group(group, "all_reduce")
     if group is not None and dist.get_world_size(group) > 1:
         dist.all_reduce(x, group=group)
     return x
@@ -28,6 +30,7 @@ def all_reduce(x: torch.Tensor, group) -> torch.Tensor:
 
 def all_gather_last(x: torch.Tensor, group) -> torch.Tensor:
     """Concatenate every rank's x along the last dimension (rank order)."""
+    check_group(group, "all_gather")
     if group is None or dist.get_world_size(group) == 1:
         return x
     x = x.contiguous()
@@ -38,6 +41,7 @@ def all_gather_last(x: torch.Tensor, group) -> torch.Tensor:
 
 def all_gather_rows(x: torch.Tensor, sizes: list[int], group) -> torch.Tensor:
     """Concatenate every rank's rows (rank i contributes sizes[i] rows) along dim 0."""
+    check_group(group, "all_gather")
     if group is None or len(sizes) == 1:
         return x
     m = max(sizes)
