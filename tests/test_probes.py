@@ -317,3 +317,17 @@ def test_load_metrics(record, model):
     assert 0 < float(load.balancedness(pr)[0]) <= 1
     rows = load.summary(r, expert_to_node=load.contiguous_map(E, 4))
     assert len(rows) == len(r.layers) and "nodes_per_token" in rows[0]
+
+
+def test_sglang_foreign_dump_without_dsv3lab_keys():
+    k, L, E = 2, 3, 8
+    recs = [dict(forward_pass_id=p, rank=0, input_ids=torch.tensor([1, 2, 3]), positions=torch.tensor([0, 1, 2]) + 3 * p,
+                 forward_mode="extend", topk_ids_of_layer=torch.cat([torch.full((1, 3, k), -1),
+                                                                      torch.randint(0, E, (2, 3, k))]),
+                 global_physical_count=torch.zeros(L, E, dtype=torch.int64)) for p in range(2)]
+    rec = formats.from_sglang(dict(records=recs, last_physical_to_logical_map=None))
+    assert rec["meta"]["layers"] == [1, 2] and rec["meta"]["n_routed_experts"] == E
+    assert rec["tensors"]["topk_ids"].shape == (2, 6, k)
+    assert torch.isnan(rec["tensors"]["topk_weights"]).all() and rec["tensors"]["seq"].eq(0).all()
+    from dsv3lab.probes.trace import Routing
+    assert int(Routing(rec).expert_load().sum()) == 2 * 6 * k

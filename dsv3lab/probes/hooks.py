@@ -143,7 +143,7 @@ def run_with_cache(model: nn.Module, tokens: torch.Tensor, names_filter: NameFil
         return None
 
     ctx = torch.no_grad() if detach else contextlib.nullcontext()
-    with ctx, hooks(model, [(lambda n: n in set(selected), save)]):
+    with ctx, hooks(model, [(selected, save)]):
         if mtp and len(getattr(model, "mtp", [])):
             logits, h = model(tokens, return_hidden=True, **forward_kw)
             start = forward_kw.get("start", 0)
