@@ -281,7 +281,13 @@ class Trace:
         return pre
 
     def _on_gate(self, prefix: str, layer: int, key: str):
+        stream = self.streams[prefix]
+
         def hook(module, args, output):
+            if stream.max_tokens is not None and stream.kept >= stream.max_tokens:
+                if key == "topk_weights" and stream.add(layer, {}):   # budget spent: count, copy nothing
+                    stream.commit()
+                return None
             part = self._partial.setdefault(layer, {})
             part[key] = output.detach().to("cpu", copy=True)
             if key == "topk_weights":
@@ -289,7 +295,6 @@ class Trace:
                 if self.want_groups and "group_mask" not in entry:
                     T = entry["topk_ids"].shape[0]
                     entry["group_mask"] = torch.ones(T, self.model.cfg.n_group, dtype=torch.bool)
-                stream = self.streams[prefix]
                 if stream.add(layer, entry):
                     stream.commit()
                     if self.stream_to and sum(s.buffered for s in self.streams.values()) >= self.flush_tokens:
