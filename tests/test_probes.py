@@ -331,3 +331,35 @@ def test_sglang_foreign_dump_without_dsv3lab_keys():
     assert torch.isnan(rec["tensors"]["topk_weights"]).all() and rec["tensors"]["seq"].eq(0).all()
     from dsv3lab.probes.trace import Routing
     assert int(Routing(rec).expert_load().sum()) == 2 * 6 * k
+
+
+def _gather_rank(rank, world, port, path, out):
+    import torch.distributed as dist
+    from dsv3lab.probes.trace import gather
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        rec = formats.load_trace(path)
+        rec["tensors"]["topk_ids"] = rec["tensors"]["topk_ids"] + 0 * rank
+        got = gather(rec, contribute=(rank != 2))         # rank 2 plays a TP peer holding a copy
+        if rank == 0:
+            formats.save_trace(got, out)
+        else:
+            assert got is None
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_gather_to_rank0_over_gloo(record, tmp_path):
+    import socket
+    import torch.multiprocessing as mp
+    path, out = str(tmp_path / "r.safetensors"), str(tmp_path / "merged.safetensors")
+    formats.save_trace(record, path)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_gather_rank, args=(3, port, path, out), nprocs=3, join=True)
+    got = formats.load_trace(out)
+    n = record["tensors"]["token_ids"].numel()
+    assert torch.equal(got["tensors"]["rank"], torch.tensor([0] * n + [1] * n))
+    assert torch.equal(got["tensors"]["topk_ids"], torch.cat([record["tensors"]["topk_ids"]] * 2, dim=1))

@@ -143,18 +143,27 @@ def merge(records: list[dict]) -> dict:
     return dict(tensors=out_t, meta=meta)
 
 
-def gather(record: dict, dst: int = 0, group=None) -> Optional[dict]:
-    """Collect every rank's record on ``dst`` and merge them there (None on other ranks).
-    Without an initialised process group this is ``record`` itself."""
+def gather(record: dict, dst: int = 0, group=None, contribute: bool = True) -> Optional[dict]:
+    """Collect every rank's record on global rank ``dst`` and merge them there (None elsewhere).
+    Without an initialised process group this is ``record`` itself.
+
+    Every rank of a tensor-parallel group runs the replicated gate on the same tokens, so their
+    records are identical: pass ``contribute=(tp_rank == 0)`` to keep one copy per data-parallel
+    group (the other ranks still take part in the collective)."""
     import torch.distributed as dist
     if not (dist.is_available() and dist.is_initialized()):
         return record
-    rank, world = dist.get_rank(group), dist.get_world_size(group)
-    cpu = dict(tensors={k: v.cpu() for k, v in record["tensors"].items()},
-               meta=dict(record["meta"], rank=rank, world_size=world))
+    rank, world = dist.get_rank(), dist.get_world_size(group)
+    cpu = None
+    if contribute:
+        cpu = dict(tensors={k: v.cpu() for k, v in record["tensors"].items()},
+                   meta=dict(record["meta"], rank=rank, world_size=world))
     bucket = [None] * world if rank == dst else None
     dist.gather_object(cpu, bucket, dst=dst, group=group)
-    return merge(bucket) if rank == dst else None
+    if rank != dst:
+        return None
+    got = [b for b in bucket if b is not None]
+    return merge(got) if got else None
 
 
 # ----------------------------------------------------------------------------------------------
