@@ -31,7 +31,7 @@ from typing import Optional
 
 import torch
 
-from dsv3lab.probes.trace import FORMAT, LAYER_KEYS, TOKEN_KEYS, VERSION, stream_prefixes
+from dsv3lab.probes.trace import FORMAT, TOKEN_KEYS, VERSION, stream_prefixes
 
 META_KEY = "dsv3lab_trace"
 

@@ -20,8 +20,6 @@ Qwen-2.5 72B 327,680 (printed 4.66x), LLaMA-3.1 405B 516,096 (printed 7.28x; the
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 
 from dsv3lab.config import ModelConfig
