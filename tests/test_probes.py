@@ -363,3 +363,37 @@ def test_gather_to_rank0_over_gloo(record, tmp_path):
     n = record["tensors"]["token_ids"].numel()
     assert torch.equal(got["tensors"]["rank"], torch.tensor([0] * n + [1] * n))
     assert torch.equal(got["tensors"]["topk_ids"], torch.cat([record["tensors"]["topk_ids"]] * 2, dim=1))
+
+
+def _trace_rank(rank, world, layout, tokens):
+    from dsv3lab.parallel import Layout, ParallelContext, apply_layout, serve
+    from dsv3lab.parallel.dispatch import chunk_sizes
+    from dsv3lab.probes.trace import gather
+    ctx = ParallelContext.init(Layout(**layout))
+    model = apply_layout(dsv3lab.build("tiny", seed=1), ctx)
+    sizes = chunk_sizes(tokens.shape[0], ctx.layout.dp)
+    lo = sum(sizes[:ctx.dp_rank])
+    mine = tokens[lo:lo + sizes[ctx.dp_rank]]
+    with torch.no_grad(), trace(model) as t:
+        if mine.shape[0]:
+            model(mine)
+        serve(model)
+    return gather(t.record(), contribute=(ctx.tp_rank == 0))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", [dict(tp=1, ep=2, dp=2), dict(tp=2, ep=2, dp=1)], ids=["ep2-dp2", "tp2-ep2"])
+def test_trace_in_the_multi_rank_engine(layout):
+    """Multi-rank runs (gloo, 2 ranks): the trace gathered on rank 0 equals the single-process
+    trace of the whole batch (TP peers contribute one copy)."""
+    from dsv3lab.parallel import spawn
+    tokens = _tokens(3, 5, seed=4)
+    ref_model = dsv3lab.build("tiny", seed=1)
+    with torch.no_grad(), trace(ref_model) as ref:
+        ref_model(tokens)
+    got = spawn(_trace_rank, 2, layout, tokens)
+    from dsv3lab.probes.trace import Routing
+    r = Routing(got)
+    assert torch.equal(r.topk_ids, ref.routing.topk_ids)
+    assert torch.equal(r.token_ids, tokens.reshape(-1))
+    assert got["tensors"]["rank"].tolist() == ([0] * 10 + [1] * 5 if layout["dp"] == 2 else [0] * 15)
