@@ -169,8 +169,10 @@ class MLA(nn.Module):
         probs = scores.softmax(dim=-1)
         if self.hook_attn_probs.active:
             probs = self.hook_attn_probs(probs.view(B, S, H, -1).transpose(1, 2)).transpose(1, 2).reshape(B, S * H, -1)
-        o_lat = torch.bmm(probs.to(latent.dtype), latent[..., :c])         # [B, S*H, c]
-        o_lat = o_lat.view(B, S, H, c)
+        # multiply by the whole [T, c+r] rows and drop the rope columns after: slicing the
+        # cache first would make bmm copy the strided [T, c] view every step
+        o_lat = torch.bmm(probs.to(latent.dtype), latent)[..., :c]          # [B, S*H, c]
+        o_lat = o_lat.reshape(B, S, H, c)
         return torch.einsum("bshc,hvc->bshv", o_lat, w_uv.to(o_lat.dtype))
 
     def _expand(self, c_kv, k_pe):

@@ -114,7 +114,6 @@ class MoE(nn.Module):
         token_of = order // k                                        # token index of each sorted pair
         xs = x[token_of]
         ws = topk_weights.reshape(-1)[order]
-        out = torch.zeros_like(x)
         ys = torch.empty_like(xs)
         bounds = counts.cumsum(0).tolist()
         lo = 0
@@ -122,5 +121,8 @@ class MoE(nn.Module):
             if hi > lo:
                 ys[lo:hi] = self.experts[e](xs[lo:hi])
             lo = hi
-        out.index_add_(0, token_of, (ys.float() * ws[:, None]).to(x.dtype))
-        return out
+        # combine: undo the sort (a permutation of the T*k pairs), then sum each token's k
+        # outputs in fp32 -- deterministic, and no scatter-add
+        pairs = torch.empty(T * k, x.shape[-1], dtype=torch.float32, device=x.device)
+        pairs[order] = ys.float() * ws[:, None]
+        return pairs.view(T, k, -1).sum(dim=1).to(x.dtype)
