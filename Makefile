@@ -20,7 +20,7 @@ $(STAMP): requirements.txt pyproject.toml
 data/lab-model/config.json: | $(STAMP)
 	$(BIN)/python -m dsv3lab train-lab --out data/lab-model
 
-lab: $(STAMP)
+lab: $(STAMP) data/lab-model/config.json
 	DSV3LAB_MODEL=$(CURDIR)/data/lab-model $(BIN)/jupyter lab --notebook-dir=notebooks
 
 test: $(STAMP)
@@ -28,6 +28,12 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m dsv3lab bench engine
+	$(BIN)/python -m dsv3lab bench hooks
+	$(BIN)/python -m dsv3lab bench parallel
+
+report: $(STAMP) data/lab-model/config.json
+	DSV3LAB_MODEL=$(CURDIR)/data/lab-model MPLBACKEND=Agg $(BIN)/jupyter nbconvert --to html --execute \
+	  --output-dir results/report notebooks/*.ipynb
 
 clean:
 	rm -rf $(VENV) .pytest_cache
