@@ -41,7 +41,7 @@ class Gate(nn.Module):
         self.hook_logits = HookPoint("[T,E] router logits u (fp32)")
         self.hook_scores = HookPoint("[T,E] scores s: sigmoid(u) or softmax(u)")
         self.hook_biased_scores = HookPoint("[T,E] selection scores s + b")
-        self.hook_group_mask = HookPoint("[T,G] bool, groups kept for each token")
+        self.hook_group_mask = HookPoint("[T,G] bool, groups kept for each token (only fires when topk_group < n_group > 1)")
         self.hook_topk_ids = HookPoint("[T,k] int64 chosen experts")
         self.hook_topk_weights = HookPoint("[T,k] fp32 routing weights")
 
