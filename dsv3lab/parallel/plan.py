@@ -88,6 +88,18 @@ def place(cfg: ModelConfig, layout: Layout, rank: int = 0, redundant_experts: in
     return model
 
 
+def a2a_bytes_per_token(cfg: ModelConfig, ep: int, dispatch_bytes: float = 2, combine_bytes: float = 2,
+                        dispatch_scales: bool = False) -> float:
+    """Expected all-to-all bytes per token per MoE layer: one copy of the hidden state per
+    (token, expert) pair out (dispatch) and back (combine), for the (ep-1)/ep of pairs whose
+    expert lives on another rank under uniform routing."""
+    if not cfg.has_moe or ep <= 1:
+        return 0.0
+    D = cfg.hidden_size
+    per_pair = D * dispatch_bytes + (math.ceil(D / 128) * 4 if dispatch_scales else 0) + D * combine_bytes
+    return cfg.num_experts_per_tok * per_pair * (ep - 1) / ep
+
+
 def plan(cfg: ModelConfig | str, gpus: int, gpu_mem_gb: float, tp: int | None = None, ep: int | None = None,
          dp: int | None = None, context: int = 4096, weights: str = "fp8", redundant_experts: int = 0,
          mtp: bool = True, mem_util: float = 0.9, reserve_gb: float = 0.0, kv_dtype=torch.bfloat16,
@@ -115,10 +127,9 @@ def plan(cfg: ModelConfig | str, gpus: int, gpu_mem_gb: float, tp: int | None = 
     free = usable - w
     kv_tokens = int(max(0, free) // kv_per_token)
     req_per_group = kv_tokens // context
-    D, k, ep = cfg.hidden_size, cfg.num_experts_per_tok, layout.ep
-    remote = (ep - 1) / ep
-    a2a_engine = k * D * 2 * 2 * remote if cfg.has_moe else 0.0
-    a2a_fp8 = k * (D * 1 + math.ceil(D / 128) * 4 + D * 2) * remote if cfg.has_moe else 0.0
+    ep = layout.ep
+    a2a_engine = a2a_bytes_per_token(cfg, ep)
+    a2a_fp8 = a2a_bytes_per_token(cfg, ep, 1, 2, dispatch_scales=True)
     experts = (cfg.n_routed_experts + redundant_experts) // ep if cfg.has_moe else 0
     out = dict(
         model=cfg.name, gpus=gpus, gpu_mem_gb=gpu_mem_gb, mem_util=mem_util, reserve_gb=reserve_gb,

@@ -93,9 +93,9 @@ def rank_run(rank: int, world: int, source="tiny", layout: dict | None = None, t
     from dsv3lab.parallel.layout import Layout
     t0 = time.perf_counter()
     ctx = ParallelContext.init(Layout(**(layout or {})))
-    model = _model(source, seed, dtype, ctx, fp8)
+    model = _model(source, seed, dtype, ctx, fp8).to(ctx.device)
     t_load = time.perf_counter() - t0
-    tokens = _tokens(tokens)
+    tokens = _tokens(tokens).to(ctx.device)
     sizes = chunk_sizes(tokens.shape[0], ctx.layout.dp)
     lo = sum(sizes[:ctx.dp_rank])
     mine = tokens[lo:lo + sizes[ctx.dp_rank]]
@@ -111,7 +111,8 @@ def rank_run(rank: int, world: int, source="tiny", layout: dict | None = None, t
     if max_new_tokens:
         t2 = time.perf_counter()
         for _ in range(max(1, repeat)):
-            gen = generate_parallel(model, tokens.tolist(), max_new_tokens=max_new_tokens)
+            gen = generate_parallel(model, tokens.tolist(), max_new_tokens=max_new_tokens,
+                                    stop_tokens=[] if repeat else None)
         t_gen = (time.perf_counter() - t2) / max(1, repeat)
     gen_comm = comm_stats(model)
     cfg = model.cfg
@@ -121,13 +122,16 @@ def rank_run(rank: int, world: int, source="tiny", layout: dict | None = None, t
                 param_bytes=param_bytes(model), bytes_read=load.get("bytes_read"), rss=rss, peak_rss=peak,
                 forward_comm=fwd_comm, generate_comm=gen_comm, t_load=t_load, t_forward=t_fwd, t_generate=t_gen,
                 tokens_in=int(mine.numel()))
+    if logits is not None:
+        logits = logits.cpu()
+    rec.ids = {k: v.cpu() for k, v in rec.ids.items()}
     payload = (ctx.dp_rank, ctx.tp_rank, logits, rec.ids if ctx.tp_rank == 0 else None, info)
     everyone = [None] * world
     dist.all_gather_object(everyone, payload) if world > 1 else everyone.__setitem__(0, payload)
     if rank != 0:
         return None
     parts = {d: lg for d, t, lg, _, _ in everyone if t == 0 and lg is not None}
-    full = torch.cat([parts[d] for d in sorted(parts)]) if parts else None
+    full = torch.cat([parts[d].cpu() for d in sorted(parts)]) if parts else None
     groups = sorted((d, ids) for d, t, _, ids, _ in everyone if t == 0 and ids)
     topk = {k: torch.cat([ids[k] for _, ids in groups]) for k in groups[0][1]} if groups else {}
     return dict(logits=full, topk_ids=topk, generated=gen, ranks=[e[4] for e in everyone],
