@@ -163,10 +163,17 @@ class ExpertParallelDispatch:
             recv_h = self._exchange_header(self._header(counts_e, True))
             self._check_step(recv_h)
             back = self._payload(xs[token_of], counts_e.view(ep, El).sum(1).tolist(), recv_h)
-        out = torch.zeros_like(xs)
-        w = ws.reshape(-1)[order]
-        out.index_add_(0, token_of, (back.float() * w[:, None]).to(xs.dtype))
-        return out
+        return self._combine(back, order, ws)
+
+    @staticmethod
+    def _combine(back: torch.Tensor, order: torch.Tensor, ws: torch.Tensor) -> torch.Tensor:
+        """Expert outputs of the pairs in ``order`` -> per-token weighted sums: put the pairs back
+        in (token, k) order and add each token's k outputs in fp32 (deterministic, as the
+        single-process MoE does)."""
+        T, k = ws.shape
+        pairs = torch.empty(T * k, back.shape[-1], dtype=torch.float32, device=back.device)
+        pairs[order] = back.float() * ws.reshape(-1)[order][:, None].float()
+        return pairs.view(T, k, back.shape[-1]).sum(dim=1).to(back.dtype)
 
     def _payload(self, send: torch.Tensor, send_splits: list[int], recv_h: torch.Tensor) -> torch.Tensor:
         """Dispatch ``send`` (rows grouped by destination), run the local experts on what arrives,
@@ -201,16 +208,15 @@ class ExpertParallelDispatch:
     # --- all-reduce baseline -------------------------------------------------------------------
     def _weighted_local(self, x, ids, ws) -> torch.Tensor:
         """sum over the *owned* experts of w * Expert(x) for every token (zeros elsewhere)."""
-        out = torch.zeros_like(x)
+        T = x.shape[0]
+        pairs = torch.zeros(T * self.k, x.shape[-1], dtype=torch.float32, device=x.device)
         flat = ids.reshape(-1)
         mine = (flat >= self.owned.start) & (flat < self.owned.stop)
         pair = torch.nonzero(mine).flatten()
         if pair.numel():
-            token_of = pair // self.k
-            y = self._run_local(x[token_of], flat[pair] - self.owned.start)
-            w = ws.reshape(-1)[pair]
-            out.index_add_(0, token_of, (y.float() * w[:, None]).to(x.dtype))
-        return out
+            y = self._run_local(x[pair // self.k], flat[pair] - self.owned.start)
+            pairs[pair] = y.float() * ws.reshape(-1)[pair][:, None].float()
+        return pairs.view(T, self.k, x.shape[-1]).sum(dim=1).to(x.dtype)
 
     def _allreduce_replicated(self, x, ids, ws) -> torch.Tensor:
         out = self._weighted_local(x, ids, ws)
