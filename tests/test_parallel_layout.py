@@ -6,12 +6,11 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 import dsv3lab
 from dsv3lab.config import ModelConfig
 from dsv3lab.parallel import Layout, LayoutError, ParallelContext, apply_layout, check_fp8_blocks, plan
-from dsv3lab.parallel.plan import place, to_fp8_meta
+from dsv3lab.parallel.plan import place
 
 TINY = ModelConfig.preset("tiny")      # H=4, V=512, dense 128, shared 32, E=16
 

@@ -127,11 +127,6 @@ class ParallelContext:
     def owned_experts(self, n_experts: int) -> range:
         return self.layout.experts_of(self.ep_rank, n_experts)
 
-    def require_groups(self, what: str) -> None:
-        if self.virtual and self.world_size > 1:
-            raise RuntimeError(f"{what} needs process groups: this context is virtual (planning only); "
-                               "use ParallelContext.init() inside a torchrun/spawn rank")
-
     def describe(self) -> str:
         return (f"rank {self.rank}/{self.world_size}: tp_rank {self.tp_rank}, dp_rank {self.dp_rank}, "
                 f"ep_rank {self.ep_rank} [{self.layout.describe()}]")

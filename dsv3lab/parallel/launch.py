@@ -113,7 +113,6 @@ def spawn(fn: Callable, world_size: int = 2, *args, backend: str | None = None, 
     """Run ``fn(rank, world_size, *args, **kw)`` on ``world_size`` local processes; return rank
     0's result. Raises RankError naming the first rank that failed (its traceback included)."""
     import torch.distributed as dist
-    import torch.multiprocessing as mp
     if world_size < 1:
         raise ValueError(f"spawn: world_size must be >= 1, got {world_size}")
     main_file = getattr(sys.modules.get("__main__"), "__file__", None)

@@ -57,7 +57,7 @@ class CountingReader(ShardReader):
         return _ST_DTYPES[name]
 
 
-def _window(shard, shape):
+def _window(shard):
     """(rows, cols) slices of the full tensor that a shard covers."""
     if shard is None:
         return None, None
@@ -144,7 +144,7 @@ def load_sharded(path: str, ctx: ParallelContext | Layout | None = None, dtype: 
     # --- read ----------------------------------------------------------------------------------
     dev = ctx.device
     for name, key, mod, attr, meta_t, shard, is_fp8 in plan:
-        rows, cols = _window(shard, meta_t.shape)
+        rows, cols = _window(shard)
         target = meta_t.dtype     # the meta model already says: fp32 gate/bias, `dtype` elsewhere
         t = reader.get(key, rows=rows, cols=cols)
         if is_fp8:
