@@ -80,7 +80,8 @@ def cmd_generate(args) -> int:
         prompts = [tok.encode(p).ids for p in args.prompt]
     stop = args.stop if args.stop is not None else None
     outs = model.generate(prompts, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                          top_p=args.top_p, seed=args.seed, stop_tokens=stop)
+                          top_p=args.top_p, seed=args.seed, stop_tokens=stop,
+                          speculative=args.speculative)
     for p, o in zip(prompts, outs):
         if tok is not None and args.prompt_ids is None:
             print(tok.decode(p + o))
@@ -106,6 +107,7 @@ def add_generate_args(p) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--stop", type=_ids, default=None, help="stop token ids (default: eos)")
     p.add_argument("--dtype", default=None, help="float32 | bfloat16 (default: as stored)")
+    p.add_argument("--speculative", action="store_true", help="draft with the MTP module (greedy)")
 
 
 def add_commands(sub) -> None:

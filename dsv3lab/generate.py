@@ -47,13 +47,15 @@ def _as_lists(prompts) -> list[list[int]]:
 @torch.no_grad()
 def generate(model, prompts, max_new_tokens: int = 100, temperature: float = 0.0, top_p: float = 1.0,
              stop_tokens: Optional[Iterable[int]] = None, seed: int = 0, cache_mode: Optional[str] = None,
-             progress: bool = False, return_prompt: bool = False, on_step=None) -> list[list[int]]:
+             progress: bool = False, return_prompt: bool = False, on_step=None,
+             speculative: bool = False) -> list[list[int]]:
     """Generate up to ``max_new_tokens`` after each prompt.
 
     prompts: list of token-id lists (lengths may differ), a single list, or a [B,S] tensor.
     stop_tokens: ids that end a sequence (default: the config's eos_token_id); the stop token is
     not included in the output. Returns one list of generated ids per prompt (prompt prepended
     when ``return_prompt``). ``on_step(pos, tokens)`` is called after each decoded position.
+    ``speculative=True`` drafts with the MTP module (greedy, one prompt at a time; same output).
     """
     cfg = model.cfg
     seqs = _as_lists(prompts)
@@ -73,6 +75,11 @@ def generate(model, prompts, max_new_tokens: int = 100, temperature: float = 0.0
     longest = max(map(len, seqs))
     if longest > ctx:
         raise ValueError(f"generate: prompt of {longest} tokens is longer than the model's context ({ctx})")
+    if speculative:
+        if temperature > 0:
+            raise ValueError("generate: speculative decoding is greedy only (temperature 0)")
+        outs = [generate_speculative(model, p, max_new_tokens, stop_tokens) for p in seqs]
+        return [p + o for p, o in zip(seqs, outs)] if return_prompt else outs
     stop = set([cfg.eos_token_id] if stop_tokens is None else stop_tokens)
     B = len(seqs)
     total = min(ctx, longest + max_new_tokens)
@@ -112,4 +119,65 @@ def generate(model, prompts, max_new_tokens: int = 100, temperature: float = 0.0
                 ids = ids[:j]
                 break
         out.append((p + ids) if return_prompt else ids)
+    return out
+
+
+@torch.no_grad()
+def generate_speculative(model, prompt: Sequence[int], max_new_tokens: int = 100,
+                         stop_tokens: Optional[Iterable[int]] = None, return_stats: bool = False):
+    """Greedy decoding with the MTP module as a one-token draft (the report's use of MTP at
+    inference, p.35: the second token is accepted 85-90% of the time, giving 1.8x TPS).
+
+    Each step feeds [t, draft] to the main model at positions p, p+1: the logits at p verify the
+    draft, the logits at p+1 give one more token when it is accepted, so a step yields 1 or 2
+    tokens for one forward. The MTP block keeps its own latent cache slot; rejected positions
+    are simply overwritten by the next step. The output equals plain greedy decoding exactly.
+    One sequence at a time.
+    """
+    cfg = model.cfg
+    if not len(model.mtp):
+        raise ValueError("speculative decoding needs a model with MTP layers (num_nextn_predict_layers >= 1)")
+    p = [int(t) for t in prompt]
+    if not p:
+        raise ValueError("generate_speculative: empty prompt")
+    stop = set([cfg.eos_token_id] if stop_tokens is None else stop_tokens)
+    total = min(cfg.max_position_embeddings, len(p) + max_new_tokens + 2)
+    if len(p) >= total:
+        raise ValueError(f"prompt of {len(p)} tokens leaves no room in the context ({cfg.max_position_embeddings})")
+    cache = model.new_cache(1, total)
+    dev = model.device
+    T = lambda ids: torch.tensor([ids], dtype=torch.long, device=dev)  # noqa: E731
+    logits, h = model(T(p), start=0, cache=cache, return_hidden=True)
+    out = [int(logits[0, -1].argmax())]
+    # MTP over the prompt: position i sees h_i and the token at i+1 -> draft for i+2
+    (d_logits,) = model.mtp_logits(h, T(p[1:] + out), start=0, cache=cache, depth=1)
+    draft = int(d_logits[0, -1].argmax())
+    pos = len(p)                      # position of out[-1], not yet in the main cache
+    steps = accepted = 0
+    while len(out) < max_new_tokens and out[-1] not in stop and pos + 2 <= total:
+        logits, h = model(T([out[-1], draft]), start=pos, cache=cache, return_hidden=True)
+        steps += 1
+        verify = int(logits[0, 0].argmax())
+        if verify == draft:
+            accepted += 1
+            nxt = int(logits[0, 1].argmax())
+            new, hs = [draft, nxt], h
+        else:
+            new, hs = [verify], h[:, :1]
+        if new[0] in stop:
+            out.append(new[0])
+            break
+        out.extend(new)
+        (d_logits,) = model.mtp_logits(hs, T(new), start=pos, cache=cache, depth=1)
+        draft = int(d_logits[0, -1].argmax())
+        pos += len(new)
+    out = out[:max_new_tokens]
+    for j, t in enumerate(out):
+        if t in stop:
+            out = out[:j]
+            break
+    if return_stats:
+        return out, dict(steps=steps, accepted=accepted,
+                         acceptance_rate=accepted / steps if steps else float("nan"),
+                         tokens_per_step=(len(out) - 1) / steps if steps else float("nan"))
     return out

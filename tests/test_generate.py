@@ -110,3 +110,43 @@ def test_cli_info_json_671b():
     assert s["mtp_params"] == 11_610_068_224 and s["kv_cache_bytes_per_token"] == 70_272
     r = run_cli("info", "no-such-model")
     assert r.returncode == 2 and "neither a preset" in r.stderr
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_mtp_speculative_equals_greedy(seed):
+    from dsv3lab.generate import generate_speculative
+    m = dsv3lab.build("tiny", seed=seed)
+    p = [3, 1, 4, 1, 5, 9, 2, 6]
+    ref = m.generate([p], max_new_tokens=20, stop_tokens=[])[0]
+    out, st = generate_speculative(m, p, max_new_tokens=20, stop_tokens=[], return_stats=True)
+    assert out == ref                          # the random MTP head is mostly rejected
+    # an oracle draft that is right on 2 of every 3 calls exercises the accept path too
+    seq = p + ref + [0, 0]
+    real, calls = m.mtp_logits, []
+
+    def oracle(h, tokens, start=0, cache=None, depth=None):
+        (lg,) = real(h, tokens, start=start, cache=cache, depth=depth)
+        calls.append(1)
+        target = seq[start + tokens.shape[1] - 1 + 2]
+        if len(calls) % 3:
+            lg[:, -1] = -1e9
+            lg[:, -1, target] = 1e9
+        return [lg]
+
+    m.mtp_logits = oracle
+    out, st = generate_speculative(m, p, max_new_tokens=20, stop_tokens=[], return_stats=True)
+    assert out == ref
+    assert 0 < st["accepted"] < st["steps"] < 19 and st["tokens_per_step"] > 1.2
+
+
+def test_speculative_needs_mtp():
+    from dsv3lab.generate import generate_speculative
+    m = dsv3lab.build(dsv3lab.ModelConfig.preset("tiny").replace(num_nextn_predict_layers=0))
+    with pytest.raises(ValueError, match="MTP"):
+        generate_speculative(m, [1, 2], 4)
+
+
+def test_generate_speculative_flag(tiny):
+    prompts = [[1, 2, 3], [9, 8]]
+    assert tiny.generate(prompts, max_new_tokens=6, stop_tokens=[], speculative=True) == \
+        tiny.generate(prompts, max_new_tokens=6, stop_tokens=[])
