@@ -372,6 +372,14 @@ def save(model: Transformer, path: str, fp8: bool = False, max_shard_bytes: int 
                     continue
                 src = os.path.join(path, fn)
                 (shutil.copytree if os.path.isdir(src) else shutil.copy2)(src, os.path.join(tmp, fn))
+        # mkdtemp makes the directory 0700 (and safetensors writes 0600): give the finished
+        # checkpoint ordinary permissions under the user's umask before it becomes visible
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)
+        for fn in os.listdir(tmp):
+            if os.path.isfile(os.path.join(tmp, fn)):
+                os.chmod(os.path.join(tmp, fn), 0o666 & ~umask)
         # swap: old -> backup, tmp -> path, drop backup
         backup = None
         if os.path.exists(path):

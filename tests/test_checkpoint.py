@@ -54,6 +54,10 @@ def test_round_trip_exact_and_official_keys(tmp_path):
         assert k in keys, k
     with safe_open(os.path.join(d, keys["model.layers.1.mlp.gate.e_score_correction_bias"]), "pt") as f:
         assert f.get_tensor("model.layers.1.mlp.gate.e_score_correction_bias").dtype == torch.float32
+    umask = os.umask(0)
+    os.umask(umask)
+    assert os.stat(d).st_mode & 0o777 == 0o777 & ~umask
+    assert all(os.stat(os.path.join(d, f)).st_mode & 0o777 == 0o666 & ~umask for f in os.listdir(d))
     back = dsv3lab.load(d)
     x = x_for(m.cfg)
     with torch.no_grad():
