@@ -148,32 +148,50 @@ class MLA(nn.Module):
         out = self.hook_out(out.reshape(B, S, H * self.v))
         return self.o_proj(out)
 
+    def _w_uv_t(self, dtype) -> torch.Tensor:
+        """W_UV as [H, c, v], contiguous, cached until kv_b_proj's weight changes: the output
+        product o_lat @ W_UV^T is then a plain batched GEMV (no per-step transposed copy)."""
+        w = self.kv_b_proj.weight
+        key = (w.data_ptr(), w._version, dtype, w.device)
+        if getattr(self, "_uv_key", None) != key:
+            self._uv_t = self.kv_b_weight()[:, self.n:].transpose(1, 2).to(dtype).contiguous()
+            self._uv_key = key
+        return self._uv_t
+
     def _absorbed(self, q_nope, q_pe, latent, start):
         """Attention in the latent space; latent [B,T,c+r]."""
         B, S, H, _ = q_nope.shape
-        c = self.c
-        w = self.kv_b_weight()
-        w_uk, w_uv = w[:, :self.n], w[:, self.n:]                        # [H,n,c], [H,v,c]
-        q_lat = torch.einsum("bshn,hnc->bshc", q_nope, w_uk.to(q_nope.dtype))
-        q_cat = torch.cat([q_lat, q_pe], dim=-1).reshape(B, S * H, c + self.r)
+        c, M = self.c, S * H
+        w_uk = self.kv_b_weight()[:, :self.n].to(q_nope.dtype)             # [H,n,c] (a view)
+        w_uv_t = self._w_uv_t(q_nope.dtype)                                # [H,c,v]
+        # per head: q_lat = q_nope W_UK, as one batched GEMM over heads
+        q_lat = torch.bmm(q_nope.permute(2, 0, 1, 3).reshape(H, B * S, self.n), w_uk)
+        q_lat = q_lat.view(H, B, S, c).permute(1, 2, 0, 3)                 # [B,S,H,c]
+        q_cat = torch.cat([q_lat, q_pe], dim=-1).reshape(B, M, c + self.r)
+
+        def out_proj(o_lat):                                               # [B,S,H,c] -> [B,S,H,v]
+            o = torch.bmm(o_lat.permute(2, 0, 1, 3).reshape(H, B * S, c), w_uv_t.to(o_lat.dtype))
+            return o.view(H, B, S, -1).permute(1, 2, 0, 3)
+
         if S == 1 and not self.hook_attn_probs.active:
             from dsv3lab.kernels import dispatch                         # Triton decode on CUDA
             o_lat = dispatch.mla_decode(q_cat, latent, self.scale, c)      # [B, H, c] or None
             if o_lat is not None:
-                return torch.einsum("bshc,hvc->bshv", o_lat.view(B, 1, H, c), w_uv.to(o_lat.dtype))
-        scores = torch.bmm(q_cat, latent.transpose(1, 2)).float() * self.scale  # [B, S*H, T]
+                return out_proj(o_lat.view(B, 1, H, c))
+        # scores laid out [B, T, S*H]: the cache is the row-major left operand, never transposed
+        scores = torch.bmm(latent, q_cat.transpose(1, 2)).float() * self.scale
         if S > 1:
-            mask = _causal_mask(S, start, latent.device)                   # [S,T]
-            scores = scores.view(B, S, H, -1).masked_fill(~mask[None, :, None, :], float("-inf"))
-            scores = scores.view(B, S * H, -1)
-        probs = scores.softmax(dim=-1)
+            mask = _causal_mask(S, start, latent.device).T                 # [T,S]
+            scores = scores.view(B, -1, S, H).masked_fill(~mask[None, :, :, None], float("-inf"))
+            scores = scores.view(B, -1, M)
+        probs = scores.softmax(dim=1)
         if self.hook_attn_probs.active:
-            probs = self.hook_attn_probs(probs.view(B, S, H, -1).transpose(1, 2)).transpose(1, 2).reshape(B, S * H, -1)
+            hooked = self.hook_attn_probs(probs.view(B, -1, S, H).permute(0, 3, 2, 1))   # [B,H,S,T]
+            probs = hooked.permute(0, 3, 2, 1).reshape(B, -1, M)
         # multiply by the whole [T, c+r] rows and drop the rope columns after: slicing the
         # cache first would make bmm copy the strided [T, c] view every step
-        o_lat = torch.bmm(probs.to(latent.dtype), latent)[..., :c]          # [B, S*H, c]
-        o_lat = o_lat.reshape(B, S, H, c)
-        return torch.einsum("bshc,hvc->bshv", o_lat, w_uv.to(o_lat.dtype))
+        o_lat = torch.bmm(probs.transpose(1, 2).to(latent.dtype), latent)[..., :c]   # [B, S*H, c]
+        return out_proj(o_lat.reshape(B, S, H, c))
 
     def _expand(self, c_kv, k_pe):
         """Per-head K [B,H,T,n+r] and V [B,H,T,v] from latents c_kv [B,T,c], k_pe [B,T,r]."""
