@@ -70,6 +70,16 @@ _NATIVE_BF16 = _cpu_has_native_bf16()
 UPCAST_MIN_ROWS = 16   # below this a GEMM is a memory-bound GEMV: reading bf16 weights wins
 
 
+def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """x @ w.T for a plain (non-FP8) weight, with the CPU bf16 policy below."""
+    if (x.dtype == torch.bfloat16 and not _NATIVE_BF16 and x.device.type == "cpu"
+            and x.numel() >= UPCAST_MIN_ROWS * x.shape[-1]):
+        # bf16 storage, fp32 arithmetic: on CPUs without bf16 units a compute-bound GEMM
+        # runs ~2x faster upcast than through the emulated bf16 path (bench engine)
+        return F.linear(x.float(), w.float()).to(torch.bfloat16)
+    return F.linear(x, w)
+
+
 class Linear(nn.Module):
     """y = x @ W.T without bias. ``weight`` may be FP8 (e4m3) with a block ``weight_scale_inv``.
 
@@ -88,12 +98,7 @@ class Linear(nn.Module):
         if self.weight.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
             from dsv3lab.fp8 import fp8_linear
             return fp8_linear(x, self.weight, self.weight_scale_inv)
-        if (x.dtype == torch.bfloat16 and not _NATIVE_BF16 and x.device.type == "cpu"
-                and x.numel() >= UPCAST_MIN_ROWS * x.shape[-1]):
-            # bf16 storage, fp32 arithmetic: on CPUs without bf16 units a compute-bound GEMM
-            # runs ~2x faster upcast than through the emulated bf16 path (bench engine)
-            return F.linear(x.float(), self.weight.float()).to(torch.bfloat16)
-        return F.linear(x, self.weight)
+        return linear(x, self.weight)
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, dtype={self.weight.dtype}"

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dsv3lab.config import ModelConfig
-from dsv3lab.model.layers import HookPoint, Linear, RMSNorm
+from dsv3lab.model.layers import HookPoint, Linear, RMSNorm, linear
 from dsv3lab.model.rope import apply_rope
 
 
@@ -197,7 +197,7 @@ class MLA(nn.Module):
         """Per-head K [B,H,T,n+r] and V [B,H,T,v] from latents c_kv [B,T,c], k_pe [B,T,r]."""
         B, T, _ = c_kv.shape
         H, n = self.n_heads, self.n
-        kvb = F.linear(c_kv, self.kv_b_weight().reshape(H * (n + self.v), self.c).to(c_kv.dtype))
+        kvb = linear(c_kv, self.kv_b_weight().reshape(H * (n + self.v), self.c).to(c_kv.dtype))
         kvb = kvb.view(B, T, H, n + self.v)
         k = torch.cat([kvb[..., :n], k_pe[:, :, None, :].expand(B, T, H, self.r)], dim=-1)
         return k.transpose(1, 2), kvb[..., n:].transpose(1, 2)
@@ -205,6 +205,12 @@ class MLA(nn.Module):
     def _sdpa(self, q, k, v, start):
         """q [B,H,S,n+r], k [B,H,T,n+r], v [B,H,T,v] -> [B,S,H,v] with causal masking."""
         S, T = q.shape[2], k.shape[2]
+        dv = v.shape[-1]
+        if q.device.type == "cpu" and dv != q.shape[-1]:
+            # torch's fused CPU attention needs equal q/k and v head dims (192 vs 128 here);
+            # otherwise it falls back to the materialising math path, ~3.5x slower. Zero
+            # columns in V change nothing in the first dv output columns.
+            v = F.pad(v, (0, q.shape[-1] - dv))
         if S == T:
             o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)
         elif S == 1:
@@ -212,7 +218,7 @@ class MLA(nn.Module):
         else:
             o = F.scaled_dot_product_attention(q, k, v, attn_mask=_causal_mask(S, start, q.device),
                                                scale=self.scale)
-        return o.transpose(1, 2)
+        return o[..., :dv].transpose(1, 2)
 
     def _expanded(self, q_nope, q_pe, latent, start):
         k, v = self._expand(latent[..., :self.c], latent[..., self.c:])
