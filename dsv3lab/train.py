@@ -58,13 +58,27 @@ _SKIP_DIRS = {"test", "tests", "idlelib", "site-packages", "dist-packages", "lib
               "__pycache__", "ensurepip", "tkinter", "pydoc_data", "encodings"}
 
 
+def reflow(text: str) -> str:
+    """Join the hard-wrapped lines of prose paragraphs (the manual wraps at ~70 columns, which
+    would make "\\n" the commonest token). Paragraphs with an indented line (code, grammar,
+    tables) or a heading rule keep their lines."""
+    out = []
+    for para in text.split("\n\n"):
+        lines = para.split("\n")
+        rule = any(ln and set(ln.strip()) <= set("*=-~^") for ln in lines)
+        if len(lines) > 1 and not rule and not any(ln[:1].isspace() for ln in lines):
+            para = " ".join(ln.strip() for ln in lines)
+        out.append(para)
+    return "\n\n".join(out)
+
+
 def python_docs_corpus(docstrings: bool = True, min_docstring_chars: int = 200) -> list[str]:
     """Documents from Python's own text, in a fixed order: every topic of the reference manual
     (``pydoc_data.topics``), then the module/class/function docstrings of the standard library
     read with ``ast`` (nothing is imported, so no module runs). Short docstrings are dropped: they
-    are mostly signatures. The text depends on the Python version (the model card records it)."""
+    are mostly signatures. Prose paragraphs are unwrapped (``reflow``). The text depends on the Python version (the model card records it)."""
     from pydoc_data.topics import topics
-    docs = [topics[k].strip() for k in sorted(topics) if topics[k].strip()]
+    docs = [reflow(topics[k].strip()) for k in sorted(topics) if topics[k].strip()]
     if not docstrings:
         return docs
     import sysconfig
@@ -83,7 +97,7 @@ def python_docs_corpus(docstrings: bool = True, min_docstring_chars: int = 200) 
                 if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
                     s = ast.get_docstring(node)
                     if s and len(s) >= min_docstring_chars:
-                        docs.append(s)
+                        docs.append(reflow(s))
     return docs
 
 
@@ -494,12 +508,19 @@ def plot_training_log(log: Sequence[dict], title: str = ""):
 
 
 @torch.no_grad()
-def greedy_continue(model, tok, prompt: str, max_new_tokens: int = 40, eos_id: int = 1) -> str:
-    """Greedy continuation by full re-forwarding (no cache: short, and independent of generate.py)."""
+def greedy_continue(model, tok, prompt: str, max_new_tokens: int = 40, eos_id: int = 1,
+                    temperature: float = 0.0, seed: int = 0) -> str:
+    """Continue ``prompt`` greedily (or sampled at ``temperature``, seeded) by re-forwarding the
+    whole sequence each step: no cache, so it depends on nothing but the model's forward."""
     ids = tok.encode(prompt).ids
+    gen = torch.Generator().manual_seed(seed)
     for _ in range(max_new_tokens):
         x = torch.tensor([ids], dtype=torch.int64, device=model.device)
-        nxt = int(model(x, last_only=True)[0, -1].argmax())
+        logits = model(x, last_only=True)[0, -1].float()
+        if temperature > 0:
+            nxt = int(torch.multinomial((logits / temperature).softmax(-1).cpu(), 1, generator=gen))
+        else:
+            nxt = int(logits.argmax())
         if nxt == eos_id:
             break
         ids.append(nxt)
@@ -553,8 +574,8 @@ def _model_card(info: dict) -> str:
         "| | value |",
         "|---|---|",
         f"| final train loss (mean of last 20 steps) | {i['train_loss']:.3f} |",
-        f"| validation loss (fp32 weights) | {i['val_loss']:.3f} |",
-        f"| validation loss (this FP8 checkpoint) | {i['val_loss_fp8']:.3f} |",
+        f"| validation loss (fp32 weights) | {i['val_loss']:.4f} |",
+        f"| validation loss (this FP8 checkpoint) | {i['val_loss_fp8']:.4f} |",
         f"| validation MTP loss (token i+2) | {i['val_mtp_loss']:.3f} |",
         f"| unigram cross-entropy on validation | {i['unigram']:.3f} |",
         f"| validation MaxVio at initialisation | {i['maxvio_init']:.2f} |",
@@ -564,10 +585,14 @@ def _model_card(info: dict) -> str:
         "Losses are nats per token; MaxVio = (max load - mean load) / mean load, mean over the "
         f"{i['moe_layers']} MoE layers (MTP's included).",
         "",
-        f"Greedy continuation of `{i['prompt']}`:",
+        f"Continuations of `{i['prompt']}`, greedy and sampled (temperature 0.8, seed 0):",
         "",
         "```",
         i["sample"],
+        "```",
+        "",
+        "```",
+        i["sample_t"],
         "```",
         "",
         "![training curve](training_curve.png)",
@@ -639,6 +664,7 @@ def train_lab(out: str = "data/lab-model", steps: Optional[int] = None, minutes:
 
     prompt = "The list"
     sample = greedy_continue(model, tok, prompt, 48, cfg.eos_token_id)
+    sample_t = greedy_continue(model, tok, prompt, 48, cfg.eos_token_id, temperature=0.8, seed=0)
     wall = log[-1]["elapsed_s"]
     n_tok = len(log) * tc.batch_size * tc.seq_len
     argv = ["python -m dsv3lab train-lab", f"--out {out}", f"--steps {tc.steps}"]
@@ -664,7 +690,7 @@ def train_lab(out: str = "data/lab-model", steps: Optional[int] = None, minutes:
         unigram=unigram_cross_entropy(train_ids, val_ids, cfg.vocab_size),
         maxvio_init=init["val_maxvio"], maxvio_final=final["val_maxvio"],
         maxvio_nobias=nobias["val_maxvio"], moe_layers=len(moe_gates(model)),
-        prompt=prompt, sample=sample, command=" ".join(argv), val_loss_fp8=float("nan"),
+        prompt=prompt, sample=sample, sample_t=sample_t, command=" ".join(argv), val_loss_fp8=float("nan"),
         schedule_steps=tc.steps)
 
     save(model, out, fp8=True, extra_files={

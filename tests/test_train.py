@@ -184,3 +184,8 @@ def test_train_lab_command_is_registered():
     from dsv3lab.cli import build_parser
     args = build_parser().parse_args(["train-lab", "--out", "x", "--steps", "3"])
     assert args.func is T._cmd_train_lab and args.steps == 3 and args.out == "x"
+
+
+def test_reflow_joins_prose_only():
+    text = "A wrapped\nsentence.\n\n   code = 1\n   more = 2\n\nTitle\n*****\n\nlast\nline"
+    assert T.reflow(text) == "A wrapped sentence.\n\n   code = 1\n   more = 2\n\nTitle\n*****\n\nlast line"
