@@ -114,13 +114,14 @@ class MoE(nn.Module):
         token_of = order // k                                        # token index of each sorted pair
         xs = x[token_of]
         ws = topk_weights.reshape(-1)[order]
-        ys = torch.empty_like(xs)
-        bounds = counts.cumsum(0).tolist()
-        lo = 0
-        for e, hi in enumerate(bounds):
+        # each expert once, on its contiguous slice (joined with cat: slice assignment would
+        # make autograd clone the whole gradient once per expert in training)
+        outs, lo = [], 0
+        for e, hi in enumerate(counts.cumsum(0).tolist()):
             if hi > lo:
-                ys[lo:hi] = self.experts[e](xs[lo:hi])
+                outs.append(self.experts[e](xs[lo:hi]))
             lo = hi
+        ys = torch.cat(outs) if outs else xs[:0]
         # combine: undo the sort (a permutation of the T*k pairs), then sum each token's k
         # outputs in fp32 -- deterministic, and no scatter-add
         pairs = torch.empty(T * k, x.shape[-1], dtype=torch.float32, device=x.device)
