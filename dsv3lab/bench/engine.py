@@ -14,7 +14,6 @@ import gc
 import json
 import os
 import platform
-import resource
 import statistics
 import tempfile
 import time
@@ -22,6 +21,7 @@ import time
 import torch
 
 from dsv3lab.bench import print_table, write_json_atomic
+from dsv3lab.model.layers import _NATIVE_BF16
 
 
 def add_args(p) -> None:
@@ -47,10 +47,14 @@ def _timeit(fn, repeat: int) -> float:
 
 
 def machine_limits(dtype, repeat=3) -> dict:
+    """The fastest plain matmul for tensors stored in ``dtype`` (for bf16 on a CPU without bf16
+    units that is upcast-then-fp32, which the engine also uses), and a plain copy's bandwidth."""
     n = 2048
     a = torch.randn(n, n).to(dtype)
     b = torch.randn(n, n).to(dtype)
     t = _timeit(lambda: a @ b, repeat)
+    if dtype != torch.float32:
+        t = min(t, _timeit(lambda: (a.float() @ b.float()).to(dtype), repeat))
     flops = 2 * n ** 3 / t
     src = torch.empty(64 << 20, dtype=torch.uint8)
     dst = torch.empty_like(src)
@@ -59,8 +63,33 @@ def machine_limits(dtype, repeat=3) -> dict:
     return dict(matmul_flops=flops, copy_bytes_per_s=bw)
 
 
-def _rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+class PeakRSS:
+    """Peak resident memory above the level at entry, sampled every few ms in a thread (the
+    process-wide ru_maxrss cannot separate two engines run one after the other)."""
+
+    def __enter__(self):
+        import psutil
+        import threading
+        self._p = psutil.Process()
+        self.base = self.peak = self._p.memory_info().rss
+        self._stop = threading.Event()
+
+        def sample():
+            while not self._stop.wait(0.005):
+                self.peak = max(self.peak, self._p.memory_info().rss)
+
+        self._t = threading.Thread(target=sample, daemon=True)
+        self._t.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._t.join()
+        self.peak = max(self.peak, self._p.memory_info().rss)
+
+    @property
+    def mb(self) -> float:
+        return (self.peak - self.base) / 2 ** 20
 
 
 def _ours(d, dtype):
@@ -150,13 +179,12 @@ def run(args) -> int:
         limits[dname] = lim
         for ename, make in engines:
             gc.collect()
-            rss0 = _rss_mb()
-            m, prefill, decode_setup, decode_step, kv_bytes = make(d, dtype)
-            with torch.no_grad():
+            with PeakRSS() as mem, torch.no_grad():
+                m, prefill, decode_setup, decode_step, kv_bytes = make(d, dtype)
                 for n in prefill_lens:
                     t = _timeit(lambda: prefill(x[:, :n]), args.repeat)
                     fl = sum(_fwd_flops(stats, cfg, i) for i in range(n))
-                    rows.append(dict(dtype=dname, engine=ename, what=f"prefill {n}", tok_s=n / t,
+                    rows.append(dict(dtype=dname, engine=ename, what=f"prefill {n}", value=n / t, unit="tok/s",
                                      pct_of_limit=100 * fl / t / lim["matmul_flops"]))
                 for ctx in decode_ctx:
                     decode_setup(ctx, x)
@@ -169,24 +197,27 @@ def run(args) -> int:
                         ts.append(time.perf_counter() - t0)
                     t = statistics.median(ts)
                     moved = _decode_bytes(stats, cfg, ctx, dtype)
-                    rows.append(dict(dtype=dname, engine=ename, what=f"decode @{ctx}", tok_s=1 / t,
+                    rows.append(dict(dtype=dname, engine=ename, what=f"decode @{ctx}", value=1 / t, unit="tok/s",
                                      pct_of_limit=100 * moved / t / lim["copy_bytes_per_s"]))
                 kvb = kv_bytes(256) // 256
-            rows.append(dict(dtype=dname, engine=ename, what="kv bytes/token", tok_s=float(kvb), pct_of_limit=float("nan")))
-            rows.append(dict(dtype=dname, engine=ename, what="peak RSS MB", tok_s=_rss_mb(), pct_of_limit=float("nan")))
+            rows.append(dict(dtype=dname, engine=ename, what="kv cache", value=float(kvb), unit="B/token", pct_of_limit=float("nan")))
+            rows.append(dict(dtype=dname, engine=ename, what="peak memory", value=mem.mb, unit="MB", pct_of_limit=float("nan")))
             del m, prefill, decode_setup, decode_step
             gc.collect()
     # ratios against transformers measured in this run
     by = {(r["dtype"], r["engine"], r["what"]): r for r in rows}
     for r in rows:
         peer = by.get((r["dtype"], "transformers", r["what"]))
-        r["vs_transformers"] = (r["tok_s"] / peer["tok_s"]) if peer and r["what"] != "peak RSS MB" else float("nan")
-    print(f"\ndsv3lab bench engine: preset {cfg.name}, {threads} threads, {platform.processor() or platform.machine()}")
+        # throughput: higher is better; cache bytes and memory: the ratio is ours / theirs
+        r["vs_transformers"] = r["value"] / peer["value"] if peer and peer["value"] else float("nan")
+    name = args.preset if args.dir is None else os.path.basename(os.path.abspath(d))
+    print(f"\ndsv3lab bench engine: {name}, {threads} threads, {platform.processor() or platform.machine()}, "
+          f"CPU bf16 units: {'yes' if _NATIVE_BF16 else 'no (bf16 GEMMs upcast to fp32)'}")
     for k, v in limits.items():
         print(f"  {k}: matmul {v['matmul_flops'] / 1e12:.2f} TFLOP/s, copy {v['copy_bytes_per_s'] / 1e9:.1f} GB/s")
-    text = print_table(rows, ["dtype", "engine", "what", "tok_s", "vs_transformers", "pct_of_limit"])
+    text = print_table(rows, ["dtype", "engine", "what", "value", "unit", "vs_transformers", "pct_of_limit"])
     out = args.out or os.path.join("results", "bench-engine.json")
-    write_json_atomic(out, dict(preset=cfg.name, threads=threads, limits=limits, rows=rows, table=text))
+    write_json_atomic(out, dict(preset=name, threads=threads, limits=limits, rows=rows, table=text))
     print(f"wrote {out}")
     return 0
 
