@@ -5,6 +5,8 @@ VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 PYTEST_ARGS ?=
+# JupyterLab refuses to run as root unless told; containers often are root
+JUPYTER_ARGS ?= $(if $(filter 0,$(shell id -u)),--allow-root,)
 
 .PHONY: setup lab test bench report clean
 
@@ -21,7 +23,7 @@ data/lab-model/config.json: | $(STAMP)
 	$(BIN)/python -m dsv3lab train-lab --out data/lab-model
 
 lab: $(STAMP) data/lab-model/config.json
-	DSV3LAB_MODEL=$(CURDIR)/data/lab-model $(BIN)/jupyter lab --notebook-dir=notebooks
+	DSV3LAB_MODEL=$(CURDIR)/data/lab-model $(BIN)/jupyter lab --notebook-dir=notebooks $(JUPYTER_ARGS)
 
 test: $(STAMP)
 	TRITON_INTERPRET=1 $(BIN)/python -m pytest -q -n 2 $(PYTEST_ARGS)
