@@ -31,7 +31,7 @@ from typing import Callable, Iterable, Optional
 import torch
 from torch import nn
 
-from dsv3lab.config import ConfigError, ModelConfig
+from dsv3lab.config import ModelConfig
 from dsv3lab.model.layers import Linear
 from dsv3lab.model.transformer import Transformer
 

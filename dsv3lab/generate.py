@@ -88,7 +88,6 @@ def generate(model, prompts, max_new_tokens: int = 100, temperature: float = 0.0
     for i, p in enumerate(seqs):
         tokens[i, :len(p)] = torch.tensor(p, dtype=torch.long)
     prompt_mask = tokens != -1
-    lens = torch.tensor([len(p) for p in seqs], device=dev)
     cache = model.new_cache(B, total, mode=cache_mode)
     gen = torch.Generator().manual_seed(seed)
     finished = torch.zeros(B, dtype=torch.bool, device=dev)

@@ -36,13 +36,14 @@ import math
 import os
 import random
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from typing import Iterable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
+
+from dsv3lab.atomic import write_bytes_atomic
 
 from dsv3lab.config import ModelConfig
 
@@ -427,32 +428,13 @@ def train(cfg: ModelConfig | str, train_tokens: torch.Tensor, val_tokens: Option
 # logs, figure, text
 # --------------------------------------------------------------------------------------------
 
-def _atomic_write(path: str, data: bytes) -> None:
-    path = os.path.abspath(path)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".tmp-", dir=os.path.dirname(path))
-    try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)      # mkstemp's 0600 would make logs unreadable to others
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def jsonl_text(rows: Iterable[dict]) -> str:
     return "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows)
 
 
 def write_jsonl(path: str, rows: Iterable[dict]) -> None:
     """Write rows as JSON lines atomically: a reader sees the old file or the whole new one."""
-    _atomic_write(path, jsonl_text(rows).encode())
+    write_bytes_atomic(path, jsonl_text(rows).encode())
 
 
 def read_jsonl(path: str) -> list[dict]:
@@ -699,12 +681,12 @@ def train_lab(out: str = "data/lab-model", steps: Optional[int] = None, minutes:
         "README.md": _model_card(info)})
     reloaded = load(out, dtype=torch.float32)
     info["val_loss_fp8"] = evaluate(reloaded, val_w, tc.batch_size)["val_loss"]
-    _atomic_write(os.path.join(out, "README.md"), _model_card(info).encode())
+    write_bytes_atomic(os.path.join(out, "README.md"), _model_card(info).encode())
     fig = plot_training_log(log, f"lab model: {len(log)} steps, {wall / 60:.1f} min on CPU")
     import io
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=90)
-    _atomic_write(os.path.join(out, "training_curve.png"), buf.getvalue())
+    write_bytes_atomic(os.path.join(out, "training_curve.png"), buf.getvalue())
     info["bytes"] = _dir_bytes(out)
     info["total_s"] = time.perf_counter() - t0
     return info

@@ -8,9 +8,8 @@ something on a GPU. Results go to ``results/bench-<target>.json`` (atomic write)
 from __future__ import annotations
 
 import importlib
-import json
-import os
-import tempfile
+
+from dsv3lab.atomic import write_json_atomic  # noqa: F401 -- re-exported for the bench targets
 
 TARGETS = ["engine", "parallel", "kernels", "hooks"]
 
@@ -29,22 +28,6 @@ def add_commands(sub) -> None:
         tp.add_argument("--out", default=None, help=f"results file (default results/bench-{t}.json)")
         mod.add_args(tp)
         tp.set_defaults(func=mod.run)
-
-
-def write_json_atomic(path: str, obj) -> str:
-    """Write JSON to a temporary file beside ``path``, then rename over it."""
-    path = os.path.abspath(path)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=os.path.dirname(path))
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2, default=str)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
 
 
 def print_table(rows: list[dict], cols: list[str] | None = None) -> str:

@@ -11,7 +11,6 @@ cache per token and is compared to it).
 from __future__ import annotations
 
 import gc
-import json
 import os
 import platform
 import statistics
@@ -135,7 +134,7 @@ def _hf(d, dtype):
         state["c"], state["pos"] = c, ctx
 
     def decode_step(tok):
-        c, p = state["c"], state["pos"]
+        c = state["c"]
         m(input_ids=tok, cache=c, use_cache=True, logits_to_keep=1)
         c.crop(-1)                          # keep the context fixed across timed steps
 

@@ -26,10 +26,11 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from typing import Optional
 
 import torch
+
+from dsv3lab.atomic import atomic_write, write_json_atomic as _write_json
 
 from dsv3lab.probes.trace import FORMAT, TOKEN_KEYS, VERSION, stream_prefixes
 
@@ -40,33 +41,14 @@ META_KEY = "dsv3lab_trace"
 # atomic writes
 # ----------------------------------------------------------------------------------------------
 
-def _atomic(path: str, write) -> str:
-    path = os.path.abspath(path)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp",
-                               dir=os.path.dirname(path))
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
-
-
 def write_json_atomic(path: str, obj) -> str:
-    def w(tmp):
-        with open(tmp, "w") as f:
-            json.dump(obj, f, indent=1)
-    return _atomic(path, w)
+    return _write_json(path, obj, indent=1)
 
 
 def save_tensors(tensors: dict, path: str, metadata: Optional[dict] = None) -> str:
     from safetensors.torch import save_file
     clean = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-    return _atomic(path, lambda tmp: save_file(clean, tmp, metadata=metadata))
+    return atomic_write(path, lambda tmp: save_file(clean, tmp, metadata=metadata))
 
 
 def _read_safetensors(path: str) -> tuple[dict, dict]:
@@ -175,7 +157,7 @@ def to_sglang(record: dict, path: Optional[str] = None, mode: str = "stat") -> d
     else:
         raise ValueError(f"mode must be 'stat' or 'per_pass', got {mode!r}")
     if path:
-        _atomic(path, lambda tmp: torch.save(obj, tmp))
+        atomic_write(path, lambda tmp: torch.save(obj, tmp))
     return obj
 
 
@@ -255,7 +237,7 @@ def to_megatron(record: dict, path: Optional[str] = None, stage: str = "pre_disp
             with open(tmp, "w") as f:
                 for line in lines:
                     f.write(json.dumps(line) + "\n")
-        _atomic(path, w)
+        atomic_write(path, w)
     return lines
 
 
