@@ -144,6 +144,10 @@ def _open(file: str):
         raise CheckpointError(f"{file}: not a readable safetensors file ({type(e).__name__}: {e})") from None
 
 
+_ST_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16,
+              "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "I64": torch.int64}
+
+
 class ShardReader:
     """Lazy reads from a sharded checkpoint; each file opened once (memory-mapped)."""
 
@@ -164,6 +168,14 @@ class ShardReader:
     def shape(self, key: str) -> tuple[int, ...]:
         h, _ = self.handle(key)
         return tuple(h.get_slice(key).get_shape())
+
+    def dtype(self, key: str) -> torch.dtype:
+        """The stored dtype, from the header (nothing is read)."""
+        h, _ = self.handle(key)
+        name = h.get_slice(key).get_dtype()
+        if name not in _ST_DTYPES:
+            raise CheckpointError(f"{self.path}: tensor {key!r} has unsupported dtype {name}")
+        return _ST_DTYPES[name]
 
     def get(self, key: str, rows: slice | None = None, cols: slice | None = None) -> torch.Tensor:
         """The tensor, or only a row/column slice of it (read from disk: nothing else is)."""
@@ -186,6 +198,21 @@ def read_config(path: str) -> ModelConfig:
     return ModelConfig.from_hf(path)
 
 
+def resolve(path: str, cfg: ModelConfig, reader: ShardReader, dtype):
+    """What the checkpoint itself decides: MTP dropped when its layer is absent (as transformers
+    and the official converter save V3), and the compute dtype defaulting to the embedding's."""
+    keys = set(reader.keys())
+    n = cfg.num_hidden_layers
+    if cfg.num_nextn_predict_layers and not any(k.startswith(f"model.layers.{n}.") for k in keys):
+        warnings.warn(f"{path}: config has num_nextn_predict_layers={cfg.num_nextn_predict_layers} "
+                      f"but the checkpoint holds no layer {n}; loading without MTP")
+        cfg = cfg.replace(num_nextn_predict_layers=0)
+    if dtype is None:
+        k = "model.embed_tokens.weight"
+        dtype = reader.dtype(k) if k in keys else torch.bfloat16
+    return cfg, dtype
+
+
 def load(path: str, dtype: torch.dtype | None = None, device=None, fp8: str = "dequant",
          attn_mode: str = "absorbed", progress: bool = False,
          param_filter: Callable[[str], bool] | None = None) -> Transformer:
@@ -199,13 +226,7 @@ def load(path: str, dtype: torch.dtype | None = None, device=None, fp8: str = "d
     cfg = read_config(path)
     reader = ShardReader(path)
     keys = set(reader.keys())
-    n = cfg.num_hidden_layers
-    if cfg.num_nextn_predict_layers and not any(k.startswith(f"model.layers.{n}.") for k in keys):
-        warnings.warn(f"{path}: config has num_nextn_predict_layers={cfg.num_nextn_predict_layers} "
-                      f"but the checkpoint holds no layer {n}; loading without MTP")
-        cfg = cfg.replace(num_nextn_predict_layers=0)
-    if dtype is None:
-        dtype = reader.get("model.embed_tokens.weight").dtype if "model.embed_tokens.weight" in keys else torch.bfloat16
+    cfg, dtype = resolve(path, cfg, reader, dtype)
     device = device or "cpu"
     model = Transformer(cfg, dtype, "meta")
     expected = {}

@@ -20,19 +20,15 @@ from __future__ import annotations
 
 import math
 import os
-import warnings
 
 import torch
 from torch import nn
 
-from dsv3lab.checkpoint import CheckpointError, ShardReader, hf_key, module_key, read_config
+from dsv3lab.checkpoint import CheckpointError, ShardReader, hf_key, module_key, read_config, resolve
 from dsv3lab.model.transformer import Transformer
 from dsv3lab.parallel.apply import apply_layout
 from dsv3lab.parallel.context import ParallelContext
 from dsv3lab.parallel.layout import Layout, LayoutError
-
-_ST_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16,
-              "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "I64": torch.int64}
 
 
 class CountingReader(ShardReader):
@@ -48,13 +44,6 @@ class CountingReader(ShardReader):
         self.bytes_read += t.numel() * t.element_size()
         self.tensors_read += 1
         return t
-
-    def dtype(self, key: str) -> torch.dtype:
-        h, _ = self.handle(key)
-        name = h.get_slice(key).get_dtype()
-        if name not in _ST_DTYPES:
-            raise CheckpointError(f"{self.path}: tensor {key!r} has unsupported dtype {name}")
-        return _ST_DTYPES[name]
 
 
 def _window(shard):
@@ -94,14 +83,7 @@ def load_sharded(path: str, ctx: ParallelContext | Layout | None = None, dtype: 
         raise ValueError(f"fp8 must be 'dequant' or 'keep', got {fp8!r}")
     reader = reader or CountingReader(path)
     keys = set(reader.keys())
-    n = cfg.num_hidden_layers
-    if cfg.num_nextn_predict_layers and not any(k.startswith(f"model.layers.{n}.") for k in keys):
-        warnings.warn(f"{path}: config has num_nextn_predict_layers={cfg.num_nextn_predict_layers} "
-                      f"but the checkpoint holds no layer {n}; loading without MTP")
-        cfg = cfg.replace(num_nextn_predict_layers=0)
-    if dtype is None:
-        k = "model.embed_tokens.weight"
-        dtype = reader.dtype(k) if (k in keys and hasattr(reader, "dtype")) else torch.bfloat16
+    cfg, dtype = resolve(path, cfg, reader, dtype)
     model = Transformer(cfg, dtype, "meta")
     apply_layout(model, ctx)
     block = cfg.fp8_block_size or 128
