@@ -270,3 +270,122 @@ def fp8_fake_quant(model, weights: bool = True, activations: bool = True, act_gr
             h.remove()
         for m, w in saved:
             m.weight.data = w
+
+
+@torch.no_grad()
+def capture_inputs(model, names, ids: torch.Tensor) -> dict:
+    """Run ``model(ids)`` once and return the input activation of each named module, flattened to
+    [tokens, features] (the first call's input when a module runs several times, as experts do)."""
+    mods = dict(model.named_modules())
+    got, handles = {}, []
+    for n in names:
+        def pre(mod, args, n=n):
+            got.setdefault(n, args[0].detach().reshape(-1, args[0].shape[-1]).float().clone())
+        handles.append(mods[n].register_forward_pre_hook(pre))
+    try:
+        model(ids)
+    finally:
+        for h in handles:
+            h.remove()
+    return got
+
+
+def granularity_table(tensors: dict, granularities=("tensor", "channel", "block128", "tile128")) -> list[dict]:
+    """``fp8_roundtrip_error`` of every tensor at every granularity, plus the tensor's
+    amax / median |x| (how outlier-heavy it is)."""
+    rows = []
+    for name, t in tensors.items():
+        a = t.float().abs()
+        crest = float(a.max() / a[a > 0].median().clamp_min(1e-30))
+        for g in granularities:
+            rows.append(dict(tensor=name, shape=list(t.shape), amax_over_median=crest, **fp8_roundtrip_error(t, g)))
+    return rows
+
+
+# --------------------------------------------------------------------------- figures
+
+def plot_e4m3_grid(ax=None):
+    """The non-negative e4m3 values on a log axis, with the relative gap to the next value."""
+    import matplotlib.pyplot as plt
+    g = e4m3_grid()[1:].double()
+    gap = (g[1:] - g[:-1]) / g[:-1]
+    if ax is None:
+        _, ax = plt.subplots(figsize=(8, 3))
+    ax.semilogx(g[:-1], gap * 100, ".", ms=4)
+    ax.axvline(2.0 ** -6, color="gray", ls=":", lw=1)
+    ax.text(2.0 ** -6, ax.get_ylim()[1] * 0.9, " smallest normal 2^-6", fontsize=8, va="top")
+    ax.set_xlabel("e4m3 value (positive half, 448 = max)")
+    ax.set_ylabel("gap to next value (%)")
+    ax.set_title(f"e4m3: {len(g) + 1} non-negative values; 12.5-25% relative spacing, worse in subnormals")
+    return ax.figure
+
+
+def plot_accumulation(rows: list[dict], key: str = "max_rel", paper: float = PAPER_MAX_REL_K4096, ax=None,
+                      extra: dict | None = None):
+    """``key`` vs K for every (acc_bits, promote_every) in ``rows`` (from ``accumulation_sweep``),
+    with the paper's point at K = 4096 and ours (14 bits, no promotion) marked; ``extra`` adds
+    labelled single points {label: (K, value)}."""
+    import matplotlib.pyplot as plt
+    if ax is None:
+        _, ax = plt.subplots(figsize=(7.5, 4.5))
+    series = {}
+    for r in rows:
+        series.setdefault((r["acc_bits"], r["promote_every"]), []).append((r["K"], r[key]))
+    for (nb, pe), pts in sorted(series.items(), key=lambda kv: (kv[0][0], kv[0][1] or 0)):
+        pts.sort()
+        ax.loglog([p[0] for p in pts], [p[1] for p in pts], "o-" if pe is None else "s--",
+                  label=f"{nb} bits, " + ("no promotion" if pe is None else f"promote every {pe}"))
+    ax.plot([4096], [paper], "r*", ms=14, label=f"paper: 'nearly {paper:.0%}' at K=4096")
+    ours = [r for r in rows if r["K"] == 4096 and r["acc_bits"] == 14 and r["promote_every"] is None]
+    if ours:
+        v = ours[0][key]
+        ax.annotate(f"ours (14 bits, RNE): {v:.2%}", (4096, v), xytext=(300, v * 3),
+                    arrowprops=dict(arrowstyle="->", lw=0.8), fontsize=8)
+    for label, (k, v) in (extra or {}).items():
+        ax.plot([k], [v], "kx", ms=9)
+        ax.annotate(label, (k, v), xytext=(-8, -3), textcoords="offset points", fontsize=8, ha="right")
+    ax.set_xlabel("K (inner dimension)")
+    ax.set_ylabel(key.replace("_", " ") + " of a dot product")
+    ax.set_title("Limited-precision accumulation vs K (a, b ~ U(0,1) on the e4m3 grid)")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    return ax.figure
+
+
+def plot_scale_grids(grids: dict, ncols: int = 4):
+    """Heatmaps of ``weight_scale_inv`` grids {name: [rows/128, cols/128]}, one block per cell."""
+    import matplotlib.pyplot as plt
+    n = len(grids)
+    nrows = math.ceil(n / ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(3.2 * ncols, 2.6 * nrows), squeeze=False)
+    for ax, (name, s) in zip(axes.flat, grids.items()):
+        im = ax.imshow(s.float().numpy(), cmap="viridis", aspect="auto")
+        for (i, j), v in zip(((i, j) for i in range(s.shape[0]) for j in range(s.shape[1])), s.flatten().tolist()):
+            if s.numel() <= 24:
+                ax.text(j, i, f"{v:.1e}", ha="center", va="center", fontsize=6, color="w")
+        ax.set_title(f"{name}\n{list(s.shape)}", fontsize=8)
+        ax.set_xticks([])
+        ax.set_yticks([])
+        fig.colorbar(im, ax=ax, fraction=0.046)
+    for ax in list(axes.flat)[n:]:
+        ax.axis("off")
+    fig.suptitle("weight_scale_inv: one fp32 per 128x128 block (= block amax / 448)")
+    fig.tight_layout()
+    return fig
+
+
+def checkpoint_scales(path: str, prefix: str = "model.layers.0.") -> dict:
+    """{weight name: (e4m3 weight, fp32 weight_scale_inv)} for the FP8 tensors of a checkpoint
+    directory in the official layout whose names start with ``prefix`` (read lazily)."""
+    import json
+    import os
+    from safetensors import safe_open
+    with open(os.path.join(path, "model.safetensors.index.json")) as f:
+        wmap = json.load(f)["weight_map"]
+    out = {}
+    for key, shard in sorted(wmap.items()):
+        if key.startswith(prefix) and key.endswith(".weight_scale_inv"):
+            w = key[: -len("_scale_inv")]
+            with safe_open(os.path.join(path, wmap[w]), "pt") as fw, safe_open(os.path.join(path, shard), "pt") as fs:
+                out[w] = (fw.get_tensor(w), fs.get_tensor(key))
+    return out
