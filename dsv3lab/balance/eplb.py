@@ -213,6 +213,7 @@ def gpu_loads(weight, phy2log, num_gpus: int) -> torch.Tensor:
 
 
 def balancedness(per_gpu) -> torch.Tensor:
-    """mean / max load over the last axis (1 = perfectly even; SGLang's and vLLM's EPLB metric)."""
-    x = torch.as_tensor(per_gpu).to(torch.float64)
-    return x.mean(-1) / x.amax(-1).clamp_min(1e-12)
+    """mean / max load over the last axis (1 = perfectly even; SGLang's and vLLM's EPLB metric),
+    in float64 (the probes' version, ``dsv3lab.probes.load.balancedness``, returns float32)."""
+    from dsv3lab.probes.load import balancedness as _b
+    return _b(torch.as_tensor(per_gpu)).double()
