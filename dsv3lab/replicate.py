@@ -204,8 +204,6 @@ def schedule() -> list[dict]:
             "10T flat + 4.3T cosine + 333B + 167B"),
         row("bias update speed 0.001 for the first 14.3T tokens = flat + cosine phases", 14.3,
             round(segs[0] + segs[1], 6), "T tokens", "10T + 4.3T"),
-        row("LR at the end of the cosine = 10% of the peak", 2.2e-5, round(2.2e-4 * 0.1, 12), "",
-            "2.2e-4 x 0.1"),
     ]
 
 
@@ -321,7 +319,7 @@ def simulate_1f1b(pp: int, micro_batches: int, F: float = 1.0, B: float = 2.0) -
 
 @claim("pipeline", "C.12 pipeline bubbles (p.13 Table 2)")
 def pipeline() -> list[dict]:
-    pp, m, F, Bk, W = 16, 32, 1.0, 2.0, 1.0
+    pp, m, F, Bk = 16, 32, 1.0, 2.0
     sim = simulate_1f1b(pp, m, F, Bk)
     return [
         row("1F1B bubble = (PP-1)(F+B), PP16 as trained", (pp - 1) * (F + Bk), sim["bubble"][0],
@@ -329,7 +327,8 @@ def pipeline() -> list[dict]:
             "(the paper's table gives formulas, not numbers)"),
         row("ZB1P and DualPipe bubbles", "(PP-1)(F+B-2W); (PP/2-1)(F&B+B-3W)", None, "time units",
             "no ZB1P / DualPipe schedule simulator in the lab", status="unavailable",
-            note="the lab has no zero-bubble or DualPipe scheduler to measure; the formulas alone are not a replication"),
+            note="the lab has no zero-bubble or DualPipe scheduler to measure; "
+                 "the formulas alone are not a replication"),
     ]
 
 
@@ -338,7 +337,8 @@ def pipeline() -> list[dict]:
 
 @claim("deployment", "C.13 deployment units (p.18-20, Day-6)")
 def deployment() -> list[dict]:
-    m = "dsv3lab.parallel.plan.plan('v3-671b', gpus, 80 GB, ep=..., redundant_experts=...): routed expert slots per rank"
+    m = ("dsv3lab.parallel.plan.plan('v3-671b', gpus, 80 GB, ep=..., redundant_experts=...): "
+         "routed expert slots per rank")
     rows = []
     for label, gpus, tp, ep, dp, red, paper in (
             ("paper prefill: 32 GPUs, EP32, 32 redundant -> 8 + 1 redundant experts/GPU", 32, 4, 32, 8, 32, 9),
@@ -405,7 +405,7 @@ def fp8_accumulation() -> list[dict]:
             note=f"mean {plain['mean_rel']:.4f}; 'nearly 2%' read as within 50% below / 25% above. "
                  "A round-to-nearest 14-bit accumulator errs ~10x less than the paper says; a "
                  "truncating one (next row) errs more: how Hopper's accumulator rounds is not documented"),
-        row("... same, accumulator truncates instead of rounding", 0.02, trunc, "relative",
+        row("the same, with an accumulator that truncates instead of rounding", 0.02, trunc, "relative",
             m + ", mode='trunc'", status=trunc_status, rel_tol=0.25 if trunc_status is None else 0.0,
             note="truncation biases every addition the same way, so the error grows with K"
             if trunc_status is None else "fp8sim.accumulation_error has no mode='trunc'"),
@@ -474,6 +474,76 @@ def mtp() -> list[dict]:
             "1 + acceptance rate: each step yields the verified token plus the draft when accepted",
             status="match", note="consistent: the 1.8x TPS is below the 1.85-1.9 ideal by the draft's cost"),
     ]
+
+
+# --- figures (matplotlib Figure objects, no pyplot state) --------------------------------------
+
+
+def fig_kv_bytes(rows: list[dict]):
+    """Paper vs lab bars of KV bytes per token (the kv_cache rows)."""
+    from matplotlib.figure import Figure
+    kv = [r for r in rows if r["name"] == "kv_cache" and r["unit"] == "B/token"]
+    fig = Figure(figsize=(7, 3), layout="constrained")
+    ax = fig.add_subplot()
+    y = range(len(kv))
+    ax.barh([i - 0.2 for i in y], [r["paper"] for r in kv], height=0.4, label="paper (ISCA Table 1)")
+    ax.barh([i + 0.2 for i in y], [r["lab"] for r in kv], height=0.4, label="lab")
+    for i, r in enumerate(kv):
+        ax.text(r["lab"], i + 0.2, f" {r['lab']:,} B ({r['lab'] / kv[0]['lab']:.2f}x)", va="center", fontsize=8)
+    ax.set_yticks(list(y), [r["claim"].split(" KV")[0] for r in kv])
+    ax.invert_yaxis()
+    ax.set_xlim(0, max(r["lab"] for r in kv) * 1.45)
+    ax.set_xlabel("KV cache bytes per token (BF16, all layers)")
+    ax.legend(loc="upper right", fontsize=8)
+    return fig
+
+
+def fig_tpot_vs_bandwidth(lo: float = 10, hi: float = 2000):
+    """The TPOT bound and its tokens/s against interconnect bandwidth, with the ISCA paper's two
+    points (50 GB/s H800 IB, 900 GB/s GB200 NVL72)."""
+    import numpy as np
+    from matplotlib.figure import Figure
+    bw = np.geomspace(lo, hi, 200)
+    tps = [tpot_bound(b)["tok_per_s"] for b in bw]
+    fig = Figure(figsize=(7, 3.5), layout="constrained")
+    ax = fig.add_subplot()
+    ax.loglog(bw, tps, label="lab: 1 / (3 B x 32 x 9 x 7000 / BW x 2 x 61)")
+    for b, paper_tps, label, dx, ha in ((50, 67, "H800 IB 50 GB/s: paper ~67 tok/s", 6, "left"),
+                                        (900, 1200, "GB200 NVL72 900 GB/s: paper ~1200 tok/s", -8, "right")):
+        ax.plot([b], [paper_tps], "o", color="tab:red")
+        ax.annotate(label, (b, paper_tps), textcoords="offset points", xytext=(dx, -12), fontsize=8, ha=ha)
+    ax.set_xlabel("all-to-all bandwidth per GPU (GB/s)")
+    ax.set_ylabel("upper bound on tokens/s per request")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8, loc="upper left")
+    return fig
+
+
+def fig_mtp_acceptance(stats: Optional[dict] = None):
+    """Per-prompt MTP draft acceptance on the lab model against the paper's 85-90% band."""
+    from matplotlib.figure import Figure
+    stats = stats or mtp_acceptance()
+    per = stats["prompts"]
+    fig = Figure(figsize=(7, 3), layout="constrained")
+    ax = fig.add_subplot()
+    ax.axvspan(0.85, 0.90, color="tab:green", alpha=0.3, label="paper: 85-90%")
+    ax.barh(range(len(per)), [p["acceptance_rate"] for p in per], color="tab:blue", label="lab model, per prompt")
+    ax.axvline(stats["acceptance_rate"], color="k", ls="--", label=f"lab pooled {stats['acceptance_rate']:.0%}")
+    ax.set_yticks(range(len(per)), [p["prompt"] for p in per], fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlim(0, 1)
+    ax.set_xlabel("second-token (draft) acceptance rate")
+    ax.legend(fontsize=8, loc="lower right")
+    return fig
+
+
+def by_section(rows: list[dict]) -> dict[str, list[dict]]:
+    """Rows grouped by section, in order, with the columns the notebook shows."""
+    out: dict[str, list[dict]] = {}
+    for r in rows:
+        out.setdefault(r["section"], []).append(
+            dict(claim=r["claim"], paper=_fmt(r["paper"]), lab=_fmt(r["lab"]), unit=r["unit"], status=r["status"]))
+    return out
 
 
 # --- running -------------------------------------------------------------------------------
