@@ -63,6 +63,17 @@ def cmd_info(args) -> int:
     return 0
 
 
+def prompts_from_args(args, tok) -> list[list[int]]:
+    """Token-id prompts from ``--prompt-ids`` or ``--prompt`` (through the checkpoint's tokenizer)."""
+    if args.prompt_ids is not None:
+        return [list(args.prompt_ids)]
+    if not args.prompt:
+        raise ValueError("give --prompt TEXT (needs tokenizer.json in the checkpoint) or --prompt-ids 1,2,3")
+    if tok is None:
+        raise ValueError(f"{args.dir} has no tokenizer.json: pass token ids with --prompt-ids")
+    return [tok.encode(p).ids for p in args.prompt]
+
+
 def cmd_generate(args) -> int:
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         from dsv3lab.parallel import run_generate
@@ -70,14 +81,7 @@ def cmd_generate(args) -> int:
     import dsv3lab
     model = dsv3lab.load(args.dir, dtype=parse_dtype(args.dtype))
     tok = load_tokenizer(args.dir)
-    if args.prompt_ids is not None:
-        prompts = [args.prompt_ids]
-    else:
-        if not args.prompt:
-            raise ValueError("give --prompt TEXT (needs tokenizer.json in the checkpoint) or --prompt-ids 1,2,3")
-        if tok is None:
-            raise ValueError(f"{args.dir} has no tokenizer.json: pass token ids with --prompt-ids")
-        prompts = [tok.encode(p).ids for p in args.prompt]
+    prompts = prompts_from_args(args, tok)
     stop = args.stop if args.stop is not None else None
     outs = model.generate(prompts, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                           top_p=args.top_p, seed=args.seed, stop_tokens=stop,

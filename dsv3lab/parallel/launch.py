@@ -135,32 +135,29 @@ def spawn(fn: Callable, world_size: int = 2, *args, backend: str | None = None, 
     deadline = time.monotonic() + timeout
     try:
         while len(done) < world_size and failure is None:
-            try:
-                rank, status, payload, tb = q.get(timeout=0.2)
+            def take(wait: float) -> bool:
+                """One report off the queue into done/result/failure; False if none came."""
+                nonlocal result, failure
+                try:
+                    rank, status, payload, tb = q.get(timeout=wait)
+                except queue_mod.Empty:
+                    return False
                 if status == "ok":
                     done.add(rank)
                     if rank == 0:
                         result = pickle.loads(payload)
                 else:
                     failure = (rank, payload, tb)
+                return True
+
+            if take(0.2):
                 continue
-            except queue_mod.Empty:
-                pass
             for r, p in enumerate(procs):
                 if r not in done and not p.is_alive():
                     # it may have answered just before exiting: look once more
-                    try:
-                        rank, status, payload, tb = q.get(timeout=0.5)
-                        if status == "ok":
-                            done.add(rank)
-                            if rank == 0:
-                                result = pickle.loads(payload)
-                        else:
-                            failure = (rank, payload, tb)
-                        break
-                    except queue_mod.Empty:
+                    if not take(0.5):
                         failure = (r, f"process died ({_signal_name(p.exitcode)}) without reporting", "")
-                        break
+                    break
             if failure is None and time.monotonic() > deadline:
                 failure = (-1, f"timed out after {timeout:.0f} s with ranks {sorted(set(range(world_size)) - done)} "
                                "still running", "")
@@ -252,10 +249,7 @@ def run_generate(args) -> int:
     from dsv3lab.checkpoint import read_config
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
-    try:
-        from dsv3lab.commands import load_tokenizer, parse_dtype
-    except ImportError:  # pragma: no cover
-        load_tokenizer, parse_dtype = (lambda d: None), (lambda s: None)
+    from dsv3lab.commands import load_tokenizer, parse_dtype, prompts_from_args
     try:
         # everything checkable is checked before joining the world: layout against the config
         layout = Layout.make(world, tp=getattr(args, "tp", None), ep=getattr(args, "ep", None),
@@ -263,14 +257,7 @@ def run_generate(args) -> int:
         cfg = read_config(args.dir)
         layout.validate(cfg, world)
         tok = load_tokenizer(args.dir)
-        if args.prompt_ids is not None:
-            prompts = [list(args.prompt_ids)]
-        else:
-            if not args.prompt:
-                raise ValueError("give --prompt TEXT (needs tokenizer.json) or --prompt-ids 1,2,3")
-            if tok is None:
-                raise ValueError(f"{args.dir} has no tokenizer.json: pass token ids with --prompt-ids")
-            prompts = [tok.encode(p).ids for p in args.prompt]
+        prompts = prompts_from_args(args, tok)
         ctx = ParallelContext.init(layout, timeout_s=getattr(args, "dist_timeout", 300.0))
         model = load_sharded(args.dir, ctx, dtype=parse_dtype(args.dtype), fp8=getattr(args, "fp8", "dequant"))
         outs = generate_parallel(model, prompts, max_new_tokens=args.max_new_tokens,
