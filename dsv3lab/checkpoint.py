@@ -214,8 +214,7 @@ def resolve(path: str, cfg: ModelConfig, reader: ShardReader, dtype):
 
 
 def load(path: str, dtype: torch.dtype | None = None, device=None, fp8: str = "dequant",
-         attn_mode: str = "absorbed", progress: bool = False,
-         param_filter: Callable[[str], bool] | None = None) -> Transformer:
+         attn_mode: str = "absorbed", progress: bool = False) -> Transformer:
     """Load a checkpoint directory in the official HF layout.
 
     dtype: compute dtype for every non-fp32 tensor (default: the dtype stored for the embedding).
@@ -231,8 +230,6 @@ def load(path: str, dtype: torch.dtype | None = None, device=None, fp8: str = "d
     model = Transformer(cfg, dtype, "meta")
     expected = {}
     for name, t in list(model.named_parameters()) + list(model.named_buffers()):
-        if param_filter is not None and not param_filter(name):
-            continue
         expected[hf_key(cfg, name)] = (name, t)
     # bookkeeping: missing / extra keys first, before any tensor is read
     scale_keys = {k for k in keys if k.endswith(".weight_scale_inv")}
@@ -242,7 +239,7 @@ def load(path: str, dtype: torch.dtype | None = None, device=None, fp8: str = "d
     if missing:
         raise CheckpointError(f"{path}: {len(missing)} tensor(s) missing from the checkpoint, e.g. "
                               f"{missing[:5]}")
-    if extra and param_filter is None:  # a filtered (sharded) load skips what it does not own
+    if extra:
         raise CheckpointError(f"{path}: {len(extra)} unexpected tensor(s) in the checkpoint, e.g. {extra[:5]}")
     orphan = sorted(k for k in scale_keys if k[:-len("_scale_inv")] not in keys)
     if orphan:
