@@ -79,7 +79,7 @@ def cmd_generate(args) -> int:
         from dsv3lab.parallel import run_generate
         return run_generate(args)
     import dsv3lab
-    model = dsv3lab.load(args.dir, dtype=parse_dtype(args.dtype))
+    model = dsv3lab.load(args.dir, dtype=parse_dtype(args.dtype), progress=True)   # tqdm on stderr
     tok = load_tokenizer(args.dir)
     prompts = prompts_from_args(args, tok)
     stop = args.stop if args.stop is not None else None
