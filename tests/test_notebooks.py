@@ -28,6 +28,7 @@ def test_notebook_executes(path, monkeypatch):
     for cell in nb.cells:
         if cell.cell_type == "code":
             assert not cell.get("outputs"), f"{os.path.basename(path)} is committed with outputs"
-    client = nbclient.NotebookClient(nb, timeout=300, kernel_name="python3",
+    # generous start-up: under a loaded CI box a kernel has taken over a minute to answer
+    client = nbclient.NotebookClient(nb, timeout=300, startup_timeout=300, kernel_name="python3",
                                      resources={"metadata": {"path": os.path.dirname(path)}})
     client.execute()
