@@ -213,6 +213,14 @@ def resolve(path: str, cfg: ModelConfig, reader: ShardReader, dtype):
     return cfg, dtype
 
 
+def place(mod: nn.Module, attr: str, t: torch.Tensor) -> None:
+    """Put a loaded tensor in place of a meta parameter or buffer (no copy, no grad)."""
+    if attr in mod._buffers:
+        mod._buffers[attr] = t
+    else:
+        mod._parameters[attr] = nn.Parameter(t, requires_grad=False)
+
+
 def load(path: str, dtype: torch.dtype | None = None, device=None, fp8: str = "dequant",
          attn_mode: str = "absorbed", progress: bool = False) -> Transformer:
     """Load a checkpoint directory in the official HF layout.
@@ -276,12 +284,7 @@ def load(path: str, dtype: torch.dtype | None = None, device=None, fp8: str = "d
                 continue
             from dsv3lab.fp8 import weight_dequant
             t = weight_dequant(t, s, bs, target)
-        t = t.to(device=device, dtype=target)
-        if attr in mod._buffers:
-            mod._buffers[attr] = t
-        else:
-            mod._parameters[attr] = nn.Parameter(t, requires_grad=False)
-    model.rope = type(model.rope)(cfg)
+        place(mod, attr, t.to(device=device, dtype=target))
     return model.set_attn_mode(attn_mode).eval()
 
 

@@ -46,6 +46,14 @@ def weight_quant(w: torch.Tensor, block_size: int = 128) -> tuple[torch.Tensor, 
     return q.view(mb * b, nb * b)[:M, :N].contiguous(), scale_inv.contiguous()
 
 
+def check_scale_shape(M: int, N: int, scale_inv: torch.Tensor, b: int = 128, who: str = "") -> None:
+    """A [M, N] weight in b x b blocks needs a [ceil(M/b), ceil(N/b)] weight_scale_inv."""
+    want = (math.ceil(M / b), math.ceil(N / b))
+    if tuple(scale_inv.shape) != want:
+        raise ValueError(f"{who}weight_scale_inv has shape {tuple(scale_inv.shape)}; a [{M}, {N}] weight "
+                         f"in {b}x{b} blocks needs {list(want)}")
+
+
 def weight_dequant(q: torch.Tensor, scale_inv: torch.Tensor, block_size: int = 128,
                    dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """e4m3 [M,N] * per-block scale_inv [ceil(M/b), ceil(N/b)] -> dtype [M,N]."""
@@ -53,10 +61,7 @@ def weight_dequant(q: torch.Tensor, scale_inv: torch.Tensor, block_size: int = 1
         raise ValueError(f"weight_dequant expects a 2-D weight, got shape {tuple(q.shape)}")
     M, N = q.shape
     b = block_size
-    want = (math.ceil(M / b), math.ceil(N / b))
-    if tuple(scale_inv.shape) != want:
-        raise ValueError(f"weight_scale_inv has shape {tuple(scale_inv.shape)}; a [{M}, {N}] weight "
-                         f"in {b}x{b} blocks needs {list(want)}")
+    check_scale_shape(M, N, scale_inv, b)
     s = scale_inv.float().repeat_interleave(b, 0)[:M].repeat_interleave(b, 1)[:, :N]
     return (q.float() * s).to(dtype)
 

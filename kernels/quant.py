@@ -24,6 +24,7 @@ import triton.language as tl
 from dsv3lab.fp8 import act_quant as act_quant_ref  # noqa: F401  (the references, side by side)
 from dsv3lab.fp8 import weight_dequant as weight_dequant_ref  # noqa: F401
 from dsv3lab.fp8 import weight_quant as weight_quant_ref  # noqa: F401
+from dsv3lab.fp8 import check_scale_shape
 
 from ._common import FP8_MAX, check_device, interpreting
 from ._jit import pow2_ceil, round_to_e4m3, store_rounded
@@ -143,10 +144,7 @@ def weight_dequant(q: torch.Tensor, scale_inv: torch.Tensor, block_size: int = 1
         raise TypeError(f"weight_dequant: weight must be fp8 (e4m3/e5m2), got {q.dtype}")
     M, N = q.shape
     b = block_size
-    want = (math.ceil(M / b), math.ceil(N / b))
-    if tuple(scale_inv.shape) != want:
-        raise ValueError(f"weight_dequant: scale_inv has shape {tuple(scale_inv.shape)}; a [{M}, {N}] "
-                         f"weight in {b}x{b} blocks needs {list(want)}")
+    check_scale_shape(M, N, scale_inv, b, who="weight_dequant: ")
     if scale_inv.dtype != torch.float32:
         raise TypeError(f"weight_dequant: scale_inv must be fp32, got {scale_inv.dtype}")
     if dtype not in (torch.bfloat16, torch.float16, torch.float32):
@@ -154,7 +152,7 @@ def weight_dequant(q: torch.Tensor, scale_inv: torch.Tensor, block_size: int = 1
     check_device("weight_dequant", q, scale_inv)
     out = torch.empty(M, N, dtype=dtype, device=q.device)
     if out.numel():
-        _weight_dequant_kernel[want](q, scale_inv, out, M, N, q.stride(0), q.stride(1),
+        _weight_dequant_kernel[tuple(scale_inv.shape)](q, scale_inv, out, M, N, q.stride(0), q.stride(1),
                                      scale_inv.stride(0), scale_inv.stride(1), out.stride(0),
                                      BLOCK=b, num_warps=8)
     return out

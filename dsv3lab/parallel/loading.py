@@ -24,7 +24,7 @@ import os
 import torch
 from torch import nn
 
-from dsv3lab.checkpoint import CheckpointError, ShardReader, hf_key, module_key, read_config, resolve
+from dsv3lab.checkpoint import CheckpointError, ShardReader, hf_key, module_key, place, read_config, resolve
 from dsv3lab.model.transformer import Transformer
 from dsv3lab.parallel.apply import apply_layout
 from dsv3lab.parallel.context import ParallelContext
@@ -142,12 +142,7 @@ def load_sharded(path: str, ctx: ParallelContext | Layout | None = None, dtype: 
                 mod.register_buffer("weight_scale_inv", s.to(dev))
                 continue
             t = _dequant_window(t, s, r0, c0, block, target if target.is_floating_point else dtype)
-        t = t.to(device=dev, dtype=target)
-        if attr in mod._buffers:
-            mod._buffers[attr] = t
-        else:
-            mod._parameters[attr] = nn.Parameter(t, requires_grad=False)
-    model.rope = type(model.rope)(cfg)
+        place(mod, attr, t.to(device=dev, dtype=target))
     left = [n for n, p in list(model.named_parameters()) + list(model.named_buffers()) if p.is_meta]
     if left:
         raise CheckpointError(f"{path}: rank {ctx.rank} left {len(left)} tensor(s) unloaded, e.g. {left[:3]}")
