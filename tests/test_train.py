@@ -172,7 +172,7 @@ def test_write_jsonl_is_atomic(tmp_path, monkeypatch):
 
     def crash(fd):
         raise OSError("disk gone")
-    monkeypatch.setattr(T.os, "fsync", crash)                  # fails after writing, before the swap
+    monkeypatch.setattr(os, "fsync", crash)                    # fails after writing, before the swap
     with pytest.raises(OSError):
         T.write_jsonl(p, [{"step": 1, "loss": 1.0}] * 1000)
     monkeypatch.undo()
