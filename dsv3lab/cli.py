@@ -12,6 +12,7 @@ COMMAND_MODULES = [
     "dsv3lab.parallel.cli",    # plan
     "dsv3lab.probes.cli",      # trace
     "dsv3lab.train",           # train-lab
+    "dsv3lab.experiments.cli", # experiment
     "dsv3lab.replicate",       # replicate
     "dsv3lab.bench",           # bench engine|parallel|kernels
 ]
