@@ -80,3 +80,15 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     x0, x1 = xf[..., 0::2], xf[..., 1::2]
     out = torch.stack((x0 * cos - x1 * sin, x1 * cos + x0 * sin), dim=-1).flatten(-2)
     return out.to(x.dtype)
+
+
+def apply_rope_half(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate x [..., d] in half-split pairs (i, i + d/2) by cos/sin [S, d/2]; returns x's dtype.
+
+    The lightning indexer of V3.2 (``model/indexer.py``) rotates this way (GPT-NeoX style), not
+    interleaved like MLA: same frequencies and positions, a different pairing of channels.
+    """
+    xf = x.float()
+    h = xf.shape[-1] // 2
+    x0, x1 = xf[..., :h], xf[..., h:]
+    return torch.cat((x0 * cos - x1 * sin, x1 * cos + x0 * sin), dim=-1).to(x.dtype)

@@ -1,0 +1,207 @@
+"""The lightning indexer of DeepSeek-V3.2 (DeepSeek Sparse Attention, DSA), and its key cache.
+
+Every V3.2 layer scores each query s against every earlier key t with a cheap, separate attention
+and lets MLA see only the ``index_topk`` best keys (V3.2 report, sec. 2.1). Shapes (B batch, S new
+queries, T = start + S visible keys, H = index_n_heads, D = index_head_dim, r = qk_rope_head_dim):
+
+  q   = wq_b(q_latent)              [B,S,H,D]  q_latent = q_a_layernorm(q_a_proj(x)), shared with MLA
+  k   = k_norm(wk(x))               [B,S,D]    one key per token, shared by all indexer heads
+        k_norm is a LayerNorm with a bias (not an RMSNorm like the rest of the model)
+  RoPE on the *first* r dims of q and k, half-split pairs (i, i + r/2): not interleaved like MLA's,
+        and in the order [rope, rest], the reverse of MLA's [nope, rope]
+  w   = weights_proj(x) * H^-0.5    [B,S,H]    per-query head weights (fp32 weights, fp32 arithmetic)
+  I[s,t] = sum_h w[s,h] * relu(q[s,h] . k[t]) * D^-0.5              [B,S,T], -inf for t > s
+  topk_indices = top-k(I[s], min(index_topk, T))                    [B,S,k]
+
+Slots of a query that sees fewer than k keys (early positions in a prefill) hold -1. Main attention
+then attends to the selected keys only (``attn_sparse.py``); with ``index_topk >= T`` every visible
+key is selected and DSA is dense MLA exactly.
+
+Key formats (``Indexer.key_format``; the cache follows it):
+  "model"  keys kept in the model's dtype, no rotation: the arithmetic transformers uses.
+  "bf16"   keys stored in bf16 (queries stay in the model dtype); scores in fp32.
+  "fp8"    the official inference layout: q and k are first rotated by an orthonormal Hadamard
+           matrix (``hadamard.py``), then quantized to e4m3 with one fp32 scale per 128 values
+           (``fp8.act_quant``; one scale per key at D = 128): 128 + 4 = 132 bytes per token per
+           layer. Scores are computed from the dequantized values in fp32.
+What the rotation does: an outlier channel of q or k is spread evenly over all D values, so the
+amax of each 128-block -- the FP8 scale -- is set by the vector's norm rather than its largest
+entry, and small channels keep more of e4m3's 3 mantissa bits. What it does not do: change any
+score in exact arithmetic (H is orthogonal: (qH).(kH) = q.k), so without quantization it is a
+no-op up to float rounding (tested). FP8 selections differ from the exact ones only where two
+keys' scores are closer than the quantization error (near-ties; ``tests/test_dsa.py``).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dsv3lab.model.hadamard import hadamard
+from dsv3lab.model.layers import HookPoint, LayerNorm, Linear
+from dsv3lab.model.rope import apply_rope_half
+
+KEY_FORMATS = ("model", "bf16", "fp8")
+FP8_BLOCK = 128
+# query rows x keys x heads held at once while scoring a prefill chunk (fp32: 4 bytes each)
+_SCORE_CHUNK_ELEMS = 1 << 24
+
+
+def fp8_block(head_dim: int) -> int:
+    """Values per FP8 scale: 128 (the official layout), or the whole key when D < 128."""
+    return min(FP8_BLOCK, head_dim)
+
+
+def fp8_roundtrip(x: torch.Tensor, scale_fmt: str | None = None) -> torch.Tensor:
+    """Quantize x [..., D] to e4m3 with one fp32 scale per block of the last dim and back (fp32)."""
+    from dsv3lab.fp8 import act_dequant, act_quant
+    b = fp8_block(x.shape[-1])
+    q, s = act_quant(x, b, scale_fmt)
+    return act_dequant(q, s, b)
+
+
+class IndexerKeyCache:
+    """The indexer's per-layer key cache: [B, max_len, D] in the model dtype or bf16, or (for
+    ``key_format="fp8"``) e4m3 [B, max_len, D] plus fp32 scales [B, max_len, D / 128]."""
+
+    def __init__(self, head_dim: int, n_layers: int, batch: int, max_len: int, key_format: str,
+                 dtype, device, scale_fmt: str | None = None):
+        if key_format not in KEY_FORMATS:
+            raise ValueError(f"indexer key_format must be one of {KEY_FORMATS}, got {key_format!r}")
+        self.key_format, self.scale_fmt = key_format, scale_fmt
+        self.head_dim, self.batch, self.max_len = head_dim, batch, max_len
+        if key_format == "fp8":
+            nb = head_dim // fp8_block(head_dim)
+            self.layers = [(torch.zeros(batch, max_len, head_dim, dtype=torch.float8_e4m3fn, device=device),
+                            torch.zeros(batch, max_len, nb, dtype=torch.float32, device=device))
+                           for _ in range(n_layers)]
+        else:
+            dt = torch.bfloat16 if key_format == "bf16" else dtype
+            self.layers = [torch.zeros(batch, max_len, head_dim, dtype=dt, device=device) for _ in range(n_layers)]
+
+    def write(self, layer: int, k: torch.Tensor, start: int) -> None:
+        """Store keys k [B,S,D] (already rotated when the format is fp8) at [start, start+S)."""
+        B, S, _ = k.shape
+        buf = self.layers[layer]
+        if self.key_format == "fp8":
+            from dsv3lab.fp8 import act_quant
+            q, s = act_quant(k, fp8_block(self.head_dim), self.scale_fmt)
+            buf[0][:B, start:start + S] = q
+            buf[1][:B, start:start + S] = s
+        else:
+            buf[:B, start:start + S] = k
+
+    def read(self, layer: int, batch: int, end: int) -> torch.Tensor:
+        """Keys of positions [0, end) as [B, end, D]: the stored tensor (a view), or for fp8 the
+        dequantized values in fp32."""
+        buf = self.layers[layer]
+        if self.key_format == "fp8":
+            from dsv3lab.fp8 import act_dequant
+            return act_dequant(buf[0][:batch, :end], buf[1][:batch, :end], fp8_block(self.head_dim))
+        return buf[:batch, :end]
+
+    def nbytes(self) -> int:
+        n = 0
+        for buf in self.layers:
+            for t in (buf if isinstance(buf, tuple) else (buf,)):
+                n += t.numel() * t.element_size()
+        return n
+
+
+def index_scores(q: torch.Tensor, w: torch.Tensor, keys: torch.Tensor, start: int) -> torch.Tensor:
+    """I[b,s,t] = sum_h w[b,s,h] relu(q[b,s,h] . keys[b,t]) in fp32, -inf where t > start + s.
+
+    q [B,S,H,D], w [B,S,H] (fp32, the D^-0.5 and H^-0.5 folded in), keys [B,T,D] -> [B,S,T].
+    The keys are the left operand ([T,D] @ [D,S*H]), so the cache is read row-major and never
+    transposed; long prefills are scored in chunks of queries to bound the [T, S*H] buffer.
+    """
+    B, S, H, D = q.shape
+    T = keys.shape[1]
+    kf = keys.float()
+    out = torch.empty(B, S, T, dtype=torch.float32, device=q.device)
+    step = max(1, _SCORE_CHUNK_ELEMS // max(1, T * H))
+    for s0 in range(0, S, step):
+        s1 = min(S, s0 + step)
+        qc = q[:, s0:s1].float().reshape(B, (s1 - s0) * H, D)
+        logits = F.relu(torch.bmm(kf, qc.transpose(1, 2)))                 # [B,T,s*H]
+        out[:, s0:s1] = torch.einsum("btsh,bsh->bst", logits.view(B, T, s1 - s0, H), w[:, s0:s1].float())
+    if S > 1:
+        qpos = torch.arange(start, start + S, device=q.device)[:, None]
+        future = torch.arange(T, device=q.device)[None, :] > qpos                # [S,T]
+        out.masked_fill_(future[None], float("-inf"))
+    return out
+
+
+def select_topk(scores: torch.Tensor, index_topk: int) -> torch.Tensor:
+    """Top-min(index_topk, T) key positions per query [B,S,k] (int64); -1 where the query sees
+    fewer than k keys (its remaining top-k entries would be masked, -inf, positions)."""
+    k = min(index_topk, scores.shape[-1])
+    vals, idx = scores.topk(k, dim=-1)
+    return idx.masked_fill_(vals == float("-inf"), -1)
+
+
+class Indexer(nn.Module):
+    """The lightning indexer of one layer (submodule ``self_attn.indexer``, checkpoint keys
+    ``wq_b``, ``wk``, ``k_norm.{weight,bias}``, ``weights_proj``)."""
+
+    def __init__(self, cfg, dtype=None, device=None):
+        super().__init__()
+        if not cfg.q_lora_rank:
+            raise ValueError("the V3.2 indexer reads the q latent: q_lora_rank must be > 0")
+        self.n_heads, self.head_dim = cfg.index_n_heads, cfg.index_head_dim
+        self.rope_dim, self.index_topk = cfg.qk_rope_head_dim, cfg.index_topk
+        if self.rope_dim > self.head_dim:
+            raise ValueError(f"index_head_dim {self.head_dim} must be >= qk_rope_head_dim {self.rope_dim}")
+        self.scale_fmt = getattr(cfg, "scale_fmt", None)
+        self.key_format = "model"      # "model", "bf16" or "fp8"; the model sets it for every layer
+        H, D = self.n_heads, self.head_dim
+        self.wq_b = Linear(cfg.q_lora_rank, H * D, dtype, device)
+        self.wk = Linear(cfg.hidden_size, D, dtype, device)
+        self.k_norm = LayerNorm(D, 1e-6, dtype, device)
+        # fp32 as transformers keeps it: the head weights decide which keys win
+        self.weights_proj = Linear(cfg.hidden_size, H, torch.float32, device)
+        self.hook_q = HookPoint("[B,S,H_I,D_I] indexer queries after RoPE")
+        self.hook_k = HookPoint("[B,S,D_I] indexer keys after k_norm and RoPE (what is cached)")
+        self.hook_weights = HookPoint("[B,S,H_I] fp32 head weights, H_I^-0.5 * D_I^-0.5 folded in")
+        self.hook_scores = HookPoint("[B,S,T] fp32 index scores I[s,t]; -inf for t > s")
+        self.hook_topk_indices = HookPoint("[B,S,k] int64 selected key positions, k = min(index_topk, T); -1 = none")
+
+    @property
+    def rotate(self) -> bool:
+        return self.key_format == "fp8"
+
+    def project(self, x: torch.Tensor, q_latent: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """Queries [B,S,H,D], keys [B,S,D] (rotated by RoPE) and head weights [B,S,H] (fp32)."""
+        B, S, _ = x.shape
+        H, D, r = self.n_heads, self.head_dim, self.rope_dim
+        q = self.wq_b(q_latent).view(B, S, H, D)
+        q = torch.cat([apply_rope_half(q[..., :r], cos[:, None], sin[:, None]), q[..., r:]], dim=-1)
+        k = self.k_norm(self.wk(x))
+        k = torch.cat([apply_rope_half(k[..., :r], cos, sin), k[..., r:]], dim=-1)
+        w = F.linear(x.float(), self.weights_proj.weight.float()) * (H ** -0.5 * D ** -0.5)
+        return self.hook_q(q), self.hook_k(k), self.hook_weights(w)
+
+    def forward(self, x: torch.Tensor, q_latent: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                start: int = 0, cache: IndexerKeyCache | None = None, layer: int = 0) -> torch.Tensor:
+        """x [B,S,hidden], q_latent [B,S,q_lora_rank] -> selected key positions [B,S,k] (int64)."""
+        B, S, _ = x.shape
+        q, k, w = self.project(x, q_latent, cos, sin)
+        if self.rotate:
+            q, k = hadamard(q.float()), hadamard(k.float())
+        if self.key_format == "fp8":
+            q = fp8_roundtrip(q, self.scale_fmt)          # the official scorer quantizes q too
+        if cache is not None:
+            if cache.key_format != self.key_format:
+                raise ValueError(f"indexer cache holds {cache.key_format!r} keys but the indexer "
+                                 f"scores with {self.key_format!r}; build the cache after set_indexer_format")
+            cache.write(layer, k, start)
+            keys = cache.read(layer, B, start + S)
+        elif self.key_format == "fp8":
+            keys = fp8_roundtrip(k, self.scale_fmt)
+        elif self.key_format == "bf16":
+            keys = k.to(torch.bfloat16)
+        else:
+            keys = k
+        scores = self.hook_scores(index_scores(q, w, keys, start))
+        return self.hook_topk_indices(select_topk(scores, self.index_topk))
