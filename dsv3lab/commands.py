@@ -4,39 +4,10 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 
-import torch
-
-_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
-           "bf16": torch.bfloat16, "float16": torch.float16}
-
-
-def parse_dtype(s):
-    if s is None:
-        return None
-    if s not in _DTYPES:
-        raise ValueError(f"unknown dtype {s!r}; choose from {sorted(_DTYPES)}")
-    return _DTYPES[s]
-
-
-def resolve_config(name_or_dir: str):
-    from dsv3lab.config import ModelConfig, PRESETS
-    if name_or_dir in PRESETS:
-        return ModelConfig.preset(name_or_dir)
-    if os.path.isdir(name_or_dir) or name_or_dir.endswith(".json"):
-        return ModelConfig.from_hf(name_or_dir)
-    raise ValueError(f"{name_or_dir!r} is neither a preset ({', '.join(sorted(PRESETS))}) "
-                     "nor a checkpoint directory")
-
-
-def load_tokenizer(path: str):
-    """The checkpoint's ``tokenizer.json`` through the tokenizers library, or None."""
-    f = os.path.join(path, "tokenizer.json")
-    if not os.path.exists(f):
-        return None
-    from tokenizers import Tokenizer
-    return Tokenizer.from_file(f)
+from dsv3lab.cli_args import add_generate_args, parse_dtype, print_generations, prompts_from_args
+from dsv3lab.resolve import resolve_config
+from dsv3lab.tokenizer import load_tokenizer
 
 
 def cmd_info(args) -> int:
@@ -63,17 +34,6 @@ def cmd_info(args) -> int:
     return 0
 
 
-def prompts_from_args(args, tok) -> list[list[int]]:
-    """Token-id prompts from ``--prompt-ids`` or ``--prompt`` (through the checkpoint's tokenizer)."""
-    if args.prompt_ids is not None:
-        return [list(args.prompt_ids)]
-    if not args.prompt:
-        raise ValueError("give --prompt TEXT (needs tokenizer.json in the checkpoint) or --prompt-ids 1,2,3")
-    if tok is None:
-        raise ValueError(f"{args.dir} has no tokenizer.json: pass token ids with --prompt-ids")
-    return [tok.encode(p).ids for p in args.prompt]
-
-
 def cmd_generate(args) -> int:
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         from dsv3lab.parallel import run_generate
@@ -82,36 +42,11 @@ def cmd_generate(args) -> int:
     model = dsv3lab.load(args.dir, dtype=parse_dtype(args.dtype), progress=True)   # tqdm on stderr
     tok = load_tokenizer(args.dir)
     prompts = prompts_from_args(args, tok)
-    stop = args.stop if args.stop is not None else None
     outs = model.generate(prompts, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                          top_p=args.top_p, seed=args.seed, stop_tokens=stop,
+                          top_p=args.top_p, seed=args.seed, stop_tokens=args.stop,
                           speculative=args.speculative)
-    for p, o in zip(prompts, outs):
-        if tok is not None and args.prompt_ids is None:
-            print(tok.decode(p + o))
-        print("ids:", ",".join(map(str, o)))
-    sys.stdout.flush()
+    print_generations(prompts, outs, tok, args)
     return 0
-
-
-def _ids(s: str) -> list[int]:
-    try:
-        return [int(t) for t in s.split(",") if t.strip()]
-    except ValueError:
-        raise ValueError(f"--prompt-ids must be comma-separated integers, got {s!r}") from None
-
-
-def add_generate_args(p) -> None:
-    p.add_argument("dir", help="checkpoint directory (official HF layout)")
-    p.add_argument("--prompt", action="append", help="prompt text (repeat for a batch)")
-    p.add_argument("--prompt-ids", type=_ids, default=None, help="token ids, e.g. 1,2,3")
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--temperature", type=float, default=0.0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--stop", type=_ids, default=None, help="stop token ids (default: eos)")
-    p.add_argument("--dtype", default=None, help="float32 | bfloat16 (default: as stored)")
-    p.add_argument("--speculative", action="store_true", help="draft with the MTP module (greedy)")
 
 
 def add_commands(sub) -> None:

@@ -433,7 +433,7 @@ def mtp_acceptance(max_new_tokens: int = 48, prompts: tuple = MTP_PROMPTS) -> di
     """Greedy speculative decoding of the lab model with its MTP layer as the draft, pooled over
     ``prompts``: (accepted drafts) / (verify steps) and generated tokens / step."""
     import torch
-    from dsv3lab.probes.text import default_model_dir, lab_model
+    from dsv3lab.resolve import default_model_dir, lab_model
     if default_model_dir() is None:
         raise Unavailable("no trained lab model (data/lab-model or $DSV3LAB_MODEL)")
     from dsv3lab.generate import generate_speculative

@@ -15,24 +15,15 @@ from functools import lru_cache
 import torch
 
 from dsv3lab.config import ModelConfig
+from dsv3lab.probes.memory import bytes_per_token
 
 
 def kv_cache_bytes_per_token(cfg: ModelConfig | str, dtype: torch.dtype = torch.bfloat16,
                              mode: str = "absorbed", include_mtp: bool = False) -> int:
-    """Bytes of cache one token occupies across all layers.
-    absorbed: (kv_lora_rank + qk_rope_head_dim) per layer -- 61 x 576 x 2 = 70,272 B for V3.
-    naive: heads x (qk_head_dim + v_head_dim) per layer."""
-    if isinstance(cfg, str):
-        cfg = ModelConfig.preset(cfg)
-    L = cfg.num_hidden_layers + (cfg.num_nextn_predict_layers if include_mtp else 0)
-    size = torch.tensor([], dtype=dtype).element_size()
-    if mode == "absorbed":
-        per_layer = cfg.kv_lora_rank + cfg.qk_rope_head_dim
-    elif mode == "naive":
-        per_layer = cfg.num_attention_heads * (cfg.qk_head_dim + cfg.v_head_dim)
-    else:
-        raise ValueError(f"mode must be 'absorbed' or 'naive', got {mode!r}")
-    return L * per_layer * size
+    """Bytes of cache one token occupies across all layers: ``mode`` "absorbed" (the latent,
+    61 x 576 x 2 = 70,272 B for V3) or "naive" (per-head K and V). The one definition, with the
+    layouts MLA replaces, is ``dsv3lab.probes.memory.bytes_per_token``."""
+    return bytes_per_token(cfg, dtype, layout=mode, include_mtp=include_mtp)
 
 
 @lru_cache(maxsize=32)

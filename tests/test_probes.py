@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import dsv3lab
-from dsv3lab.probes import (formats, hook_names, hook_table, hooks, load, merge, run_with_cache,
+from dsv3lab.probes import (formats, hook_names, hook_table, hooks, merge, metrics, run_with_cache,
                             trace)
 
 hooks_mod = importlib.import_module("dsv3lab.probes.hooks")   # the package's ``hooks`` is the function
@@ -241,7 +241,7 @@ def test_sglang_round_trip(record, model, tmp_path):
     assert cnt.shape == (4, model.cfg.num_hidden_layers, model.cfg.n_routed_experts)
     assert bool((cnt[:, 0] == 0).all())                                  # dense block: zero row
     r = Routing(record)
-    per_step = load._grouped_load(r, "step")                             # [steps, L, E]
+    per_step = metrics._grouped_load(r, "step")                             # [steps, L, E]
     assert torch.equal(cnt[:, r.layers], per_step)
     assert torch.equal(cnt.sum(0)[r.layers], r.expert_load())
     pp = str(tmp_path / "per_pass.pt")
@@ -286,36 +286,36 @@ def test_load_metrics(record, model):
     E, k = cfg.n_routed_experts, cfg.num_experts_per_tok
     ld = r.expert_load()
     assert bool((ld.sum(-1) == r.n_tokens * k).all())
-    assert torch.allclose(load.max_vio(torch.tensor([[2.0, 2, 2, 2], [4, 0, 0, 0]])), torch.tensor([0.0, 3.0]))
-    mv = load.max_vio_per_batch(r)
+    assert torch.allclose(metrics.max_vio(torch.tensor([[2.0, 2, 2, 2], [4, 0, 0, 0]])), torch.tensor([0.0, 3.0]))
+    mv = metrics.max_vio_per_batch(r)
     assert mv.shape == (4, len(r.layers)) and bool((mv >= 0).all())
-    assert torch.allclose(load.max_vio_global(r), load.max_vio(ld))
-    si = load.sequence_imbalance(r)
+    assert torch.allclose(metrics.max_vio_global(r), metrics.max_vio(ld))
+    si = metrics.sequence_imbalance(r)
     assert si.shape == (3, len(r.layers))                     # two generated requests + one forward
-    bl = load.sequence_balance_loss(r)
+    bl = metrics.routing_balance_loss(r)
     assert bl.shape == (len(r.layers),) and bool((bl > 0).all())
-    assert bool(((0 <= load.load_entropy(ld)) & (load.load_entropy(ld) <= 1)).all())
-    assert torch.allclose(load.load_entropy(torch.ones(1, 8)), torch.ones(1))
-    assert torch.allclose(load.routing_entropy(torch.ones(1, 5, 4)), torch.ones(1))
-    C = load.co_selection(r.topk_ids[0], E)
+    assert bool(((0 <= metrics.load_entropy(ld)) & (metrics.load_entropy(ld) <= 1)).all())
+    assert torch.allclose(metrics.load_entropy(torch.ones(1, 8)), torch.ones(1))
+    assert torch.allclose(metrics.routing_entropy(torch.ones(1, 5, 4)), torch.ones(1))
+    C = metrics.co_selection(r.topk_ids[0], E)
     assert torch.equal(C, C.T) and torch.equal(C.diagonal(), ld[0])
     assert torch.equal(C.sum(1), ld[0] * k)
-    g = load.groups_touched(r.topk_ids, cfg.n_group, E)
+    g = metrics.groups_touched(r.topk_ids, cfg.n_group, E)
     assert g.shape == (len(r.layers), r.n_tokens) and int(g.max()) <= cfg.topk_group
-    nodes = load.nodes_touched(r.topk_ids, load.contiguous_map(E, 2))
+    nodes = metrics.nodes_touched(r.topk_ids, metrics.contiguous_map(E, 2))
     assert bool((nodes <= 2).all()) and bool((nodes >= 1).all())
-    per_rank = load.load_per_rank(ld, load.contiguous_map(E, 4))
+    per_rank = metrics.load_per_rank(ld, metrics.contiguous_map(E, 4))
     assert per_rank.shape == (len(r.layers), 4) and torch.equal(per_rank.sum(-1), ld.sum(-1))
-    assert torch.equal(load.load_per_rank(torch.tensor([[1, 2, 3, 4]]), torch.tensor([1, 0, 1, 0])),
+    assert torch.equal(metrics.load_per_rank(torch.tensor([[1, 2, 3, 4]]), torch.tensor([1, 0, 1, 0])),
                        torch.tensor([[6, 4]]))
     # EPLB README example placement (FACTS C.16): 12 experts on 16 slots over 8 GPUs
     phy2log = torch.tensor([[5, 6, 5, 7, 8, 4, 3, 4, 10, 9, 10, 2, 0, 1, 11, 1]])
     lo = torch.arange(12.0)[None] + 1
-    pr = load.load_per_rank_replicated(lo, phy2log, 8)
+    pr = metrics.load_per_rank_replicated(lo, phy2log, 8)
     assert pr.shape == (1, 8) and abs(float(pr.sum()) - float(lo.sum())) < 1e-9
     assert abs(float(pr[0, 0]) - (6 / 2 + 7.0)) < 1e-9              # expert 5 split in 2, + expert 6
-    assert 0 < float(load.balancedness(pr)[0]) <= 1
-    rows = load.summary(r, expert_to_node=load.contiguous_map(E, 4))
+    assert 0 < float(metrics.balancedness(pr)[0]) <= 1
+    rows = metrics.summary(r, expert_to_node=metrics.contiguous_map(E, 4))
     assert len(rows) == len(r.layers) and "nodes_per_token" in rows[0]
 
 

@@ -10,8 +10,8 @@ import torch  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
 import dsv3lab  # noqa: E402
-from dsv3lab.probes import load, memory, trace  # noqa: E402
-from dsv3lab.probes.text import TextCodec  # noqa: E402
+from dsv3lab.probes import memory, metrics, trace  # noqa: E402
+from dsv3lab.tokenizer import TextCodec  # noqa: E402
 from dsv3lab.viz import figures  # noqa: E402
 from dsv3lab.viz.widgets import KVMemoryExplorer, RoutingExplorer  # noqa: E402
 
@@ -39,7 +39,7 @@ def test_figures(model):
     fig = figures.routing_by_token(r.topk_ids[0][:8], r.topk_weights[0][:8], list("abcdefgh"), 16, layer=1)
     img = _image(fig)
     assert (~np.isnan(img)).sum() == 8 * 4 and fig.axes[0].get_title() == "Routing, layer 1"
-    C = load.co_selection(r.topk_ids[0], 16)
+    C = metrics.co_selection(r.topk_ids[0], 16)
     fig = figures.co_selection_heatmap(C, n_group=4)
     np.testing.assert_allclose(np.diag(_image(fig)), (ld[0] > 0).double().numpy())   # P(i | i) = 1 where used
     fig = figures.kv_bytes_bars(memory.kv_comparison(), annotate="printed")

@@ -44,6 +44,8 @@ from __future__ import annotations
 
 import torch
 
+from dsv3lab.probes.metrics import balancedness  # noqa: F401  (one definition; exported here)
+
 __all__ = ["balanced_packing", "replicate_experts", "rebalance_experts", "contiguous_placement",
            "gpu_loads", "balancedness"]
 
@@ -210,10 +212,3 @@ def gpu_loads(weight, phy2log, num_gpus: int) -> torch.Tensor:
     copies = torch.zeros_like(w).scatter_add_(1, m, torch.ones(L, P, dtype=torch.float64))
     out = (w.gather(1, m) / copies.gather(1, m)).view(L, num_gpus, P // num_gpus).sum(-1)
     return out[0] if squeeze else out
-
-
-def balancedness(per_gpu) -> torch.Tensor:
-    """mean / max load over the last axis (1 = perfectly even; SGLang's and vLLM's EPLB metric),
-    in float64 (the probes' version, ``dsv3lab.probes.load.balancedness``, returns float32)."""
-    from dsv3lab.probes.load import balancedness as _b
-    return _b(torch.as_tensor(per_gpu)).double()

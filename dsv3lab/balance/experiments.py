@@ -2,17 +2,18 @@
 
   trace_load        [L, E] expert load of a model on a batch of token windows (dsv3lab.trace)
   biases_zeroed     ``with`` block that zeroes every gate's e_score_correction_bias (restored
-                    after), to see routing without the aux-loss-free correction
+                    after; defined in ``dsv3lab.probes.gate``)
   docs_windows      [B, S] token windows of Python's reference manual (pydoc_data.topics)
   balancing_ablation  seeded toy training runs, one per balancing scheme, -> per-step logs
 """
 
 from __future__ import annotations
 
-import contextlib
 from typing import Mapping, Optional
 
 import torch
+
+from dsv3lab.probes.gate import biases_zeroed  # noqa: F401  (re-exported by dsv3lab.balance)
 
 # The three schemes the paper compares (FACTS C.5-C.7). The bias step and the aux weight are
 # toy-scale values: the paper's gamma = 0.001 and alpha = 1e-4 are sized for ~1e5 steps of
@@ -31,21 +32,6 @@ def trace_load(model, tokens_BS: torch.Tensor) -> torch.Tensor:
     with dsv3lab.trace(model) as t:
         model(tokens_BS)
     return t.routing.expert_load()
-
-
-@contextlib.contextmanager
-def biases_zeroed(model):
-    """Zero every gate's selection bias inside the block (main and MTP gates); restore after."""
-    from dsv3lab.train import moe_gates
-    gates = [g for g in moe_gates(model) if g.has_bias]
-    saved = [g.e_score_correction_bias.clone() for g in gates]
-    try:
-        for g in gates:
-            g.e_score_correction_bias.zero_()
-        yield model
-    finally:
-        for g, b in zip(gates, saved):
-            g.e_score_correction_bias.copy_(b)
 
 
 def docs_text(n_topics: Optional[int] = None, start: int = 0) -> str:

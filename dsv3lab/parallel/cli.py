@@ -6,17 +6,9 @@ import json
 
 
 def cmd_plan(args) -> int:
-    from dsv3lab.config import ModelConfig, PRESETS
     from dsv3lab.parallel.plan import format_plan, plan
-    name = args.preset
-    if name in PRESETS:
-        cfg = ModelConfig.preset(name)
-    else:
-        try:
-            from dsv3lab.commands import resolve_config
-            cfg = resolve_config(name)
-        except ImportError:
-            cfg = ModelConfig.preset(name)
+    from dsv3lab.resolve import resolve_config
+    cfg = resolve_config(args.preset)
     p = plan(cfg, args.gpus, args.gpu_mem_gb, tp=args.tp, ep=args.ep, dp=args.dp, context=args.context,
              weights=args.weights, redundant_experts=args.redundant_experts, mtp=not args.no_mtp,
              mem_util=args.mem_util, reserve_gb=args.reserve_gb)

@@ -249,7 +249,8 @@ def run_generate(args) -> int:
     from dsv3lab.checkpoint import read_config
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
-    from dsv3lab.commands import load_tokenizer, parse_dtype, prompts_from_args
+    from dsv3lab.cli_args import parse_dtype, print_generations, prompts_from_args
+    from dsv3lab.tokenizer import load_tokenizer
     try:
         # everything checkable is checked before joining the world: layout against the config
         layout = Layout.make(world, tp=getattr(args, "tp", None), ep=getattr(args, "ep", None),
@@ -265,11 +266,7 @@ def run_generate(args) -> int:
                                  stop_tokens=getattr(args, "stop", None))
         if rank == 0:
             print(f"# {layout.describe()}", file=sys.stderr)
-            for p, o in zip(prompts, outs):
-                if tok is not None and args.prompt_ids is None:
-                    print(tok.decode(p + o))
-                print("ids:", ",".join(map(str, o)))
-            sys.stdout.flush()
+            print_generations(prompts, outs, tok, args)
         if dist.is_initialized():
             dist.barrier()
             # Leave without running gloo's C++ teardown: under load it has (rarely) aborted with

@@ -17,6 +17,8 @@ import time
 
 import torch
 
+from dsv3lab.probes.recorder import RoutingRecorder
+
 
 def _rss_bytes() -> tuple[int, int]:
     """(current, peak) resident set size of this process, from /proc (0 where unavailable)."""
@@ -45,21 +47,6 @@ def _model(source, seed, dtype, ctx=None, fp8="dequant"):
     return apply_layout(model, ctx) if ctx is not None else model
 
 
-class _RoutingRecorder:
-    """Forward hooks on every gate's topk_ids (removed by ``close``)."""
-
-    def __init__(self, model):
-        self.ids, self.handles = {}, []
-        for name, m in model.named_modules():
-            if name.endswith("mlp.gate.hook_topk_ids"):
-                self.handles.append(m.register_forward_hook(
-                    lambda mod, inp, out, key=name: self.ids.setdefault(key, out.detach().clone())))
-
-    def close(self):
-        for h in self.handles:
-            h.remove()
-
-
 def _tokens(tokens) -> torch.Tensor:
     t = torch.as_tensor(tokens, dtype=torch.long)
     return t[None] if t.dim() == 1 else t
@@ -70,12 +57,10 @@ def single_run(source="tiny", tokens=None, max_new_tokens: int = 0, seed: int = 
     from dsv3lab.generate import generate
     model = _model(source, seed, dtype)
     tokens = _tokens(tokens)
-    rec = _RoutingRecorder(model)
-    with torch.no_grad():
+    with torch.no_grad(), RoutingRecorder(model) as rec:
         logits = model(tokens)
-    rec.close()
     gen = generate(model, tokens.tolist(), max_new_tokens=max_new_tokens) if max_new_tokens else None
-    return dict(logits=logits, topk_ids=rec.ids, generated=gen)
+    return dict(logits=logits, topk_ids=rec.named_topk_ids(), generated=gen)
 
 
 def rank_run(rank: int, world: int, source="tiny", layout: dict | None = None, tokens=None,
@@ -99,13 +84,11 @@ def rank_run(rank: int, world: int, source="tiny", layout: dict | None = None, t
     sizes = chunk_sizes(tokens.shape[0], ctx.layout.dp)
     lo = sum(sizes[:ctx.dp_rank])
     mine = tokens[lo:lo + sizes[ctx.dp_rank]]
-    rec = _RoutingRecorder(model)
     t1 = time.perf_counter()
-    with torch.no_grad():
+    with torch.no_grad(), RoutingRecorder(model) as rec:
         logits = model(mine) if mine.shape[0] else None
         serve(model)
     t_fwd = time.perf_counter() - t1
-    rec.close()
     fwd_comm = comm_stats(model, reset=True)
     gen, t_gen = None, 0.0
     if max_new_tokens:
@@ -124,8 +107,8 @@ def rank_run(rank: int, world: int, source="tiny", layout: dict | None = None, t
                 tokens_in=int(mine.numel()))
     if logits is not None:
         logits = logits.cpu()
-    rec.ids = {k: v.cpu() for k, v in rec.ids.items()}
-    payload = (ctx.dp_rank, ctx.tp_rank, logits, rec.ids if ctx.tp_rank == 0 else None, info)
+    routing = {k: v.cpu() for k, v in rec.named_topk_ids().items()}
+    payload = (ctx.dp_rank, ctx.tp_rank, logits, routing if ctx.tp_rank == 0 else None, info)
     everyone = [None] * world
     dist.all_gather_object(everyone, payload) if world > 1 else everyone.__setitem__(0, payload)
     if rank != 0:

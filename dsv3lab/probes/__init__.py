@@ -5,15 +5,20 @@
     with dsv3lab.trace(model) as t: model.generate(...)
     t.routing.topk_ids            # [moe_layers, tokens, top_k]
     t.routing.expert_load()       # [moe_layers, n_routed_experts]
+    metrics.max_vio(load)         # every load metric and balance loss: dsv3lab.probes.metrics
+    with RoutingRecorder(model, scores=True) as rec: ...   # the latest pass, per gate (training)
 """
 
 from dsv3lab.probes.hooks import hook_names, hook_points, hook_table, hooks, resolve, run_with_cache
 from dsv3lab.probes.trace import Routing, Trace, gather, merge, trace
 from dsv3lab.probes.formats import (from_megatron, from_sglang, load_trace, save_trace, to_megatron,
                                     to_sglang)
-from dsv3lab.probes import load, memory
-from dsv3lab.probes.load import expert_load, max_vio
+from dsv3lab.probes import memory, metrics
+from dsv3lab.probes.metrics import expert_load, max_vio
+from dsv3lab.probes.gate import biases_zeroed, moe_gates
+from dsv3lab.probes.recorder import RoutingRecorder
 
 __all__ = ["hook_names", "hook_points", "hook_table", "hooks", "resolve", "run_with_cache", "Routing",
            "Trace", "gather", "merge", "trace", "from_megatron", "from_sglang", "load_trace",
-           "save_trace", "to_megatron", "to_sglang", "load", "memory", "expert_load", "max_vio"]
+           "save_trace", "to_megatron", "to_sglang", "memory", "metrics", "expert_load", "max_vio",
+           "biases_zeroed", "moe_gates", "RoutingRecorder"]

@@ -6,12 +6,7 @@ import json
 
 import torch
 
-
-def _ids(s: str) -> list[int]:
-    try:
-        return [int(t) for t in s.split(",") if t.strip()]
-    except ValueError:
-        raise ValueError(f"--prompt-ids must be comma-separated integers, got {s!r}") from None
+from dsv3lab.cli_args import parse_dtype, token_ids
 
 
 def add_commands(sub) -> None:
@@ -19,7 +14,7 @@ def add_commands(sub) -> None:
     p.add_argument("dir", help="checkpoint directory (official HF layout) or a preset name (random weights)")
     p.add_argument("--text", action="append", help="prompt text (repeat for a batch); needs tokenizer.json, "
                    "else UTF-8 bytes are used as ids")
-    p.add_argument("--prompt-ids", type=_ids, action="append", default=None, help="token ids, e.g. 1,2,3 (repeatable)")
+    p.add_argument("--prompt-ids", type=token_ids, action="append", default=None, help="token ids, e.g. 1,2,3 (repeatable)")
     p.add_argument("--out", required=True, help="output file")
     p.add_argument("--format", choices=["dsv3lab", "sglang", "megatron"], default="dsv3lab",
                    help="dsv3lab: .safetensors + JSON; sglang: .pt per_pass dump (stat with --sglang-mode stat); "
@@ -34,10 +29,9 @@ def add_commands(sub) -> None:
 
 
 def run(args) -> int:
-    from dsv3lab.commands import parse_dtype
-    from dsv3lab.probes import formats, load
-    from dsv3lab.probes.text import resolve_model
+    from dsv3lab.probes import formats, metrics
     from dsv3lab.probes.trace import trace
+    from dsv3lab.resolve import resolve_model
     model, codec = resolve_model(args.dir, dtype=parse_dtype(args.dtype))
     if args.prompt_ids:
         prompts = args.prompt_ids
@@ -65,7 +59,7 @@ def run(args) -> int:
     else:
         formats.to_megatron(rec, args.out)
     r = t.routing
-    mv = load.max_vio(r.expert_load())
+    mv = metrics.max_vio(r.expert_load())
     print(json.dumps(dict(out=args.out, format=args.format, tokens=r.n_tokens, moe_layers=r.layers,
                           top_k=r.top_k, steps=len(rec["meta"]["steps"]),
                           dropped_tokens=rec["meta"]["dropped_tokens"],

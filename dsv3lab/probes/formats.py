@@ -31,8 +31,8 @@ from typing import Optional
 import torch
 
 from dsv3lab.atomic import atomic_write, write_json_atomic as _write_json
-
-from dsv3lab.probes.trace import FORMAT, TOKEN_KEYS, VERSION, stream_prefixes
+from dsv3lab.probes.metrics import expert_load
+from dsv3lab.probes.schema import FORMAT, VERSION, cat_dim, empty_stream_tensors, stream_prefixes
 
 META_KEY = "dsv3lab_trace"
 
@@ -68,18 +68,6 @@ def save_trace(record: dict, path: str) -> str:
     return save_tensors(record["tensors"], path, {META_KEY: json.dumps(record["meta"])})
 
 
-def _empty_like_meta(meta: dict, prefix: str, n_layers: int) -> dict:
-    k, E, G = meta["top_k"], meta["n_routed_experts"], meta["n_group"]
-    out = {prefix + key: torch.empty(0, dtype=torch.int64) for key in ("token_ids", "positions", "seq", "step")}
-    out[prefix + "topk_ids"] = torch.empty(n_layers, 0, k, dtype=torch.int64)
-    out[prefix + "topk_weights"] = torch.empty(n_layers, 0, k, dtype=torch.float32)
-    if meta.get("scores"):
-        out[prefix + "scores"] = torch.empty(n_layers, 0, E, dtype=torch.float32)
-    if meta.get("groups"):
-        out[prefix + "group_mask"] = torch.empty(n_layers, 0, G, dtype=torch.bool)
-    return out
-
-
 def load_trace(path: str) -> dict:
     """Read a record written by ``save_trace`` (a file) or by ``trace(stream_to=DIR)`` (a dir)."""
     if os.path.isdir(path):
@@ -87,13 +75,13 @@ def load_trace(path: str) -> dict:
             meta = json.load(f)
         chunks = [_read_safetensors(os.path.join(path, c))[0] for c in meta.pop("chunks", [])]
         tensors = {}
-        for prefix in [""] + [f"mtp.{d}." for d in meta.get("mtp_depths", [])]:
+        for prefix in stream_prefixes(dict(meta=meta)):
             n_layers = len(meta["layers"] if not prefix else meta["mtp"][prefix.split(".")[1]]["layers"])
-            empty = _empty_like_meta(meta, prefix, n_layers)
+            empty = empty_stream_tensors(n_layers, meta["top_k"], meta["n_routed_experts"], meta["n_group"],
+                                         bool(meta.get("scores")), bool(meta.get("groups")), prefix)
             for key, e in empty.items():
                 parts = [c[key] for c in chunks if key in c]
-                bare = key[len(prefix):]
-                tensors[key] = torch.cat(parts, dim=0 if bare in TOKEN_KEYS else 1) if parts else e
+                tensors[key] = torch.cat(parts, dim=cat_dim(key[len(prefix):])) if parts else e
         return dict(tensors=tensors, meta=meta)
     tensors, header = _read_safetensors(path)
     if META_KEY not in header:
@@ -130,7 +118,6 @@ def to_sglang(record: dict, path: Optional[str] = None, mode: str = "stat") -> d
     layers = meta["layers"]
     rank = int(meta.get("rank", 0))
     if mode == "stat":
-        from dsv3lab.probes.load import expert_load
         counts = []
         for _, idx, _ in _step_slices(record):
             c = torch.zeros(L, E, dtype=torch.int64)
@@ -139,7 +126,6 @@ def to_sglang(record: dict, path: Optional[str] = None, mode: str = "stat") -> d
         obj = dict(rank=rank, logical_count=torch.stack(counts) if counts else torch.zeros(0, L, E, dtype=torch.int64),
                    average_utilization_rate_over_window=None)
     elif mode == "per_pass":
-        from dsv3lab.probes.load import expert_load
         recs = []
         starts = {s["step"]: s["start"] for s in meta["steps"]}
         for sid, idx, _ in _step_slices(record):
@@ -195,7 +181,7 @@ def from_sglang(obj_or_path, moe_layers: Optional[list[int]] = None, n_group: in
         S = int(seq.eq(0).sum()) if n else 0
         steps.append(dict(step=int(r["forward_pass_id"]), start=int(tensors["positions"][-1].min()) if n else 0,
                           batch=int(seq.max()) + 1 if n else 0, seq_len=S, kept=n))
-    out = {key: torch.cat(v, dim=0 if key in TOKEN_KEYS else 1) for key, v in tensors.items()}
+    out = {key: torch.cat(v, dim=cat_dim(key)) for key, v in tensors.items()}
     meta = dict(format=FORMAT, version=VERSION, model="sglang", n_routed_experts=E, top_k=int(k),
                 n_group=n_group, topk_group=topk_group, num_hidden_layers=int(num_layers),
                 layers=list(moe_layers), steps=steps, dropped_tokens=0, mtp_depths=[], mtp={},

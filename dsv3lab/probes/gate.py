@@ -1,6 +1,9 @@
-"""The router, step by step, recomputed outside the model from its weights (FACTS A.4).
+"""The router seen from outside the model: find its gates, neutralise their bias, and recompute
+it step by step from its weights (DeepSeek-V3 report, sec. 2.1.2).
 
-``gate_steps`` returns every intermediate the notebook shows; ``check_gate`` runs the model with
+``moe_gates(model)`` lists every routed gate (main blocks, then MTP blocks); ``biases_zeroed``
+is a ``with`` block that zeroes their selection biases and restores them after, to see routing
+without the aux-loss-free correction. ``gate_steps`` returns every intermediate the notebook shows; ``check_gate`` runs the model with
 hooks on one MoE block, feeds the hooked residual through the block's own norm weights, recomputes
 each step here and compares it with the gate's hook points. This is explanation code (the
 independent check in the tests is written separately from this file and from ``moe.Gate``).
@@ -8,9 +11,40 @@ independent check in the tests is written separately from this file and from ``m
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
+from dsv3lab.model.moe import Gate
 from dsv3lab.probes.hooks import run_with_cache
+
+
+def moe_gates(model) -> list[Gate]:
+    """Every routed gate of the model, main blocks then MTP blocks (each has its own bias)."""
+    return [m for m in model.modules() if isinstance(m, Gate)]
+
+
+def named_moe_gates(model) -> list[tuple[str, Gate]]:
+    """(module name, gate) for every routed gate, in ``moe_gates`` order."""
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, Gate)]
+
+
+@contextlib.contextmanager
+def biases_zeroed(model):
+    """Zero every gate's selection bias ``e_score_correction_bias`` inside the block (main and
+    MTP gates; gates without a bias are left alone); restore the exact values after, exceptions
+    included."""
+    gates = [g for g in moe_gates(model) if g.has_bias]
+    saved = [g.e_score_correction_bias.clone() for g in gates]
+    try:
+        with torch.no_grad():
+            for g in gates:
+                g.e_score_correction_bias.zero_()
+        yield model
+    finally:
+        with torch.no_grad():
+            for g, b in zip(gates, saved):
+                g.e_score_correction_bias.copy_(b)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

@@ -40,20 +40,15 @@ from typing import Optional
 import torch
 from torch import nn
 
-FORMAT = "dsv3lab-trace"
-VERSION = 1
-TOKEN_KEYS = ("token_ids", "positions", "seq", "step", "rank")
-LAYER_KEYS = ("topk_ids", "topk_weights", "scores", "group_mask")
+from dsv3lab.probes.metrics import expert_load, sequence_ids
+from dsv3lab.probes.formats import load_trace, save_tensors, save_trace, write_json_atomic
+from dsv3lab.probes.schema import (FORMAT, LAYER_KEYS, TOKEN_KEYS, VERSION, cat_dim, empty_stream_tensors,
+                                   stream_prefixes)
 
 
 # ----------------------------------------------------------------------------------------------
-# the record
+# the record (its names and empty tensors: schema.py)
 # ----------------------------------------------------------------------------------------------
-
-def stream_prefixes(record: dict) -> list[str]:
-    """'' for the main stream, then 'mtp.K.' for every MTP depth present."""
-    return [""] + [f"mtp.{k}." for k in record["meta"].get("mtp_depths", [])]
-
 
 class Routing:
     """View of one stream of a record (main, or one MTP depth)."""
@@ -80,13 +75,11 @@ class Routing:
 
     def expert_load(self) -> torch.Tensor:
         """[moe_layers, n_routed_experts] int64: tokens routed to each expert."""
-        from dsv3lab.probes.load import expert_load
         return expert_load(self.topk_ids, self.n_routed_experts)
 
     def sequences(self) -> torch.Tensor:
         """[N] int64 sequence id: one per (step, batch row) whose step starts at position 0
         continues with later steps of the same row (prefill then decode of one request)."""
-        from dsv3lab.probes.load import sequence_ids
         return sequence_ids(self)
 
     def __repr__(self) -> str:
@@ -130,7 +123,7 @@ def merge(records: list[dict]) -> dict:
         for key in TOKEN_KEYS + LAYER_KEYS:
             if key == "rank" or prefix + key not in records[0]["tensors"]:
                 continue
-            dim = 0 if key in TOKEN_KEYS else 1
+            dim = cat_dim(key)
             out_t[prefix + key] = torch.cat([r["tensors"][prefix + key] for r in records], dim=dim)
     meta = json.loads(json.dumps(base))
     meta["steps"] = [s for r in records for s in r["meta"]["steps"]]
@@ -224,20 +217,8 @@ class _Stream:
         if not steps:
             return out
         for key in steps[0]:
-            out[key] = torch.cat([s[key] for s in steps], dim=0 if key in TOKEN_KEYS else 1)
+            out[key] = torch.cat([s[key] for s in steps], dim=cat_dim(key))
         return out
-
-
-def _empty_stream_tensors(n_layers: int, k: int, E: int, G: int, scores: bool, groups: bool) -> dict:
-    out = dict(token_ids=torch.empty(0, dtype=torch.int64), positions=torch.empty(0, dtype=torch.int64),
-               seq=torch.empty(0, dtype=torch.int64), step=torch.empty(0, dtype=torch.int64),
-               topk_ids=torch.empty(n_layers, 0, k, dtype=torch.int64),
-               topk_weights=torch.empty(n_layers, 0, k, dtype=torch.float32))
-    if scores:
-        out["scores"] = torch.empty(n_layers, 0, E, dtype=torch.float32)
-    if groups:
-        out["group_mask"] = torch.empty(n_layers, 0, G, dtype=torch.bool)
-    return out
 
 
 class Trace:
@@ -349,13 +330,11 @@ class Trace:
         self.meta["mtp"] = {str(d): self.meta["mtp"][str(d)] for d in self.meta["mtp_depths"]}
         if self.stream_to:
             self._flush()
-            from dsv3lab.probes.formats import write_json_atomic
             write_json_atomic(os.path.join(self.stream_to, "trace.json"),
                               dict(self.meta, chunks=[os.path.basename(c) for c in self._chunks]))
         return False
 
     def _flush(self):
-        from dsv3lab.probes.formats import save_tensors
         tensors = {}
         for prefix, s in self.streams.items():
             for k, v in s.take().items():
@@ -375,14 +354,13 @@ class Trace:
         cfg = self.model.cfg
         E, k, G = cfg.n_routed_experts, cfg.num_experts_per_tok, cfg.n_group
         if self.stream_to and not self._handles:
-            from dsv3lab.probes.formats import load_trace
             rec = load_trace(self.stream_to)
         else:
             tensors = {}
-            for prefix in [""] + [f"mtp.{d}." for d in self.meta["mtp_depths"]]:
+            for prefix in stream_prefixes(dict(meta=self.meta)):
                 s = self.streams[prefix]
                 got = _cat_steps(s.buffer)
-                empty = _empty_stream_tensors(len(s.layers), k, E, G, self.want_scores, self.want_groups)
+                empty = empty_stream_tensors(len(s.layers), k, E, G, self.want_scores, self.want_groups)
                 for key in empty:
                     tensors[prefix + key] = got.get(key, empty[key])
             rec = dict(tensors=tensors, meta=json.loads(json.dumps(self.meta)))
@@ -400,14 +378,13 @@ class Trace:
         return {d: Routing(rec, f"mtp.{d}.") for d in rec["meta"]["mtp_depths"]}
 
     def save(self, path: str) -> str:
-        from dsv3lab.probes.formats import save_trace
         return save_trace(self.record(), path)
 
 
 def _cat_steps(steps: list[dict]) -> dict:
     if not steps:
         return {}
-    return {key: torch.cat([s[key] for s in steps], dim=0 if key in TOKEN_KEYS else 1) for key in steps[0]}
+    return {key: torch.cat([s[key] for s in steps], dim=cat_dim(key)) for key in steps[0]}
 
 
 def trace(model: nn.Module, scores: bool = False, groups: bool = False, max_tokens: Optional[int] = None,

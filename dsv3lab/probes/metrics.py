@@ -1,15 +1,20 @@
-"""Expert-load metrics on routing traces.
+"""Expert-load metrics and balance losses: the one home of each (training, probes, EPLB and the
+replication rows import them from here).
 
 Everything takes plain tensors (``topk_ids`` [L,N,k] or [N,k], loads [..., E]) so it applies to
 traces from dsv3lab, SGLang or Megatron alike; ``Routing`` objects are accepted where a function
 needs the token metadata (steps, sequences).
 
   expert_load      [L,E]   tokens sent to each expert (sums to N*k per layer)
-  max_vio          [...]   (max_i load_i - mean load) / mean load  (FACTS C.7, Wang et al. 2024)
+  max_vio          [...]   (max_i load_i - mean load) / mean load (the loss-free balancing paper,
+                           Wang et al. 2024, arXiv 2408.15664)
   max_vio_per_batch [B,L]  MaxVio of each forward pass; MaxVio_batch in the paper is its mean
   max_vio_global   [L]     MaxVio of the load summed over the whole trace
-  sequence_imbalance [S,L] MaxVio of each sequence's own load (what the sequence-wise aux loss
-                           targets), plus ``sequence_balance_loss`` when scores were traced
+  sequence_imbalance [S,L] MaxVio of each sequence's own load (what the sequence-wise loss targets)
+  sequence_balance_loss    alpha * sum_i f_i P_i per sequence, averaged (DeepSeek-V3 report,
+                           sec. 2.1.2, eqs. 17-20); differentiable in the scores
+  batch_balance_loss       the same with the whole batch as one sequence (report, sec. 4.5.3)
+  routing_balance_loss [L] the sequence-wise loss of a trace recorded with scores=True
   load_entropy     [L]     entropy of the load distribution / ln E (1 = perfectly even)
   routing_entropy  [L]     mean entropy of each token's normalised top-k weights / ln k
   co_selection     [E,E]   tokens that chose both i and j (diagonal = load)
@@ -19,6 +24,13 @@ needs the token metadata (steps, sequences).
   load_per_rank    [L,R]   tokens each rank computes for an expert->rank placement, or for an
                            EPLB physical->logical map (replicas share their expert's load)
   balancedness     [L]     mean/max load per rank (SGLang's and vLLM's figure of merit)
+
+The balance loss, for one sequence of T tokens, N_r routed experts and K_r chosen per token:
+  f_i = N_r / (K_r T) * #{t : i in TopK_t}          (no gradient: a count)
+  P_i = (1/T) sum_t s_{i,t} / sum_j s_{j,t}         (differentiable in the gate's scores s)
+  L_Bal = alpha * sum_i f_i P_i
+f_i averages to 1 over experts, so L_Bal = alpha exactly when the load and the mean normalised
+score are both uniform.
 """
 
 from __future__ import annotations
@@ -120,23 +132,51 @@ def sequence_imbalance(routing) -> torch.Tensor:
     return max_vio(_grouped_load(routing, "sequence"))
 
 
-def sequence_balance_loss(routing, alpha: float = 1e-4) -> torch.Tensor:
-    """[L] sequence-wise balance loss alpha * sum_i f_i P_i averaged over sequences (FACTS A.4),
-    f_i = E/(k T) * #tokens choosing i, P_i = mean_t s_{i,t} / sum_j s_{j,t}. Needs scores."""
+def sequence_balance_loss(scores: torch.Tensor, topk_ids: torch.Tensor, batch: int, top_k: int,
+                          alpha: float = 1e-4) -> torch.Tensor:
+    """Sequence-wise balance loss alpha * sum_i f_i P_i, averaged over the ``batch`` sequences.
+
+    scores [..., B*T, E]: the gate's scores s (sigmoid or softmax, before the bias), rows
+    batch-major (sequence b holds rows b*T .. b*T+T-1); topk_ids [..., B*T, k] the chosen experts;
+    leading dims (e.g. layers) are kept: the result is [...] (a scalar for 2-D input). Gradients
+    flow into ``scores`` through P; f is a count. ``alpha`` is the report's 1e-4 by default."""
+    E = scores.shape[-1]
+    lead = scores.shape[:-2]
+    if topk_ids.shape[:-1] != scores.shape[:-1]:
+        raise ValueError(f"scores {tuple(scores.shape)} and topk_ids {tuple(topk_ids.shape)} must agree "
+                         "on every dim but the last")
+    if scores.shape[-2] % batch:
+        raise ValueError(f"{scores.shape[-2]} token rows do not split into {batch} equal sequences")
+    T = scores.shape[-2] // batch
+    chosen = torch.zeros(scores.shape, dtype=scores.dtype, device=scores.device)
+    chosen.scatter_(-1, topk_ids.to(torch.int64), 1.0)
+    f = chosen.reshape(*lead, batch, T, E).sum(-2) * (E / (top_k * T))           # [..., B, E]
+    s = scores.reshape(*lead, batch, T, E)
+    P = (s / s.sum(-1, keepdim=True)).mean(-2)                                    # [..., B, E]
+    return alpha * (f * P).sum(-1).mean(-1)
+
+
+def batch_balance_loss(scores: torch.Tensor, topk_ids: torch.Tensor, top_k: int,
+                       alpha: float = 1e-4) -> torch.Tensor:
+    """Batch-wise balance loss: f and P over every token of the batch at once, so only the
+    batch's load must be even, not each sequence's (the variant of the report's sec. 4.5.3).
+    scores [..., N, E], topk_ids [..., N, k] -> [...]; differentiable in ``scores``."""
+    return sequence_balance_loss(scores, topk_ids, 1, top_k, alpha)
+
+
+def routing_balance_loss(routing, alpha: float = 1e-4) -> torch.Tensor:
+    """[L] sequence-wise balance loss of a trace (``dsv3lab.trace(model, scores=True)``): each
+    traced request (``sequence_ids``: prefill plus its decode steps) is one sequence, of its own
+    length; computed in float64, returned as float32."""
     if routing.scores is None:
         raise ValueError("trace with scores=True to compute the balance loss")
-    E, k = routing.n_routed_experts, routing.top_k
-    sid = sequence_ids(routing)
-    loads = _grouped_load(routing, "sequence").double()                # [S,L,E]
-    s = routing.scores.double()
-    s = s / s.sum(-1, keepdim=True)                                     # [L,N,E]
-    n_seq = loads.shape[0]
-    P = torch.zeros(routing.scores.shape[0], n_seq, E, dtype=torch.float64)
-    P.index_add_(1, torch.unique(sid, return_inverse=True)[1], s)
-    T = torch.bincount(torch.unique(sid, return_inverse=True)[1], minlength=n_seq).double()
-    P = P / T[None, :, None]
-    f = loads.transpose(0, 1) * E / (k * T[None, :, None])             # [L,S,E]
-    return (alpha * (f * P).sum(-1).mean(-1)).float()
+    if routing.n_tokens == 0:
+        raise ValueError("the trace holds no tokens: no balance loss to compute")
+    _, inv = torch.unique(sequence_ids(routing), return_inverse=True)
+    s, ids = routing.scores.double(), routing.topk_ids
+    per_seq = [sequence_balance_loss(s[:, idx], ids[:, idx], 1, routing.top_k, alpha)
+               for idx in (torch.nonzero(inv == j).flatten() for j in range(int(inv.max()) + 1))]
+    return torch.stack(per_seq).mean(0).float()
 
 
 def load_entropy(load: torch.Tensor) -> torch.Tensor:
@@ -213,10 +253,11 @@ def load_per_rank_replicated(load: torch.Tensor, phy_to_log: torch.Tensor, n_ran
     return per_slot.view(L, n_ranks, P // n_ranks).sum(-1)
 
 
-def balancedness(per_rank: torch.Tensor) -> torch.Tensor:
-    """mean / max tokens per rank over the last axis: 1 = perfectly even."""
-    per_rank = per_rank.double()
-    return (per_rank.mean(-1) / per_rank.amax(-1).clamp_min(1e-12)).float()
+def balancedness(per_rank) -> torch.Tensor:
+    """mean / max tokens per rank (or GPU) over the last axis, float64: 1 = perfectly even
+    (SGLang's and vLLM's EPLB figure of merit)."""
+    per_rank = torch.as_tensor(per_rank).double()
+    return per_rank.mean(-1) / per_rank.amax(-1).clamp_min(1e-12)
 
 
 def summary(routing, expert_to_node: Optional[torch.Tensor] = None) -> list[dict]:
