@@ -4,6 +4,7 @@ from dsv3lab.config import ConfigError, ModelConfig
 from dsv3lab.checkpoint import CheckpointError, build, load, save
 from dsv3lab.model import Transformer
 from dsv3lab.stats import kv_cache_bytes_per_token, model_stats
+from dsv3lab.resolve import lab_model
 
 __version__ = "0.1.0"
 
@@ -15,4 +16,4 @@ def trace(model, **kw):
 
 
 __all__ = ["ModelConfig", "ConfigError", "CheckpointError", "build", "load", "save", "Transformer",
-           "kv_cache_bytes_per_token", "model_stats", "trace"]
+           "kv_cache_bytes_per_token", "model_stats", "lab_model", "trace"]
