@@ -7,14 +7,26 @@ A checkpoint directory holds ``config.json``, ``model.safetensors.index.json`` a
   model.layers.L.{input_layernorm, post_attention_layernorm}.weight
   model.layers.L.self_attn.{q_a_proj|q_proj, q_a_layernorm, q_b_proj, kv_a_proj_with_mqa,
                             kv_a_layernorm, kv_b_proj, o_proj}.weight
+  model.layers.L.self_attn.indexer.{wq_b, wk, weights_proj}.weight, indexer.k_norm.{weight,bias}
+                                                                          (V3.2's DSA indexer)
   model.layers.L.mlp.{gate,up,down}_proj.weight                           (dense layers)
   model.layers.L.mlp.gate.weight, model.layers.L.mlp.gate.e_score_correction_bias
   model.layers.L.mlp.experts.E.{gate,up,down}_proj.weight, mlp.shared_experts.{...}.weight
   model.layers.{n+k}.{enorm, hnorm, eh_proj, shared_head.norm, shared_head.head, embed_tokens}
                                                                           (MTP depth k, n = layers)
-FP8 weights (attention projections, dense and expert FFNs) are e4m3 with a ``.weight_scale_inv``
-fp32 tensor per 128x128 block. The one adapter between these keys and module names is
-``hf_key``/``module_key`` below; everything else (sharded loading in ``dsv3lab.parallel``) uses it.
+FP8 weights (attention and indexer projections, dense and expert FFNs) are e4m3 with a
+``.weight_scale_inv`` fp32 tensor per 128x128 block (powers of two under ``scale_fmt="ue8m0"``).
+The one adapter between these keys and module names is ``hf_key``/``module_key`` below.
+
+Loading is one loop for one process and for one rank of many (docs/checkpoints.md):
+  plan   build the model on the meta device (``dsv3lab.parallel`` first turns it into one rank's
+         share: each split module says which window of the full weight it holds);
+  check  from the index and the file headers alone, before any tensor is read: missing,
+         unexpected and orphaned tensors (whole model, every rank alike), then each needed
+         tensor's shape and FP8 scale grid;
+  read   each tensor's window only (safetensors slices the memory-mapped file), dequantized by
+         ``dsv3lab.fp8.weight_dequant`` or kept FP8, copied into memory of our own.
+``load`` is the one-rank case; ``dsv3lab.parallel.load_sharded`` is the ranked entry.
 """
 
 from __future__ import annotations
@@ -26,6 +38,7 @@ import re
 import shutil
 import tempfile
 import warnings
+from dataclasses import dataclass
 from typing import Callable, Iterable, Optional
 
 import torch
@@ -40,14 +53,25 @@ class CheckpointError(ValueError):
     """A checkpoint file or tensor is missing, extra, misshapen or unreadable."""
 
 
-_FP8_RE = re.compile(r"\.(self_attn|mlp)\.(.+\.)?[a-z_]+_proj(_with_mqa)?\.weight$")
+_FP8_RE = re.compile(r"\.self_attn\.(q_proj|q_a_proj|q_b_proj|kv_a_proj_with_mqa|kv_b_proj|o_proj"
+                     r"|indexer\.wq_b|indexer\.wk)\.weight$"
+                     r"|\.mlp\.((experts\.\d+|shared_experts)\.)?(gate|up|down)_proj\.weight$")
+# kept in fp32 whatever the model's dtype: the router (its logits pick experts) and the indexer's
+# head weights (transformers keeps ``indexer.weights_proj`` in fp32 as well)
+_FP32_RE = re.compile(r"\.mlp\.gate\.(weight|e_score_correction_bias)$|\.indexer\.weights_proj\.weight$")
 _MTP_COPY = ("embed_tokens.weight", "shared_head.head.weight")
 
 
 def is_fp8_key(hf_key: str) -> bool:
-    """Whether the official checkpoint stores this tensor in FP8 (MTP's eh_proj, the gate,
-    norms, embeddings and the head stay BF16/FP32)."""
+    """Whether the official checkpoint stores this tensor in FP8: attention and indexer
+    projections (wq_b, wk), dense, shared and routed expert FFNs. MTP's eh_proj, the gate, the
+    indexer's weights_proj and k_norm, norms, embeddings and the head stay BF16/FP32."""
     return bool(_FP8_RE.search(hf_key))
+
+
+def is_fp32_key(hf_key: str) -> bool:
+    """Whether this tensor stays fp32 in a BF16/FP8 checkpoint (gate weight and bias, weights_proj)."""
+    return bool(_FP32_RE.search(hf_key))
 
 
 def hf_key(cfg: ModelConfig, name: str) -> str:
@@ -101,6 +125,8 @@ def build(cfg: ModelConfig | str, device="cpu", dtype: torch.dtype | None = None
         for name, p in model.named_parameters():
             if name.endswith("norm.weight"):
                 p.fill_(1.0)
+            elif name.endswith("norm.bias"):         # LayerNorm bias (the indexer's k_norm)
+                p.zero_()
             else:
                 p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float32) * std)
         for name, b in model.named_buffers():
@@ -110,7 +136,7 @@ def build(cfg: ModelConfig | str, device="cpu", dtype: torch.dtype | None = None
 
 
 # --------------------------------------------------------------------------------------------
-# load
+# load: one plan / check / read loop; one process is the one-rank case
 # --------------------------------------------------------------------------------------------
 
 def _index(path: str) -> dict[str, str]:
@@ -120,10 +146,13 @@ def _index(path: str) -> dict[str, str]:
         try:
             with open(idx) as f:
                 weight_map = json.load(f)["weight_map"]
-        except (json.JSONDecodeError, KeyError) as e:
-            raise CheckpointError(f"{idx}: not a safetensors index ({e})") from None
+            if not isinstance(weight_map, dict) or not all(
+                    isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
+                raise TypeError("weight_map must map tensor names to file names")
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{idx}: not a safetensors index ({type(e).__name__}: {e})") from None
         for fn in sorted(set(weight_map.values())):
-            if not os.path.exists(os.path.join(path, fn)):
+            if os.path.basename(fn) != fn or not os.path.isfile(os.path.join(path, fn)):
                 raise CheckpointError(f"{idx} lists {fn}, which is not in {path}")
         return weight_map
     files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
@@ -146,18 +175,27 @@ def _open(file: str):
 
 _ST_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16,
               "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "I64": torch.int64}
+if hasattr(torch, "float8_e8m0fnu"):     # ue8m0 scales may be stored as bare exponents
+    _ST_DTYPES["F8_E8M0"] = torch.float8_e8m0fnu
+_FP8 = (torch.float8_e4m3fn, torch.float8_e5m2)
 
 
 class ShardReader:
-    """Lazy reads from a sharded checkpoint; each file opened once (memory-mapped)."""
+    """Lazy reads from a sharded checkpoint; each file opened once (memory-mapped). Counts what
+    ``get`` returned (``bytes_read``, ``tensors_read``): what this process read."""
 
     def __init__(self, path: str):
         self.path = path
         self.weight_map = _index(path)
         self._handles = {}
+        self.bytes_read = 0
+        self.tensors_read = 0
 
     def keys(self) -> list[str]:
         return list(self.weight_map)
+
+    def file(self, key: str) -> str:
+        return os.path.join(self.path, self.weight_map[key])
 
     def handle(self, key: str):
         fn = self.weight_map[key]
@@ -165,16 +203,22 @@ class ShardReader:
             self._handles[fn] = _open(os.path.join(self.path, fn))
         return self._handles[fn], fn
 
+    def _slice(self, key: str):
+        h, fn = self.handle(key)
+        try:
+            return h.get_slice(key)
+        except Exception as e:    # the index names a tensor its file does not hold
+            raise CheckpointError(f"{os.path.join(self.path, fn)}: no tensor {key!r} although the index "
+                                  f"lists it there ({type(e).__name__}: {e})") from None
+
     def shape(self, key: str) -> tuple[int, ...]:
-        h, _ = self.handle(key)
-        return tuple(h.get_slice(key).get_shape())
+        return tuple(self._slice(key).get_shape())
 
     def dtype(self, key: str) -> torch.dtype:
         """The stored dtype, from the header (nothing is read)."""
-        h, _ = self.handle(key)
-        name = h.get_slice(key).get_dtype()
+        name = self._slice(key).get_dtype()
         if name not in _ST_DTYPES:
-            raise CheckpointError(f"{self.path}: tensor {key!r} has unsupported dtype {name}")
+            raise CheckpointError(f"{self.file(key)}: tensor {key!r} has unsupported dtype {name}")
         return _ST_DTYPES[name]
 
     def get(self, key: str, rows: slice | None = None, cols: slice | None = None) -> torch.Tensor:
@@ -182,14 +226,17 @@ class ShardReader:
         h, fn = self.handle(key)
         try:
             if rows is None and cols is None:
-                return h.get_tensor(key)
-            sl = h.get_slice(key)
-            if len(sl.get_shape()) == 1:
-                return sl[rows or slice(None)]
-            return sl[rows or slice(None), cols or slice(None)]
+                t = h.get_tensor(key)
+            else:
+                sl = h.get_slice(key)
+                t = sl[rows or slice(None)] if len(sl.get_shape()) == 1 else \
+                    sl[rows or slice(None), cols or slice(None)]
         except Exception as e:
             raise CheckpointError(f"{os.path.join(self.path, fn)}: cannot read tensor {key!r} "
                                   f"({type(e).__name__}: {e}); the file may be truncated") from None
+        self.bytes_read += t.numel() * t.element_size()
+        self.tensors_read += 1
+        return t
 
 
 def read_config(path: str) -> ModelConfig:
@@ -221,71 +268,176 @@ def place(mod: nn.Module, attr: str, t: torch.Tensor) -> None:
         mod._parameters[attr] = nn.Parameter(t, requires_grad=False)
 
 
-def load(path: str, dtype: torch.dtype | None = None, device=None, fp8: str = "dequant",
-         attn_mode: str = "absorbed", progress: bool = False) -> Transformer:
-    """Load a checkpoint directory in the official HF layout.
+def _own(t: torch.Tensor, device, dtype: torch.dtype) -> torch.Tensor:
+    """``t`` as a fresh contiguous tensor from torch's allocator (64-byte aligned on CPU).
 
-    dtype: compute dtype for every non-fp32 tensor (default: the dtype stored for the embedding).
-    fp8: "dequant" turns FP8 weights into ``dtype`` once here (CPU default); "keep" leaves them
-    e4m3 with their ``weight_scale_inv`` for the FP8 GEMM kernels.
-    """
-    path = os.fspath(path)
-    cfg = read_config(path)
-    reader = ShardReader(path)
-    keys = set(reader.keys())
-    cfg, dtype = resolve(path, cfg, reader, dtype)
-    device = device or "cpu"
-    model = Transformer(cfg, dtype, "meta")
-    expected = {}
-    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
-        expected[hf_key(cfg, name)] = (name, t)
-    # bookkeeping: missing / extra keys first, before any tensor is read
-    scale_keys = {k for k in keys if k.endswith(".weight_scale_inv")}
+    safetensors hands out tensors whose data sits at whatever offset its buffer gives (48 bytes
+    into a line, say); a GEMM library may pick another kernel for an unaligned operand, so a
+    loaded model and a built one with the same weights would round differently. One copy into
+    our own allocation gives loaded weights exactly the layout ``build`` gives its own."""
+    out = torch.empty(t.shape, dtype=dtype, device=device)
+    out.copy_(t)
+    return out
+
+
+@dataclass
+class TensorRead:
+    """One tensor of the plan: where it comes from and where it goes."""
+    key: str                         # checkpoint key
+    name: str                        # module state-dict name
+    module: nn.Module
+    attr: str
+    dtype: torch.dtype               # what the model holds (fp32 gate and bias, ``dtype`` elsewhere)
+    shard: tuple | None              # (dim, start, stop) of the full tensor this rank holds
+    fp8: bool                        # stored e4m3/e5m2, with ``key + "_scale_inv"`` beside it
+    full_shape: tuple[int, ...]
+
+    @property
+    def window(self) -> tuple[slice | None, slice | None]:
+        if self.shard is None:
+            return None, None
+        dim, start, stop = self.shard
+        return (slice(start, stop), None) if dim == 0 else (None, slice(start, stop))
+
+
+def check_keys(path: str, cfg: ModelConfig, keys: set[str], expected: set[str]) -> None:
+    """Missing, unexpected and orphaned tensors, from the index alone (nothing is opened). The
+    same whole-model check on every rank, so every rank of a run gives the same error."""
+    scale_keys = {k for k in keys if k.endswith("_scale_inv")}
     copies = {k for k in keys if module_key(cfg, k) is None}
-    extra = sorted(keys - set(expected) - scale_keys - copies)
-    missing = sorted(set(expected) - keys)
+    missing = sorted(expected - keys)
     if missing:
         raise CheckpointError(f"{path}: {len(missing)} tensor(s) missing from the checkpoint, e.g. "
                               f"{missing[:5]}")
+    extra = sorted(keys - expected - scale_keys - copies)
     if extra:
         raise CheckpointError(f"{path}: {len(extra)} unexpected tensor(s) in the checkpoint, e.g. {extra[:5]}")
     orphan = sorted(k for k in scale_keys if k[:-len("_scale_inv")] not in keys)
     if orphan:
         raise CheckpointError(f"{path}: weight_scale_inv without its weight: {orphan[:5]}")
 
-    items = sorted(expected.items())
-    if progress:
-        from tqdm.auto import tqdm
-        items = tqdm(items, desc=f"load {os.path.basename(path.rstrip('/'))}", unit="tensor")
-    bs = cfg.fp8_block_size or 128
-    for key, (name, meta_t) in items:
-        want = tuple(meta_t.shape)
-        got = reader.shape(key)
-        if got != want:
-            raise CheckpointError(f"{path}/{reader.weight_map[key]}: tensor {key!r} has shape {list(got)}, "
-                                  f"the config needs {list(want)}")
-        t = reader.get(key)
+
+def plan_reads(path: str, cfg: ModelConfig, reader: ShardReader, model: Transformer,
+               full_shapes: dict[str, tuple[int, ...]]) -> list[TensorRead]:
+    """Every tensor ``model`` (a meta model, possibly one rank's share) needs, checked against
+    the file headers before any tensor is read: shape against the whole model's, FP8 scale
+    present and of the right block grid. In checkpoint-key order, so errors come out the same
+    whichever rank or entry point meets them first."""
+    from dsv3lab.fp8 import check_scale_shape
+    keys = set(reader.keys())
+    block = cfg.fp8_block_size or 128
+    plan = []
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        if name.endswith("weight_scale_inv"):
+            continue
+        key = hf_key(cfg, name)
         mod_name, attr = name.rsplit(".", 1)
         mod = model.get_submodule(mod_name)
-        target = meta_t.dtype if meta_t.dtype == torch.float32 and (
-            "gate" in mod_name.split(".")[-1:] or attr == "e_score_correction_bias") else dtype
-        if t.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
-            sk = key + "_scale_inv"
+        shard = getattr(mod, "shard", None) if attr == "weight" else None
+        plan.append(TensorRead(key, name, mod, attr, t.dtype, shard, False, full_shapes[key]))
+    plan.sort(key=lambda r: r.key)
+    for r in plan:
+        got = reader.shape(r.key)
+        if got != r.full_shape:
+            raise CheckpointError(f"{reader.file(r.key)}: tensor {r.key!r} has shape {list(got)}, "
+                                  f"the config needs {list(r.full_shape)}")
+        r.fp8 = reader.dtype(r.key) in _FP8
+        if r.fp8:
+            sk = r.key + "_scale_inv"
             if sk not in keys:
-                raise CheckpointError(f"{path}: FP8 tensor {key!r} has no {sk!r}")
-            s = reader.get(sk).float()
-            want_s = (math.ceil(want[0] / bs), math.ceil(want[1] / bs))
-            if tuple(s.shape) != want_s:
-                raise CheckpointError(f"{path}/{reader.weight_map[sk]}: tensor {sk!r} has shape "
-                                      f"{list(s.shape)}, a {list(want)} weight needs {list(want_s)}")
-            if fp8 == "keep" and isinstance(mod, Linear):
-                mod.weight = nn.Parameter(t.to(device), requires_grad=False)
-                mod.weight_scale_inv = s.to(device)
+                raise CheckpointError(f"{path}: FP8 tensor {r.key!r} has no {sk!r}")
+            try:
+                if len(got) != 2:
+                    raise ValueError(f"an FP8 weight must be 2-D, got shape {list(got)}")
+                check_scale_shape(got[0], got[1], reader.shape(sk), block)
+            except ValueError as e:
+                raise CheckpointError(f"{reader.file(sk)}: tensor {sk!r}: {e}") from None
+    return plan
+
+
+def _check_ue8m0(reader: ShardReader, sk: str, s: torch.Tensor) -> None:
+    from dsv3lab.fp8 import is_pow2
+    bad = ~is_pow2(s)
+    if bad.any():
+        i = [int(v) for v in bad.nonzero()[0]]
+        raise CheckpointError(f"{reader.file(sk)}: tensor {sk!r} holds {int(bad.sum())} scale(s) that are not "
+                              f"powers of two (e.g. {s[tuple(i)].item()!r} at {i}) although config.json "
+                              "says quantization_config.scale_fmt='ue8m0'")
+
+
+def read_planned(plan: list[TensorRead], reader: ShardReader, cfg: ModelConfig, device, fp8: str,
+                 progress: bool = False, desc: str = "load") -> None:
+    """Read every planned tensor (only its window), dequantize or keep FP8, put it in place."""
+    from dsv3lab.fp8 import weight_dequant
+    block = cfg.fp8_block_size or 128
+    items = plan
+    if progress:
+        from tqdm.auto import tqdm
+        items = tqdm(plan, desc=desc, unit="tensor")
+    for r in items:
+        rows, cols = r.window
+        t = reader.get(r.key, rows=rows, cols=cols)
+        if r.fp8:
+            # the scale blocks covering this window: floor(start/b) .. ceil(stop/b)
+            r0, c0 = (rows.start if rows else 0), (cols.start if cols else 0)
+            r1, c1 = r0 + t.shape[0], c0 + t.shape[1]
+            sk = r.key + "_scale_inv"
+            s = reader.get(sk, rows=slice(r0 // block, math.ceil(r1 / block)),
+                           cols=slice(c0 // block, math.ceil(c1 / block))).float()
+            if cfg.scale_fmt == "ue8m0":
+                _check_ue8m0(reader, sk, s)
+            if fp8 == "keep" and isinstance(r.module, Linear):
+                r.module.weight = nn.Parameter(_own(t, device, t.dtype), requires_grad=False)
+                r.module.weight_scale_inv = _own(s, device, torch.float32)
                 continue
-            from dsv3lab.fp8 import weight_dequant
-            t = weight_dequant(t, s, bs, target)
-        place(mod, attr, t.to(device=device, dtype=target))
+            t = weight_dequant(t, s, block, r.dtype, offset=(r0 % block, c0 % block))
+        place(r.module, r.attr, _own(t, device, r.dtype))
+
+
+def load_checkpoint(path: str, dtype: torch.dtype | None = None, device=None, fp8: str = "dequant",
+                    attn_mode: str = "absorbed", progress: bool = False,
+                    shard_model: Callable[[Transformer], None] | None = None,
+                    check_plan: Callable[[list[TensorRead], ModelConfig], None] | None = None,
+                    reader: ShardReader | None = None) -> Transformer:
+    """The loader. ``shard_model`` turns the whole meta model into one rank's share (modules
+    then carry ``shard``, the window of the full weight they hold; ``dsv3lab.parallel``);
+    without it the model is whole: one process is the one-rank case. ``check_plan`` adds
+    checks that only a ranked load has (FP8 kept across block-aligned splits)."""
+    path = os.fspath(path)
+    if fp8 not in ("dequant", "keep"):
+        raise ValueError(f"fp8 must be 'dequant' or 'keep', got {fp8!r}")
+    cfg = read_config(path)
+    reader = reader or ShardReader(path)
+    cfg, dtype = resolve(path, cfg, reader, dtype)
+    model = Transformer(cfg, dtype, "meta")
+    full_shapes = {hf_key(cfg, name): tuple(t.shape)
+                   for name, t in list(model.named_parameters()) + list(model.named_buffers())
+                   if not name.endswith("weight_scale_inv")}
+    check_keys(path, cfg, set(reader.keys()), set(full_shapes))
+    if shard_model is not None:
+        shard_model(model)
+    plan = plan_reads(path, cfg, reader, model, full_shapes)
+    if check_plan is not None:
+        check_plan(plan, cfg)
+    read_planned(plan, reader, cfg, device or "cpu", fp8, progress,
+                 desc=f"load {os.path.basename(path.rstrip('/'))}")
+    left = [n for n, p in list(model.named_parameters()) + list(model.named_buffers()) if p.is_meta]
+    if left:
+        raise CheckpointError(f"{path}: {len(left)} tensor(s) left unloaded, e.g. {left[:3]}")
+    model._dsv3_load = dict(path=path, bytes_read=reader.bytes_read, tensors_read=reader.tensors_read)
     return model.set_attn_mode(attn_mode).eval()
+
+
+def load(path: str, dtype: torch.dtype | None = None, device=None, fp8: str = "dequant",
+         attn_mode: str = "absorbed", progress: bool = False) -> Transformer:
+    """Load a checkpoint directory in the official HF layout (one process, the whole model;
+    ``dsv3lab.parallel.load_sharded`` is the same loader for one rank of many).
+
+    dtype: compute dtype for every non-fp32 tensor (default: the dtype stored for the embedding).
+    fp8: "dequant" turns FP8 weights into ``dtype`` once here (CPU default); "keep" leaves them
+    e4m3 with their ``weight_scale_inv`` for the FP8 GEMM kernels.
+    """
+    return load_checkpoint(path, dtype=dtype, device=device, fp8=fp8, attn_mode=attn_mode, progress=progress)
 
 
 # --------------------------------------------------------------------------------------------
@@ -312,7 +464,7 @@ def _tensors_to_save(model: Transformer, fp8: bool) -> Iterable[tuple[str, Calla
 
             def q(t=t, q_s=q_s):
                 if "q" not in q_s:
-                    q_s["q"], q_s["s"] = weight_quant(t, bs)
+                    q_s["q"], q_s["s"] = weight_quant(t, bs, scale_fmt=cfg.scale_fmt)
                 return q_s["q"]
 
             def s(t=t, q_s=q_s):
@@ -322,8 +474,7 @@ def _tensors_to_save(model: Transformer, fp8: bool) -> Iterable[tuple[str, Calla
             out.append((key, q, t.numel()))
             out.append((key + "_scale_inv", s, math.ceil(t.shape[0] / bs) * math.ceil(t.shape[1] / bs) * 4))
         else:
-            dt = torch.bfloat16 if fp8 and t.dtype == torch.float32 and not (
-                ".mlp.gate." in key) else t.dtype
+            dt = torch.bfloat16 if fp8 and t.dtype == torch.float32 and not is_fp32_key(key) else t.dtype
             out.append((key, (lambda t=t, dt=dt: t.to(dt)), t.numel() * torch.tensor([], dtype=dt).element_size()))
     n = cfg.num_hidden_layers
     for k in range(len(model.mtp)):

@@ -1,7 +1,10 @@
-"""ModelConfig: every DeepSeek-V2/V3 hyper-parameter, documented once, with named presets.
+"""ModelConfig: every DeepSeek-V2/V3-family hyper-parameter, documented once, with named presets.
 
 Field names follow the Hugging Face ``config.json`` of ``deepseek-ai/DeepSeek-V3`` so that
 ``from_hf``/``to_hf`` are a near-identity; the official demo's names are given in brackets.
+``from_hf`` reads the model types of the family: ``deepseek_v3`` (V3, V3.1, R1, Moonlight),
+``kimi_k2`` (Kimi K2: the V3 architecture under another name), ``deepseek_v32`` (V3.2: V3 plus
+the lightning indexer of DeepSeek Sparse Attention) and ``deepseek_v2`` (docs/checkpoints.md).
 """
 
 from __future__ import annotations
@@ -16,6 +19,11 @@ from typing import Any, Optional
 
 class ConfigError(ValueError):
     """A config field is missing, unknown or inconsistent with another one."""
+
+
+# annotation (a string under `from __future__ import annotations`) -> accepted Python types
+_FIELD_TYPES = {"int": (int,), "float": (int, float), "bool": (bool,), "str": (str,),
+                "Optional[int]": (int,), "Optional[str]": (str,), "Optional[dict]": (dict,)}
 
 
 @dataclass(frozen=True)
@@ -59,6 +67,13 @@ class ModelConfig:
     initializer_range: float = 0.006
     # FP8 weights in the checkpoint: None, or the square block size (128) of weight_scale_inv
     fp8_block_size: Optional[int] = 128
+    # quantization_config.scale_fmt: None (any fp32 scale) or "ue8m0" (V3.1 on: every scale a
+    # power of two, on activations and on the stored weight_scale_inv alike)
+    scale_fmt: Optional[str] = None
+    # --- DeepSeek Sparse Attention (V3.2's lightning indexer); 0 = no indexer ---------------
+    index_n_heads: int = 0              # [index_n_heads] H_I indexer heads
+    index_head_dim: int = 0             # [index_head_dim] D_I per indexer head (rope part first)
+    index_topk: int = 0                 # [index_topk] keys each query may attend to
     name: str = "v3-671b"               # label only
 
     # ----------------------------------------------------------------------------------------
@@ -69,6 +84,17 @@ class ModelConfig:
         def need(cond, fld, msg):
             if not cond:
                 raise ConfigError(f"ModelConfig.{fld}: {msg}")
+
+        # types first, so that a string or a float from a hand-edited config.json is named here
+        # instead of failing later inside int() or torch
+        for f in fields(self):
+            v = getattr(self, f.name)
+            want = _FIELD_TYPES.get(f.type)
+            if want is None or (v is None and f.type.startswith("Optional")):
+                continue
+            ok = isinstance(v, want) and not (isinstance(v, bool) and bool not in want)
+            need(ok, f.name, f"must be {f.type.replace('Optional[', 'None or ').rstrip(']')}, "
+                 f"got {type(v).__name__} {v!r}")
 
         for f in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                   "num_attention_heads", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim",
@@ -84,6 +110,27 @@ class ModelConfig:
              f"must be 'noaux_tc', 'greedy' or 'group_limited_greedy', got {self.topk_method!r}")
         need(self.q_lora_rank >= 0, "q_lora_rank", f"must be >= 0, got {self.q_lora_rank}")
         need(self.num_nextn_predict_layers >= 0, "num_nextn_predict_layers", "must be >= 0")
+        need(self.n_shared_experts >= 0, "n_shared_experts", f"must be >= 0, got {self.n_shared_experts}")
+        need(self.initializer_range >= 0, "initializer_range", f"must be >= 0, got {self.initializer_range}")
+        need(self.max_position_embeddings > 0, "max_position_embeddings",
+             f"must be > 0, got {self.max_position_embeddings}")
+        need(self.rope_theta > 0, "rope_theta", f"must be > 0, got {self.rope_theta}")
+        need(self.rms_norm_eps > 0, "rms_norm_eps", f"must be > 0, got {self.rms_norm_eps}")
+        need(self.routed_scaling_factor > 0, "routed_scaling_factor",
+             f"must be > 0, got {self.routed_scaling_factor}")
+        need(self.fp8_block_size is None or self.fp8_block_size > 0, "fp8_block_size",
+             f"must be None or > 0, got {self.fp8_block_size}")
+        need(self.scale_fmt in (None, "ue8m0"), "scale_fmt", f"must be None or 'ue8m0', got {self.scale_fmt!r}")
+        for f in ("index_n_heads", "index_head_dim", "index_topk"):
+            need(getattr(self, f) >= 0, f, f"must be >= 0 (0: no indexer), got {getattr(self, f)}")
+        dsa = (self.index_n_heads, self.index_head_dim, self.index_topk)
+        if any(dsa):
+            for f, v in zip(("index_n_heads", "index_head_dim", "index_topk"), dsa):
+                need(v > 0, f, "the indexer needs index_n_heads, index_head_dim and index_topk all > 0 "
+                     f"(or all 0 for none), got {v}")
+            need(self.index_head_dim >= self.qk_rope_head_dim, "index_head_dim",
+                 f"must hold the qk_rope_head_dim={self.qk_rope_head_dim} rotated dims, got {self.index_head_dim}")
+            need(self.q_lora_rank > 0, "q_lora_rank", "the indexer reads the q latent: needs q_lora_rank > 0")
         if self.has_moe:
             need(self.n_routed_experts > 0, "n_routed_experts", "must be > 0 when any layer is MoE")
             need(1 <= self.num_experts_per_tok <= self.n_routed_experts, "num_experts_per_tok",
@@ -144,6 +191,11 @@ class ModelConfig:
     def __hash__(self) -> int:
         return hash(json.dumps(dataclasses.asdict(self), sort_keys=True))
 
+    @property
+    def has_indexer(self) -> bool:
+        """DeepSeek Sparse Attention: a lightning indexer in every layer (V3.2)."""
+        return self.index_topk > 0
+
     def is_moe_layer(self, layer: int) -> bool:
         return layer >= self.first_k_dense_replace
 
@@ -164,7 +216,7 @@ class ModelConfig:
     # --- HF config.json ----------------------------------------------------------------------
     @classmethod
     def from_hf(cls, path_or_dict: Any) -> "ModelConfig":
-        """Read an HF ``config.json`` (path, directory or dict) of model_type deepseek_v3/v2."""
+        """Read an HF ``config.json`` (path, directory or dict) of a model type in MODEL_TYPES."""
         src = "dict"
         if isinstance(path_or_dict, (str, os.PathLike)):
             p = os.fspath(path_or_dict)
@@ -181,10 +233,16 @@ class ModelConfig:
         else:
             d = dict(path_or_dict)
         mt = d.get("model_type")
-        if mt not in ("deepseek_v3", "deepseek_v2"):
-            raise ConfigError(f"{src}: model_type must be 'deepseek_v3' or 'deepseek_v2', got {mt!r}")
+        if mt not in MODEL_TYPES:
+            raise ConfigError(f"{src}: model_type must be one of {', '.join(repr(m) for m in MODEL_TYPES)}, "
+                              f"got {mt!r}")
         names = {f.name for f in fields(cls)}
-        kw = {k: v for k, v in d.items() if k in names and k not in ("rope_scaling", "name")}
+        kw = {k: v for k, v in d.items() if k in names and k not in ("rope_scaling", "name", "scale_fmt")
+              and not k.startswith("index_")}
+        if mt == "deepseek_v32":
+            # transformers' DeepseekV32Config defaults (the official 671B values) when a field is absent
+            for k, default in (("index_n_heads", 64), ("index_head_dim", 128), ("index_topk", 2048)):
+                kw[k] = d[k] if d.get(k) is not None else default
         # transformers 5.x writes rope_parameters (with rope_type) instead of rope_scaling
         rs = d.get("rope_scaling") or d.get("rope_parameters")
         if rs:
@@ -222,6 +280,7 @@ class ModelConfig:
             if len(bs) != 2 or bs[0] != bs[1]:
                 raise ConfigError(f"{src}: quantization_config.weight_block_size must be square, got {bs}")
             kw["fp8_block_size"] = int(bs[0])
+            kw["scale_fmt"] = qc.get("scale_fmt")
         else:
             kw["fp8_block_size"] = None
         for k in ("eos_token_id", "bos_token_id"):
@@ -238,18 +297,31 @@ class ModelConfig:
     def to_hf(self) -> dict:
         """The HF ``config.json`` dict (DeepseekV3 style; V2-style configs keep their gate)."""
         d = {f.name: getattr(self, f.name) for f in fields(self)}
-        for k in ("name", "fp8_block_size"):
+        for k in ("name", "fp8_block_size", "scale_fmt"):
             d.pop(k)
+        if not self.has_indexer:
+            for k in ("index_n_heads", "index_head_dim", "index_topk"):
+                d.pop(k)
         d["q_lora_rank"] = self.q_lora_rank or None
         d["rope_scaling"] = dict(self.rope_scaling) if self.rope_scaling else None
-        d.update(model_type="deepseek_v3", architectures=["DeepseekV3ForCausalLM"],
+        # kimi_k2 configs are read as the architecture they are and written as deepseek_v3, the
+        # name transformers' native class loads
+        mt, arch = ("deepseek_v32", "DeepseekV32ForCausalLM") if self.has_indexer else \
+            ("deepseek_v3", "DeepseekV3ForCausalLM")
+        d.update(model_type=mt, architectures=[arch],
                  num_key_value_heads=self.num_attention_heads, hidden_act="silu",
                  attention_bias=False, attention_dropout=0.0, moe_layer_freq=1, ep_size=1,
                  use_cache=True, torch_dtype="bfloat16")
         if self.fp8_block_size:
             d["quantization_config"] = dict(quant_method="fp8", fmt="e4m3", activation_scheme="dynamic",
                                             weight_block_size=[self.fp8_block_size, self.fp8_block_size])
+            if self.scale_fmt:
+                d["quantization_config"]["scale_fmt"] = self.scale_fmt
         return d
+
+
+# model_type values from_hf reads; all are this architecture (docs/checkpoints.md, family table)
+MODEL_TYPES = ("deepseek_v3", "deepseek_v32", "kimi_k2", "deepseek_v2")
 
 
 def _official(name, **kw) -> ModelConfig:
@@ -277,6 +349,40 @@ PRESETS: dict[str, ModelConfig] = {
         n_group=1, topk_group=1, scoring_func="softmax", topk_method="greedy",
         routed_scaling_factor=1.0, norm_topk_prob=False, q_lora_rank=0, rope_scaling=_yarn(0.707),
         num_nextn_predict_layers=0, fp8_block_size=None, eos_token_id=100001, bos_token_id=100000),
+    # --- the rest of the family (docs/checkpoints.md, family table) -----------------------------
+    # V3.1 / V3.1-Terminus: V3's architecture; the FP8 scales are powers of two (ue8m0).
+    "v3.1-671b": _official("v3.1-671b", scale_fmt="ue8m0"),
+    # V3.2(-Exp): V3.1 plus DeepSeek Sparse Attention, a lightning indexer in every layer with 64
+    # heads of 128 dims choosing 2048 keys per query (official inference/config_671B_v3.2.json and
+    # transformers' DeepseekV32Config defaults agree on these).
+    "v3.2-671b": _official("v3.2-671b", scale_fmt="ue8m0", index_n_heads=64, index_head_dim=128,
+                           index_topk=2048, max_position_embeddings=163840),
+    "kimi-k2": _official(
+        # Kimi K2 (moonshotai; config.json model_type "kimi_k2", architectures
+        # DeepseekV3ForCausalLM): V3's MLA and widths with 384 routed experts in ONE group, 64 heads,
+        # one dense layer, no MTP layer shipped, block-FP8 weights. Sources agree on the values set
+        # here. Disputed or single-source, so set to the K2-Instruct config.json as we read it:
+        # max_position_embeddings 131072 (later K2 releases: 262144), YaRN factor 32 with
+        # beta_fast = beta_slow = 1, bos/eos 163584/163585, rms_norm_eps 1e-6 (one source: 1e-5).
+        "kimi-k2", vocab_size=163840, num_attention_heads=64, first_k_dense_replace=1,
+        n_routed_experts=384, n_shared_experts=1, num_experts_per_tok=8, n_group=1, topk_group=1,
+        routed_scaling_factor=2.827, rope_theta=50000.0, max_position_embeddings=131072,
+        rope_scaling=dict(type="yarn", factor=32.0, original_max_position_embeddings=4096,
+                          beta_fast=1.0, beta_slow=1.0, mscale=1.0, mscale_all_dim=1.0),
+        num_nextn_predict_layers=0, bos_token_id=163584, eos_token_id=163585),
+    "moonlight-16b": _official(
+        # Moonlight-16B-A3B (moonshotai; model_type deepseek_v3): 27 layers of width 2048, one
+        # dense, 64 routed experts of width 1408 + 2 shared, top-6 in one group, sigmoid gate with
+        # bias, NO q low rank (a full q_proj), vocabulary 163840, bf16 weights. Agreed by the
+        # sources. Single-source values, set to the published config.json as we read it:
+        # intermediate_size 11264, 16 heads, max_position_embeddings 8192 with plain RoPE at
+        # rope_theta 50000, routed_scaling_factor 2.446, rms_norm_eps 1e-5, bos/eos 163584/163585.
+        "moonlight-16b", vocab_size=163840, hidden_size=2048, intermediate_size=11264,
+        moe_intermediate_size=1408, num_hidden_layers=27, first_k_dense_replace=1,
+        num_attention_heads=16, n_routed_experts=64, n_shared_experts=2, num_experts_per_tok=6,
+        n_group=1, topk_group=1, routed_scaling_factor=2.446, q_lora_rank=0,
+        max_position_embeddings=8192, rope_theta=50000.0, rope_scaling=None, rms_norm_eps=1e-5,
+        num_nextn_predict_layers=0, fp8_block_size=None, bos_token_id=163584, eos_token_id=163585),
     # Small lab presets: every V3 feature (sigmoid gate + bias, group-limited top-2-sum routing,
     # q and kv low rank, dense first layers, shared experts, MTP, YaRN) at toy width.
     "tiny": _official(

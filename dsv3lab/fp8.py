@@ -7,7 +7,13 @@ A matrix whose sides are not multiples of 128 is zero-padded up to whole blocks 
 taken and cut back afterwards: ``kv_a_proj_with_mqa`` [576, 7168] has scale_inv [5, 56].
 Activations: 1x128 tiles along the last dimension, scale = max(amax, 1e-4)/448 -- the floor makes
 an all-zero tile quantize to zeros instead of 0/0 = NaN. ``ue8m0`` rounds the scale *up* to a
-power of two (V3.1's ``scale_fmt``), so no value overflows after rounding.
+power of two (V3.1's ``scale_fmt``), so no value overflows after rounding. A ue8m0 checkpoint
+stores power-of-two weight scales too (an 8-bit exponent with no mantissa, hence no zero: an
+all-zero block gets scale 1, which dequantizes its zeros to zeros all the same).
+
+A rank of a tensor-parallel run holds a window of a weight that need not start on a block
+boundary: ``weight_dequant(..., offset=(r, c))`` says where the window's first element sits
+inside the first scale block it touches, so the one dequantizer serves whole weights and slices.
 
 fp32 -> e4m3 uses torch's round-to-nearest-even with saturation at +-448 (we clamp first: a
 value that rounds past 448 would otherwise become NaN in e4m3fn, which has no infinity).
@@ -30,8 +36,23 @@ def _pad_to(x: torch.Tensor, b: int) -> torch.Tensor:
     return F.pad(x, (0, pn, 0, pm)) if pm or pn else x
 
 
-def weight_quant(w: torch.Tensor, block_size: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
-    """w [M,N] -> (e4m3 [M,N], scale_inv fp32 [ceil(M/b), ceil(N/b)]). All-zero blocks give 0."""
+def round_scale_up_pow2(scale: torch.Tensor) -> torch.Tensor:
+    """The smallest power of two >= scale (read from the exponent: log2 rounding can go down)."""
+    mant, exp = torch.frexp(scale)
+    exp = torch.where(mant == 0.5, exp - 1, exp)
+    return torch.ldexp(torch.ones_like(scale), exp)
+
+
+def is_pow2(scale: torch.Tensor) -> torch.Tensor:
+    """Elementwise: a positive finite power of two (what a ue8m0 scale can hold)."""
+    mant, _ = torch.frexp(scale.float())
+    return (mant == 0.5) & torch.isfinite(scale)
+
+
+def weight_quant(w: torch.Tensor, block_size: int = 128, scale_fmt: str | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """w [M,N] -> (e4m3 [M,N], scale_inv fp32 [ceil(M/b), ceil(N/b)]). All-zero blocks give 0
+    (1 under ``scale_fmt="ue8m0"``, whose scales are powers of two rounded up)."""
     if w.dim() != 2:
         raise ValueError(f"weight_quant expects a 2-D weight, got shape {tuple(w.shape)}")
     M, N = w.shape
@@ -41,28 +62,48 @@ def weight_quant(w: torch.Tensor, block_size: int = 128) -> tuple[torch.Tensor, 
     blocks = wp.view(mb, b, nb, b)
     amax = blocks.abs().amax(dim=(1, 3))
     scale_inv = amax / FP8_MAX
+    if scale_fmt == "ue8m0":
+        scale_inv = torch.where(scale_inv > 0, round_scale_up_pow2(scale_inv), torch.ones_like(scale_inv))
+    elif scale_fmt is not None:
+        raise ValueError(f"scale_fmt must be None or 'ue8m0', got {scale_fmt!r}")
     safe = torch.where(scale_inv > 0, scale_inv, torch.ones_like(scale_inv))
     q = (blocks / safe[:, None, :, None]).clamp(-FP8_MAX, FP8_MAX).to(E4M3)
     return q.view(mb * b, nb * b)[:M, :N].contiguous(), scale_inv.contiguous()
 
 
-def check_scale_shape(M: int, N: int, scale_inv: torch.Tensor, b: int = 128, who: str = "") -> None:
-    """A [M, N] weight in b x b blocks needs a [ceil(M/b), ceil(N/b)] weight_scale_inv."""
-    want = (math.ceil(M / b), math.ceil(N / b))
-    if tuple(scale_inv.shape) != want:
-        raise ValueError(f"{who}weight_scale_inv has shape {tuple(scale_inv.shape)}; a [{M}, {N}] weight "
+def scale_grid(M: int, N: int, b: int = 128, offset: tuple[int, int] = (0, 0)) -> tuple[int, int]:
+    """The weight_scale_inv shape covering a [M, N] weight (or window starting ``offset`` into
+    its first block) in b x b blocks: [ceil((r + M)/b), ceil((c + N)/b)]."""
+    r, c = offset
+    return math.ceil((r + M) / b), math.ceil((c + N) / b)
+
+
+def check_scale_shape(M: int, N: int, scale_inv, b: int = 128, who: str = "",
+                      offset: tuple[int, int] = (0, 0)) -> None:
+    """A [M, N] weight in b x b blocks needs a [ceil(M/b), ceil(N/b)] weight_scale_inv.
+    ``scale_inv`` may be a tensor or its shape (the loader checks headers before reading)."""
+    want = scale_grid(M, N, b, offset)
+    got = tuple(scale_inv.shape) if hasattr(scale_inv, "shape") else tuple(scale_inv)
+    if got != want:
+        raise ValueError(f"{who}weight_scale_inv has shape {list(got)}; a [{M}, {N}] weight "
                          f"in {b}x{b} blocks needs {list(want)}")
 
 
 def weight_dequant(q: torch.Tensor, scale_inv: torch.Tensor, block_size: int = 128,
-                   dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """e4m3 [M,N] * per-block scale_inv [ceil(M/b), ceil(N/b)] -> dtype [M,N]."""
+                   dtype: torch.dtype = torch.float32, offset: tuple[int, int] = (0, 0)) -> torch.Tensor:
+    """e4m3 [M,N] * per-block scale_inv [ceil(M/b), ceil(N/b)] -> dtype [M,N].
+
+    ``offset=(r, c)``: q is a window of a larger weight whose element [0, 0] sits at row r,
+    column c of the block that ``scale_inv[0, 0]`` scales (0 <= r, c < b)."""
     if q.dim() != 2:
         raise ValueError(f"weight_dequant expects a 2-D weight, got shape {tuple(q.shape)}")
     M, N = q.shape
     b = block_size
-    check_scale_shape(M, N, scale_inv, b)
-    s = scale_inv.float().repeat_interleave(b, 0)[:M].repeat_interleave(b, 1)[:, :N]
+    r, c = offset
+    if not (0 <= r < b and 0 <= c < b):
+        raise ValueError(f"weight_dequant: offset {offset} must lie inside one {b}x{b} block")
+    check_scale_shape(M, N, scale_inv, b, offset=offset)
+    s = scale_inv.float().repeat_interleave(b, 0)[r:r + M].repeat_interleave(b, 1)[:, c:c + N]
     return (q.float() * s).to(dtype)
 
 
@@ -76,10 +117,7 @@ def act_quant(x: torch.Tensor, block_size: int = 128, scale_fmt: str | None = No
     amax = t.abs().amax(dim=-1).clamp_min(1e-4)
     scale = amax / FP8_MAX
     if scale_fmt == "ue8m0":
-        # smallest power of two >= scale, read from the exponent (log2 rounding can go down)
-        mant, exp = torch.frexp(scale)
-        exp = torch.where(mant == 0.5, exp - 1, exp)
-        scale = torch.ldexp(torch.ones_like(scale), exp)
+        scale = round_scale_up_pow2(scale)
     y = (t / scale[..., None]).clamp(-FP8_MAX, FP8_MAX).to(E4M3)
     return y.reshape(x.shape), scale
 
