@@ -44,7 +44,9 @@ from __future__ import annotations
 
 import torch
 
-from dsv3lab.probes.metrics import balancedness  # noqa: F401  (one definition; exported here)
+# One definition each, in the metrics module; exported here under EPLB's names.
+from dsv3lab.probes.metrics import balancedness  # noqa: F401
+from dsv3lab.probes.metrics import load_per_rank_replicated as gpu_loads  # noqa: F401
 
 __all__ = ["balanced_packing", "replicate_experts", "rebalance_experts", "contiguous_placement",
            "gpu_loads", "balancedness"]
@@ -196,19 +198,3 @@ def contiguous_placement(num_layers: int, num_logical: int) -> torch.Tensor:
     """[L, E] physical_to_logical_map of the plain expert-parallel layout (no redundancy, GPU g
     owns a contiguous block of experts): the "before" of a rebalance."""
     return torch.arange(num_logical).repeat(num_layers, 1)
-
-
-def gpu_loads(weight, phy2log, num_gpus: int) -> torch.Tensor:
-    """[L, num_gpus] float64 load per GPU for a placement: each expert's load is split evenly over
-    its replicas, GPU g holds slots g*P/G .. (g+1)*P/G - 1. ``weight`` [L, E] or [E]."""
-    w = torch.as_tensor(weight).to(torch.float64)
-    m = torch.as_tensor(phy2log).to(torch.int64)
-    squeeze = w.dim() == 1
-    w = w[None] if squeeze else w
-    m = m.expand(w.shape[0], -1) if m.dim() == 1 else m
-    L, P = m.shape
-    if P % num_gpus:
-        raise ValueError(f"{P} slots do not split evenly over {num_gpus} GPUs")
-    copies = torch.zeros_like(w).scatter_add_(1, m, torch.ones(L, P, dtype=torch.float64))
-    out = (w.gather(1, m) / copies.gather(1, m)).view(L, num_gpus, P // num_gpus).sum(-1)
-    return out[0] if squeeze else out

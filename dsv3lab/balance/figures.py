@@ -6,6 +6,8 @@ from typing import Mapping, Optional, Sequence
 
 import torch
 
+from dsv3lab.probes.metrics import balancedness
+
 
 def _plt():
     import matplotlib.pyplot as plt
@@ -77,7 +79,7 @@ def gpu_load_bars(per_gpu: Mapping[str, torch.Tensor], gpus_per_node: Optional[i
     width = 0.8 / n
     for j, (label, loads) in enumerate(per_gpu.items()):
         x = torch.as_tensor(loads).double()
-        bal = float(x.mean() / x.max().clamp_min(1e-12))
+        bal = float(balancedness(x))
         ax.bar([g - 0.4 + width * (j + 0.5) for g in range(len(x))], x.tolist(), width=width,
                label=f"{label}  (balancedness {bal:.3f})")
     first = torch.as_tensor(next(iter(per_gpu.values()))).double()

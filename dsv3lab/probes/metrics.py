@@ -243,14 +243,21 @@ def load_per_rank(load: torch.Tensor, expert_to_rank: torch.Tensor, n_ranks: Opt
     return out.scatter_add_(1, m, load)
 
 
-def load_per_rank_replicated(load: torch.Tensor, phy_to_log: torch.Tensor, n_ranks: int) -> torch.Tensor:
-    """[L,E] load, EPLB ``physical_to_logical_map`` [L,P] (P physical slots, P/n_ranks per rank,
-    in rank order) -> [L,R] float load, each expert's tokens split evenly over its replicas."""
-    load = load.double()
-    L, P = phy_to_log.shape
-    replicas = torch.zeros_like(load).scatter_add_(1, phy_to_log, torch.ones(L, P, dtype=torch.float64))
-    per_slot = load.gather(1, phy_to_log) / replicas.gather(1, phy_to_log)
-    return per_slot.view(L, n_ranks, P // n_ranks).sum(-1)
+def load_per_rank_replicated(load, phy_to_log, n_ranks: int) -> torch.Tensor:
+    """[L,E] (or [E]) load and an EPLB ``physical_to_logical_map`` [L,P] (or [P]: P physical
+    slots, P/n_ranks per rank, in rank order) -> [L,R] (or [R]) float64 load per rank, each
+    expert's tokens split evenly over its replicas. ``dsv3lab.balance.gpu_loads`` is this."""
+    w = torch.as_tensor(load).to(torch.float64)
+    m = torch.as_tensor(phy_to_log).to(torch.int64)
+    squeeze = w.dim() == 1
+    w = w[None] if squeeze else w
+    m = m.expand(w.shape[0], -1) if m.dim() == 1 else m
+    L, P = m.shape
+    if P % n_ranks:
+        raise ValueError(f"{P} slots do not split evenly over {n_ranks} GPUs")
+    copies = torch.zeros_like(w).scatter_add_(1, m, torch.ones(L, P, dtype=torch.float64))
+    out = (w.gather(1, m) / copies.gather(1, m)).view(L, n_ranks, P // n_ranks).sum(-1)
+    return out[0] if squeeze else out
 
 
 def balancedness(per_rank) -> torch.Tensor:

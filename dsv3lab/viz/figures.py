@@ -8,6 +8,8 @@ from typing import Optional, Sequence
 import torch
 from matplotlib.figure import Figure
 
+from dsv3lab.probes.metrics import max_vio
+
 
 def _t(x):
     return x.detach().cpu() if isinstance(x, torch.Tensor) else torch.as_tensor(x)
@@ -33,7 +35,7 @@ def expert_load_heatmap(load, layers: Optional[Sequence[int]] = None, title: Opt
         for g in range(1, n_group):
             ax.axvline(g * E / n_group - 0.5, color="white", lw=0.8, alpha=0.7)
     fig.colorbar(im, ax=ax, label="load / mean load" if relative else "tokens")
-    mv = ((load.amax(-1) - load.mean(-1)) / load.mean(-1).clamp_min(1e-12)).max()
+    mv = max_vio(load).max()
     ax.set_title(title or f"Expert load (max MaxVio {float(mv):.2f})")
     return fig
 
