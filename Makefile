@@ -25,8 +25,14 @@ data/lab-model/config.json: | $(STAMP)
 lab: $(STAMP) data/lab-model/config.json
 	DSV3LAB_MODEL=$(CURDIR)/data/lab-model $(BIN)/jupyter lab --notebook-dir=notebooks $(JUPYTER_ARGS)
 
+# every test under this CPU's bf16 policy, then the `numerics` ones (tests/conftest.py) under the
+# other policy (DSV3LAB_CPU_BF16, dsv3lab/model/layers.py), so either kind of CPU checks both
+OTHER_BF16 = $$($(BIN)/python -c "from dsv3lab.model.layers import cpu_bf16_policy as p; \
+	print({'native': 'upcast', 'upcast': 'native'}[p()])")
+
 test: $(STAMP)
 	TRITON_INTERPRET=1 $(BIN)/python -m pytest -q -n 2 $(PYTEST_ARGS)
+	TRITON_INTERPRET=1 DSV3LAB_CPU_BF16=$(OTHER_BF16) $(BIN)/python -m pytest -q -n 2 -m numerics $(PYTEST_ARGS)
 
 bench: $(STAMP)
 	$(BIN)/python -m dsv3lab bench engine

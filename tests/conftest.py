@@ -1,4 +1,11 @@
-"""Test setup. TRITON_INTERPRET must be set before anything imports triton (FACTS E.3)."""
+"""Test setup. TRITON_INTERPRET must be set before anything imports triton (it is read at import).
+
+The ``numerics`` marker: tests whose arithmetic can depend on the CPU bf16 policy
+(``DSV3LAB_CPU_BF16=native|upcast``, dsv3lab/model/layers.py). ``make test`` runs the whole suite
+under this machine's policy, then the ``numerics`` tests again under the other one, so a
+regression on CPUs with bf16 units shows on machines without them and the other way round. A
+module joins by being listed in NUMERICS_MODULES (or by marking tests itself).
+"""
 
 import os
 
@@ -10,10 +17,21 @@ import torch  # noqa: E402
 
 torch.set_num_threads(1)
 
+# forward passes, loaded weights, decoding and FP8 references: everything that runs the engine's
+# GEMMs or compares their results (the Triton kernels do not go through the bf16 policy)
+NUMERICS_MODULES = {"test_engine", "test_parity", "test_checkpoint", "test_generate", "test_fp8_ref",
+                    "test_cpu_bf16", "test_family"}
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "numerics: arithmetic that depends on the CPU bf16 policy "
+                                       "(run under both policies by make test)")
+
 
 def pytest_collection_modifyitems(config, items):
-    if not torch.cuda.is_available():
-        skip = pytest.mark.skip(reason="needs a CUDA device")
-        for item in items:
-            if "gpu" in item.keywords:
-                item.add_marker(skip)
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if item.module is not None and item.module.__name__.rsplit(".", 1)[-1] in NUMERICS_MODULES:
+            item.add_marker(pytest.mark.numerics)
+        if "gpu" in item.keywords and not torch.cuda.is_available():
+            item.add_marker(skip)

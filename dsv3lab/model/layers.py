@@ -54,10 +54,13 @@ class RMSNorm(nn.Module):
 
 def _cpu_has_native_bf16() -> bool:
     """Whether this CPU multiplies bf16 natively (AVX512-BF16 or AMX); without it oneDNN
-    emulates bf16 GEMMs at a fraction of fp32 speed."""
+    emulates bf16 GEMMs at a fraction of fp32 speed. ``DSV3LAB_CPU_BF16=native|upcast``
+    overrides the detection (read once, at import)."""
     mode = os.environ.get("DSV3LAB_CPU_BF16", "auto")
     if mode in ("native", "upcast"):
         return mode == "native"
+    if mode != "auto":
+        raise ValueError(f"DSV3LAB_CPU_BF16 must be 'native', 'upcast' or 'auto', got {mode!r}")
     try:
         with open("/proc/cpuinfo") as f:
             flags = f.read()
@@ -70,8 +73,15 @@ _NATIVE_BF16 = _cpu_has_native_bf16()
 UPCAST_MIN_ROWS = 16   # below this a GEMM is a memory-bound GEMV: reading bf16 weights wins
 
 
+def cpu_bf16_policy() -> str:
+    """"native" (bf16 GEMMs run in bf16) or "upcast" (bf16 storage, fp32 GEMMs of 16+ rows)."""
+    return "native" if _NATIVE_BF16 else "upcast"
+
+
 def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """x @ w.T for a plain (non-FP8) weight, with the CPU bf16 policy below."""
+    """x @ w.T for a plain (non-FP8) weight, with the CPU bf16 policy above. Both policies
+    accumulate in fp32 and round the output to bf16 once; they differ in speed, and in the last
+    bit where a kernel's summation order differs (tests/test_cpu_bf16.py bounds both)."""
     if (x.dtype == torch.bfloat16 and not _NATIVE_BF16 and x.device.type == "cpu"
             and x.numel() >= UPCAST_MIN_ROWS * x.shape[-1]):
         # bf16 storage, fp32 arithmetic: on CPUs without bf16 units a compute-bound GEMM
