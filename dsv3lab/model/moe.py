@@ -15,6 +15,21 @@ Dispatch groups the T*k (token, expert) pairs by expert with one argsort, runs e
 its contiguous slice, and scatters back with index_add -- no per-token Python loop. Expert
 parallelism (``dsv3lab.parallel``) replaces ``MoE.dispatch`` from outside; the model keeps the
 plain single-process version.
+
+Seams for interpretability (``dsv3lab.interp``), all off by default and tested only by an
+``is None`` / ``active`` check on the fast path:
+  * ``Gate.forced_routing``: a callable ``scores [T,E] -> (topk_ids [T,k], topk_weights [T,k] or
+    None)`` that replaces the selection (routing replay); None weights are recomputed from the
+    current scores exactly as the gate would (``Gate.weights_of``).
+  * ``Gate.expert_mask``: bool [E], False = the expert may not be selected (ablation by
+    rerouting). Masked experts get -inf selection scores *before* the group step, so a group's
+    score is the sum of its best two remaining experts (the best one alone when one remains; -inf,
+    never kept, when none does) -- the router as if those experts had never existed. The
+    weights still come from the unmasked scores (V2's softmax is not renormalised over survivors).
+  * ``MoE.hook_expert_out`` [T,k,D]: each chosen expert's own output (unweighted, slot order of
+    ``topk_ids``); only when something is attached does dispatch materialise it, and then the
+    combine multiplies the (possibly replaced) tensor by the weights -- the same products and the
+    same sum as the fast path, so observing it changes no bit of the output.
 """
 
 from __future__ import annotations
@@ -22,6 +37,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules import module as _torch_module
 
 from dsv3lab.config import ModelConfig
 from dsv3lab.model.layers import MLP, HookPoint
@@ -44,6 +60,18 @@ class Gate(nn.Module):
         self.hook_group_mask = HookPoint("[T,G] bool, groups kept for each token (only fires when topk_group < n_group > 1)")
         self.hook_topk_ids = HookPoint("[T,k] int64 chosen experts")
         self.hook_topk_weights = HookPoint("[T,k] fp32 routing weights")
+        # interpretability seams (module docstring); None = the gate as trained
+        self.forced_routing = None
+        self.expert_mask = None
+
+    def weights_of(self, scores: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
+        """Routing weights of the chosen experts [T,k] fp32: their unbiased scores, normalised
+        (sigmoid, norm_topk_prob) and scaled by routed_scaling_factor."""
+        cfg = self.cfg
+        weights = scores.gather(1, topk_ids)
+        if cfg.norm_topk_prob and topk_ids.shape[1] > 1:
+            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+        return weights * cfg.routed_scaling_factor
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [T,D] -> topk_ids [T,k] (int64), topk_weights [T,k] (fp32)."""
@@ -55,13 +83,25 @@ class Gate(nn.Module):
         else:
             scores = logits.softmax(dim=-1)
         scores = self.hook_scores(scores)
+        if self.forced_routing is not None:
+            topk_ids, weights = self.forced_routing(scores)
+            topk_ids = topk_ids.to(scores.device, torch.int64)
+            weights = (self.weights_of(scores, topk_ids) if weights is None
+                       else weights.to(scores.device, torch.float32))
+            return self.hook_topk_ids(topk_ids), self.hook_topk_weights(weights)
         choice = scores
         if self.has_bias:
             choice = scores + self.e_score_correction_bias.float()
         choice = self.hook_biased_scores(choice)
+        masked = self.expert_mask is not None
+        if masked:
+            choice = choice.masked_fill(~self.expert_mask.to(choice.device), float("-inf"))
         if G > 1 and cfg.topk_group < G:
             grouped = choice.view(-1, G, E // G)
-            if self.has_bias:
+            if self.has_bias and masked:
+                best2 = grouped.topk(2, dim=-1).values
+                group_scores = best2[..., 0] + best2[..., 1].masked_fill(best2[..., 1] == float("-inf"), 0.0)
+            elif self.has_bias:
                 group_scores = grouped.topk(2, dim=-1).values.sum(dim=-1)
             else:
                 group_scores = grouped.amax(dim=-1)
@@ -71,11 +111,7 @@ class Gate(nn.Module):
             expert_mask = group_mask[:, :, None].expand(-1, G, E // G).reshape(-1, E)
             choice = choice.masked_fill(~expert_mask, float("-inf"))
         topk_ids = choice.topk(k, dim=-1).indices
-        weights = scores.gather(1, topk_ids)
-        if cfg.norm_topk_prob and k > 1:
-            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
-        weights = weights * cfg.routed_scaling_factor
-        return self.hook_topk_ids(topk_ids), self.hook_topk_weights(weights)
+        return self.hook_topk_ids(topk_ids), self.hook_topk_weights(self.weights_of(scores, topk_ids))
 
 
 class MoE(nn.Module):
@@ -92,6 +128,7 @@ class MoE(nn.Module):
         self.hook_expert_counts = HookPoint("[E] int64 tokens routed to each expert in this call")
         self.hook_routed_out = HookPoint("[T,D] weighted sum of routed experts")
         self.hook_shared_out = HookPoint("[T,D] shared experts' output")
+        self.hook_expert_out = HookPoint("[T,k,D] each chosen expert's output, unweighted, in topk_ids slot order")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
@@ -122,6 +159,12 @@ class MoE(nn.Module):
                 outs.append(self.experts[e](xs[lo:hi]))
             lo = hi
         ys = torch.cat(outs) if outs else xs[:0]
+        if self.hook_expert_out.active or _torch_module._global_forward_hooks:
+            # per-expert outputs for probes: [T,k,D] in slot order, then the same combine
+            per_slot = torch.empty(T * k, x.shape[-1], dtype=ys.dtype, device=x.device)
+            per_slot[order] = ys
+            per_slot = self.hook_expert_out(per_slot.view(T, k, -1))
+            return (per_slot.float() * topk_weights.float()[..., None]).sum(dim=1).to(x.dtype)
         # combine: undo the sort (a permutation of the T*k pairs), then sum each token's k
         # outputs in fp32 -- deterministic, and no scatter-add
         pairs = torch.empty(T * k, x.shape[-1], dtype=torch.float32, device=x.device)

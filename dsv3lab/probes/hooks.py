@@ -26,6 +26,7 @@ depth; T = B*S tokens in batch-major order.
   layers.L.mlp.hook_expert_counts          [E] int64 tokens routed to each expert in this call
   layers.L.mlp.hook_routed_out             [T,D] weighted sum of routed experts
   layers.L.mlp.hook_shared_out             [T,D] shared experts' output
+  layers.L.mlp.hook_expert_out             [T,k,D] each chosen expert's output, unweighted, slot order of topk_ids
   layers.L.hook_mlp_out                    [B,S,D] FFN / MoE output
   layers.L.hook_resid_post                 [B,S,D] residual out of the block
   mtp.K.hook_h_in                          [B,S,D] hidden state from the previous depth
