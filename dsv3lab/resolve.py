@@ -54,14 +54,14 @@ def resolve_config(name_or_dir: str) -> ModelConfig:
                      "nor a checkpoint directory")
 
 
-def resolve_model(name_or_dir: str, dtype=None):
-    """A checkpoint directory (``dsv3lab.load``, eval mode) or a preset name (built, seed 0)
+def resolve_model(name_or_dir: str, dtype=None, seed: int = 0):
+    """A checkpoint directory (``dsv3lab.load``, eval mode) or a preset name (built with ``seed``)
     -> (model, codec)."""
-    if os.path.isdir(name_or_dir):
+    if os.path.isdir(str(name_or_dir)):
         model = load(name_or_dir, dtype=dtype)
         return model.eval(), codec_for(name_or_dir, model.cfg.vocab_size)
     if name_or_dir in PRESETS:
-        model = build(name_or_dir, seed=0, dtype=dtype)
+        model = build(name_or_dir, seed=seed, dtype=dtype)
         return model, TextCodec(None, model.cfg.vocab_size)
     raise ValueError(f"{name_or_dir!r} is neither a checkpoint directory nor a preset "
                      f"({', '.join(sorted(PRESETS))})")
@@ -71,8 +71,5 @@ def lab_model(preset: str = "lab", dtype=torch.float32):
     """(model, codec, source): the lab's default model in eval mode (``default_model_dir()``),
     else a built ``preset`` with random weights (seed 0); ``source`` says which it is."""
     path = default_model_dir()
-    if path is not None:
-        model = load(path, dtype=dtype)
-        return model.eval(), codec_for(path, model.cfg.vocab_size), path
-    model = build(preset, seed=0, dtype=dtype)
-    return model.eval(), TextCodec(None, model.cfg.vocab_size), f"built {preset!r} preset (random weights, seed 0)"
+    model, codec = resolve_model(path or preset, dtype=dtype)
+    return model.eval(), codec, path or f"built {preset!r} preset (random weights, seed 0)"

@@ -36,15 +36,17 @@ def _rss_bytes() -> tuple[int, int]:
 
 
 def _model(source, seed, dtype, ctx=None, fp8="dequant"):
-    import dsv3lab
+    """One process: ``resolve_model``. One rank: its slices of the checkpoint, or the preset built
+    with ``seed`` (the same weights on every rank) and sharded in memory."""
+    from dsv3lab.checkpoint import build
     from dsv3lab.parallel.apply import apply_layout
     from dsv3lab.parallel.loading import load_sharded
+    from dsv3lab.resolve import resolve_model
+    if ctx is None:
+        return resolve_model(source, dtype=dtype, seed=seed)[0]
     if os.path.isdir(str(source)):
-        if ctx is None:
-            return dsv3lab.load(source, dtype=dtype)
         return load_sharded(source, ctx, dtype=dtype, fp8=fp8)
-    model = dsv3lab.build(source, seed=seed, dtype=dtype)
-    return apply_layout(model, ctx) if ctx is not None else model
+    return apply_layout(build(source, seed=seed, dtype=dtype), ctx)
 
 
 def _tokens(tokens) -> torch.Tensor:
