@@ -28,6 +28,7 @@ checkpoint's tokenizer_config.json, else True as DeepSeek-V3's tokenizer does), 
 from __future__ import annotations
 
 import json
+import logging
 import os
 from typing import Optional
 
@@ -37,6 +38,8 @@ from lm_eval import utils as lm_utils
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 from tqdm.auto import tqdm
+
+eval_logger = logging.getLogger(__name__)
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
            "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
@@ -94,8 +97,13 @@ class DSV3LabLM(TemplateLM):
             if self.batch_size < 1:
                 raise ValueError(f"dsv3lab lm-eval model: batch_size must be >= 1, got {self.batch_size}")
             self.max_batch_tokens = None
-        if device is not None and str(device).startswith("cuda") and not torch.cuda.is_available():
-            raise ValueError(f"dsv3lab lm-eval model: device {device!r} asked for but CUDA is not available")
+        if device is None:
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        elif str(device).startswith("cuda") and not torch.cuda.is_available():
+            # lm-eval's CLI fills in cuda:0 when --device is not given; its HF model falls back too
+            eval_logger.warning("dsv3lab lm-eval model: %s asked for but CUDA is not available; using the CPU",
+                                device)
+            device = "cpu"
         tok_config: dict = {}
         if isinstance(pretrained, (str, os.PathLike)):
             import dsv3lab
