@@ -18,12 +18,12 @@ import torch
 
 from dsv3lab.atomic import write_bytes_atomic
 from dsv3lab.config import ModelConfig
+from dsv3lab.probes.gate import biases_zeroed, moe_gates
 from dsv3lab.train.card import model_card
 from dsv3lab.train.corpus import encode_documents, eval_windows, python_docs_corpus, split_documents, train_tokenizer
 from dsv3lab.train.evaluate import evaluate, unigram_cross_entropy
 from dsv3lab.train.log import jsonl_text, plot_training_log
 from dsv3lab.train.loop import TrainConfig, train
-from dsv3lab.train.routing import moe_gates
 from dsv3lab.train.sample import greedy_continue
 
 
@@ -77,12 +77,8 @@ def train_lab(out: str = "data/lab-model", steps: Optional[int] = None, minutes:
     init = evaluate(build(cfg, seed=seed), val_w, tc.batch_size)
     model, log = train(cfg, train_ids, val_ids, tc, progress=progress)
     final = evaluate(model, val_w, tc.batch_size)
-    saved = [g.e_score_correction_bias.clone() for g in moe_gates(model)]
-    for g in moe_gates(model):
-        g.e_score_correction_bias.zero_()
-    nobias = evaluate(model, val_w, tc.batch_size)
-    for g, b in zip(moe_gates(model), saved):
-        g.e_score_correction_bias.copy_(b)
+    with biases_zeroed(model):
+        nobias = evaluate(model, val_w, tc.batch_size)
 
     prompt = "The list"
     sample = greedy_continue(model, tok, prompt, 48, cfg.eos_token_id)

@@ -22,7 +22,8 @@ def read_jsonl(path: str) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def _smooth(xs: list[float], k: int) -> list[float]:
+def smooth(xs: list[float], k: int) -> list[float]:
+    """Trailing moving average over ``k`` steps (shorter at the start)."""
     out, acc = [], 0.0
     for i, x in enumerate(xs):
         acc += x
@@ -40,9 +41,9 @@ def plot_training_log(log: Sequence[dict], title: str = ""):
     steps = [r["step"] for r in log]
     k = max(1, len(log) // 40)
     ax.plot(steps, [r["loss"] for r in log], color="C0", alpha=0.25, lw=0.8)
-    ax.plot(steps, _smooth([r["loss"] for r in log], k), color="C0", label="train (next token)")
+    ax.plot(steps, smooth([r["loss"] for r in log], k), color="C0", label="train (next token)")
     if log and log[0].get("mtp_loss") is not None:
-        ax.plot(steps, _smooth([r["mtp_loss"] for r in log], k), color="C1", label="train MTP (token +2)")
+        ax.plot(steps, smooth([r["mtp_loss"] for r in log], k), color="C1", label="train MTP (token +2)")
     ev = [r for r in log if "val_loss" in r]
     if ev:
         ax.plot([r["step"] for r in ev], [r["val_loss"] for r in ev], "o-", color="C2", label="validation")
@@ -54,7 +55,7 @@ def plot_training_log(log: Sequence[dict], title: str = ""):
     vio = [r["maxvio"] for r in log if r.get("maxvio") is not None]
     if vio:
         bx.plot(steps[:len(vio)], vio, color="C3", alpha=0.25, lw=0.8)
-        bx.plot(steps[:len(vio)], _smooth(vio, k), color="C3", label="train batch")
+        bx.plot(steps[:len(vio)], smooth(vio, k), color="C3", label="train batch")
         evv = [r for r in ev if "val_maxvio" in r]
         if evv:
             bx.plot([r["step"] for r in evv], [r["val_maxvio"] for r in evv], "o-", color="C2",

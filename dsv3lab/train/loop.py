@@ -7,6 +7,9 @@
      batch-wise one over all the batch's tokens (report sec. 4.5.3).
   2. Backward, clip the global grad norm to 1.0, AdamW (0.9, 0.95, weight decay 0.1 on matrices),
      linear warm-up then cosine decay of the learning rate.
+     ``gemm_precision`` rounds the operands of every eligible Linear's three GEMMs (BF16, or
+     FP8 the report's fine-grained way or per tensor; ``fp8_linear.py``); master weights, grads
+     and AdamW stay fp32.
   3. Aux-loss-free balancing, outside autograd (``dsv3lab.balance.bias_update``): every gate counts
      the experts its top-k chose in this step's forward and moves its bias against that load.
 
@@ -20,7 +23,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -29,8 +32,11 @@ from dsv3lab.config import ModelConfig
 from dsv3lab.train.corpus import eval_windows, sample_windows
 from dsv3lab.train.evaluate import evaluate
 from dsv3lab.train.log import write_jsonl
-from dsv3lab.train.losses import lm_losses, sequence_balance_loss
-from dsv3lab.train.routing import RoutingRecorder, max_violation, moe_gates
+from dsv3lab.probes.gate import moe_gates
+from dsv3lab.probes.metrics import batch_balance_loss, max_vio, sequence_balance_loss
+from dsv3lab.probes.recorder import RoutingRecorder
+from dsv3lab.train.fp8_linear import gemm_precision
+from dsv3lab.train.losses import lm_losses
 
 
 @dataclass(frozen=True)
@@ -47,7 +53,9 @@ class TrainConfig:
     mtp_lambda: float = 0.3         # loss weight of the MTP depths, (lambda / D) * sum_k CE_k
     bias_gamma: float = 0.001       # aux-loss-free bias step; 0 turns balancing off
     bias_centred: bool = False      # False: the paper's form; True: subtract the mean step
-    aux_alpha: float = 0.0          # sequence-wise balance loss weight (V3: 1e-4); 0 = off
+    aux_alpha: float = 0.0          # balance loss weight (V3: 1e-4 sequence-wise); 0 = off
+    aux_kind: str = "sequence"      # "sequence": f, P per sequence; "batch": over the whole batch
+    gemm_precision: str = "fp32"    # Linear GEMMs: "fp32", "bf16", "fp8", "fp8_tensor" (fp8_linear.py)
     seed: int = 0
     eval_every: int = 50            # steps between validation passes (and at the last step)
     eval_batches: int = 4
@@ -80,13 +88,24 @@ def _adamw(groups, tc: TrainConfig):
         return torch.optim.AdamW(groups, lr=tc.lr, betas=tuple(tc.betas), foreach=True)
 
 
+def _balance_loss(tc: TrainConfig, scores: torch.Tensor, topk_ids: torch.Tensor, top_k: int) -> torch.Tensor:
+    """sum_i f_i P_i of one gate (alpha is applied by the caller), per sequence or per batch."""
+    if tc.aux_kind == "batch":
+        return batch_balance_loss(scores, topk_ids, top_k, alpha=1.0)
+    return sequence_balance_loss(scores, topk_ids, tc.batch_size, top_k, alpha=1.0)
+
+
 def train(cfg: ModelConfig | str, train_tokens: torch.Tensor, val_tokens: Optional[torch.Tensor] = None,
           tc: TrainConfig = TrainConfig(), model=None, progress: bool = True,
-          log_path: Optional[str] = None):
+          log_path: Optional[str] = None, on_step: Optional[Callable] = None):
     """Train ``cfg`` (or continue ``model``) on a 1-D token stream. Returns (model, log): the model
     in eval mode and a list of dicts, one per step (step, loss, mtp_loss, lr, maxvio, grad_norm,
     tokens_per_s, elapsed_s, and val_loss/val_mtp_loss/val_maxvio on evaluation steps).
-    ``log_path`` gets the log as JSONL, written atomically when training ends."""
+    ``log_path`` gets the log as JSONL, written atomically when training ends. ``on_step(step,
+    row, counts)`` is called after every step with its log row and the [E] expert counts per gate
+    (e.g. to keep expert-load heatmaps without putting them in the log)."""
+    if tc.aux_kind not in ("sequence", "batch"):
+        raise ValueError(f"TrainConfig.aux_kind must be 'sequence' or 'batch', got {tc.aux_kind!r}")
     from dsv3lab.checkpoint import build
     if isinstance(cfg, str):
         cfg = ModelConfig.preset(cfg)
@@ -115,7 +134,7 @@ def train(cfg: ModelConfig | str, train_tokens: torch.Tensor, val_tokens: Option
         bar = tqdm(total=tc.steps, desc=f"train {cfg.name}", unit="step")
     t_start = time.perf_counter()
     try:
-        with RoutingRecorder(model, scores=use_aux) as rec:
+        with RoutingRecorder(model, scores=use_aux) as rec, gemm_precision(model, tc.gemm_precision):
             for step in range(tc.steps):
                 t0 = time.perf_counter()
                 lr = lr_at(step, tc)
@@ -129,9 +148,12 @@ def train(cfg: ModelConfig | str, train_tokens: torch.Tensor, val_tokens: Option
                     loss = loss + (tc.mtp_lambda / n_depth) * sum(mtp)
                 aux = None
                 if use_aux:
-                    aux = sum(sequence_balance_loss(s, ids, tc.batch_size, g.cfg.num_experts_per_tok)
+                    aux = sum(_balance_loss(tc, s, ids, g.cfg.num_experts_per_tok)
                               for g, s, ids in zip(rec.gates, rec.scores, rec.topk_ids) if s is not None)
                     loss = loss + tc.aux_alpha * aux
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(f"training loss is {float(loss)} at step {step} "
+                                             f"(gemm_precision {tc.gemm_precision!r}, lr {lr:g})")
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
@@ -144,7 +166,7 @@ def train(cfg: ModelConfig | str, train_tokens: torch.Tensor, val_tokens: Option
                 dt = time.perf_counter() - t0
                 row = dict(step=step, loss=float(main.detach()),
                            mtp_loss=(float(sum(mtp).detach()) / len(mtp)) if mtp else None,
-                           lr=lr, maxvio=(sum(max_violation(c) for c in counts) / len(counts)) if counts else None,
+                           lr=lr, maxvio=float(max_vio(torch.stack(counts)).mean()) if counts else None,
                            grad_norm=float(gnorm), tokens_per_s=window[:, :tc.seq_len].numel() / dt,
                            elapsed_s=time.perf_counter() - t_start)
                 if aux is not None:
@@ -155,6 +177,8 @@ def train(cfg: ModelConfig | str, train_tokens: torch.Tensor, val_tokens: Option
                     row.update(evaluate(model, val_w, tc.batch_size))
                     model.train()
                 log.append(row)
+                if on_step is not None:
+                    on_step(step, row, counts)
                 if bar is not None:
                     bar.update(1)
                     post = dict(loss=f"{row['loss']:.3f}", vio=f"{row['maxvio'] or 0:.2f}")
