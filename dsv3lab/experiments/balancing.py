@@ -43,7 +43,7 @@ def config(quick: bool) -> dict:
                     gamma=0.01, alpha=0.03,
                     train=dict(steps=4, batch_size=2, seq_len=16, lr=3e-3, warmup_steps=1))
     return dict(preset="tiny", docstrings=True, val_windows=32, threads=1, gamma=0.01, alpha=0.03,
-                train=dict(steps=250, batch_size=8, seq_len=64, lr=3e-3, warmup_steps=20))
+                train=dict(steps=150, batch_size=8, seq_len=64, lr=3e-3, warmup_steps=15))
 
 
 def scale(cfg: dict) -> str:
