@@ -355,14 +355,36 @@ def plan_reads(path: str, cfg: ModelConfig, reader: ShardReader, model: Transfor
     return plan
 
 
-def _check_ue8m0(reader: ShardReader, sk: str, s: torch.Tensor) -> None:
+def check_scales(reader: ShardReader, sk: str, s: torch.Tensor, scale_fmt: str | None,
+                 at: tuple[int, int] = (0, 0)) -> None:
+    """FP8 scales must be finite and >= 0 (else the weights come out NaN or sign-flipped), and
+    powers of two under ``scale_fmt="ue8m0"``. A rank checks the window it reads (``at``: the
+    window's first block), and names a bad block by its place in the whole grid."""
     from dsv3lab.fp8 import is_pow2
-    bad = ~is_pow2(s)
+    for bad, what in ((~torch.isfinite(s) | (s < 0), "negative or non-finite"),
+                      (~is_pow2(s) if scale_fmt == "ue8m0" else None, "not powers of two")):
+        if bad is not None and bad.any():
+            j = [int(v) for v in bad.nonzero()[0]]
+            i = [j[0] + at[0], j[1] + at[1]]
+            why = " although config.json says quantization_config.scale_fmt='ue8m0'" \
+                if what == "not powers of two" else ""
+            raise CheckpointError(f"{reader.file(sk)}: tensor {sk!r} holds scale(s) that are "
+                                  f"{what} (e.g. {s[tuple(j)].item()!r} at block {i}){why}")
+
+
+def check_finite(reader: ShardReader, key: str, t: torch.Tensor) -> None:
+    """No NaN or infinity in a weight (a corrupt file would otherwise give a model that runs and
+    returns NaN). e4m3fn has no infinity; its NaN is the bit pattern S.1111.111."""
+    if t.dtype == torch.float8_e4m3fn:
+        bad = (t.view(torch.uint8) & 0x7F) == 0x7F
+    elif t.dtype == torch.float8_e5m2:                   # exponent all ones: inf or NaN
+        bad = (t.view(torch.uint8) & 0x7C) == 0x7C
+    elif t.is_floating_point():
+        bad = ~torch.isfinite(t)
+    else:
+        return
     if bad.any():
-        i = [int(v) for v in bad.nonzero()[0]]
-        raise CheckpointError(f"{reader.file(sk)}: tensor {sk!r} holds {int(bad.sum())} scale(s) that are not "
-                              f"powers of two (e.g. {s[tuple(i)].item()!r} at {i}) although config.json "
-                              "says quantization_config.scale_fmt='ue8m0'")
+        raise CheckpointError(f"{reader.file(key)}: tensor {key!r} holds NaN or infinite values")
 
 
 def read_planned(plan: list[TensorRead], reader: ShardReader, cfg: ModelConfig, device, fp8: str,
@@ -377,6 +399,7 @@ def read_planned(plan: list[TensorRead], reader: ShardReader, cfg: ModelConfig, 
     for r in items:
         rows, cols = r.window
         t = reader.get(r.key, rows=rows, cols=cols)
+        check_finite(reader, r.key, t)
         if r.fp8:
             # the scale blocks covering this window: floor(start/b) .. ceil(stop/b)
             r0, c0 = (rows.start if rows else 0), (cols.start if cols else 0)
@@ -384,8 +407,7 @@ def read_planned(plan: list[TensorRead], reader: ShardReader, cfg: ModelConfig, 
             sk = r.key + "_scale_inv"
             s = reader.get(sk, rows=slice(r0 // block, math.ceil(r1 / block)),
                            cols=slice(c0 // block, math.ceil(c1 / block))).float()
-            if cfg.scale_fmt == "ue8m0":
-                _check_ue8m0(reader, sk, s)
+            check_scales(reader, sk, s, cfg.scale_fmt, at=(r0 // block, c0 // block))
             if fp8 == "keep" and isinstance(r.module, Linear):
                 r.module.weight = nn.Parameter(_own(t, device, t.dtype), requires_grad=False)
                 r.module.weight_scale_inv = _own(s, device, torch.float32)
@@ -552,16 +574,34 @@ def save(model: Transformer, path: str, fp8: bool = False, max_shard_bytes: int 
         for fn in os.listdir(tmp):
             if os.path.isfile(os.path.join(tmp, fn)):
                 os.chmod(os.path.join(tmp, fn), 0o666 & ~umask)
-        # swap: old -> backup, tmp -> path, drop backup
-        backup = None
-        if os.path.exists(path):
-            backup = tempfile.mkdtemp(prefix=os.path.basename(path) + ".old-", dir=parent)
-            os.rmdir(backup)
-            os.rename(path, backup)
-        os.rename(tmp, path)
-        if backup:
-            shutil.rmtree(backup, ignore_errors=True)
+        if not os.path.exists(path):
+            os.rename(tmp, path)
+        else:
+            _exchange_dirs(tmp, path)          # now tmp holds the previous checkpoint
+            shutil.rmtree(tmp, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return path
+
+
+def _exchange_dirs(a: str, b: str) -> None:
+    """Swap two directories in one step (Linux renameat2 RENAME_EXCHANGE), so that at every
+    instant ``b`` is a complete checkpoint, the old one or the new one. Where the call is
+    missing (another OS, an old libc, a file system without it) fall back to two renames, with
+    an instant in between at which ``b`` does not exist (the old one then sits beside it)."""
+    try:
+        import ctypes
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        renameat2 = None
+    if renameat2 is not None:
+        AT_FDCWD, RENAME_EXCHANGE = -100, 2
+        if renameat2(AT_FDCWD, os.fsencode(a), AT_FDCWD, os.fsencode(b), RENAME_EXCHANGE) == 0:
+            return
+    backup = tempfile.mkdtemp(prefix=os.path.basename(b) + ".old-", dir=os.path.dirname(b))
+    os.rmdir(backup)
+    os.rename(b, backup)
+    os.rename(a, b)
+    os.rename(backup, a)
