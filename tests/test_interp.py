@@ -287,10 +287,13 @@ def test_expert_importance_matches_full_forwards(model):
     torch.testing.assert_close(imp["load"].sum(-1), torch.ones(2, dtype=torch.float64).float(), rtol=0, atol=1e-6)
     base = I.next_token_loss(model, w)
     assert imp["base"] == pytest.approx(base, rel=1e-6)
-    for L, e in [(1, 3), (2, 11)]:
-        with I.ablate_experts(model, {L: [e]}, mode="reroute"):
-            full = I.next_token_loss(model, w)
-        assert imp["delta"][[1, 2].index(L), e] == pytest.approx(full - base, abs=1e-5)
+    zero = I.expert_importance(model, w, mode="zero", experts_per_batch=5, progress=False)
+    for L, e in [(1, 3), (2, 11), (2, 15)]:      # batched copies == one full forward per ablation
+        for mode, got in (("reroute", imp), ("zero", zero)):
+            with I.ablate_experts(model, {L: [e]}, mode=mode):
+                full = I.next_token_loss(model, w)
+            assert got["delta"][[1, 2].index(L), e] == pytest.approx(full - base, abs=1e-5)
+    assert (imp["delta"] != 0).any() and (zero["delta"] != 0).any()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ from dsv3lab.interp.ablate import ablate_experts, expert_importance
 from dsv3lab.interp.attribution import Attribution, direct_logit_attribution
 from dsv3lab.interp.lens import logit_lens, next_token_stats
 from dsv3lab.interp.patching import PatchResult, activation_patching, expert_patching, logit_diff, patched_run
-from dsv3lab.interp.replay import Replay, ReplayError, perturbed_biases, replay
+from dsv3lab.interp.replay import Replay, ReplayError, perturbed_biases, replay, routing_or_experts
 from dsv3lab.interp.routing_layouts import (from_per_token, from_sglang_routed, from_vllm, to_sglang_routed,
                                             to_vllm)
 from dsv3lab.interp.specialisation import (Specialisation, classify_text, coactivation, expert_specialisation,
@@ -25,7 +25,7 @@ from dsv3lab.interp.windows import corpus_windows, next_token_loss
 
 __all__ = ["ablate_experts", "expert_importance", "Attribution", "direct_logit_attribution", "logit_lens",
            "next_token_stats", "PatchResult", "activation_patching", "expert_patching", "logit_diff",
-           "patched_run", "Replay", "ReplayError", "perturbed_biases", "replay", "from_per_token",
+           "patched_run", "Replay", "ReplayError", "perturbed_biases", "replay", "routing_or_experts", "from_per_token",
            "from_sglang_routed", "from_vllm", "to_sglang_routed", "to_vllm", "Specialisation",
            "classify_text", "coactivation", "expert_specialisation", "routing_by_class", "token_classes", "corpus_windows",
            "next_token_loss"]

@@ -139,8 +139,8 @@ def attribution_bars(rows: Sequence[dict], total: Optional[float] = None, title:
     """Horizontal bars of ``Attribution.table`` rows (largest first)."""
     names = []
     for r in rows:
-        if r["component"] == "embed":
-            names.append("embed")
+        if r["layer"] is None:
+            names.append(r["component"])
         elif r["component"] == "expert":
             names.append(f"block {r['layer']} expert {r['expert']}")
         else:

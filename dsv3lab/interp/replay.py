@@ -195,3 +195,30 @@ def perturbed_biases(model, scale: float = 0.05, seed: int = 0):
         with torch.no_grad():
             for gate, b in saved:
                 gate.e_score_correction_bias.copy_(b)
+
+
+@torch.no_grad()
+def routing_or_experts(model, windows: torch.Tensor, change, batch_size: int = 8) -> dict:
+    """Split the loss change a model change causes into its routing part and the rest.
+
+    ``change`` is a zero-argument callable returning a context manager that changes the model
+    (``lambda: fp8_fake_quant(model)``, ``lambda: perturbed_biases(model)``, ...). Three losses
+    over windows [N, S] (next-token CE, nats): ``base`` (unchanged), ``changed`` (changed, routing
+    free) and ``changed_replayed`` (changed, replaying the unchanged model's routing and weights).
+    ``expert_effect`` = changed_replayed - base is what the change does with the routing held
+    fixed; ``routing_effect`` = changed - changed_replayed is what the re-routing adds on top.
+    ``routing_changed`` is the fraction of (layer, token) top-k *sets* that differ, per MoE layer."""
+    from dsv3lab.interp.windows import next_token_loss
+    from dsv3lab.probes import trace
+    with trace(model, mtp=False) as t0:
+        base = next_token_loss(model, windows, batch_size)
+    with change():
+        with trace(model, mtp=False) as t1:
+            changed = next_token_loss(model, windows, batch_size)
+        with replay(model, t0.routing):
+            replayed = next_token_loss(model, windows, batch_size)
+    a = t0.routing.topk_ids.sort(-1).values
+    b = t1.routing.topk_ids.sort(-1).values
+    differ = (a != b).any(-1).float().mean(-1)
+    return dict(base=base, changed=changed, changed_replayed=replayed, expert_effect=replayed - base,
+                routing_effect=changed - replayed, routing_changed=differ, layers=t0.routing.layers)

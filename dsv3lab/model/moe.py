@@ -21,11 +21,12 @@ Seams for interpretability (``dsv3lab.interp``), all off by default and tested o
   * ``Gate.forced_routing``: a callable ``scores [T,E] -> (topk_ids [T,k], topk_weights [T,k] or
     None)`` that replaces the selection (routing replay); None weights are recomputed from the
     current scores exactly as the gate would (``Gate.weights_of``).
-  * ``Gate.expert_mask``: bool [E], False = the expert may not be selected (ablation by
-    rerouting). Masked experts get -inf selection scores *before* the group step, so a group's
-    score is the sum of its best two remaining experts (the best one alone when one remains; -inf,
-    never kept, when none does) -- the router as if those experts had never existed. The
-    weights still come from the unmasked scores (V2's softmax is not renormalised over survivors).
+  * ``Gate.expert_mask``: bool [E] (or [T,E], one row per token of the call), False = the expert
+    may not be selected (ablation by rerouting). Masked experts get -inf selection scores
+    *before* the group step, so a group's score is the sum of its best two remaining experts (the
+    best one alone when one remains; -inf, never kept, when none does) -- the router as if those
+    experts had never existed. The weights still come from the unmasked scores (V2's softmax is
+    not renormalised over survivors).
   * ``MoE.hook_expert_out`` [T,k,D]: each chosen expert's own output (unweighted, slot order of
     ``topk_ids``); only when something is attached does dispatch materialise it, and then the
     combine multiplies the (possibly replaced) tensor by the weights -- the same products and the
