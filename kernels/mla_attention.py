@@ -3,7 +3,7 @@
   q      [B, H, c + r]   the new token's query, already in latent space: [q_nope W_UK ; q_pe]
   cache  [B, T, c + r]   row t = [c_kv,t ; k_pe,t] (keys), and its first c columns are the values
   o      [B, H, c]       o_h = sum_t softmax_t(q_h . cache_t * scale) cache_t[:c]
-The caller applies W_UV and o_proj (``MLA._absorbed``). For V3 c + r = 512 + 64 = 576: one cache
+The caller applies W_UV and o_proj (``dsv3lab.model.attn_absorbed``). For V3 c + r = 512 + 64 = 576: one cache
 row is read once for all heads of a block, so decode is bound by reading B*T*576 values.
 
 Flash-decoding: the context is cut into ``num_splits`` pieces so that even B = 1 fills the GPU;

@@ -1,7 +1,7 @@
 from dsv3lab.model.transformer import Block, MTPLayer, Transformer
-from dsv3lab.model.mla import MLA, KVCache, LatentCache
+from dsv3lab.model.mla import ATTENTION, MLA, KVCache, LatentCache
 from dsv3lab.model.moe import MoE, Gate
 from dsv3lab.model.layers import HookPoint, Linear, RMSNorm, MLP
 
-__all__ = ["Block", "MTPLayer", "Transformer", "MLA", "KVCache", "LatentCache", "MoE", "Gate",
+__all__ = ["Block", "MTPLayer", "Transformer", "MLA", "ATTENTION", "KVCache", "LatentCache", "MoE", "Gate",
            "HookPoint", "Linear", "RMSNorm", "MLP"]

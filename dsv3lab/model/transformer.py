@@ -3,7 +3,7 @@
 Block:  h = x + attn(norm1(x));  out = h + ffn(norm2(h))      (pre-norm, RMSNorm eps 1e-6)
 Blocks [0, first_k_dense_replace) use a dense SwiGLU, the rest DeepSeekMoE. The head is untied.
 MTP module k (stored as checkpoint layer num_hidden_layers + k) predicts token i+1+k from the
-previous depth's hidden state h_i and the embedding of token i+k (see mtp.py).
+previous depth's hidden state h_i and the embedding of token i+k (``MTPLayer`` below).
 
 ``model(tokens)`` returns logits for every position. With ``cache=`` and ``start=`` it runs a
 chunk of positions [start, start+S) against a preallocated cache (prefill, then decode).
@@ -16,7 +16,7 @@ from torch import nn
 
 from dsv3lab.config import ModelConfig
 from dsv3lab.model.layers import MLP, HookPoint, Linear, RMSNorm
-from dsv3lab.model.mla import MLA, KVCache, LatentCache
+from dsv3lab.model.mla import MLA, attention_class
 from dsv3lab.model.moe import MoE
 from dsv3lab.model.rope import RotaryTable
 
@@ -98,12 +98,14 @@ class Transformer(nn.Module):
         return self.layers[0].self_attn.mode
 
     def set_attn_mode(self, mode: str, absorb_prefill: bool | None = None) -> "Transformer":
-        """'absorbed' (latent cache, the default) or 'naive' (per-head K/V cache)."""
-        if mode not in ("absorbed", "naive"):
-            raise ValueError(f"attn_mode must be 'absorbed' or 'naive', got {mode!r}")
+        """Attention implementation for every layer, by name (``dsv3lab.model.mla.ATTENTION``):
+        'absorbed' (latent cache, the default) or 'naive' (per-head K/V cache).
+        ``absorb_prefill`` (None keeps the current setting) computes prefill chunks in the
+        latent space too."""
+        attention_class(mode)                       # unknown names fail before anything changes
         for m in self.modules():
             if isinstance(m, MLA):
-                m.mode = mode
+                m.set_attention(mode)
                 if absorb_prefill is not None:
                     m.absorb_prefill = absorb_prefill
         return self
@@ -117,7 +119,8 @@ class Transformer(nn.Module):
         return self.embed_tokens.weight.dtype
 
     def new_cache(self, batch: int, max_len: int, mode: str | None = None, dtype=None):
-        """Preallocated cache for the main blocks plus the MTP blocks (one slot each)."""
+        """Preallocated cache for the main blocks plus the MTP blocks (one slot each), of the
+        kind the attention implementation keeps; ``mode`` switches the model to it first."""
         mode = mode or self.attn_mode
         if mode != self.attn_mode:
             self.set_attn_mode(mode)
@@ -125,11 +128,9 @@ class Transformer(nn.Module):
             raise ValueError(f"max_len {max_len} exceeds max_position_embeddings "
                              f"{self.cfg.max_position_embeddings}")
         n = self.cfg.num_hidden_layers + len(self.mtp)
-        cls = LatentCache if mode == "absorbed" else KVCache
-        kw = {}
-        if mode == "naive":
-            kw["n_heads"] = self.layers[0].self_attn.n_heads
-        return cls(self.cfg, n, batch, max_len, dtype or self.dtype, self.device, **kw)
+        attn = self.layers[0].self_attn
+        return attn.impl.cache_cls(self.cfg, n, batch, max_len, dtype or self.dtype, self.device,
+                                   n_heads=attn.n_heads)
 
     # --- forward ----------------------------------------------------------------------------
     def check_tokens(self, tokens: torch.Tensor, start: int = 0) -> None:

@@ -11,9 +11,9 @@ What each module becomes (A.7 of FACTS, with all-to-all expert parallelism added
   mlp.experts[e]                 kept on the EP rank that owns e, None elsewhere
   mlp.dispatch                   ExpertParallelDispatch (all-to-all, or the all-reduce baseline)
   lm_head                        VocabParallelHead (rows split over TP, all_gather)
-The latent cache needs nothing: it holds c_kv and k_pe, which every TP rank computes whole, so
-``model.new_cache`` gives each rank the full (replicated) cache; the naive cache follows the
-per-rank head count.
+The caches need nothing here: ``model.new_cache`` asks the attention implementation for its cache
+with this rank's head count. The latent cache holds c_kv and k_pe, which every TP rank computes
+whole, so each rank keeps the full (replicated) latent; the naive cache holds this rank's heads.
 
 On a model with weights the slices are cut from the full tensors (FP8 weights with their
 128-block scales; the split must then fall on block boundaries). On a meta model only shapes
