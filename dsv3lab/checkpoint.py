@@ -436,6 +436,8 @@ def load_checkpoint(path: str, dtype: torch.dtype | None = None, device=None, fp
                    for name, t in list(model.named_parameters()) + list(model.named_buffers())
                    if not name.endswith("weight_scale_inv")}
     check_keys(path, cfg, set(reader.keys()), set(full_shapes))
+    for key in {reader.weight_map[k]: k for k in sorted(reader.keys())}.values():
+        reader.handle(key)     # open every shard (headers only): a damaged one is named even if unread
     if shard_model is not None:
         shard_model(model)
     plan = plan_reads(path, cfg, reader, model, full_shapes)
