@@ -116,8 +116,10 @@ def test_wrong_cache_kind_and_unknown_mode_are_named():
     m.set_attn_mode("absorbed")
     with pytest.raises(ValueError, match="KVCache.*'naive'.*'absorbed'"):
         m(torch.tensor([[1, 2]]), cache=cache)
-    with pytest.raises(ValueError, match=r"attn_mode must be one of \['absorbed', 'naive'\], got 'sparse'"):
-        m.set_attn_mode("sparse")
+    with pytest.raises(ValueError, match=r"attn_mode must be one of \['absorbed', 'naive', 'sparse'\], got 'flash'"):
+        m.set_attn_mode("flash")
+    with pytest.raises(ValueError, match="'sparse' attention needs the V3.2 indexer"):
+        m.set_attn_mode("sparse")                  # tiny has no indexer
     assert m.attn_mode == "absorbed"
     with pytest.raises(ValueError, match="holds 1 sequences"):
         m(torch.tensor([[1], [2]]), cache=m.new_cache(1, 8))

@@ -115,6 +115,11 @@ class Attention:
         """Extra weights this variant needs for ``cfg`` (registered on MLA by name); usually none."""
         return {}
 
+    def cache_kwargs(self) -> dict:
+        """Extra keyword arguments ``Transformer.new_cache`` passes to ``cache_cls`` (a runtime
+        choice such as the DSA indexer's key format); usually none."""
+        return {}
+
     def __call__(self, a: AttnInput, cache: Cache | None, slot: int) -> torch.Tensor:
         """Write ``a`` into ``cache[slot]``, attend, return per-head outputs [B,S,H,v]."""
         raise NotImplementedError

@@ -46,6 +46,7 @@ KEY_FORMATS = ("model", "bf16", "fp8")
 FP8_BLOCK = 128
 # query rows x keys x heads held at once while scoring a prefill chunk (fp32: 4 bytes each)
 _SCORE_CHUNK_ELEMS = 1 << 24
+_KEY_CHUNK = 4096          # bf16 key rows upcast at a time
 
 
 def fp8_block(head_dim: int) -> int:
@@ -113,19 +114,27 @@ def index_scores(q: torch.Tensor, w: torch.Tensor, keys: torch.Tensor, start: in
     """I[b,s,t] = sum_h w[b,s,h] relu(q[b,s,h] . keys[b,t]) in fp32, -inf where t > start + s.
 
     q [B,S,H,D], w [B,S,H] (fp32, the D^-0.5 and H^-0.5 folded in), keys [B,T,D] -> [B,S,T].
-    The keys are the left operand ([T,D] @ [D,S*H]), so the cache is read row-major and never
-    transposed; long prefills are scored in chunks of queries to bound the [T, S*H] buffer.
+    The keys are the left operand ([t,D] @ [D,s*H]), so the cache is read row-major and never
+    transposed. Queries are taken in chunks (bounding the [t, s*H] buffer of a long prefill) and
+    keys stored in bf16 in blocks of _KEY_CHUNK rows, upcast to fp32 while they are in cache
+    (one fp32 copy of a 32K-token key cache per step would cost more than the scores).
+    Key blocks entirely after a chunk's last query are skipped (-inf).
     """
     B, S, H, D = q.shape
     T = keys.shape[1]
-    kf = keys.float()
-    out = torch.empty(B, S, T, dtype=torch.float32, device=q.device)
-    step = max(1, _SCORE_CHUNK_ELEMS // max(1, T * H))
-    for s0 in range(0, S, step):
-        s1 = min(S, s0 + step)
-        qc = q[:, s0:s1].float().reshape(B, (s1 - s0) * H, D)
-        logits = F.relu(torch.bmm(kf, qc.transpose(1, 2)))                 # [B,T,s*H]
-        out[:, s0:s1] = torch.einsum("btsh,bsh->bst", logits.view(B, T, s1 - s0, H), w[:, s0:s1].float())
+    out = torch.full((B, S, T), float("-inf"), dtype=torch.float32, device=q.device)
+    tstep = T if keys.dtype == torch.float32 else _KEY_CHUNK
+    sstep = max(1, _SCORE_CHUNK_ELEMS // max(1, min(T, tstep) * H))
+    wf = w.float()
+    for s0 in range(0, S, sstep):
+        s1 = min(S, s0 + sstep)
+        n = s1 - s0
+        qc = q[:, s0:s1].float().reshape(B, n * H, D).transpose(1, 2)      # [B,D,s*H]
+        for t0 in range(0, min(T, start + s1), tstep):
+            t1 = min(T, t0 + tstep)
+            logits = torch.bmm(keys[:, t0:t1].float(), qc).clamp_min_(0)    # relu, [B,t,s*H]
+            out[:, s0:s1, t0:t1] = torch.einsum("btsh,bsh->bst", logits.view(B, t1 - t0, n, H),
+                                                wf[:, s0:s1])
     if S > 1:
         qpos = torch.arange(start, start + S, device=q.device)[:, None]
         future = torch.arange(T, device=q.device)[None, :] > qpos                # [S,T]
@@ -138,6 +147,18 @@ def select_topk(scores: torch.Tensor, index_topk: int) -> torch.Tensor:
     fewer than k keys (its remaining top-k entries would be masked, -inf, positions)."""
     k = min(index_topk, scores.shape[-1])
     vals, idx = scores.topk(k, dim=-1)
+    thr = vals[..., -1:]                                                   # the k-th best score
+    tied = (scores == thr) & (thr > float("-inf"))
+    if k < scores.shape[-1] and bool((tied.sum(-1) > 1).any()):
+        # Exact ties at the k-th score (all-zero relu sums are common): topk breaks them by its
+        # own algorithm, which differs between a [T] decode row and an [S,T] prefill; take the
+        # earliest tied positions instead, so every path selects the same keys.
+        need = k - (scores > thr).sum(-1, keepdim=True)
+        sel = (scores > thr) | (tied & (tied.cumsum(-1) <= need))
+        pos = torch.arange(scores.shape[-1], device=scores.device)
+        # the k selected positions, earliest first (a selected slot scores T - t > 0)
+        order = torch.where(sel, scores.shape[-1] - pos, 0).topk(k, dim=-1).indices
+        idx = torch.where(torch.gather(sel, -1, order), order, idx)
     return idx.masked_fill_(vals == float("-inf"), -1)
 
 

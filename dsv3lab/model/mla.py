@@ -23,6 +23,7 @@ from dsv3lab.config import ModelConfig
 from dsv3lab.model.attention import Attention, AttnInput
 from dsv3lab.model.attn_absorbed import AbsorbedAttention, LatentCache
 from dsv3lab.model.attn_naive import KVCache, NaiveAttention
+from dsv3lab.model.attn_sparse import SparseAttention
 from dsv3lab.model.layers import HookPoint, Linear, RMSNorm
 from dsv3lab.model.rope import apply_rope
 
@@ -30,6 +31,7 @@ from dsv3lab.model.rope import apply_rope
 ATTENTION: dict[str, type[Attention]] = {
     "absorbed": AbsorbedAttention,
     "naive": NaiveAttention,
+    "sparse": SparseAttention,          # V3.2's DSA; the default for configs with an indexer
 }
 
 __all__ = ["MLA", "ATTENTION", "attention_class", "LatentCache", "KVCache"]
@@ -72,7 +74,7 @@ class MLA(nn.Module):
         for impl in ATTENTION.values():
             for name, module in impl.submodules(cfg, dtype, device).items():
                 self.add_module(name, module)
-        self.impl: Attention = AbsorbedAttention(self)
+        self.impl: Attention = SparseAttention(self) if cfg.has_indexer else AbsorbedAttention(self)
 
     # --- which attention --------------------------------------------------------------------
     @property

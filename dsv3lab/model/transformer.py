@@ -97,11 +97,14 @@ class Transformer(nn.Module):
     def attn_mode(self) -> str:
         return self.layers[0].self_attn.mode
 
-    def set_attn_mode(self, mode: str, absorb_prefill: bool | None = None) -> "Transformer":
+    def set_attn_mode(self, mode: str | None, absorb_prefill: bool | None = None) -> "Transformer":
         """Attention implementation for every layer, by name (``dsv3lab.model.mla.ATTENTION``):
-        'absorbed' (latent cache, the default) or 'naive' (per-head K/V cache).
+        'absorbed' (latent cache, the default) or 'naive' (per-head K/V cache); 'sparse' (V3.2's
+        DSA, the default when the config has an indexer). None: the config's default.
         ``absorb_prefill`` (None keeps the current setting) computes prefill chunks in the
         latent space too."""
+        if mode is None:
+            mode = "sparse" if self.cfg.has_indexer else "absorbed"
         attention_class(mode)                       # unknown names fail before anything changes
         for m in self.modules():
             if isinstance(m, MLA):
@@ -130,7 +133,7 @@ class Transformer(nn.Module):
         n = self.cfg.num_hidden_layers + len(self.mtp)
         attn = self.layers[0].self_attn
         return attn.impl.cache_cls(self.cfg, n, batch, max_len, dtype or self.dtype, self.device,
-                                   n_heads=attn.n_heads)
+                                   n_heads=attn.n_heads, **attn.impl.cache_kwargs())
 
     # --- forward ----------------------------------------------------------------------------
     def check_tokens(self, tokens: torch.Tensor, start: int = 0) -> None:

@@ -1,0 +1,121 @@
+"""DeepSeek Sparse Attention (V3.2): absorbed MLA restricted to the keys the indexer selects.
+
+Per layer, for the S new queries at positions [start, start + S) (V3.2 report, sec. 2.1):
+
+1. the lightning indexer (``indexer.py``, submodule ``self_attn.indexer``) scores every visible
+   key and returns k = min(index_topk, T) positions per query, [B,S,k] (-1 = unused slot);
+2. MLA attends to those keys only, in the latent space (the "MQA mode" of MLA the report
+   builds DSA on: one [c_kv ; k_pe] row per key shared by all heads):
+     rows  = latent[idx]                                    [B,S,k,c+r]  gathered, not masked
+     o_lat = softmax(q_cat . rows * scale) rows[:, :c]      [B,S,H,c]    over k keys, not T
+   A decode step therefore reads k latent rows of the cache instead of T: core attention is
+   O(k) per token, the indexer O(T) with H_I x D_I = 64 x 128 multiply-adds per key against
+   MLA's H x (2c + r) = 128 x 1088 (V3.2's sizes).
+3. when k == T every visible key is selected and the layer runs the absorbed implementation's
+   own dense code: ``index_topk >= context`` is dense MLA exactly, not approximately.
+
+The cache is the absorbed latent cache plus the indexer's key cache (``SparseCache``); its
+key format ("model", "bf16" or "fp8", see indexer.py) is the indexer's, set for every layer by
+``set_key_format(model, fmt)`` before the cache is made. ``model.set_attn_mode("absorbed")`` on a
+V3.2 model runs dense MLA with the indexer ignored: the same model without DSA.
+With ``hook_attn_probs`` hooked the probabilities come back dense, [B,H,S,T], zero off the selection.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from dsv3lab.model.attention import AttnInput, keep_from_indices
+from dsv3lab.model.attn_absorbed import AbsorbedAttention, LatentCache, latent_attention
+from dsv3lab.model.indexer import KEY_FORMATS, Indexer, IndexerKeyCache
+
+# gathered latent values held at once in a prefill chunk (batch x queries x k x (c + r))
+_GATHER_CHUNK_ELEMS = 1 << 23
+
+
+class SparseCache(LatentCache):
+    """The latent cache of absorbed MLA plus the indexer's per-layer key cache ``index_keys``."""
+
+    mode = "sparse"
+
+    def __init__(self, cfg, n_layers: int, batch: int, max_len: int, dtype, device,
+                 n_heads: int | None = None, key_format: str = "model"):
+        super().__init__(cfg, n_layers, batch, max_len, dtype, device, n_heads)
+        self.index_keys = IndexerKeyCache(cfg.index_head_dim, n_layers, batch, max_len, key_format,
+                                          dtype, device, cfg.scale_fmt)
+
+    def tensors(self):
+        yield from super().tensors()
+        for buf in self.index_keys.layers:
+            yield from (buf if isinstance(buf, tuple) else (buf,))
+
+
+class SparseAttention(AbsorbedAttention):
+    name = "sparse"
+    cache_cls = SparseCache
+
+    @staticmethod
+    def submodules(cfg, dtype=None, device=None):
+        return {"indexer": Indexer(cfg, dtype, device)} if cfg.has_indexer else {}
+
+    def __init__(self, mla):
+        if not hasattr(mla, "indexer"):
+            raise ValueError("'sparse' attention needs the V3.2 indexer: a config with index_topk > 0 "
+                             "(model_type deepseek_v32)")
+        super().__init__(mla)
+
+    def cache_kwargs(self) -> dict:
+        return {"key_format": self.mla.indexer.key_format}
+
+    def __call__(self, a: AttnInput, cache: SparseCache | None, slot: int) -> torch.Tensor:
+        mla = self.mla
+        latent = self.write(a, cache, slot)                                   # [B,T,c+r]
+        idx = mla.indexer(a.x, a.q_latent, a.cos, a.sin, a.start,
+                          None if cache is None else cache.index_keys, slot)  # [B,S,k]
+        T = a.end
+        if idx.shape[-1] >= T:                          # every visible key selected: dense MLA
+            return self.attend(a, latent)
+        if mla.hook_attn_probs.active:                  # dense probabilities for the hook
+            return self.absorbed(a.q_nope, a.q_pe, latent, a.start, keep_from_indices(idx, T))
+        return self.gathered(a.q_nope, a.q_pe, latent, idx)
+
+    def gathered(self, q_nope, q_pe, latent, idx) -> torch.Tensor:
+        """Absorbed attention of each query over only its k selected latent rows -> [B,S,H,v]."""
+        mla = self.mla
+        B, S, H, _ = q_nope.shape
+        c, n, k = mla.c, mla.n, idx.shape[-1]
+        W = latent.shape[-1]
+        w_uk = mla.kv_b_weight()[:, :n].to(q_nope.dtype)                    # [H,n,c]
+        q_lat = torch.bmm(q_nope.permute(2, 0, 1, 3).reshape(H, B * S, n), w_uk)
+        q_cat = torch.cat([q_lat.view(H, B, S, c).permute(1, 2, 0, 3), q_pe], dim=-1)  # [B,S,H,c+r]
+        valid = idx >= 0
+        rows_of = idx.clamp_min(0)
+        o_lat = torch.empty(B, S, H, c, dtype=latent.dtype, device=latent.device)
+        step = max(1, _GATHER_CHUNK_ELEMS // max(1, B * k * W))
+        for s0 in range(0, S, step):
+            s1 = min(S, s0 + step)
+            m = B * (s1 - s0)
+            # one "batch element" per query: its k rows are its whole key/value set
+            # row gather by advanced indexing: [B, s*k] indices, whole 576-wide rows copied
+            rows = latent[torch.arange(B, device=idx.device)[:, None], rows_of[:, s0:s1].reshape(B, -1)]
+            rows = rows.view(m, k, W)
+            keep = None if bool(valid[:, s0:s1].all()) else valid[:, s0:s1].reshape(m, 1, k)
+            # a single query at position k-1 over k keys: the causal mask keeps all of them
+            o = latent_attention(q_cat[:, s0:s1].reshape(m, 1, H, W), rows, mla.scale, c, k - 1, keep)
+            o_lat[:, s0:s1] = o.view(B, s1 - s0, H, c)
+        o = torch.bmm(o_lat.permute(2, 0, 1, 3).reshape(H, B * S, c), self.w_uv_t(o_lat.dtype))
+        return o.view(H, B, S, -1).permute(1, 2, 0, 3)                     # [B,S,H,v]
+
+
+def set_key_format(model, key_format: str):
+    """Score with indexer keys in ``key_format`` ("model", "bf16" or "fp8") in every layer; make
+    caches after this call (``model.new_cache``), they take the format from the indexer."""
+    if key_format not in KEY_FORMATS:
+        raise ValueError(f"indexer key_format must be one of {KEY_FORMATS}, got {key_format!r}")
+    found = False
+    for m in model.modules():
+        if isinstance(m, Indexer):
+            m.key_format, found = key_format, True
+    if not found:
+        raise ValueError("model has no V3.2 indexer (its config has index_topk = 0)")
+    return model
