@@ -6,6 +6,7 @@
     res = experiments.run("balancing")                      # full scale, written to data/results/
     res = experiments.load_result("balancing")              # the recorded run, or None
     experiments.metric(res, "aux_free.maxvio_global")       # its mean over seeds
+    print(experiments.table(res, ["val_loss", "maxvio_global"]))   # arms x metrics, mean ± std
     dsv3lab experiment balancing [--quick] [--seeds 0,1,2]  # the same from the shell
 
 An experiment is a module with one function per arm (``run_arm``). ``run`` calls it for every
@@ -26,7 +27,7 @@ Result schema (``data/results/<name>.json``, written atomically):
       "seeds":    [0, 1, 2]   ([] for a deterministic experiment, run once),
       "command":  the command line that reproduces the file,
       "commit":   `git rev-parse HEAD` of the code that produced it (null outside a git checkout),
-      "dirty":    true when dsv3lab/ or kernels/ had uncommitted changes at the time,
+      "dirty":    true when dsv3lab/ or kernels/ had uncommitted changes when the run started,
       "created":  ISO-8601 UTC time,
       "wall_s":   seconds the whole run took,
       "metrics":  {"<arm>.<metric>" or "<metric>": {"per_seed": [..], "mean": x, "std": s,
@@ -134,7 +135,10 @@ def _series_spread(curves: Sequence[Sequence]) -> dict:
     return out
 
 
-def _command(name: str, quick: bool, seeds: Sequence) -> str:
+def _command(name: str, quick: bool, seeds: Sequence, overrides: Optional[dict] = None) -> str:
+    if overrides:          # not expressible on the command line: say it as the Python call
+        return (f"python -c \"from dsv3lab import experiments; experiments.run({name!r}, quick={quick}, "
+                f"seeds={list(seeds)}, **{overrides!r})\"")
     cmd = f"python -m dsv3lab experiment {name}"
     if quick:
         cmd += " --quick"
@@ -153,14 +157,16 @@ def run(name: str, quick: bool = False, seeds: Iterable[int] = DEFAULT_SEEDS, re
         out_dir: Optional[str] = None, progress: bool = True, **overrides) -> dict:
     """Run experiment ``name`` over ``seeds`` x its arms and return the result dict (schema above).
     ``record`` (default: not quick) writes it to ``data/results/<name>.json`` atomically.
-    ``overrides`` replace entries of the experiment's config (e.g. ``steps=50``)."""
+    ``overrides`` replace entries of the experiment's config; a dict is merged into a dict entry
+    (``train=dict(steps=40)`` changes the step count only)."""
     mod = module(name)
     cfg = dict(mod.config(quick))
     unknown = set(overrides) - set(cfg)
     if unknown:
         raise ValueError(f"experiment {name!r} has no config field(s) {sorted(unknown)}; "
                          f"fields: {sorted(cfg)}")
-    cfg.update(overrides)
+    for k, v in overrides.items():         # a dict merges into a dict field (train=dict(steps=40))
+        cfg[k] = {**cfg[k], **v} if isinstance(v, dict) and isinstance(cfg[k], dict) else v
     seeded = getattr(mod, "SEEDED", True)
     seeds = [int(s) for s in seeds] if seeded else []
     if seeded and not seeds:
@@ -168,6 +174,7 @@ def run(name: str, quick: bool = False, seeds: Iterable[int] = DEFAULT_SEEDS, re
     if seeded and len(set(seeds)) != len(seeds):
         raise ValueError(f"repeated seeds {seeds}")
     arms = list(mod.ARMS(cfg) if callable(mod.ARMS) else mod.ARMS)
+    prov = provenance()                    # the code as it was when the run started
     t0 = time.perf_counter()
     acc = dict(metrics={}, series={})
     bar = None
@@ -191,7 +198,7 @@ def run(name: str, quick: bool = False, seeds: Iterable[int] = DEFAULT_SEEDS, re
             bar.close()
     result = dict(
         name=name, title=mod.TITLE, paper=mod.PAPER, arms=arms, config=cfg, scale=mod.scale(cfg),
-        quick=bool(quick), seeds=seeds, command=_command(name, quick, seeds), **provenance(),
+        quick=bool(quick), seeds=seeds, command=_command(name, quick, seeds, overrides), **prov,
         created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         wall_s=time.perf_counter() - t0,
         metrics={k: spread(v) for k, v in acc["metrics"].items()},
@@ -234,6 +241,25 @@ def metric(result: dict, key: str, stat: str = "mean"):
     return m[stat]
 
 
+def table(result: dict, metrics: Sequence[str], arms: Optional[Sequence[str]] = None,
+          digits: int = 3) -> str:
+    """A plain-text table, one row per arm, one column per metric, cells "mean ± std" over the
+    seeds (the metric ``<arm>.<metric>``; "-" where an arm has none)."""
+    arms = list(arms or result["arms"])
+    head = ["arm"] + list(metrics)
+    rows = []
+    for arm in arms:
+        cells = [arm]
+        for m in metrics:
+            v = result["metrics"].get(f"{arm}.{m}")
+            cells.append("-" if v is None else f"{v['mean']:.{digits}f} ± {v['std']:.{digits}f}")
+        rows.append(cells)
+    widths = [max(len(r[i]) for r in [head] + rows) for i in range(len(head))]
+    line = lambda r: "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths)))  # noqa: E731
+    n = len(result["seeds"])
+    return "\n".join([line(head)] + [line(r) for r in rows] + [f"(mean ± std over {n} seed{'s' * (n != 1)})"])
+
+
 def figures(name: str, result: Optional[dict] = None) -> dict:
     """{title: matplotlib Figure} of a result (the recorded one by default)."""
     mod = module(name)
@@ -245,4 +271,4 @@ def figures(name: str, result: Optional[dict] = None) -> dict:
 
 
 __all__ = ["REGISTRY", "DEFAULT_SEEDS", "results_dir", "result_path", "names", "module", "provenance",
-           "spread", "run", "save_result", "load_result", "metric", "figures"]
+           "spread", "run", "save_result", "load_result", "metric", "table", "figures"]

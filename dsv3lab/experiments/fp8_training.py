@@ -40,7 +40,7 @@ def config(quick: bool) -> dict:
         return dict(preset="tiny", docstrings=False, max_docs=40, val_windows=2, threads=1,
                     train=dict(steps=4, batch_size=2, seq_len=16, lr=3e-3, warmup_steps=1, bias_gamma=0.01))
     return dict(preset="tiny", docstrings=True, val_windows=32, threads=1,
-                train=dict(steps=120, batch_size=4, seq_len=64, lr=3e-3, warmup_steps=12, bias_gamma=0.01))
+                train=dict(steps=100, batch_size=4, seq_len=64, lr=3e-3, warmup_steps=10, bias_gamma=0.01))
 
 
 def scale(cfg: dict) -> str:

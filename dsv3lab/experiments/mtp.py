@@ -38,7 +38,7 @@ def config(quick: bool) -> dict:
                     train=dict(steps=4, batch_size=2, seq_len=16, lr=3e-3, warmup_steps=1, bias_gamma=0.01))
     return dict(preset="tiny", docstrings=True, val_windows=32, threads=1, mtp_lambda=0.3,
                 spec_prompts=16, spec_prompt_len=32, spec_new_tokens=64,
-                train=dict(steps=200, batch_size=8, seq_len=64, lr=3e-3, warmup_steps=15, bias_gamma=0.01))
+                train=dict(steps=150, batch_size=8, seq_len=64, lr=3e-3, warmup_steps=15, bias_gamma=0.01))
 
 
 def scale(cfg: dict) -> str:
