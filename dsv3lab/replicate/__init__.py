@@ -9,7 +9,7 @@ One function per claim (``@claim(name, section)``), one module per kind of evide
   measured      measured     FP8 accumulation (fp8sim), FP8 training, balancing, MTP, pipeline schedules
 
 Row fields, kinds, tolerances and the status rule are in ``core``. ``replicate()`` returns the
-rows; ``dsv3lab replicate [--json] [--quick] [--only NAME]`` prints them (``--json``: ``{"rows": [...]}``)
+rows; ``dsv3lab replicate [--json | --markdown] [--quick] [--only NAME]`` prints them (``--json``: ``{"rows": [...]}``)
 and writes ``results/replicate.json``. Measured rows read ``data/results/`` (``dsv3lab experiment
 NAME`` records them) and are "unavailable: not recorded" without; ``quick=True`` runs each
 experiment at its smallest scale instead (CI).
@@ -25,7 +25,7 @@ from dsv3lab.replicate.core import (CLAIMS, FIELDS, KINDS, STATUSES, Unavailable
                                     lower, printed, row, status, upper, within)
 from dsv3lab.replicate import architecture, kernels, inference, consistency, measured  # noqa: F401,E402  (registers)
 from dsv3lab.replicate.inference import tpot_bound  # noqa: F401
-from dsv3lab.replicate.table import by_section, counts, fmt, format_table, html_table  # noqa: F401
+from dsv3lab.replicate.table import by_section, counts, fmt, format_table, html_table, markdown_table  # noqa: F401
 from dsv3lab.replicate.figures import (fig_kv_bytes, fig_lab_vs_paper, fig_tpot_vs_bandwidth,  # noqa: F401
                                       recorded_figures)
 
@@ -61,6 +61,9 @@ def cmd_replicate(args) -> int:
     if args.json:
         print(json.dumps({"rows": rows}, indent=1, default=str))
         return 0
+    if args.markdown:
+        print(markdown_table(rows), end="")
+        return 0
     print(format_table(rows))
     for r in rows:
         if r["status"] != "match" and r["note"]:
@@ -73,6 +76,7 @@ def cmd_replicate(args) -> int:
 def add_commands(sub) -> None:
     p = sub.add_parser("replicate", help="the report's numbers next to the lab's: derived, measured, consistency")
     p.add_argument("--json", action="store_true", help='print {"rows": [...]} as JSON')
+    p.add_argument("--markdown", action="store_true", help="print the table as Markdown (docs/replicate.md)")
     p.add_argument("--quick", action="store_true",
                    help="run the measured rows' experiments now at their smallest scale (CI) instead of "
                         "reading data/results/")

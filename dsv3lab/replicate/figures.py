@@ -46,7 +46,7 @@ def fig_lab_vs_paper(rows: list[dict], ids: Sequence[str], title: str = "", xlab
             ax.plot([r["lab"]], [y], "o", ms=8, mec="k", color=STATUS_COLORS[r["status"]])
             ax.annotate(f" {fmt(r['lab'])} ({r['status']})", (r["lab"], y), fontsize=7, va="bottom")
         else:
-            ax.text(0.02, y, f"{r['status']}: {r['note'][:70]}", transform=ax.get_yaxis_transform(),
+            ax.text(0.02, y, f"{r['status']}: {r['note'][:48]}", transform=ax.get_yaxis_transform(),
                     fontsize=7, va="center", color="0.4")
     ax.set_yticks(range(len(rs)), [r["id"] for r in rs], fontsize=7)
     ax.set_ylim(len(rs) - 0.5, -0.5)

@@ -93,3 +93,26 @@ def html_table(rows: list[dict], notes: bool = True) -> str:
             out.append(f"<tr>{tds}</tr>")
     out.append("</table>")
     return "\n".join(out)
+
+
+def markdown_table(rows: list[dict]) -> str:
+    """The table in Markdown, one table per kind (consistency apart), a section column, then the
+    notes of every row that is not a plain match."""
+    out = []
+    for kind in KINDS:
+        rs = [r for r in rows if r["kind"] == kind]
+        if not rs:
+            continue
+        c = counts(rs)[kind]
+        out.append(f"**{kind}** ({', '.join(f'{n} {s}' for s, n in c.items() if n)})\n")
+        out.append("| section | id | claim | paper | lab | unit | status |")
+        out.append("|---|---|---|---|---|---|---|")
+        for r in rs:
+            cells = [r["section"], f"`{r['id']}`", r["claim"], fmt(r["paper"]), fmt_lab(r), r["unit"], r["status"]]
+            out.append("| " + " | ".join(str(x).replace("|", "/") for x in cells) + " |")
+        out.append("")
+    notes = [r for r in rows if r["status"] != "match" and r["note"]]
+    if notes:
+        out.append("Notes on the rows that are not a match:\n")
+        out += [f"- `{r['id']}` ({r['status']}): {r['note']}" for r in notes]
+    return "\n".join(out) + "\n"
