@@ -8,6 +8,7 @@ its smallest scale (``experiments.run(name, quick=True)``, not recorded), once p
 from __future__ import annotations
 
 import functools
+import os
 from typing import Callable, Optional
 
 from dsv3lab.replicate.core import Unavailable, row
@@ -33,8 +34,11 @@ def experiment_result(name: str, quick: bool) -> dict:
         return _quick_run(name)
     res = experiments.load_result(name)
     if res is None:
-        raise Unavailable(f"not recorded: run `python -m dsv3lab experiment {name}` "
-                          f"(writes {experiments.result_path(name)})")
+        path = experiments.result_path(name)
+        repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        if path.startswith(repo + os.sep):
+            path = os.path.relpath(path, repo)
+        raise Unavailable(f"not recorded: run `python -m dsv3lab experiment {name}` (writes {path})")
     return res
 
 
