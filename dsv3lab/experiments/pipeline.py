@@ -421,9 +421,32 @@ def fig_timelines(timelines, title: str = ""):
     return fig
 
 
+def fig_bubble_vs_pp(durations: dict, pps=(2, 4, 6, 8, 12, 16, 24, 32), per_stage: int = 2):
+    """Simulated bubble (dots) against Table 2's formula (lines) for each schedule over PP."""
+    from matplotlib.figure import Figure
+    fig = Figure(figsize=(7, 3.4), layout="constrained")
+    ax = fig.subplots()
+    for i, name in enumerate(SCHEDULES):
+        sim = [simulate(name, pp, per_stage * pp, **durations).summary()["bubble"] for pp in pps]
+        ax.plot(pps, [table2_formula(name, pp, **durations)["bubble"] for pp in pps], color=f"C{i}",
+                label=f"{name}: Table 2 formula")
+        ax.plot(pps, sim, "o", color=f"C{i}", mfc="none", label=f"{name}: simulated")
+    d = durations
+    ax.set_xlabel("pipeline stages PP")
+    ax.set_ylabel("bubble (units of F)")
+    ax.set_title(f"F={d['F']:g}, B={d['B']:g}, W={d['W']:g}, F&B={d['FB']:g}; {per_stage} micro-batches per stage",
+                 fontsize=9, loc="left")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7, ncols=2)
+    return fig
+
+
 def figures(result: dict) -> dict:
     """The schedules at the README's example size (8 devices, 20 micro-batches) with the
     result's durations: the PP = 16 picture is too dense to read."""
     d = result["config"]["durations"]
     tls = [simulate(name, 8, 20, **d) for name in SCHEDULES]
-    return {"pipeline schedules (PP=8, 20 micro-batches)": fig_timelines(tls)}
+    return {"pipeline schedules (PP=8, 20 micro-batches)": fig_timelines(tls),
+            "bubble against PP": fig_bubble_vs_pp(d),
+            "bubble against PP, input backward shorter than the forward":
+                fig_bubble_vs_pp(result["config"]["unequal_durations"])}
