@@ -8,7 +8,7 @@ PYTEST_ARGS ?=
 # JupyterLab refuses to run as root unless told; containers often are root
 JUPYTER_ARGS ?= $(if $(filter 0,$(shell id -u)),--allow-root,)
 
-.PHONY: setup lab test bench report clean
+.PHONY: setup lab test test-browser bench report clean
 
 setup: $(STAMP)
 
@@ -31,7 +31,7 @@ OTHER_BF16 = $$($(BIN)/python -c "from dsv3lab.model.layers import cpu_bf16_poli
 	print({'native': 'upcast', 'upcast': 'native'}[p()])")
 
 test: $(STAMP)
-	TRITON_INTERPRET=1 $(BIN)/python -m pytest -q -n 2 $(PYTEST_ARGS)
+	TRITON_INTERPRET=1 $(BIN)/python -m pytest -q -rs -n 2 $(PYTEST_ARGS)
 	TRITON_INTERPRET=1 DSV3LAB_CPU_BF16=$(OTHER_BF16) $(BIN)/python -m pytest -q -n 2 -m numerics $(PYTEST_ARGS)
 
 bench: $(STAMP)
@@ -39,9 +39,32 @@ bench: $(STAMP)
 	$(BIN)/python -m dsv3lab bench hooks
 	$(BIN)/python -m dsv3lab bench parallel
 
+# JupyterLab in headless Chromium (tests/test_browser.py, docs/browser-test.md); `make test` runs
+# it too when Chromium is there and says why it skipped otherwise
+SUDO = $(if $(filter 0,$(shell id -u)),,sudo )
+test-browser: $(STAMP) data/lab-model/config.json
+	@if ! test -x /usr/bin/chromium; then \
+	  echo "test-browser: /usr/bin/chromium is missing: installing Debian's chromium with apt-get"; \
+	  $(SUDO)apt-get update -q && $(SUDO)apt-get install -y -q chromium; \
+	fi
+	TRITON_INTERPRET=1 $(BIN)/python -m pytest -q -rs tests/test_browser.py $(PYTEST_ARGS)
+
+# every notebook executed (each on its own, so one failure does not hide the others), rendered to
+# results/report/NAME.html; then the README's figures are cut from the executed notebooks into
+# docs/figures/ (dsv3lab/viz/report_figures.py)
+REPORT_TIMEOUT ?= 900
 report: $(STAMP) data/lab-model/config.json
-	DSV3LAB_MODEL=$(CURDIR)/data/lab-model MPLBACKEND=Agg $(BIN)/jupyter nbconvert --to html --execute \
-	  --output-dir results/report notebooks/*.ipynb
+	@rm -rf results/report/executed; mkdir -p results/report/executed; fail=0; \
+	for nb in notebooks/*.ipynb; do \
+	  echo "report: executing $$nb"; \
+	  DSV3LAB_MODEL=$(CURDIR)/data/lab-model MPLBACKEND=Agg TRITON_INTERPRET=1 OMP_NUM_THREADS=1 \
+	  $(BIN)/jupyter nbconvert --to notebook --execute --ExecutePreprocessor.timeout=$(REPORT_TIMEOUT) \
+	    --ExecutePreprocessor.kernel_name=python3 --output-dir results/report/executed "$$nb" \
+	  && $(BIN)/jupyter nbconvert --to html --output-dir results/report "results/report/executed/$$(basename $$nb)" \
+	  || { echo "report: $$nb FAILED"; fail=1; }; \
+	done; \
+	$(BIN)/python -m dsv3lab.viz.report_figures results/report/executed docs/figures || fail=1; \
+	echo "report: results/report/*.html"; exit $$fail
 
 clean:
 	rm -rf $(VENV) .pytest_cache
