@@ -2,7 +2,8 @@
 
 Triton is imported only when a kernel is first called, so ``import dsv3lab.kernels`` works on a
 machine without triton. Under ``TRITON_INTERPRET=1`` (CPU) the interpreter gets fp32 -> fp8 and
-fp32 -> bf16 casts wrong (FACTS.md E.2: ties away from zero, lost carries, truncation). The
+fp32 -> bf16 casts wrong (docs/references.md#triton-interpreter: ties away from zero, lost
+carries, truncation). The
 kernels therefore never ask the cast to *round*: they round in fp32 arithmetic (``_jit``) to a value the
 target format represents exactly (``round_to_e4m3`` / ``round_to_bf16``) and only then cast, which
 is exact on every backend. On a GPU this costs a handful of integer ops in kernels that are

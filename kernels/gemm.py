@@ -6,12 +6,13 @@
 
 Each 128-wide K slice is one fresh ``tl.dot`` whose fp32 result is scaled and added to an fp32
 accumulator: the report's fix for Hopper's ~14-bit tensor-core accumulation (promote every
-N_C = 128 elements, FACTS C.8). K must be a multiple of 128; M and N may be anything (edge tiles
+N_C = 128 elements, report sec. 3.3.2). K must be a multiple of 128; M and N may be anything (edge tiles
 are masked). The reference is ``dsv3lab.fp8.fp8_gemm_ref`` (fp32).
 
 Autotuned over tile shapes on a GPU, keyed on (N, K, a bucket of M) so a decode step (M = batch)
 and a prefill chunk each get their own tiles without re-tuning for every M. The interpreter
-cannot run more than one autotune config (FACTS E.2), so it gets exactly one.
+cannot run more than one autotune config (docs/references.md#triton-interpreter), so it gets
+exactly one.
 """
 
 from __future__ import annotations

@@ -13,8 +13,8 @@ pieces. With one piece the first kernel writes the result directly. ``seqlens`` 
 sequence attend to its own prefix of the cache.
 
 Dots run in the cache dtype with fp32 accumulation on a GPU (bf16 like FlashMLA); under the
-interpreter everything is upcast to fp32 (its bf16 arithmetic is wrong, FACTS E.2). fp32
-inputs use full-precision (not TF32) dots.
+interpreter everything is upcast to fp32 (its bf16 arithmetic is wrong,
+docs/references.md#triton-interpreter). fp32 inputs use full-precision (not TF32) dots.
 """
 
 from __future__ import annotations

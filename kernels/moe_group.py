@@ -159,7 +159,7 @@ def _grouped_gemm_kernel(x_ptr, w_ptr, y_ptr, rows_ptr, tile_expert_ptr, P, N, D
         d_ok = (d0 + ds) < D
         x = tl.load(x_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
         w = tl.load(w_ptrs, mask=col_ok[:, None] & d_ok[None, :], other=0.0)
-        if UPCAST:      # the interpreter computes bf16 arithmetic wrongly (FACTS E.2)
+        if UPCAST:      # the interpreter's bf16 arithmetic is wrong (docs/references.md#triton-interpreter)
             x = x.to(tl.float32)
             w = w.to(tl.float32)
         acc += tl.dot(x, tl.trans(w), input_precision=PREC)

@@ -6,7 +6,7 @@ import torch
 from dsv3lab.balance import (balanced_packing, balancedness, contiguous_placement, gpu_loads,
                              rebalance_experts, replicate_experts)
 
-# DeepSeek EPLB README example (FACTS C.16): 2 layers, 12 experts, 16 replicas, 4 groups,
+# DeepSeek EPLB README example (docs/references.md#eplb): 2 layers, 12 experts, 16 replicas, 4 groups,
 # 2 nodes, 8 GPUs
 README_WEIGHT = torch.tensor([[90, 132, 40, 61, 104, 165, 39, 4, 73, 56, 183, 86],
                               [20, 107, 104, 64, 19, 197, 187, 157, 172, 86, 16, 27]])

@@ -63,7 +63,7 @@ def test_latent_cache_holds_only_latent_and_rope(tiny):
 
 
 def ref_gate(x, W, bias, cfg):
-    """FACTS A.4 written out token by token."""
+    """The gate of report sec. 2.1.2 (docs/references.md#gate) written out token by token."""
     E, G, k = cfg.n_routed_experts, cfg.n_group, cfg.num_experts_per_tok
     ids, ws = [], []
     for t in range(x.shape[0]):

@@ -2,7 +2,7 @@
 
 On CPU these run under TRITON_INTERPRET=1 (conftest). The kernels round to e4m3/bf16 in fp32
 arithmetic before casting (kernels/_common.py), so even under the interpreter -- whose own fp8 and
-bf16 casts are wrong (FACTS E.2) -- the quantizers are checked byte for byte here; the canary
+bf16 casts are wrong (docs/references.md#triton-interpreter) -- the quantizers are checked byte for byte here; the canary
 below shows the interpreter bug they avoid. GPU-only checks (real tensor cores, autotuning,
 compiled casts) carry the ``gpu`` marker and run in scripts/gpu_check.sh.
 """

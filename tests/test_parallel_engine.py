@@ -94,7 +94,7 @@ def checkpoints(tmp_path_factory):
 def test_sharded_load_matches(checkpoints):
     fp32, fp8 = checkpoints
     for path, layout in ((fp32, dict(tp=2, ep=2, dp=1)), (fp8, dict(tp=2, ep=2, dp=1))):
-        # the FP8 checkpoint stores the rest in bf16: compare in fp32 (FACTS B.2)
+        # the FP8 checkpoint stores the rest in bf16: compare in fp32 (docs/references.md#transformers, trap 2)
         ref = single_run(path, TOKENS, max_new_tokens=NEW, dtype=torch.float32)
         out = spawn(rank_run, 2, path, layout, TOKENS, max_new_tokens=NEW, dtype=torch.float32)
         _check_same(out, ref)

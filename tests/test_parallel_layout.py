@@ -1,5 +1,5 @@
 """Layouts are checked before any work; the planner counts exactly the meta tensors it places and
-reproduces the FACTS deployments (C.13)."""
+reproduces the report's and Day 6's deployment units (report sec. 3.4; docs/references.md#deployment)."""
 
 import json
 import subprocess
@@ -88,7 +88,7 @@ def test_plan_counts_the_tensors_it_places(kw):
 
 
 def test_plan_v3_on_one_h200_node():
-    """FACTS A.8/C.2: 688.6 GB of FP8 checkpoint over 8 x H200 (141 GB) fits; BF16 does not."""
+    """docs/references.md#fp8-blocks: 688.6 GB of FP8 checkpoint over 8 x H200 (141 GB) fits; BF16 does not."""
     p = plan("v3-671b", gpus=8, gpu_mem_gb=141, context=4096)
     assert p["layout"] == dict(tp=8, ep=8, dp=1, world_size=8)
     assert p["routed_experts_per_rank"] == 32 and p["heads_per_rank"] == 16 and p["vocab_rows_per_rank"] == 16160
@@ -96,13 +96,13 @@ def test_plan_v3_on_one_h200_node():
     assert 80e9 < p["weight_bytes_per_rank"] < 90e9
     assert p["fits"] and p["kv_cache_tokens_per_rank"] > 100_000
     assert p["kv_cache_bytes_per_token"] == 62 * 576 * 2           # 61 layers + MTP
-    assert dsv3lab.kv_cache_bytes_per_token("v3-671b") == 70_272   # C.9 without MTP
+    assert dsv3lab.kv_cache_bytes_per_token("v3-671b") == 70_272   # ISCA '25 Table 1, without MTP
     assert not plan("v3-671b", gpus=8, gpu_mem_gb=141, weights="bf16")["fits"]
 
 
 @pytest.mark.slow
 def test_plan_paper_and_day6_units():
-    """C.13: paper prefill (32 GPUs, TP4 DP8 EP32, 32 redundant: 9 experts/GPU) and decode (320 GPUs,
+    """Report sec. 3.4: paper prefill (32 GPUs, TP4 DP8 EP32, 32 redundant: 9 experts/GPU) and decode (320 GPUs,
     EP320: 1 expert/GPU); Day-6 decode EP144 with 32 redundant: 2 routed experts/GPU. H800 = 80 GB."""
     pre = plan("v3-671b", gpus=32, gpu_mem_gb=80, tp=4, dp=8, ep=32, redundant_experts=32)
     assert pre["routed_experts_per_rank"] == 9 and pre["fits"]

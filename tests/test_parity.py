@@ -2,7 +2,7 @@
 
 Each config is saved by transformers with ``save_pretrained`` and loaded by ``dsv3lab.load``;
 every position's logits must agree within 1e-4 relative, and the routing decisions (top-k sets
-per token per MoE layer) must be identical before logits are compared (FACTS B, trap 2).
+per token per MoE layer) must be identical before logits are compared (docs/references.md#transformers, trap 2).
 """
 
 import pytest

@@ -80,7 +80,8 @@ def test_bypassed_hook_points_compute_the_same(model):
 
 
 # ---------------------------------------------------------------------------------------------
-# the trace against an independent recomputation (FACTS A.4, written here from the formulas)
+# the trace against an independent recomputation (report sec. 2.1.2, docs/references.md#gate,
+# written here from the formulas)
 # ---------------------------------------------------------------------------------------------
 
 def _route(x, W, b, cfg):
@@ -308,7 +309,7 @@ def test_load_metrics(record, model):
     assert per_rank.shape == (len(r.layers), 4) and torch.equal(per_rank.sum(-1), ld.sum(-1))
     assert torch.equal(metrics.load_per_rank(torch.tensor([[1, 2, 3, 4]]), torch.tensor([1, 0, 1, 0])),
                        torch.tensor([[6, 4]]))
-    # EPLB README example placement (FACTS C.16): 12 experts on 16 slots over 8 GPUs
+    # EPLB README example placement (docs/references.md#eplb): 12 experts on 16 slots over 8 GPUs
     phy2log = torch.tensor([[5, 6, 5, 7, 8, 4, 3, 4, 10, 9, 10, 2, 0, 1, 11, 1]])
     lo = torch.arange(12.0)[None] + 1
     pr = metrics.load_per_rank_replicated(lo, phy2log, 8)

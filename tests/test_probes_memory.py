@@ -1,4 +1,5 @@
-"""Latent-KV memory accounting (issue 4): analytic bytes vs live cache buffers, FACTS C.9."""
+"""Latent-KV memory accounting (issue 4): analytic bytes vs live cache buffers
+(ISCA '25 Table 1; docs/references.md#kv-bytes)."""
 
 import pytest
 import torch

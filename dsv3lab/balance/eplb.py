@@ -1,11 +1,12 @@
-"""Expert placement with redundant experts, the way DeepSeek's EPLB does it (FACTS C.16).
+"""Expert placement with redundant experts, the way DeepSeek's EPLB does it (EPLB README and
+``eplb.py``; docs/references.md#eplb).
 
 The problem. Serving V3 spreads 256 routed experts per layer over many GPUs. A GPU's work is the
 tokens its experts receive, and expert load is skewed (a few "hot" experts get several times the
 mean). A GPU waits for the slowest one in every all-to-all, so the figure of merit is
 ``balancedness = mean / max`` load per GPU. EPLB buys balance with memory: it places
 ``num_replicas >= num_logical`` *physical* expert slots, the hottest experts get extra copies
-(redundant experts; V3's prefill unit has 32 of them, FACTS C.13), and each copy takes an equal
+(redundant experts; V3's prefill unit has 32 of them, report sec. 3.4.1), and each copy takes an equal
 share of its expert's tokens.
 
 Three greedy steps, each a building block exported here:
@@ -17,7 +18,7 @@ Three greedy steps, each a building block exported here:
   rebalance_experts   compose them.
 
 Hierarchical mode (``num_groups % num_nodes == 0``). V3 routes each token to at most
-``topk_group`` groups of contiguous experts so that it touches few nodes (FACTS A.4). Placement
+``topk_group`` groups of contiguous experts so that it touches few nodes (report sec. 2.1.2). Placement
 keeps that promise by moving whole groups: (1) pack the groups onto nodes by group load;
 (2) inside each node, replicate that node's experts into its ``num_replicas / num_nodes`` slots;
 (3) pack the node's replicas onto its GPUs. Replicas never leave their node, so a token's

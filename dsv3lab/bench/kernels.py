@@ -4,8 +4,8 @@ Peers are measured in the same run on the same device:
   fp8_gemm       vs torch bf16 matmul (cuBLAS) and torch._scaled_mm -- with 1x128/128x128 block
                  scales where this torch accepts them (tried, checked against the reference),
                  and row-wise scales (the plain cuBLAS FP8 path) -- on the DeepGEMM shapes
-                 (FACTS C.15: six N x K pairs, M = 64, 128, 4096); "peak" is the device's dense
-                 FP8 figure when the name is known (H100/H200/H800: 1979 TFLOP/s)
+                 (docs/references.md#deepgemm: six N x K pairs, M = 64, 128, 4096);
+                 "peak" is the device's dense FP8 figure when the name is known (H100/H200/H800: 1979 TFLOP/s)
   mla_decode     GB/s over the latent cache (B*T*576 bf16 values per step) vs a device copy's
                  bandwidth (read + write of 1 GiB), and vs the torch absorbed path
   group_tokens   vs torch bincount + stable argsort; grouped_gemm vs a per-expert matmul loop

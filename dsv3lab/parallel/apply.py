@@ -1,6 +1,7 @@
 """``apply_layout(model, ctx)``: turn a plain Transformer into one rank's share of it, in place.
 
-What each module becomes (A.7 of FACTS, with all-to-all expert parallelism added):
+What each module becomes (the official demo's split, docs/references.md#demo-parallel, with
+all-to-all expert parallelism added):
   embed_tokens                   VocabParallelEmbedding (rows split over TP, all_reduce)
   self_attn.q_b_proj / q_proj    ColumnParallelLinear (this rank's heads)
   self_attn.kv_b_proj            ColumnParallelLinear (this rank's heads' W_UK, W_UV)

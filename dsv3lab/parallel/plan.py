@@ -6,7 +6,7 @@ all), adds the redundant expert slots if asked, and counts the tensors it placed
 
   weight bytes per rank   bf16: the engine's tensors as placed (the gate stays fp32, as the
                           engine keeps it); fp8: the same model with every FP8-eligible Linear
-                          (FACTS A.8) converted to e4m3 plus its fp32 [ceil(out/128), ceil(in/128)]
+                          (docs/references.md#fp8-blocks) converted to e4m3 plus its fp32 [ceil(out/128), ceil(in/128)]
                           weight_scale_inv, computed from *this rank's* slice
   KV cache per rank       usable = gpu_mem * mem_util - reserve - weights; the absorbed latent
                           cache ((kv_lora_rank + rope) x layers x 2 B per token) is replicated over
@@ -16,7 +16,8 @@ all), adds the redundant expert slots if asked, and counts the tensors it placed
   all-to-all bytes        per token per MoE layer, one copy per (token, expert) pair, dispatch +
                           combine, times (ep-1)/ep (the expected off-rank share under uniform
                           routing): the engine sends activations (bf16) both ways; DeepSeek's
-                          production sends FP8 + 1x128 scales out and BF16 back (FACTS C.13)
+                          production sends FP8 + 1x128 scales out and BF16 back (report sec. 3.3.3,
+                          Day 6; docs/references.md#deployment)
   fits                    weights fit in usable memory and at least one request of ``context``
                           tokens fits in the KV cache
 

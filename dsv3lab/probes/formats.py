@@ -7,7 +7,7 @@ the record's JSON metadata in the header's ``__metadata__["dsv3lab_trace"]``. A 
 a directory of ``chunk-NNNNN.safetensors`` plus ``trace.json``. Writes go to a temporary file
 beside the target and are renamed over it, so a reader never sees half a file.
 
-SGLang (FACTS D.1; we write the same dict layout, from our own code):
+SGLang (docs/references.md#sglang-recorder; we write the same dict layout, from our own code):
   * ``stat``: ``{"rank", "logical_count": int64 [steps, num_layers, E],
     "average_utilization_rate_over_window": None}`` -- num_layers counts every model block (dense
     blocks are zero rows), one step per forward pass.
@@ -16,7 +16,7 @@ SGLang (FACTS D.1; we write the same dict layout, from our own code):
     "global_physical_count" [num_layers, E]}], "last_physical_to_logical_map": None}``. We add
     ``dsv3lab_seq`` and ``dsv3lab_topk_weights`` to each record so our own round trip is exact;
     files from SGLang lack them (seq becomes 0 and weights NaN).
-Megatron (FACTS D.2): JSON lines ``{"step", "stage": "pre_dispatch", "block": "decoder", "layer",
+Megatron (docs/references.md#megatron-trace): JSON lines ``{"step", "stage": "pre_dispatch", "block": "decoder", "layer",
 "rank", "num_tokens", "topk", "top_indices": [[...]*topk]*num_tokens}``, one per (rank, step,
 layer); MTP depth K writes ``block: "mtp"``, ``layer: 0`` and ``mtp_idx: K``. The format carries
 no token ids or weights: they import as -1 / NaN.

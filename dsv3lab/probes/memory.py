@@ -13,9 +13,9 @@ Bytes per token = layers x values x element size. ``measured_bytes_per_token`` a
 engine's own cache (``Transformer.new_cache`` or the same cache classes directly) and divides its
 ``nbytes()`` by batch x max_len, so the analytic figure is checked against live buffers.
 
-The report's comparison (FACTS C.9, ISCA '25 Table 1, BF16): DeepSeek-V3 70,272 B/token,
-Qwen-2.5 72B 327,680 (printed 4.66x), LLaMA-3.1 405B 516,096 (printed 7.28x; the bytes give 7.34x).
-``REPORT_MODELS`` holds the config numbers these come from.
+The report's comparison (ISCA '25 Table 1, BF16; docs/references.md#kv-bytes):
+DeepSeek-V3 70,272 B/token, Qwen-2.5 72B 327,680 (printed 4.66x), LLaMA-3.1 405B 516,096
+(printed 7.28x; the bytes give 7.34x). ``REPORT_MODELS`` holds the config numbers these come from.
 """
 
 from __future__ import annotations
@@ -26,7 +26,8 @@ from dsv3lab.config import ModelConfig
 
 LAYOUTS = ("absorbed", "naive", "mha", "gqa", "mqa")
 
-# FACTS C.9: layers and KV layout of the models the report compares against (BF16).
+# Layers and KV layout of the models the report compares against (BF16; ISCA '25 Table 1,
+# docs/references.md#kv-bytes).
 REPORT_MODELS = {
     "DeepSeek-V3": dict(kind="mla", num_hidden_layers=61, kv_lora_rank=512, qk_rope_head_dim=64,
                         printed_ratio=None),
@@ -129,7 +130,7 @@ def report_bytes_per_token(name: str, dtype=torch.bfloat16) -> int:
 
 
 def kv_comparison(dtype=torch.bfloat16) -> list[dict]:
-    """The report's comparison (FACTS C.9): bytes per token, computed ratio to V3 and the
+    """The report's comparison (ISCA '25 Table 1): bytes per token, computed ratio to V3 and the
     multiplier as the ISCA paper prints it."""
     v3 = report_bytes_per_token("DeepSeek-V3", dtype)
     rows = []
