@@ -33,7 +33,7 @@ def test_lab_presets_keep_every_v3_feature(name):
 
 
 def test_softmax_scale_matches_hand_computation():
-    # 192^-0.5 * m^2, m = 0.1 * mscale_all_dim * ln(40) + 1   (FACTS A.3)
+    # 192^-0.5 * m^2, m = 0.1 * mscale_all_dim * ln(40) + 1   (report sec. 4.3; docs/references.md#softmax-scale)
     assert ModelConfig.preset("v3-671b").softmax_scale == pytest.approx(0.1352338, abs=5e-8)
     assert ModelConfig.preset("v2-lite-16b").softmax_scale == pytest.approx(0.1147214, abs=5e-8)
     assert ModelConfig.preset("v3-671b").replace(rope_scaling=None).softmax_scale == pytest.approx(0.0721688, abs=5e-8)
