@@ -224,3 +224,29 @@ def test_registered_with_lm_eval():
     import dsv3lab.evaluation.lm as m
     from lm_eval.api.registry import get_model
     assert get_model("dsv3lab") is m.DSV3LabLM
+
+
+@pytest.mark.skipif(not os.path.exists(os.path.join(LAB, "config.json")), reason="needs data/lab-model")
+def test_chat_template_from_tokenizer_config(tmp_path):
+    from dsv3lab.evaluation.lm import DSV3LabLM
+    for name in os.listdir(LAB):                    # the lab model plus a tokenizer_config.json
+        os.symlink(os.path.join(LAB, name), tmp_path / name)
+    template = ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}<｜User｜>{{ m['content'] }}"
+                "{% elif m['role'] == 'assistant' %}<｜Assistant｜>{{ m['content'] }}{{ eos_token }}{% endif %}"
+                "{% endfor %}{% if add_generation_prompt %}<｜Assistant｜>{% endif %}")
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(
+        {"add_bos_token": True, "bos_token": {"content": "<｜begin▁of▁sentence｜>"},
+         "eos_token": "<｜end▁of▁sentence｜>", "chat_template": template}))
+    lm = DSV3LabLM(pretrained=str(tmp_path), dtype="float32")
+    chat = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"},
+            {"role": "user", "content": "Sort a list"}]
+    text = lm.apply_chat_template(chat)
+    assert text == ("<｜begin▁of▁sentence｜><｜User｜>Hi<｜Assistant｜>Hello<｜end▁of▁sentence｜>"
+                    "<｜User｜>Sort a list<｜Assistant｜>")
+    ids = lm.tok_encode(text)
+    assert ids[0] == lm.cfg.bos_token_id and ids.count(lm.cfg.bos_token_id) == 1   # not doubled
+    assert lm.cfg.eos_token_id in ids and lm.add_bos_token
+    assert lm.tok_encode("Sort")[0] == lm.cfg.bos_token_id
+    lm.tok_config = {}
+    with pytest.raises(ValueError, match="no chat_template"):
+        lm.apply_chat_template(chat)

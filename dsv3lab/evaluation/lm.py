@@ -23,6 +23,10 @@ their last tokens, as lm-eval's HF model does. Model arguments (``--model_args k
 ``max_batch_tokens`` tokens), ``max_length``, ``max_gen_toks``, ``add_bos_token`` (default: the
 checkpoint's tokenizer_config.json, else True as DeepSeek-V3's tokenizer does), ``attn_mode``,
 ``fp8`` (``dequant`` or ``keep``), ``seed`` (for sampled generation).
+
+``--apply_chat_template`` renders the checkpoint's ``tokenizer_config.json`` chat template (the
+released chat models ship one); lm-eval then tokenizes the rendered text as above (a leading
+BOS in it is kept, not doubled).
 """
 
 from __future__ import annotations
@@ -136,6 +140,37 @@ class DSV3LabLM(TemplateLM):
         self.add_bos_token = _as_bool(add_bos_token) and self.cfg.bos_token_id is not None
         self.max_batch_size = int(max_batch_size) if max_batch_size else 64
         self.seed = int(seed)
+        self.tok_config = tok_config
+
+    # -- chat template (--apply_chat_template): the checkpoint's tokenizer_config.json ------
+    def chat_template(self, chat_template=False) -> Optional[str]:
+        if chat_template is False or chat_template is None:
+            return None
+        tpl = self.tok_config.get("chat_template")
+        if isinstance(tpl, list):            # named templates: [{"name": ..., "template": ...}]
+            named = {t["name"]: t["template"] for t in tpl}
+            tpl = named.get(chat_template if isinstance(chat_template, str) else "default")
+        if not tpl:
+            raise ValueError(f"dsv3lab lm-eval model: {self._name} has no chat_template in tokenizer_config.json; "
+                             "evaluate without --apply_chat_template")
+        return tpl
+
+    def _special(self, key: str) -> str:
+        v = self.tok_config.get(key) or ""
+        return v.get("content", "") if isinstance(v, dict) else str(v)
+
+    def apply_chat_template(self, chat_history: list[dict], add_generation_prompt: bool = True) -> str:
+        """The conversation rendered by the checkpoint's Jinja chat template (sandboxed), with
+        the names transformers gives it: messages, add_generation_prompt, bos_token, eos_token."""
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        def raise_exception(msg):
+            raise ValueError(f"chat template: {msg}")
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        env.globals["raise_exception"] = raise_exception
+        return env.from_string(self.chat_template(True)).render(
+            messages=chat_history, add_generation_prompt=add_generation_prompt,
+            bos_token=self._special("bos_token"), eos_token=self._special("eos_token"))
 
     # -- what TemplateLM asks for -----------------------------------------------------------
     @property
