@@ -347,7 +347,8 @@ def test_expert_patching_against_direct_expert_calls(model):
     res = I.expert_patching(model, clean, corrupt, metric)
     assert res.scores.shape == (2, 16)
     L = 2
-    names = [f"layers.{L}.hook_resid_mid", f"layers.{L}.mlp.gate.hook_topk_ids", f"layers.{L}.mlp.gate.hook_topk_weights"]
+    names = [f"layers.{L}.hook_resid_mid", f"layers.{L}.mlp.gate.hook_topk_ids",
+             f"layers.{L}.mlp.gate.hook_topk_weights"]
     _, cc = run_with_cache(model, clean, names)
     _, rc = run_with_cache(model, corrupt, names)
     blk = model.layers[L]
@@ -428,7 +429,8 @@ def test_specialisation_hand_computed():
     sp = I.expert_specialisation(ids, labels, 3)
     assert sp.classes == ["a", "b"]
     torch.testing.assert_close(sp.counts[0], torch.tensor([[2., 2., 0.], [1., 1., 2.]], dtype=torch.float64))
-    torch.testing.assert_close(sp.p_expert_given_class[0], torch.tensor([[.5, .5, 0], [.25, .25, .5]], dtype=torch.float64))
+    torch.testing.assert_close(sp.p_expert_given_class[0],
+                               torch.tensor([[.5, .5, 0], [.25, .25, .5]], dtype=torch.float64))
     torch.testing.assert_close(sp.p_expert[0], torch.tensor([3 / 8, 3 / 8, 2 / 8], dtype=torch.float64))
     assert float(sp.jsd_expert[0, 0]) == pytest.approx(_jsd2([2 / 3, 1 / 3], [.5, .5]))
     assert float(sp.jsd_expert[0, 2]) == pytest.approx(_jsd2([0, 1], [.5, .5]))

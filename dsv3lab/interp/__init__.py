@@ -2,7 +2,7 @@
 what happens when the routing is forced or an expert removed.
 
   lens.py            logit_lens (+ the MTP module's view), next_token_stats
-  replay.py          replay: forwards on recorded routing; perturbed_biases
+  replay.py          replay: forwards on recorded routing; perturbed_biases, routing_or_experts
   routing_layouts.py vLLM / SGLang per-token routed experts <-> trace records
   ablate.py          ablate_experts (reroute | zero), expert_importance
   patching.py        activation_patching at any hook point, expert_patching, logit_diff
@@ -25,7 +25,7 @@ from dsv3lab.interp.windows import corpus_windows, next_token_loss
 
 __all__ = ["ablate_experts", "expert_importance", "Attribution", "direct_logit_attribution", "logit_lens",
            "next_token_stats", "PatchResult", "activation_patching", "expert_patching", "logit_diff",
-           "patched_run", "Replay", "ReplayError", "perturbed_biases", "replay", "routing_or_experts", "from_per_token",
-           "from_sglang_routed", "from_vllm", "to_sglang_routed", "to_vllm", "Specialisation",
-           "classify_text", "coactivation", "expert_specialisation", "routing_by_class", "token_classes", "corpus_windows",
-           "next_token_loss"]
+           "patched_run", "Replay", "ReplayError", "perturbed_biases", "replay", "routing_or_experts",
+           "from_per_token", "from_sglang_routed", "from_vllm", "to_sglang_routed", "to_vllm",
+           "Specialisation", "classify_text", "coactivation", "expert_specialisation", "routing_by_class",
+           "token_classes", "corpus_windows", "next_token_loss"]

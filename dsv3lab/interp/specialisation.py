@@ -65,7 +65,8 @@ def _tokenize_kinds(src_lines: list[str]) -> Optional[list[tuple[int, int, int, 
         for tok in tokenize.generate_tokens(io.StringIO("\n".join(src_lines) + "\n").readline):
             t = tok.type
             if t == tokenize.NAME:
-                kind = "keyword" if (keyword.iskeyword(tok.string) or keyword.issoftkeyword(tok.string)) else "identifier"
+                hard_or_soft = keyword.iskeyword(tok.string) or keyword.issoftkeyword(tok.string)
+                kind = "keyword" if hard_or_soft else "identifier"
             elif t == tokenize.NUMBER:
                 kind = "digits"
             elif t == tokenize.STRING or tokenize.tok_name.get(t, "").startswith("FSTRING"):
