@@ -94,3 +94,50 @@ def test_bad_configs_name_the_field(tmp_path):
     d["quantization_config"] = {"quant_method": "gptq"}
     with pytest.raises(ConfigError, match="quant_method"):
         ModelConfig.from_hf(d)
+
+
+def test_family_presets():
+    k2 = ModelConfig.preset("kimi-k2")
+    assert (k2.n_routed_experts, k2.num_experts_per_tok, k2.n_group, k2.topk_group) == (384, 8, 1, 1)
+    assert (k2.num_attention_heads, k2.first_k_dense_replace, k2.routed_scaling_factor) == (64, 1, 2.827)
+    assert k2.rope_theta == 50000.0 and k2.vocab_size == 163840 and k2.q_lora_rank == 1536
+    ml = ModelConfig.preset("moonlight-16b")
+    assert (ml.hidden_size, ml.num_hidden_layers, ml.first_k_dense_replace) == (2048, 27, 1)
+    assert (ml.n_routed_experts, ml.n_shared_experts, ml.num_experts_per_tok, ml.n_group) == (64, 2, 6, 1)
+    assert ml.q_lora_rank == 0 and ml.moe_intermediate_size == 1408 and ml.routed_scaling_factor == 2.446
+    assert ModelConfig.preset("v3.1-671b") == ModelConfig.preset("v3-671b").replace(name="v3.1-671b",
+                                                                                     scale_fmt="ue8m0")
+
+
+def test_kimi_k2_config_json_reads_as_v3_architecture():
+    d = ModelConfig.preset("kimi-k2").to_hf()
+    d.update(model_type="kimi_k2", architectures=["DeepseekV3ForCausalLM"])
+    c = ModelConfig.from_hf(d)
+    assert c.replace(name="kimi-k2") == ModelConfig.preset("kimi-k2")
+    assert c.to_hf()["model_type"] == "deepseek_v3"      # written under the name transformers loads
+
+
+def test_v31_scale_fmt_round_trips():
+    d = ModelConfig.preset("v3.1-671b").to_hf()
+    assert d["quantization_config"]["scale_fmt"] == "ue8m0"
+    assert ModelConfig.from_hf(d).scale_fmt == "ue8m0"
+    d["quantization_config"]["scale_fmt"] = "e5m2"
+    with pytest.raises(ConfigError, match="scale_fmt"):
+        ModelConfig.from_hf(d)
+
+
+@pytest.mark.parametrize("name", ModelConfig.presets())
+def test_info_and_plan_work_on_every_preset(name, capsys):
+    from dsv3lab.cli import main
+    cfg = ModelConfig.preset(name)
+    assert main(["info", name, "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["total_params"] >= info["activated_params"] > 0
+    # the largest of 16/8/4/2/1 ranks that divides the heads and the experts
+    gpus = next(g for g in (16, 8, 4, 2, 1) if cfg.num_attention_heads % g == 0 and cfg.n_routed_experts % g == 0)
+    assert main(["plan", name, "--gpus", str(gpus), "--gpu-mem-gb", "141", "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert plan["routed_experts_per_rank"] * plan["layout"]["ep"] == cfg.n_routed_experts
+    assert plan["weight_bytes_per_rank"] > 0
+    if name == "kimi-k2":            # 384 experts over 16 ranks: 24 per rank
+        assert gpus == 16 and plan["routed_experts_per_rank"] == 24
