@@ -109,7 +109,7 @@ def _default_dtype(device) -> torch.dtype:
 
 
 def build(cfg: ModelConfig | str, device="cpu", dtype: torch.dtype | None = None, seed: int = 0,
-          attn_mode: str = "absorbed") -> Transformer:
+          attn_mode: str | None = None) -> Transformer:
     """A freshly initialised model (N(0, initializer_range) weights, unit norms, zero bias).
     ``device="meta"`` allocates nothing: the 671B preset builds in seconds for counting."""
     if isinstance(cfg, str):
@@ -417,7 +417,7 @@ def read_planned(plan: list[TensorRead], reader: ShardReader, cfg: ModelConfig, 
 
 
 def load_checkpoint(path: str, dtype: torch.dtype | None = None, device=None, fp8: str = "dequant",
-                    attn_mode: str = "absorbed", progress: bool = False,
+                    attn_mode: str | None = None, progress: bool = False,
                     shard_model: Callable[[Transformer], None] | None = None,
                     check_plan: Callable[[list[TensorRead], ModelConfig], None] | None = None,
                     reader: ShardReader | None = None) -> Transformer:
@@ -453,7 +453,7 @@ def load_checkpoint(path: str, dtype: torch.dtype | None = None, device=None, fp
 
 
 def load(path: str, dtype: torch.dtype | None = None, device=None, fp8: str = "dequant",
-         attn_mode: str = "absorbed", progress: bool = False) -> Transformer:
+         attn_mode: str | None = None, progress: bool = False) -> Transformer:
     """Load a checkpoint directory in the official HF layout (one process, the whole model;
     ``dsv3lab.parallel.load_sharded`` is the same loader for one rank of many).
 
