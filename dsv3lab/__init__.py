@@ -15,10 +15,10 @@ def trace(model, **kw):
     return _trace(model, **kw)
 
 
-def logit_lens(model, tokens, *, mtp=False):
+def logit_lens(model, tokens, *, mtp=False, translators=None):
     """[n_layers, B, S, vocab]: final norm + head on the residual after each block (``dsv3lab.interp``)."""
     from dsv3lab.interp import logit_lens as _lens
-    return _lens(model, tokens, mtp=mtp)
+    return _lens(model, tokens, mtp=mtp, translators=translators)
 
 
 def replay(model, routing, **kw):

@@ -119,6 +119,24 @@ def test_lens_mtp_row_is_target_aligned(model):
     torch.testing.assert_close(st["prob"][n - 1], p)
 
 
+def test_affine_lens_is_the_least_squares_map(model):
+    w = _tokens(8, 24, seed=7)             # 192 tokens > D + 1 unknowns: a unique solution
+    tr = I.fit_affine_lens(model, w, ridge=0.0)
+    _, cache = run_with_cache(model, w, ["layers.0.hook_resid_post", "layers.2.hook_resid_post"])
+    x = cache["layers.0.hook_resid_post"].reshape(-1, 64).double()
+    y = cache["layers.2.hook_resid_post"].reshape(-1, 64).double()
+    sol = torch.linalg.lstsq(torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype)], 1), y).solution
+    torch.testing.assert_close(tr[0][0], sol[:-1], rtol=1e-6, atol=1e-8)
+    torch.testing.assert_close(tr[0][1], sol[-1], rtol=1e-6, atol=1e-8)
+    torch.testing.assert_close(tr[2][0], torch.eye(64, dtype=torch.float64), rtol=0, atol=1e-8)
+    ident = [(torch.eye(64, dtype=torch.float64), torch.zeros(64, dtype=torch.float64))] * 3
+    torch.testing.assert_close(I.logit_lens(model, w, translators=ident), I.logit_lens(model, w), rtol=1e-6, atol=1e-6)
+    kl = I.lens_kl(model, w)
+    assert kl.shape == (3,) and float(kl[-1]) == pytest.approx(0.0, abs=1e-6) and (kl >= -1e-6).all()
+    with pytest.raises(ValueError, match="translators"):
+        I.logit_lens(model, w, translators=ident[:2])
+
+
 # ---------------------------------------------------------------------------------------------
 # replay
 # ---------------------------------------------------------------------------------------------
