@@ -18,7 +18,8 @@ against "how much does the output lean on e where it is used?".
 
 Layer indices are the model's block indices (``model.layers.{i}``); dense blocks have no experts.
 A reroute that could leave a token fewer than top_k selectable experts in its kept groups is
-refused up front (the top-k would otherwise pick a masked -inf expert).
+refused up front (the top-k would otherwise pick a masked -inf expert). Under ``replay`` the gate's
+choice is forced, so a reroute mask has no effect there (zeroing still does).
 
 ``expert_importance(model, windows)`` ablates each expert of each MoE layer alone and reports the
 change in next-token loss over the windows, resuming the forward at the ablated block from a cached
