@@ -12,12 +12,13 @@ import torch
 
 
 def hadamard(x: torch.Tensor) -> torch.Tensor:
-    """x [..., n] (n a power of two) -> x @ H_n with H_n orthonormal; computed in fp32, returns x's dtype."""
+    """x [..., n] (n a power of two) -> x @ H_n with H_n orthonormal; computed in fp32 (fp64 for
+    fp64 input), returns x's dtype."""
     n = x.shape[-1]
     if n <= 0 or n & (n - 1):
         raise ValueError(f"hadamard: last dimension must be a power of two, got {n}")
     lead = x.shape[:-1]
-    y = x.float()
+    y = x if x.dtype == torch.float64 else x.float()
     h = 1
     while h < n:
         # pairs (j, j + h) inside each block of 2h values: (a, b) -> (a + b, a - b)

@@ -34,7 +34,7 @@ CountingReader = ShardReader
 
 
 def load_sharded(path: str, ctx: ParallelContext | Layout | None = None, dtype: torch.dtype | None = None,
-                 fp8: str = "dequant", attn_mode: str = "absorbed", rank: int | None = None,
+                 fp8: str = "dequant", attn_mode: str | None = None, rank: int | None = None,
                  reader: ShardReader | None = None, progress: bool = False) -> Transformer:
     """Load this rank's share of a checkpoint directory (official HF layout).
 
