@@ -6,7 +6,8 @@ lm-eval turns every task into three kinds of request; this class answers each on
         every continuation token was the argmax. lm-eval's ``TemplateLM`` does the tokenisation
         (context's trailing spaces moved onto the continuation; the pair encoded whole and split
         at the context's length), this file scores the token lists: requests sorted longest
-        first, right-padded into batches, one forward each, log-softmax in fp32. Right padding is
+        first, right-padded into batches, one forward each (the head applied only at the scored
+        positions), log-softmax in fp32. Right padding is
         exact for a causal model: a position never sees the pads after it, and routing is per
         token (no capacity, no drops at inference).
   loglikelihood_rolling(text)  the whole text's log-likelihood in disjoint windows of
@@ -225,11 +226,13 @@ class DSV3LabLM(TemplateLM):
         x = torch.zeros((len(inputs), width), dtype=torch.long, device=self.device)
         for r, inp in enumerate(inputs):
             x[r, :len(inp)] = torch.tensor(inp, dtype=torch.long)
-        logits = self.model(x)
+        # the head only where a target is scored: [B,S,V] logits of a 129K vocabulary would be
+        # most of the memory of a long batch
+        h = self.model.hidden(x)
         out = []
         for r, (inp, tgt) in enumerate(zip(inputs, targets)):
             n, k = len(inp), len(tgt)
-            logp = F.log_softmax(logits[r, n - k:n].float(), dim=-1)
+            logp = F.log_softmax(self.model.head(h[r, n - k:n]).float(), dim=-1)
             t = torch.tensor(tgt, dtype=torch.long, device=logp.device)
             ll = float(logp.gather(-1, t[:, None]).sum())
             greedy = bool((logp.argmax(-1) == t).all())
