@@ -37,13 +37,14 @@ def _cfg(cfg) -> ModelConfig:
 
 
 def indexer_key_bytes(cfg, key_format: str = "fp8", dtype_bytes: int = 2) -> float:
-    """Bytes of one token's indexer key in one layer: 132 for V3.2 in FP8, 256 in bf16."""
+    """Bytes of one token's indexer key in one layer: 132 for V3.2 in FP8, 256 in bf16;
+    ``key_format="model"`` keeps keys in the model dtype (``dtype_bytes`` each)."""
     cfg = _cfg(cfg)
     D = cfg.index_head_dim
     if key_format == "fp8":
         from dsv3lab.model.indexer import fp8_block
         return D + 4 * D // fp8_block(D)
-    return D * dtype_bytes
+    return D * (2 if key_format == "bf16" else dtype_bytes)
 
 
 def kv_bytes_per_token(cfg, key_format: str = "fp8", dtype_bytes: int = 2) -> dict:
