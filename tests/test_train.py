@@ -190,3 +190,45 @@ def test_train_lab_command_is_registered():
 def test_reflow_joins_prose_only():
     text = "A wrapped\nsentence.\n\n   code = 1\n   more = 2\n\nTitle\n*****\n\nlast\nline"
     assert T.reflow(text) == "A wrapped sentence.\n\n   code = 1\n   more = 2\n\nTitle\n*****\n\nlast line"
+
+
+def test_lab_corpus_holds_out_the_modules_of_validation_docstrings(monkeypatch):
+    from dsv3lab.train import lab_model as LM
+    pairs = [("topic:a", "topic a text"), ("topic:b", "topic b text")] + [
+        (f"m{i}.py", f"docstring {i} of module m{i}") for i in range(40)]
+    sources = [(f"m{i}.py", f"def f{i}():\n    'docstring {i} of module m{i}'\n") for i in range(40)]
+    monkeypatch.setattr(LM, "python_docs_with_origin", lambda: pairs)
+    monkeypatch.setattr(LM, "stdlib_sources", lambda: sources)
+    plain, with_code = LM.lab_corpus(False), LM.lab_corpus(True)
+    assert plain["val"] == with_code["val"] and len(plain["val"]) == 2        # 5% of 42 documents
+    assert with_code["train"][:len(plain["train"])] == plain["train"]
+    held = {o for o, t in pairs if t in set(plain["val"]) and not o.startswith("topic:")}
+    for rel, src in sources:
+        assert (src in with_code["train"]) == (rel not in held)
+        assert (src in with_code["val_code"]) == (rel in held)
+    assert with_code["n_source_files"] == 40 - len(held)
+    assert not any(v in t for v in plain["val"] for t in with_code["train"])  # no held-out text leaks
+
+
+def test_text_loss_per_character_by_hand(corpus):
+    from dsv3lab.train.heldout import text_loss, unigram_text_loss
+    tok, train_ids, _ = corpus
+    model = dsv3lab.build(CFG, seed=0)
+    docs = ["The list is a mutable sequence type. " * 6, "A tuple is immutable. " * 6]
+    got = text_loss(model, tok, docs, seq_len=16)
+    ids = T.encode_documents(tok, docs)
+    n = ids.numel() // 17
+    w = ids[:n * 17].view(n, 17)
+    with torch.no_grad():
+        logits = model(w[:, :-1])
+    total = float(torch.nn.functional.cross_entropy(logits.flatten(0, 1), w[:, 1:].flatten(), reduction="sum"))
+    chars = sum(len(tok.decode([t for t in row if t != CFG.eos_token_id])) + row.count(CFG.eos_token_id)
+                for row in w[:, 1:].tolist())
+    assert got["tokens"] == n * 16 and got["chars"] == chars
+    assert got["nats_per_token"] == pytest.approx(total / (n * 16), rel=1e-5)
+    assert got["nats_per_char"] == pytest.approx(total / chars, rel=1e-5)
+    uni = unigram_text_loss(tok, train_ids, docs, seq_len=16)
+    counts = torch.bincount(train_ids, minlength=tok.get_vocab_size()).double() + 1
+    assert uni["nats_per_token"] == pytest.approx(float(-(counts / counts.sum()).log()[w[:, 1:]].mean()))
+    with pytest.raises(ValueError, match="fewer than one window"):
+        text_loss(model, tok, ["x"], seq_len=64)

@@ -19,9 +19,8 @@ position i+1 (what a draft needs to be accepted), free of where greedy decoding 
 
 from __future__ import annotations
 
-import torch
-
 from dsv3lab.experiments.training import run_training, tail_mean
+from dsv3lab.train.evaluate import speculative_stats, teacher_forced_agreement
 
 NAME = "mtp"
 TITLE = "MTP loss on vs off at equal tokens: next-token validation loss/accuracy, draft acceptance"
@@ -47,37 +46,6 @@ def scale(cfg: dict) -> str:
             f"{t['batch_size']} x {t['seq_len']} tokens of Python's docs; speculative decoding on "
             f"{cfg['spec_prompts']} held-out prompts of {cfg['spec_prompt_len']} tokens, "
             f"{cfg['spec_new_tokens']} new tokens each")
-
-
-@torch.no_grad()
-def teacher_forced_agreement(model, windows: torch.Tensor) -> float:
-    """Fraction of positions i where argmax MTP(h_i, t_{i+1}) == argmax main(t_<=i+1): the draft
-    for token i+2 is what the main model itself would predict there."""
-    agree = total = 0
-    for w in windows.split(8):
-        x = w[:, :-1]
-        logits, h = model(x, return_hidden=True)
-        (mtp,) = model.mtp_logits(h[:, :-1], x[:, 1:], depth=1)
-        main_next = logits[:, 1:].argmax(-1)            # main model's prediction of t_{i+2}
-        agree += int((mtp.argmax(-1) == main_next).sum())
-        total += main_next.numel()
-    return agree / total
-
-
-def speculative_stats(model, val_ids: torch.Tensor, n: int, prompt_len: int, new_tokens: int) -> dict:
-    """Acceptance rate and tokens per step of greedy MTP speculative decoding, pooled over ``n``
-    prompts cut from the held-out stream at evenly spaced offsets."""
-    from dsv3lab.generate import generate_speculative
-    stride = max(prompt_len, (val_ids.numel() - prompt_len) // max(1, n))
-    steps = accepted = produced = 0
-    for j in range(n):
-        prompt = val_ids[j * stride:j * stride + prompt_len].tolist()
-        out, st = generate_speculative(model, prompt, max_new_tokens=new_tokens, stop_tokens=[],
-                                       return_stats=True)
-        steps += st["steps"]
-        accepted += st["accepted"]
-        produced += len(out) - 1                        # the first token comes from the prefill
-    return dict(acceptance_rate=accepted / steps, tokens_per_step=produced / steps)
 
 
 def run_arm(cfg: dict, arm: str, seed: int) -> dict:

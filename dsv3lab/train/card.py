@@ -11,14 +11,18 @@ def model_card(info: dict) -> str:
         f"A {i['params_m']:.1f}M-parameter DeepSeek-V3-architecture model (preset `lab`: "
         f"{i['layers']} layers, hidden {i['hidden']}, MLA with q/kv low rank, {i['experts']} routed "
         f"experts of width {i['expert_width']} in {i['groups']} groups, top-{i['top_k']}, 1 shared expert, "
-        "sigmoid gate with aux-loss-free bias, MTP depth 1, YaRN), trained from scratch on CPU by "
+        "sigmoid gate with aux-loss-free bias, MTP depth 1, YaRN), trained "
+        + (f"on from the model in `{i['init_from']}` (its weights and tokenizer)" if i.get("init_from")
+           else "from scratch") + " on CPU by "
         "`dsv3lab train-lab`. It is a fixture for the lab's notebooks and tests, not a useful language "
         "model: it writes Python-documentation-flavoured English.",
         "",
         "## Data",
         f"- Python {i['python']}'s own text: the reference manual (`pydoc_data.topics`, {i['n_topics']} topics) "
-        f"and standard-library docstrings of at least 200 characters, {i['n_docs']} documents, "
-        f"{i['chars'] / 1e6:.2f} M characters.",
+        f"and standard-library docstrings of at least 200 characters"
+        + (f", plus the source of {i['n_source_files']} standard-library modules (each cut at 24,000 "
+           "characters; the modules of validation docstrings held out)" if i.get("n_source_files") else "")
+        + f"; {i['n_docs']} documents, {i['chars'] / 1e6:.2f} M characters.",
         f"- Split by whole document (seed {i['seed']}): {i['train_tokens']:,} training tokens, "
         f"{i['val_tokens']:,} validation tokens.",
         f"- Tokenizer: byte-level BPE (`tokenizers`), vocabulary {i['vocab']}, "
@@ -49,6 +53,14 @@ def model_card(info: dict) -> str:
         f"| validation MaxVio at initialisation | {i['maxvio_init']:.2f} |",
         f"| validation MaxVio after training | {i['maxvio_final']:.2f} |",
         f"| ... same weights with the biases zeroed | {i['maxvio_nobias']:.2f} |",
+    ] + [
+        f"| held-out {'prose' if k == 'val' else 'code'}: nats per character (unigram) | "
+        f"{v['nats_per_char']:.4f} ({v['unigram_nats_per_char']:.4f}) |"
+        for k, v in i.get("heldout", {}).items()
+    ] + ([
+        f"| MTP draft: teacher-forced agreement / speculative acceptance / tokens per step | "
+        f"{i['mtp_agreement']:.3f} / {i['mtp_acceptance']:.3f} / {i['mtp_tokens_per_step']:.2f} |"
+    ] if "mtp_acceptance" in i else []) + [
         "",
         "Losses are nats per token; MaxVio = (max load - mean load) / mean load, mean over the "
         f"{i['moe_layers']} MoE layers (MTP's included).",

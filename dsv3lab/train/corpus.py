@@ -4,7 +4,9 @@ The only text guaranteed offline is Python's own: the reference manual (``pydoc_
 and the standard library (docstrings read with ``ast``, and optionally the source itself).
 Nothing is imported from the standard library's modules, so no module runs.
 
-  python_docs_corpus   documents in a fixed order (the text depends on the Python version)
+  python_docs_corpus   documents in a fixed order (the text depends on the Python version);
+                       ``python_docs_with_origin`` says which topic or module each came from
+  stdlib_sources       the standard library's source files, as documents of code
   split_documents      seeded split by whole document, so no text is in both halves
   train_tokenizer      a byte-level BPE like the released model's; BOS = 0, EOS = 1
   encode_documents     one int64 stream, EOS after each document
@@ -16,7 +18,7 @@ from __future__ import annotations
 import ast
 import os
 import random
-from typing import Iterable, Sequence
+from typing import Iterable, Optional, Sequence
 
 import torch
 
@@ -42,33 +44,69 @@ def reflow(text: str) -> str:
     return "\n\n".join(out)
 
 
+def _stdlib_files() -> list[tuple[str, str]]:
+    """(path relative to the standard library, absolute path) of its .py files, in a fixed
+    order, without tests, GUI demos, vendored packages and the manual's own data."""
+    import sysconfig
+    root = sysconfig.get_paths()["stdlib"]
+    out = []
+    for d, dirs, files in os.walk(root):
+        dirs[:] = sorted(x for x in dirs if x not in _SKIP_DIRS and not x.startswith("config-"))
+        for fn in sorted(files):
+            if fn.endswith(".py"):
+                full = os.path.join(d, fn)
+                out.append((os.path.relpath(full, root), full))
+    return out
+
+
+def python_docs_with_origin(docstrings: bool = True, min_docstring_chars: int = 200) -> list[tuple[str, str]]:
+    """``python_docs_corpus`` as (origin, text) pairs: origin is ``"topic:<key>"`` for a topic of
+    the reference manual, else the module's path relative to the standard library (to hold out
+    whole modules)."""
+    from pydoc_data.topics import topics
+    docs = [(f"topic:{k}", reflow(topics[k].strip())) for k in sorted(topics) if topics[k].strip()]
+    if not docstrings:
+        return docs
+    for rel, full in _stdlib_files():
+        try:
+            with open(full, encoding="utf-8") as f:
+                tree = ast.parse(f.read())
+        except (SyntaxError, UnicodeDecodeError, ValueError, OSError):
+            continue
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+                s = ast.get_docstring(node)
+                if s and len(s) >= min_docstring_chars:
+                    docs.append((rel, reflow(s)))
+    return docs
+
+
 def python_docs_corpus(docstrings: bool = True, min_docstring_chars: int = 200) -> list[str]:
     """Documents from Python's own text, in a fixed order: every topic of the reference manual
     (``pydoc_data.topics``), then the module/class/function docstrings of the standard library
     read with ``ast`` (nothing is imported, so no module runs). Short docstrings are dropped: they
-    are mostly signatures. Prose paragraphs are unwrapped (``reflow``). The text depends on the Python version (the model card records it)."""
-    from pydoc_data.topics import topics
-    docs = [reflow(topics[k].strip()) for k in sorted(topics) if topics[k].strip()]
-    if not docstrings:
-        return docs
-    import sysconfig
-    root = sysconfig.get_paths()["stdlib"]
-    for d, dirs, files in os.walk(root):
-        dirs[:] = sorted(x for x in dirs if x not in _SKIP_DIRS and not x.startswith("config-"))
-        for fn in sorted(files):
-            if not fn.endswith(".py"):
-                continue
-            try:
-                with open(os.path.join(d, fn), encoding="utf-8") as f:
-                    tree = ast.parse(f.read())
-            except (SyntaxError, UnicodeDecodeError, ValueError, OSError):
-                continue
-            for node in ast.walk(tree):
-                if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
-                    s = ast.get_docstring(node)
-                    if s and len(s) >= min_docstring_chars:
-                        docs.append(reflow(s))
-    return docs
+    are mostly signatures. Prose paragraphs are unwrapped (``reflow``). The text depends on the
+    Python version (the model card records it)."""
+    return [text for _, text in python_docs_with_origin(docstrings, min_docstring_chars)]
+
+
+def stdlib_sources(max_chars_per_file: Optional[int] = 24_000) -> list[tuple[str, str]]:
+    """(module path, source text) of the standard library's .py files that parse, in a fixed
+    order; each cut at ``max_chars_per_file`` (at a line end) so a few huge modules do not make
+    up most of the code."""
+    out = []
+    for rel, full in _stdlib_files():
+        try:
+            with open(full, encoding="utf-8") as f:
+                src = f.read()
+            ast.parse(src)
+        except (SyntaxError, UnicodeDecodeError, ValueError, OSError):
+            continue
+        if max_chars_per_file is not None and len(src) > max_chars_per_file:
+            src = src[:src.rfind("\n", 0, max_chars_per_file) + 1]
+        if src.strip():
+            out.append((rel, src))
+    return out
 
 
 def split_documents(docs: Sequence[str], val_fraction: float = 0.05, seed: int = 0):
