@@ -42,6 +42,18 @@ FIGURES = [
            "which routed experts each token chose, weights in colour; white lines separate expert groups"),
     Figure("01_architecture", "figures.kv_bytes_bars(memory.kv_comparison()", 0, "kv_cache_per_token.png",
            "KV cache bytes per token: DeepSeek-V3's latent cache against GQA models (ISCA '25 Table 1)"),
+    Figure("02_load_balancing", 'title="expert load / mean, per MoE layer"', 0, "load_balance_bias.png",
+           "expert load / mean per MoE layer of the lab model: its trained aux-loss-free biases, then the "
+           "same model with the biases zeroed (MaxVio per layer in the legends)"),
+    Figure("03_fp8_error_analysis", "S.plot_accumulation(", 0, "fp8_accumulation.png",
+           "max relative error of an FP8 dot product against K for 13- and 14-bit accumulators, without "
+           "and with promotion to FP32 every 128 elements"),
+    Figure("04_benchmark_replication", 'R.recorded_figures("pipeline")', 0, "pipeline_schedules.png",
+           "1F1B, ZB1P and DualPipe on 8 devices and 20 micro-batches, as simulated (bubble and peak "
+           "activations in the titles)"),
+    Figure("07_interpretability", "F.lens_heatmap(", 0, "logit_lens.png",
+           "logit lens on one sentence: p(true next token) after each block and at MTP depth 0, the top "
+           "guess written in each cell"),
 ]
 
 
