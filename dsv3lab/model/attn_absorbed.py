@@ -15,6 +15,7 @@ calling SDPA: (n+r)+v = 320 multiply-adds per (query, key, head) instead of 2c+r
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from dsv3lab.model.attention import Attention, AttnInput, Cache, allowed, expand_kv, sdpa
 
@@ -48,6 +49,14 @@ def latent_attention(q_cat: torch.Tensor, latent: torch.Tensor, scale: float, c:
         o_lat = dispatch.mla_decode(q_cat.view(B, H, -1), latent, scale, c)   # [B,H,c] or None
         if o_lat is not None:
             return o_lat.view(B, 1, H, c)
+        # one fused pass over the cache (torch's flash attention): the latent is a single
+        # key/value head and the H heads are its H query rows (MQA), so every cache row is read
+        # once for all heads, with an online softmax, instead of by two matmuls with a
+        # materialised [T, H] score matrix between them. Values are the whole rows (keys ==
+        # values, one tensor); the rope columns of the output are dropped after.
+        kv = latent[:, None]                                              # [B,1,T,c+r]
+        o = F.scaled_dot_product_attention(q_cat.view(B, 1, H, -1), kv, kv, scale=scale)
+        return o[..., :c]                                                 # [B,1(=S),H,c]
     q = q_cat.reshape(B, M, q_cat.shape[-1])
     # scores laid out [B, T, S*H]: the cache is the row-major left operand, never transposed
     scores = torch.bmm(latent, q.transpose(1, 2)).float() * scale
@@ -92,28 +101,35 @@ class AbsorbedAttention(Attention):
         return self.expanded(a.q_nope, a.q_pe, latent, a.start, keep)
 
     # --- the two computations -------------------------------------------------------------
-    def w_uv_t(self, dtype) -> torch.Tensor:
-        """W_UV as [H, c, v], contiguous, cached until kv_b_proj's weight changes: the output
-        product o_lat @ W_UV^T is then a plain batched GEMV (no per-step transposed copy)."""
+    def absorbed_weights(self, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """W_UK as [H, n, c] and W_UV^T as [H, c, v], contiguous in ``dtype``, cached until
+        kv_b_proj's weight changes: both products are then plain batched GEMVs over heads, with
+        no per-step strided copy or cast of the weight."""
         mla = self.mla
         w = mla.kv_b_proj.weight
         key = (w.data_ptr(), w._version, dtype, w.device, mla.n_heads)
-        if getattr(self, "_uv_key", None) != key:
-            self._uv_t = mla.kv_b_weight()[:, mla.n:].transpose(1, 2).to(dtype).contiguous()
-            self._uv_key = key
-        return self._uv_t
+        if getattr(self, "_absorbed_key", None) != key:
+            kvb = mla.kv_b_weight()
+            self._absorbed = (kvb[:, :mla.n].to(dtype).contiguous(),
+                              kvb[:, mla.n:].transpose(1, 2).to(dtype).contiguous())
+            self._absorbed_key = key
+        return self._absorbed
+
+    def w_uv_t(self, dtype) -> torch.Tensor:
+        """W_UV^T [H, c, v] (see ``absorbed_weights``)."""
+        return self.absorbed_weights(dtype)[1]
 
     def absorbed(self, q_nope, q_pe, latent, start, keep=None) -> torch.Tensor:
         mla = self.mla
-        B, S, H, _ = q_nope.shape
-        c, n = mla.c, mla.n
-        w_uk = mla.kv_b_weight()[:, :n].to(q_nope.dtype)                    # [H,n,c] (a view)
+        B, S, H, n = q_nope.shape
+        c = mla.c
+        w_uk, w_uv_t = self.absorbed_weights(q_nope.dtype)
         # per head: q_lat = q_nope W_UK, as one batched GEMM over heads
         q_lat = torch.bmm(q_nope.permute(2, 0, 1, 3).reshape(H, B * S, n), w_uk)
         q_lat = q_lat.view(H, B, S, c).permute(1, 2, 0, 3)                 # [B,S,H,c]
         q_cat = torch.cat([q_lat, q_pe], dim=-1)
         o_lat = latent_attention(q_cat, latent, mla.scale, c, start, keep, mla.hook_attn_probs)
-        o = torch.bmm(o_lat.permute(2, 0, 1, 3).reshape(H, B * S, c), self.w_uv_t(o_lat.dtype))
+        o = torch.bmm(o_lat.permute(2, 0, 1, 3).reshape(H, B * S, c), w_uv_t.to(o_lat.dtype))
         return o.view(H, B, S, -1).permute(1, 2, 0, 3)                     # [B,S,H,v]
 
     def expanded(self, q_nope, q_pe, latent, start, keep=None) -> torch.Tensor:

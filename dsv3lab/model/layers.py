@@ -82,6 +82,11 @@ def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """x @ w.T for a plain (non-FP8) weight, with the CPU bf16 policy above. Both policies
     accumulate in fp32 and round the output to bf16 once; they differ in speed, and in the last
     bit where a kernel's summation order differs (tests/test_cpu_bf16.py bounds both)."""
+    if (x.dtype == torch.bfloat16 and w.dtype == torch.bfloat16 and x.device.type == "cpu"
+            and x.numel() == x.shape[-1]):
+        # one row (a decode step), either policy: torch.mv's bf16 GEMV streams the weight
+        # faster than F.linear's one-row GEMM (docs/attention.md, decode speed)
+        return torch.mv(w, x.reshape(-1)).view(*x.shape[:-1], w.shape[0])
     if (x.dtype == torch.bfloat16 and not _NATIVE_BF16 and x.device.type == "cpu"
             and x.numel() >= UPCAST_MIN_ROWS * x.shape[-1]):
         # bf16 storage, fp32 arithmetic: on CPUs without bf16 units a compute-bound GEMM
