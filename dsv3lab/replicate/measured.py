@@ -130,11 +130,11 @@ def balancing(quick: bool = False) -> list[dict]:
         metric_row("maxvio_no_balancing", "MaxVio_global with no balancing at all (no paper figure)", None, "",
                    printed(2), "balancing", "none.maxvio_global", quick, m + "; arm none"),
         delta_row("val_loss_delta_aux_free_vs_seq_aux", "aux-free validation loss below sequence-wise aux "
-                  "(Table 6, 1B: 2.253 vs 2.258)", round(2.253 - 2.258, 3), "nats/token", sign, "balancing",
+                  "(sec. 4.5.3, 1B: 2.253 vs 2.258)", round(2.253 - 2.258, 3), "nats/token", sign, "balancing",
                   "aux_free.val_loss", "seq_aux.val_loss", quick,
                   "dsv3lab.experiments.balancing: val loss aux_free - seq_aux, paired by seed"),
         delta_row("val_loss_delta_batch_aux_vs_seq_aux", "batch-wise aux validation loss below sequence-wise "
-                  "(Table 6, 1B: 2.253 vs 2.258)", round(2.253 - 2.258, 3), "nats/token", sign, "balancing",
+                  "(sec. 4.5.3, 1B: 2.253 vs 2.258)", round(2.253 - 2.258, 3), "nats/token", sign, "balancing",
                   "batch_aux.val_loss", "seq_aux.val_loss", quick,
                   "dsv3lab.experiments.balancing: val loss batch_aux - seq_aux, paired by seed"),
     ]
