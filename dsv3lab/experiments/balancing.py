@@ -1,6 +1,6 @@
 """Load balancing at lab scale: aux-loss-free bias vs sequence-wise vs batch-wise aux loss vs none.
 
-The report's claim (sec. 2.1.2; ablations sec. 4.5.2-4.5.3, Tables 5-6): balancing through a
+The report's claim (sec. 2.1.2; ablations sec. 4.5.2, Table 5, and sec. 4.5.3): balancing through a
 per-expert selection bias, moved against the load after every step, keeps experts balanced
 without the gradient interference of an auxiliary loss, so the model is at least as good; and a
 batch-wise aux loss (balance over the batch, not each sequence) is as good as the bias. The
@@ -27,7 +27,7 @@ from dsv3lab.experiments.training import model_config, run_training, tail_mean
 
 NAME = "balancing"
 TITLE = "aux-loss-free bias vs sequence-wise / batch-wise aux loss vs none: MaxVio and validation loss"
-PAPER = ("DeepSeek-V3 report sec. 2.1.2 and 4.5.2-4.5.3 (Tables 5-6: aux-free matches or beats the "
+PAPER = ("DeepSeek-V3 report sec. 2.1.2 and 4.5.2-4.5.3 (Table 5: aux-free matches or beats the "
          "aux-loss baseline; batch-wise aux ~ aux-free, val loss 2.253 vs 2.258 sequence-wise at 1B); "
          "loss-free balancing paper: MaxVio_global 0.04 (bias) vs 0.72 (aux loss) at 1B")
 ARMS = ("aux_free", "seq_aux", "batch_aux", "none")

@@ -20,7 +20,7 @@ LR_SEGMENTS_T = dict(flat=10.0, cosine=4.3, constant_2_2e_5=0.333, constant_7_3e
 DAY6 = dict(avg_nodes=226.75, gpus_per_node=8, usd_per_gpuh=2.0, input_btok=608, cache_hit_btok=342,
             output_btok=168, usd_per_mtok_hit=0.14, usd_per_mtok_miss=0.55, usd_per_mtok_out=2.19,
             printed_cost_usd=87072, printed_revenue_usd=562027)
-# Report sec. 2.2 / 3.2.2: interconnect bandwidths and the node limit of routing.
+# Report sec. 2.1.2 / 3.2.2: interconnect bandwidths and the node limit of routing.
 LINKS = dict(nvlink_gbs=160, ib_gbs=50, max_nodes=4)
 
 
