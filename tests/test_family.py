@@ -29,10 +29,10 @@ SMALL = dict(vocab_size=320, hidden_size=64, intermediate_size=96, moe_intermedi
              initializer_range=0.05, num_nextn_predict_layers=0)
 
 FAMILY = {
-    # Kimi K2's shapes at toy width: many experts in ONE group (n_group = topk_group = 1), top-8,
+    # Kimi K2's shapes at toy width: its 384 experts in ONE group (n_group = topk_group = 1), top-8,
     # one dense layer, rope_theta 50000 with YaRN's beta_fast = beta_slow = 1, routed scale 2.827;
     # its config.json says model_type "kimi_k2"
-    "kimi-k2-style": dict(num_hidden_layers=3, first_k_dense_replace=1, n_routed_experts=48,
+    "kimi-k2-style": dict(num_hidden_layers=3, first_k_dense_replace=1, n_routed_experts=384,
                           num_experts_per_tok=8, n_group=1, topk_group=1, n_shared_experts=1,
                           routed_scaling_factor=2.827, q_lora_rank=48, rope_theta=50000.0,
                           rope_scaling=dict(type="yarn", factor=32.0, original_max_position_embeddings=16,
