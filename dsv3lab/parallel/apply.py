@@ -9,7 +9,9 @@ all-to-all expert parallelism added):
   self_attn.n_heads              heads per rank; q_a, kv_a and the norms stay whole
   dense mlp / shared_experts     gate, up: ColumnParallelLinear; down: RowParallelLinear
   mlp.gate                       whole (every rank routes every token the same way)
-  mlp.experts[e]                 kept on the EP rank that owns e, None elsewhere
+  mlp.experts[e]                 kept on the EP ranks holding a slot of e, None elsewhere
+                                 (``placement``: EPLB's physical_to_logical map; default
+                                 contiguous, rank j owns [j*E/ep, (j+1)*E/ep))
   mlp.dispatch                   ExpertParallelDispatch (all-to-all, or the all-reduce baseline)
   lm_head                        VocabParallelHead (rows split over TP, all_gather)
 The caches need nothing here: ``model.new_cache`` asks the attention implementation for its cache
@@ -36,6 +38,7 @@ from dsv3lab.parallel.dispatch import ExpertParallelDispatch
 from dsv3lab.parallel.layers import (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding,
                                      VocabParallelHead)
 from dsv3lab.parallel.layout import Layout, LayoutError
+from dsv3lab.parallel.placement import ExpertPlacement, ReplicaMap, check_placement, moe_layers
 
 
 @dataclass
@@ -43,6 +46,13 @@ class ParallelState:
     """Attached to a model as ``model._dsv3_parallel`` by ``apply_layout``."""
     ctx: ParallelContext
     dispatchers: dict = field(default_factory=dict)     # MoE layer index -> ExpertParallelDispatch
+    placement: ExpertPlacement = field(default_factory=ExpertPlacement.contiguous)
+
+    def sync_header(self) -> None:
+        """One header width for every MoE layer (``serve`` answers any layer with one header)."""
+        width = max((d.S_local for d in self.dispatchers.values()), default=0)
+        for d in self.dispatchers.values():
+            d.header_slots = width
 
     @property
     def layout(self) -> Layout:
@@ -102,11 +112,14 @@ def _shard_attention(mla: MLA, ctx: ParallelContext, block: int) -> None:
     mla.n_heads = mla.n_heads // tp
 
 
-def apply_layout(model, ctx: ParallelContext | Layout, rank: int | None = None):
+def apply_layout(model, ctx: ParallelContext | Layout, rank: int | None = None,
+                 placement: ExpertPlacement | None = None):
     """Shard ``model`` (a plain ``Transformer``, with weights or on meta) for this rank, in place.
 
     ``ctx``: a ParallelContext (from ``ParallelContext.init``), or a Layout plus ``rank`` for a
-    virtual placement (planning, or a one-rank world). Returns the model."""
+    virtual placement (planning, or a one-rank world). ``placement``: physical expert slots per
+    MoE layer (``dsv3lab.parallel.placement``); this rank keeps one module per expert its slots
+    hold. Returns the model."""
     if isinstance(ctx, Layout):
         ctx = ParallelContext.virtual_for(ctx, rank or 0)
     cfg = model.cfg
@@ -120,7 +133,8 @@ def apply_layout(model, ctx: ParallelContext | Layout, rank: int | None = None):
         raise LayoutError("apply_layout with a virtual context (no process groups) only places meta models; "
                           "run ParallelContext.init() in each rank to shard real weights")
     block = cfg.fp8_block_size or 128
-    state = ParallelState(ctx)
+    placement = check_placement(placement, cfg, ctx.ep, moe_layers(model))
+    state = ParallelState(ctx, placement=placement)
     tp = ctx.tp
     if tp > 1:
         V, D = cfg.vocab_size, cfg.hidden_size
@@ -137,19 +151,31 @@ def apply_layout(model, ctx: ParallelContext | Layout, rank: int | None = None):
             _shard_attention(blk.self_attn, ctx, block)
         mlp = blk.mlp
         if isinstance(mlp, MoE):
-            owned = ctx.owned_experts(cfg.n_routed_experts)
+            replicas = ReplicaMap(placement.row(blk.layer, cfg.n_routed_experts), cfg.n_routed_experts, ctx.ep)
+            hosted = set(replicas.experts_on(ctx.ep_rank))
             for e in range(cfg.n_routed_experts):
-                if e not in owned:
+                if e not in hosted:
                     mlp.experts[e] = None
             if tp > 1 and mlp.shared_experts is not None:
                 _shard_mlp(mlp.shared_experts, ctx, block)
-            disp = ExpertParallelDispatch(mlp, ctx, blk.layer)
+            disp = ExpertParallelDispatch(mlp, ctx, blk.layer, replicas, fp8=ctx.layout.fp8_dispatch)
             mlp.dispatch = disp          # instance attribute: shadows MoE.dispatch for this module
             state.dispatchers[blk.layer] = disp
         elif tp > 1:
             _shard_mlp(mlp, ctx, block)
+    state.sync_header()
     model._dsv3_parallel = state
     return model
+
+
+def set_fp8_dispatch(model, on: bool = True) -> None:
+    """Switch every MoE layer's dispatch between FP8 (e4m3 rows with 1x128 scales out, bf16
+    back) and the model's own dtype, from the next forward on. Every rank must switch alike."""
+    st = parallel_state(model)
+    if st is None:
+        raise LayoutError("set_fp8_dispatch: the model is not sharded (apply_layout first)")
+    for d in st.dispatchers.values():
+        d.set_fp8(on)
 
 
 def parallel_state(model) -> ParallelState | None:

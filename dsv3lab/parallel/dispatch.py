@@ -32,8 +32,11 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
+from dsv3lab.fp8 import act_dequant, act_quant
 from dsv3lab.parallel.context import check_group
 from dsv3lab.parallel.layers import all_gather_rows, all_reduce
+from dsv3lab.parallel.layout import LayoutError
+from dsv3lab.parallel.placement import ReplicaMap
 
 _HEAD = 2  # header columns before the per-expert counts: active flag, MoE layer index
 
@@ -55,37 +58,70 @@ class LayerComm:
     bytes_sent: int = 0              # payload bytes that left this rank (dispatch + combine)
     bytes_recv: int = 0              # payload bytes that arrived from other ranks
     header_bytes: int = 0
+    dispatch_bytes: int = 0          # of bytes_sent: token rows out to experts (FP8 + scales, or native)
+    combine_bytes: int = 0           # of bytes_sent: expert outputs back to their senders
+    n_slots: int = 0                 # this rank's physical expert slots in this layer
+    slot_rows: list = field(default_factory=list)    # [n_slots] pairs each slot computed (all senders)
+    slot_experts: list = field(default_factory=list)  # [n_slots] logical expert held by each slot
 
     def __post_init__(self):
         self.reset()
 
     def reset(self):
         self.calls = self.tokens = self.bytes_sent = self.bytes_recv = self.header_bytes = 0
+        self.dispatch_bytes = self.combine_bytes = 0
         self.pairs_sent = [0] * self.ep
         self.pairs_recv = [0] * self.ep
+        self.slot_rows = [0] * self.n_slots
 
     def as_dict(self) -> dict:
         return dict(layer=self.layer, calls=self.calls, tokens=self.tokens, pairs_sent=list(self.pairs_sent),
                     pairs_recv=list(self.pairs_recv), bytes_sent=self.bytes_sent, bytes_recv=self.bytes_recv,
-                    header_bytes=self.header_bytes)
+                    header_bytes=self.header_bytes, dispatch_bytes=self.dispatch_bytes,
+                    combine_bytes=self.combine_bytes, slot_rows=list(self.slot_rows),
+                    slot_experts=list(self.slot_experts), rows_computed=sum(self.slot_rows))
 
 
 class ExpertParallelDispatch:
-    """Callable installed as ``moe.dispatch``: same signature and result as ``MoE.dispatch``."""
+    """Callable installed as ``moe.dispatch``: same signature and result as ``MoE.dispatch``.
 
-    def __init__(self, moe, ctx, layer: int):
+    ``replicas``: this layer's ``ReplicaMap`` (physical slots over the EP group; the contiguous
+    map when not given). ``fp8``: quantize the dispatched rows to e4m3 with 1x128 scales and
+    return expert outputs in bf16 (``set_fp8``)."""
+
+    def __init__(self, moe, ctx, layer: int, replicas: ReplicaMap | None = None, fp8: bool = False):
         self.moe = moe
         self.ctx = ctx
         self.layer = layer
         cfg = moe.cfg
         self.E = cfg.n_routed_experts
         self.k = cfg.num_experts_per_tok
-        self.owned = ctx.owned_experts(self.E)
-        self.E_local = len(self.owned)
         self.mode = ctx.layout.moe_comm
-        self.comm = LayerComm(layer, ctx.ep)
         # the EP group is the TP group: every rank of it already holds every token
         self.same_tokens = ctx.ep == ctx.tp
+        self.comm = LayerComm(layer, ctx.ep)
+        self.header_slots = 0
+        self.set_replicas(replicas if replicas is not None else ReplicaMap(torch.arange(self.E), self.E, ctx.ep))
+        self.fp8 = False
+        self.set_fp8(fp8)
+
+    def set_replicas(self, replicas: ReplicaMap) -> None:
+        """Use ``replicas`` from the next call on (the modules it needs must be in place)."""
+        self.replicas = replicas
+        self.P = replicas.P
+        self.slots = replicas.slots_of(self.ctx.ep_rank)
+        self.S_local = len(self.slots)
+        self.slot_expert = replicas.slot_experts(self.ctx.ep_rank)
+        self.header_slots = self.S_local       # apply_layout widens it to the model's widest layer
+        self.comm.n_slots = self.S_local
+        self.comm.slot_experts = list(self.slot_expert)
+        self.comm.slot_rows = [0] * self.S_local
+
+    def set_fp8(self, on: bool) -> None:
+        if on and self.mode != "alltoall":
+            raise LayoutError("FP8 dispatch quantizes the all-to-all payload: it needs moe_comm='alltoall', "
+                              f"not {self.mode!r}")
+        self.fp8 = bool(on)
 
     # --- entry from MoE.forward --------------------------------------------------------------
     def __call__(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
@@ -109,30 +145,43 @@ class ExpertParallelDispatch:
         return all_gather_rows(y, sizes, ctx.tp_group)
 
     # --- experts ------------------------------------------------------------------------------
-    def _run_local(self, rows: torch.Tensor, local_ids: torch.Tensor) -> torch.Tensor:
-        """Rows [N,D] with local expert index [N] -> expert outputs [N,D] (each expert once)."""
+    def _run_local(self, rows: torch.Tensor, local_slot: torch.Tensor) -> torch.Tensor:
+        """Rows [N,D] with this rank's slot index [N] -> expert outputs [N,D] (each slot once;
+        two slots of one expert call the same module separately, as two replicas would)."""
         out = torch.empty_like(rows)
         if rows.shape[0] == 0:
             return out
-        order = local_ids.argsort(stable=True)
-        counts = torch.bincount(local_ids, minlength=self.E_local).tolist()
+        order = local_slot.argsort(stable=True)
+        counts = torch.bincount(local_slot, minlength=self.S_local).tolist()
         xs = rows[order]
         ys = torch.empty_like(xs)
         lo = 0
         for j, n in enumerate(counts):
             if n:
-                ys[lo:lo + n] = self.moe.experts[self.owned.start + j](xs[lo:lo + n])
+                ys[lo:lo + n] = self.moe.experts[self.slot_expert[j]](xs[lo:lo + n])
+                self.comm.slot_rows[j] += n
             lo += n
         out[order] = ys
         return out
 
+    def _choose(self, ids: torch.Tensor, sizes: list[int]) -> torch.Tensor:
+        """Physical slots [sum(sizes)*k] of the pairs of ``ids`` [T,k], whose rows come from
+        senders 0, 1, ... in chunks of ``sizes`` (the replica choice depends on the sender)."""
+        if not self.replicas.replicated:
+            return self.replicas.choose(ids.reshape(-1), 0)
+        out, lo = [], 0
+        for j, n in enumerate(sizes):
+            out.append(self.replicas.choose(ids[lo:lo + n].reshape(-1), j))
+            lo += n
+        return torch.cat(out) if out else ids.reshape(-1)
+
     # --- all-to-all ----------------------------------------------------------------------------
-    def _header(self, counts_e: torch.Tensor, active: bool) -> torch.Tensor:
-        ep, El = self.ctx.ep, self.E_local
-        h = torch.zeros(ep, _HEAD + El, dtype=torch.int64, device=counts_e.device)
+    def _header(self, counts_s: torch.Tensor, active: bool) -> torch.Tensor:
+        ep, S = self.ctx.ep, self.S_local
+        h = torch.zeros(ep, _HEAD + self.header_slots, dtype=torch.int64, device=counts_s.device)
         h[:, 0] = int(active)
         h[:, 1] = self.layer if active else -1
-        h[:, _HEAD:] = counts_e.view(ep, El)
+        h[:, _HEAD:_HEAD + S] = counts_s.view(ep, S)
         return h
 
     def _exchange_header(self, header: torch.Tensor) -> torch.Tensor:
@@ -151,18 +200,22 @@ class ExpertParallelDispatch:
 
     def _alltoall(self, xs, ids, ws) -> torch.Tensor:
         ctx = self.ctx
-        ep, El, D = ctx.ep, self.E_local, xs.shape[-1]
-        flat = ids.reshape(-1)
-        counts_e = torch.bincount(flat, minlength=self.E)
-        order = flat.argsort(stable=True)                   # grouped by expert, hence by owner
+        ep, S = ctx.ep, self.S_local
+        slot = self.replicas.choose(ids.reshape(-1), ctx.ep_rank)
+        counts_s = torch.bincount(slot, minlength=self.P)
+        order = slot.argsort(stable=True)                    # grouped by slot, hence by owner
         token_of = order // self.k
         if ep == 1:
             send = xs[token_of]
-            back = self._run_local(send, flat[order] - self.owned.start)
+            if self.fp8:        # the same arithmetic as a trip over the wire, for every layout
+                send = self._unpack(self._pack(send), send.dtype)
+            back = self._run_local(send, slot[order] - self.slots.start)
+            if self.fp8:
+                back = back.to(torch.bfloat16).to(send.dtype)
         else:
-            recv_h = self._exchange_header(self._header(counts_e, True))
+            recv_h = self._exchange_header(self._header(counts_s, True))
             self._check_step(recv_h)
-            back = self._payload(xs[token_of], counts_e.view(ep, El).sum(1).tolist(), recv_h)
+            back = self._payload(xs[token_of], counts_s.view(ep, S).sum(1).tolist(), recv_h)
         return self._combine(back, order, ws)
 
     @staticmethod
@@ -175,30 +228,50 @@ class ExpertParallelDispatch:
         pairs[order] = back.float() * ws.reshape(-1)[order][:, None].float()
         return pairs.view(T, k, back.shape[-1]).sum(dim=1).to(back.dtype)
 
+    # FP8 wire format of one dispatched row: D e4m3 bytes, then ceil(D/128) fp32 scales as bytes
+    def _pack(self, rows: torch.Tensor) -> torch.Tensor:
+        q, s = quantize_rows(rows)
+        return torch.cat([q.view(torch.uint8), s.contiguous().view(torch.uint8).view(rows.shape[0], -1)], dim=1)
+
+    def _unpack(self, buf: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        D = self.moe.cfg.hidden_size
+        q = buf[:, :D].contiguous().view(torch.float8_e4m3fn)
+        s = buf[:, D:].contiguous().view(torch.float32).view(buf.shape[0], -1)
+        return dequantize_rows(q, s, dtype)
+
     def _payload(self, send: torch.Tensor, send_splits: list[int], recv_h: torch.Tensor) -> torch.Tensor:
         """Dispatch ``send`` (rows grouped by destination), run the local experts on what arrives,
         and return the expert outputs for ``send``'s rows (combine)."""
         ctx = self.ctx
-        recv_counts = recv_h[:, _HEAD:]                    # [src, local expert]
+        recv_counts = recv_h[:, _HEAD:_HEAD + self.S_local]     # [src, local slot]
         recv_splits = recv_counts.sum(1).tolist()
-        D = send.shape[-1]
-        got = send.new_empty(sum(recv_splits), D)
-        dist.all_to_all_single(got, send.contiguous(), recv_splits, send_splits, group=ctx.ep_group)
-        local_ids = torch.repeat_interleave(
-            torch.arange(self.E_local, device=got.device).repeat(ctx.ep), recv_counts.reshape(-1))
-        y = self._run_local(got, local_ids)
-        back = send.new_empty(send.shape[0], D)
-        dist.all_to_all_single(back, y, send_splits, recv_splits, group=ctx.ep_group)
-        me, esz = ctx.ep_rank, send.element_size()
+        D, dtype = send.shape[-1], send.dtype
+        wire = self._pack(send) if self.fp8 else send.contiguous()
+        got = wire.new_empty(sum(recv_splits), wire.shape[1])
+        dist.all_to_all_single(got, wire, recv_splits, send_splits, group=ctx.ep_group)
+        rows = self._unpack(got, dtype) if self.fp8 else got
+        local_slot = torch.repeat_interleave(
+            torch.arange(self.S_local, device=got.device).repeat(ctx.ep), recv_counts.reshape(-1))
+        y = self._run_local(rows, local_slot)
+        if self.fp8:
+            y = y.to(torch.bfloat16)                            # combine in bf16
+        back = y.new_empty(send.shape[0], D)
+        dist.all_to_all_single(back, y.contiguous(), send_splits, recv_splits, group=ctx.ep_group)
+        back = back.to(dtype)
+        me = ctx.ep_rank
         c = self.comm
         for j in range(ctx.ep):
             c.pairs_sent[j] += send_splits[j]
             c.pairs_recv[j] += recv_splits[j]
         remote_out = sum(send_splits) - send_splits[me]
         remote_in = sum(recv_splits) - recv_splits[me]
+        row_out = wire.shape[1] * wire.element_size()            # bytes of one dispatched row
+        row_back = D * y.element_size()                          # bytes of one combined row
         # dispatch rows out + their results back in (and the mirror for what we serve)
-        c.bytes_sent += (remote_out + remote_in) * D * esz
-        c.bytes_recv += (remote_in + remote_out) * D * esz
+        c.dispatch_bytes += remote_out * row_out
+        c.combine_bytes += remote_in * row_back
+        c.bytes_sent += remote_out * row_out + remote_in * row_back
+        c.bytes_recv += remote_in * row_out + remote_out * row_back
         return back
 
     def serve_once(self, recv_h: torch.Tensor, like: torch.Tensor) -> None:
@@ -206,20 +279,22 @@ class ExpertParallelDispatch:
         self._payload(like.new_empty(0, like.shape[-1]), [0] * self.ctx.ep, recv_h)
 
     # --- all-reduce baseline -------------------------------------------------------------------
-    def _weighted_local(self, x, ids, ws) -> torch.Tensor:
-        """sum over the *owned* experts of w * Expert(x) for every token (zeros elsewhere)."""
+    def _weighted_local(self, x, ids, ws, sizes: list[int]) -> torch.Tensor:
+        """sum over this rank's *slots* of w * Expert(x) for every token (zeros elsewhere); the
+        rows of ``x`` come from senders in chunks of ``sizes`` (for the replica choice)."""
         T = x.shape[0]
         pairs = torch.zeros(T * self.k, x.shape[-1], dtype=torch.float32, device=x.device)
-        flat = ids.reshape(-1)
-        mine = (flat >= self.owned.start) & (flat < self.owned.stop)
+        slot = self._choose(ids, sizes)
+        mine = (slot >= self.slots.start) & (slot < self.slots.stop)
         pair = torch.nonzero(mine).flatten()
         if pair.numel():
-            y = self._run_local(x[pair // self.k], flat[pair] - self.owned.start)
+            y = self._run_local(x[pair // self.k], slot[pair] - self.slots.start)
             pairs[pair] = y.float() * ws.reshape(-1)[pair][:, None].float()
         return pairs.view(T, self.k, x.shape[-1]).sum(dim=1).to(x.dtype)
 
     def _allreduce_replicated(self, x, ids, ws) -> torch.Tensor:
-        out = self._weighted_local(x, ids, ws)
+        # the token chunks a TP (= EP) rank would dispatch under all-to-all are its "sends"
+        out = self._weighted_local(x, ids, ws, chunk_sizes(x.shape[0], self.ctx.tp))
         n = self.ctx.ep
         self.comm.bytes_sent += out.numel() * out.element_size() * 2 * (n - 1) // n  # ring all-reduce
         self.comm.bytes_recv += out.numel() * out.element_size() * 2 * (n - 1) // n
@@ -228,8 +303,7 @@ class ExpertParallelDispatch:
     def _allreduce_gathered(self, xs, ids, ws, active: bool) -> torch.Tensor:
         ctx = self.ctx
         if ctx.ep == 1:
-            return self._weighted_local(xs, ids, ws)
-        D = self.moe.cfg.hidden_size
+            return self._weighted_local(xs, ids, ws, [xs.shape[0]])
         head = torch.tensor([int(active), self.layer if active else -1, xs.shape[0]], dtype=torch.int64,
                             device=xs.device)
         heads = [torch.empty_like(head) for _ in range(ctx.ep)]
@@ -245,13 +319,43 @@ class ExpertParallelDispatch:
         X = all_gather_rows(xs, sizes, ctx.ep_group)
         I = all_gather_rows(ids, sizes, ctx.ep_group)
         W = all_gather_rows(ws, sizes, ctx.ep_group)
-        out = all_reduce(self._weighted_local(X, I, W), ctx.ep_group)
+        out = all_reduce(self._weighted_local(X, I, W, sizes), ctx.ep_group)
         n, esz = ctx.ep, xs.element_size()
         total = sum(sizes) * xs.shape[-1] * esz
         self.comm.bytes_sent += (total - xs.numel() * esz) + total * 2 * (n - 1) // n
         self.comm.bytes_recv += (total - xs.numel() * esz) + total * 2 * (n - 1) // n
         lo = sum(sizes[:ctx.ep_rank])
         return out[lo:lo + xs.shape[0]]
+
+
+# --------------------------------------------------------------------------------------------
+# FP8 dispatch rows: 1x128 e4m3 tiles (dsv3lab.fp8.act_quant), a shorter last tile zero-padded
+# --------------------------------------------------------------------------------------------
+
+FP8_TILE = 128
+
+
+def quantize_rows(x: torch.Tensor, tile: int = FP8_TILE) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [N,D] -> (e4m3 [N,D], fp32 scales [N, ceil(D/tile)]): the report's activation recipe
+    (one scale per 1x128 tile, amax -> 448). A last tile shorter than 128 (D % 128, toy widths)
+    is quantized as if zero-padded, which leaves its amax, hence its scale, unchanged."""
+    N, D = x.shape
+    pad = (-D) % tile
+    xp = torch.nn.functional.pad(x.float(), (0, pad)) if pad else x
+    q, s = act_quant(xp, tile)
+    return (q[:, :D].contiguous() if pad else q), s
+
+
+def dequantize_rows(q: torch.Tensor, s: torch.Tensor, dtype: torch.dtype, tile: int = FP8_TILE) -> torch.Tensor:
+    N, D = q.shape
+    pad = (-D) % tile
+    qp = torch.cat([q.view(torch.uint8), q.new_zeros(N, pad).view(torch.uint8)], 1).view(q.dtype) if pad else q
+    return act_dequant(qp, s, tile)[:, :D].to(dtype)
+
+
+def fp8_row_bytes(D: int, tile: int = FP8_TILE) -> int:
+    """Bytes of one FP8-dispatched row: D e4m3 values and ceil(D/tile) fp32 scales."""
+    return D + 4 * (-(-D // tile))
 
 
 # --------------------------------------------------------------------------------------------
@@ -274,7 +378,7 @@ def serve(model, max_steps: int | None = None) -> int:
     while max_steps is None or served < max_steps:
         if state.layout.moe_comm == "alltoall":
             recv = disp._exchange_header(disp._header(
-                torch.zeros(disp.E, dtype=torch.int64, device=like.device), False))
+                torch.zeros(disp.P, dtype=torch.int64, device=like.device), False))
             active = recv[:, 0] > 0
             if not bool(active.any()):
                 return served

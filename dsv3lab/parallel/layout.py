@@ -48,6 +48,7 @@ class Layout:
     ep: int = 1
     dp: int = 1
     moe_comm: str = "alltoall"        # "alltoall" (routed tokens only) or "allreduce" (baseline)
+    fp8_dispatch: bool = False        # all-to-all rows as e4m3 + 1x128 fp32 scales, combine in bf16
 
     @property
     def world_size(self) -> int:
@@ -55,7 +56,7 @@ class Layout:
 
     @classmethod
     def make(cls, world_size: int, tp: Optional[int] = None, ep: Optional[int] = None,
-             dp: Optional[int] = None, moe_comm: str = "alltoall") -> "Layout":
+             dp: Optional[int] = None, moe_comm: str = "alltoall", fp8_dispatch: bool = False) -> "Layout":
         """Fill in what is not given: tp = world/dp (or world), dp = world/tp, ep = world.
         The default for W ranks is the official demo's split (tp = ep = W, dp = 1) with
         all-to-all dispatch."""
@@ -77,7 +78,7 @@ class Layout:
             dp = W // tp
         if ep is None:
             ep = W
-        lay = cls(tp=int(tp), ep=int(ep), dp=int(dp), moe_comm=moe_comm)
+        lay = cls(tp=int(tp), ep=int(ep), dp=int(dp), moe_comm=moe_comm, fp8_dispatch=bool(fp8_dispatch))
         lay.check_world(W)
         return lay
 
@@ -89,6 +90,9 @@ class Layout:
                 raise LayoutError(f"Layout.{name}: must be an integer >= 1, got {v!r}")
         if self.moe_comm not in MOE_COMM:
             raise LayoutError(f"Layout.moe_comm: must be one of {MOE_COMM}, got {self.moe_comm!r}")
+        if self.fp8_dispatch and self.moe_comm != "alltoall":
+            raise LayoutError("Layout.fp8_dispatch: FP8 dispatch quantizes the all-to-all payload, so it "
+                              f"needs moe_comm='alltoall', not {self.moe_comm!r}")
         if self.tp * self.dp != world_size:
             raise LayoutError(f"Layout: tp={self.tp} x dp={self.dp} = {self.tp * self.dp} ranks, "
                               f"but the world has world_size={world_size}")
@@ -140,7 +144,8 @@ class Layout:
         return range(ep_rank * per, (ep_rank + 1) * per)
 
     def describe(self) -> str:
-        return f"tp={self.tp} dp={self.dp} ep={self.ep} ({self.world_size} ranks, MoE {self.moe_comm})"
+        fp8 = ", FP8 dispatch" if self.fp8_dispatch else ""
+        return f"tp={self.tp} dp={self.dp} ep={self.ep} ({self.world_size} ranks, MoE {self.moe_comm}{fp8})"
 
 
 def check_fp8_blocks(cfg: ModelConfig, layout: Layout, block: int = 128) -> list[str]:

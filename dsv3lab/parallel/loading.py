@@ -35,11 +35,13 @@ CountingReader = ShardReader
 
 def load_sharded(path: str, ctx: ParallelContext | Layout | None = None, dtype: torch.dtype | None = None,
                  fp8: str = "dequant", attn_mode: str | None = None, rank: int | None = None,
-                 reader: ShardReader | None = None, progress: bool = False) -> Transformer:
+                 reader: ShardReader | None = None, progress: bool = False, placement=None) -> Transformer:
     """Load this rank's share of a checkpoint directory (official HF layout).
 
     ``ctx``: this rank's ParallelContext (default ``ParallelContext.init()``), or a Layout and
     ``rank`` to place without process groups (one-rank worlds; tests of what a rank reads).
+    ``placement``: physical expert slots (``dsv3lab.parallel.placement``); a rank reads each
+    expert its slots hold once, however many of its slots hold it.
     The returned model carries ``model._dsv3_load = {"bytes_read", "tensors_read", "rank", ...}``."""
     path = os.fspath(path)
     if ctx is None:
@@ -49,7 +51,7 @@ def load_sharded(path: str, ctx: ParallelContext | Layout | None = None, dtype: 
 
     def shard_model(model: Transformer) -> None:
         ctx.layout.validate(model.cfg, ctx.world_size)
-        apply_layout(model, ctx)
+        apply_layout(model, ctx, placement=placement)
 
     def check_plan(plan: list[TensorRead], cfg: ModelConfig) -> None:
         block = cfg.fp8_block_size or 128

@@ -35,7 +35,7 @@ def _rss_bytes() -> tuple[int, int]:
     return cur, peak
 
 
-def _model(source, seed, dtype, ctx=None, fp8="dequant"):
+def _model(source, seed, dtype, ctx=None, fp8="dequant", placement=None):
     """One process: ``resolve_model``. One rank: its slices of the checkpoint, or the preset built
     with ``seed`` (the same weights on every rank) and sharded in memory."""
     from dsv3lab.checkpoint import build
@@ -45,8 +45,8 @@ def _model(source, seed, dtype, ctx=None, fp8="dequant"):
     if ctx is None:
         return resolve_model(source, dtype=dtype, seed=seed)[0]
     if os.path.isdir(str(source)):
-        return load_sharded(source, ctx, dtype=dtype, fp8=fp8)
-    return apply_layout(build(source, seed=seed, dtype=dtype), ctx)
+        return load_sharded(source, ctx, dtype=dtype, fp8=fp8, placement=placement)
+    return apply_layout(build(source, seed=seed, dtype=dtype), ctx, placement=placement)
 
 
 def _tokens(tokens) -> torch.Tensor:
@@ -66,7 +66,8 @@ def single_run(source="tiny", tokens=None, max_new_tokens: int = 0, seed: int = 
 
 
 def rank_run(rank: int, world: int, source="tiny", layout: dict | None = None, tokens=None,
-             max_new_tokens: int = 0, seed: int = 0, dtype=None, fp8: str = "dequant", repeat: int = 0) -> dict:
+             max_new_tokens: int = 0, seed: int = 0, dtype=None, fp8: str = "dequant", repeat: int = 0,
+             placement=None, speculative: bool = False) -> dict:
     """One rank's part of a sharded forward (+ greedy generation). Every rank gets the same
     ``tokens`` [B,S]; data-parallel group d runs rows chunk d. Rank 0 returns the whole picture:
     logits [B,S,V] reassembled from the DP groups, routing ids per MoE layer (rank 0's group),
@@ -80,7 +81,7 @@ def rank_run(rank: int, world: int, source="tiny", layout: dict | None = None, t
     from dsv3lab.parallel.layout import Layout
     t0 = time.perf_counter()
     ctx = ParallelContext.init(Layout(**(layout or {})))
-    model = _model(source, seed, dtype, ctx, fp8).to(ctx.device)
+    model = _model(source, seed, dtype, ctx, fp8, placement).to(ctx.device)
     t_load = time.perf_counter() - t0
     tokens = _tokens(tokens).to(ctx.device)
     sizes = chunk_sizes(tokens.shape[0], ctx.layout.dp)
@@ -103,7 +104,10 @@ def rank_run(rank: int, world: int, source="tiny", layout: dict | None = None, t
     cfg = model.cfg
     load = getattr(model, "_dsv3_load", {}) or {}
     rss, peak = _rss_bytes()
+    from dsv3lab.parallel.apply import parallel_state
+    slots = {layer: list(d.slot_expert) for layer, d in parallel_state(model).dispatchers.items()}
     info = dict(rank=rank, coords=ctx.layout.coords(rank), experts=list(ctx.owned_experts(cfg.n_routed_experts)),
+                slots=slots,
                 param_bytes=param_bytes(model), bytes_read=load.get("bytes_read"), rss=rss, peak_rss=peak,
                 forward_comm=fwd_comm, generate_comm=gen_comm, t_load=t_load, t_forward=t_fwd, t_generate=t_gen,
                 tokens_in=int(mine.numel()))
@@ -121,3 +125,10 @@ def rank_run(rank: int, world: int, source="tiny", layout: dict | None = None, t
     topk = {k: torch.cat([ids[k] for _, ids in groups]) for k in groups[0][1]} if groups else {}
     return dict(logits=full, topk_ids=topk, generated=gen, ranks=[e[4] for e in everyone],
                 layout=ctx.layout.describe())
+
+
+def rank_runs(rank: int, world: int, runs: list[dict]) -> list[dict] | None:
+    """Several ``rank_run``s in one spawn (one dict of keyword arguments each; layouts and
+    placements may differ): process start-up is paid once. Rank 0 returns the list of results."""
+    outs = [rank_run(rank, world, **kw) for kw in runs]
+    return outs if rank == 0 else None
