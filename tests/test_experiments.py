@@ -268,3 +268,15 @@ def test_experiment_command(capsys):
     out = capsys.readouterr().out
     assert "balancing" in out and "fp8_training" in out and "mtp" in out
     assert main(["experiment", "balancing", "--quick", "--seeds", "a,b"]) == 2
+
+
+def test_run_a_subset_of_arms_with_overrides(tmp_path):
+    res = X.run("fp8_training", quick=True, seeds=(0,), arms=("bf16", "fp8"), progress=False,
+                train=dict(steps=2), out_dir=str(tmp_path))
+    assert res["arms"] == ["bf16", "fp8"] and res["config"]["train"]["steps"] == 2
+    assert res["config"]["train"]["batch_size"] == X.module("fp8_training").config(True)["train"]["batch_size"]
+    assert not any(k.startswith("fp32.") or "rel_" in k for k in res["metrics"])   # derive needs all arms
+    assert "'arms': ['bf16', 'fp8']" in res["command"] and "'steps': 2" in res["command"]
+    assert list(tmp_path.iterdir()) == []                       # quick runs are not recorded
+    with pytest.raises(ValueError, match="no arm"):
+        X.run("fp8_training", quick=True, arms=("fp16",))

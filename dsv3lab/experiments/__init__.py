@@ -154,11 +154,13 @@ def _merge(dst: dict, src: dict, prefix: str = "") -> None:
 
 
 def run(name: str, quick: bool = False, seeds: Iterable[int] = DEFAULT_SEEDS, record: Optional[bool] = None,
-        out_dir: Optional[str] = None, progress: bool = True, **overrides) -> dict:
+        out_dir: Optional[str] = None, progress: bool = True, arms: Optional[Sequence[str]] = None,
+        **overrides) -> dict:
     """Run experiment ``name`` over ``seeds`` x its arms and return the result dict (schema above).
     ``record`` (default: not quick) writes it to ``data/results/<name>.json`` atomically.
     ``overrides`` replace entries of the experiment's config; a dict is merged into a dict entry
-    (``train=dict(steps=40)`` changes the step count only)."""
+    (``train=dict(steps=40)`` changes the step count only). ``arms`` runs a subset of the arms
+    (a live demo); cross-arm metrics (``derive``) then need their arms present."""
     mod = module(name)
     cfg = dict(mod.config(quick))
     unknown = set(overrides) - set(cfg)
@@ -173,7 +175,12 @@ def run(name: str, quick: bool = False, seeds: Iterable[int] = DEFAULT_SEEDS, re
         raise ValueError(f"experiment {name!r} needs at least one seed")
     if seeded and len(set(seeds)) != len(seeds):
         raise ValueError(f"repeated seeds {seeds}")
-    arms = list(mod.ARMS(cfg) if callable(mod.ARMS) else mod.ARMS)
+    all_arms = list(mod.ARMS(cfg) if callable(mod.ARMS) else mod.ARMS)
+    if arms is not None:
+        bad = [a for a in arms if a not in all_arms]
+        if bad:
+            raise ValueError(f"experiment {name!r} has no arm(s) {bad}; arms: {all_arms}")
+    arms = list(arms) if arms is not None else all_arms
     prov = provenance()                    # the code as it was when the run started
     t0 = time.perf_counter()
     acc = dict(metrics={}, series={})
@@ -191,14 +198,14 @@ def run(name: str, quick: bool = False, seeds: Iterable[int] = DEFAULT_SEEDS, re
                 _merge(acc, by_arm[arm], prefix=f"{arm}.")
                 if bar is not None:
                     bar.update(1)
-            if hasattr(mod, "derive"):
+            if hasattr(mod, "derive") and arms == all_arms:
                 _merge(acc, mod.derive(cfg, seed, by_arm))
     finally:
         if bar is not None:
             bar.close()
     result = dict(
         name=name, title=mod.TITLE, paper=mod.PAPER, arms=arms, config=cfg, scale=mod.scale(cfg),
-        quick=bool(quick), seeds=seeds, command=_command(name, quick, seeds, overrides), **prov,
+        quick=bool(quick), seeds=seeds, command=_command(name, quick, seeds, {**overrides, **({"arms": arms} if arms != all_arms else {})}), **prov,
         created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         wall_s=time.perf_counter() - t0,
         metrics={k: spread(v) for k, v in acc["metrics"].items()},
