@@ -132,3 +132,77 @@ def rank_runs(rank: int, world: int, runs: list[dict]) -> list[dict] | None:
     placements may differ): process start-up is paid once. Rank 0 returns the list of results."""
     outs = [rank_run(rank, world, **kw) for kw in runs]
     return outs if rank == 0 else None
+
+
+def rebalance_run(rank: int, world: int, source="tiny", layout: dict | None = None, tokens=None,
+                  redundant: int = 4, num_nodes: int = 1, num_groups: int | None = None, seed: int = 0,
+                  dtype=None, placement=None, max_new_tokens: int = 0) -> dict | None:
+    """EPLB's loop on a running model: trace a window (a forward of ``tokens``, DP groups taking
+    their rows), plan a placement from the traced load, apply it live (moved experts re-read),
+    run the same window again. Rank 0 returns logits and greedy ids before and after, the
+    per-rank pairs measured by the dispatchers before and after [layers, world], EPLB's
+    prediction [layers, ep], balancedness of each, the new placement and what moved per rank."""
+    import dsv3lab
+    import torch.distributed as dist
+    from dsv3lab.parallel.apply import reset_comm_stats
+    from dsv3lab.parallel.context import ParallelContext
+    from dsv3lab.parallel.dispatch import chunk_sizes, serve
+    from dsv3lab.parallel.launch import generate_parallel
+    from dsv3lab.parallel.layout import Layout
+    from dsv3lab.parallel.rebalance import apply_placement, plan_placement, rank_loads, window_load
+    from dsv3lab.probes.metrics import balancedness
+    ctx = ParallelContext.init(Layout(**(layout or {})))
+    model = _model(source, seed, dtype, ctx, placement=placement).to(ctx.device)
+    tokens = _tokens(tokens).to(ctx.device)
+    sizes = chunk_sizes(tokens.shape[0], ctx.layout.dp)
+    lo = sum(sizes[:ctx.dp_rank])
+    mine = tokens[lo:lo + sizes[ctx.dp_rank]]
+
+    def window(trace: bool):
+        reset_comm_stats(model)
+        with torch.no_grad():
+            if trace:
+                with dsv3lab.trace(model, mtp=False) as t:
+                    logits = model(mine) if mine.shape[0] else None
+                    serve(model)
+            else:
+                t = None
+                logits = model(mine) if mine.shape[0] else None
+                serve(model)
+        measured = rank_loads(model, layers)
+        gen = generate_parallel(model, tokens.tolist(), max_new_tokens=max_new_tokens) if max_new_tokens else None
+        return t, logits, measured, gen
+
+    layers = [blk.layer for blk in model.layers if hasattr(blk.mlp, "gate")]
+    t, logits_before, measured_before, gen_before = window(trace=True)
+    load = window_load(t, model)
+    from dsv3lab.probes.trace import Routing, gather
+    merged = gather(t.record(), contribute=ctx.tp_rank == 0)           # the window's routing, on rank 0
+    new, predicted = plan_placement(load, model, redundant, num_nodes=num_nodes, num_groups=num_groups)
+    moved = apply_placement(model, new, source=source, seed=seed)
+    dist.barrier() if world > 1 else None
+    _, logits_after, measured_after, gen_after = window(trace=False)
+
+    def whole(lg):
+        parts = [None] * world
+        if world > 1:
+            dist.all_gather_object(parts, (ctx.dp_rank, ctx.tp_rank, None if lg is None else lg.cpu()))
+        else:
+            parts = [(0, 0, lg.cpu())]
+        got = {d: x for d, tr, x in parts if tr == 0 and x is not None}
+        return torch.cat([got[d] for d in sorted(got)]) if got else None
+
+    logits_before, logits_after = whole(logits_before), whole(logits_after)
+    moves = [None] * world
+    if world > 1:
+        dist.all_gather_object(moves, moved)
+    else:
+        moves = [moved]
+    if rank != 0:
+        return None
+    return dict(load=load, topk_ids=Routing(merged).topk_ids, placement=new, logits_before=logits_before, logits_after=logits_after,
+                generated_before=gen_before, generated_after=gen_after,
+                measured_before=measured_before, measured_after=measured_after,
+                balancedness_measured_before=balancedness(measured_before),
+                balancedness_measured_after=balancedness(measured_after), moved=moves,
+                layout=ctx.layout.describe(), **predicted)
