@@ -211,3 +211,93 @@ def test_torchrun_generate_matches_one_process(checkpoints):
     assert two.returncode == 0, two.stderr
     ids = [l for l in one.stdout.splitlines() if l.startswith("ids:")]
     assert ids and ids == [l for l in two.stdout.splitlines() if l.startswith("ids:")]
+
+
+# --- FP8 dispatch and MTP speculative decoding across ranks --------------------------------------
+
+def _fake_fp8_experts(model):
+    """The single-process model as FP8 dispatch computes it: every routed expert sees its input
+    rows rounded to e4m3 with one scale per 1x128 tile (``dsv3lab.fp8.act_quant``, amax -> 448)
+    and returns bf16-rounded outputs. Hooks on the plain model; the MoE code is untouched."""
+    from dsv3lab.fp8 import act_dequant, act_quant
+    from dsv3lab.model.moe import MoE
+
+    def pre(mod, args):
+        x = args[0]
+        D = x.shape[-1]
+        xp = torch.nn.functional.pad(x.float(), (0, (-D) % 128))
+        q, s = act_quant(xp, 128)
+        return (act_dequant(q, s, 128)[:, :D].to(x.dtype),)
+
+    def post(mod, args, out):
+        return out.to(torch.bfloat16).to(out.dtype)
+
+    for blk in list(model.layers) + list(model.mtp):
+        if isinstance(blk.mlp, MoE):
+            for e in blk.mlp.experts:
+                e.register_forward_pre_hook(pre)
+                e.register_forward_hook(post)
+    return model
+
+
+@pytest.fixture(scope="module")
+def fp8_and_mtp_runs():
+    """One 2-rank spawn: TP2xEP2 with native and FP8 dispatch, then MTP speculative decoding
+    under TP2xEP2 and under EP2xDP2 (two groups drafting and accepting independently)."""
+    from dsv3lab.parallel.runs import rank_runs
+    base = dict(source="tiny", tokens=TOKENS, seed=1)
+    runs = [dict(base, layout=dict(tp=2, ep=2)),
+            dict(base, layout=dict(tp=2, ep=2, fp8_dispatch=True)),
+            dict(base, layout=dict(tp=2, ep=2), max_new_tokens=8, speculative=True),
+            dict(base, layout=dict(tp=1, ep=2, dp=2), max_new_tokens=8, speculative=True)]
+    return spawn(rank_runs, 2, runs)
+
+
+def test_fp8_dispatch_is_the_fp8_rounding_of_native_dispatch(fp8_and_mtp_runs):
+    """FP8 dispatch = the single-process model with FP8-rounded expert inputs and bf16 expert
+    outputs (to fp32 rounding): the transport adds the FP8 error and nothing else. The bound on
+    that error, per dispatched element, is |x^ - x| <= max(2^-4 |x|, 2^-10 s) with s = tile
+    amax / 448 (3 mantissa bits; subnormal spacing 2^-9 s), checked in test_fp8_rows_bound."""
+    native, fp8 = fp8_and_mtp_runs[0], fp8_and_mtp_runs[1]
+    with torch.no_grad():
+        ref = _fake_fp8_experts(dsv3lab.build("tiny", seed=1))(TOKENS)
+    scale = native["logits"].abs().max()
+    assert ((fp8["logits"] - ref).abs().max() / scale).item() < 1e-5
+    err = ((fp8["logits"] - native["logits"]).abs().max() / scale).item()
+    assert 1e-4 < err < 0.1, err                  # really quantized, and only by FP8's rounding
+    # bytes on the wire: D e4m3 + ceil(D/128) fp32 scales per pair out, 2 D (bf16) back
+    D = dsv3lab.ModelConfig.preset("tiny").hidden_size
+    for r in fp8["ranks"]:
+        me = r["rank"] % 2
+        for c, cn in zip(r["forward_comm"], native["ranks"][r["rank"]]["forward_comm"]):
+            out_pairs = sum(c["pairs_sent"]) - c["pairs_sent"][me]
+            in_pairs = sum(c["pairs_recv"]) - c["pairs_recv"][me]
+            assert c["dispatch_bytes"] == out_pairs * (D + 4)
+            assert c["combine_bytes"] == in_pairs * 2 * D
+            if c["calls"]:
+                assert cn["dispatch_bytes"] == (sum(cn["pairs_sent"]) - cn["pairs_sent"][me]) * D * 4
+
+
+def test_fp8_rows_bound():
+    from dsv3lab.parallel.dispatch import dequantize_rows, fp8_row_bytes, quantize_rows
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 320, generator=g) * torch.logspace(-6, 2, 320)     # a 64-wide last tile, outliers
+    q, s = quantize_rows(x)
+    assert q.dtype == torch.float8_e4m3fn and s.shape == (64, 3)
+    xr = dequantize_rows(q, s, torch.float32)
+    tile_s = s.repeat_interleave(128, dim=1)[:, :320]
+    bound = torch.maximum(2.0 ** -4 * x.abs(), 2.0 ** -10 * tile_s)
+    ratio = ((xr - x).abs() / bound).max().item()
+    assert 0.5 < ratio <= 1.0 + 1e-6, ratio        # holds, and is nearly attained
+    assert fp8_row_bytes(7168) == 7168 + 56 * 4    # V3: 7,392 B per dispatched token-expert pair
+
+
+def test_mtp_speculative_under_tp_ep_equals_one_process(fp8_and_mtp_runs):
+    one = single_run("tiny", TOKENS, max_new_tokens=8, seed=1, speculative=True)
+    plain = single_run("tiny", TOKENS, max_new_tokens=8, seed=1)
+    assert one["generated"] == plain["generated"]
+    for out in fp8_and_mtp_runs[2:]:
+        assert out["generated"] == one["generated"], out["layout"]
+        # the MTP block's MoE ran under expert parallelism (its layer's dispatcher was called)
+        mtp_layer = dsv3lab.ModelConfig.preset("tiny").num_hidden_layers
+        assert any(c["layer"] == mtp_layer and c["calls"] for r in out["ranks"] for c in r["generate_comm"])

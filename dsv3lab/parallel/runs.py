@@ -54,14 +54,17 @@ def _tokens(tokens) -> torch.Tensor:
     return t[None] if t.dim() == 1 else t
 
 
-def single_run(source="tiny", tokens=None, max_new_tokens: int = 0, seed: int = 0, dtype=None) -> dict:
-    """The one-process reference: logits [B,S,V], first-call routing ids per MoE layer, greedy ids."""
+def single_run(source="tiny", tokens=None, max_new_tokens: int = 0, seed: int = 0, dtype=None,
+               speculative: bool = False) -> dict:
+    """The one-process reference: logits [B,S,V], first-call routing ids per MoE layer, greedy ids
+    (``speculative``: drafted by the MTP module and verified, the same ids as plain greedy)."""
     from dsv3lab.generate import generate
     model = _model(source, seed, dtype)
     tokens = _tokens(tokens)
     with torch.no_grad(), RoutingRecorder(model) as rec:
         logits = model(tokens)
-    gen = generate(model, tokens.tolist(), max_new_tokens=max_new_tokens) if max_new_tokens else None
+    gen = generate(model, tokens.tolist(), max_new_tokens=max_new_tokens,
+                   speculative=speculative) if max_new_tokens else None
     return dict(logits=logits, topk_ids=rec.named_topk_ids(), generated=gen)
 
 
@@ -71,7 +74,8 @@ def rank_run(rank: int, world: int, source="tiny", layout: dict | None = None, t
     """One rank's part of a sharded forward (+ greedy generation). Every rank gets the same
     ``tokens`` [B,S]; data-parallel group d runs rows chunk d. Rank 0 returns the whole picture:
     logits [B,S,V] reassembled from the DP groups, routing ids per MoE layer (rank 0's group),
-    generated ids, and ``ranks``: one dict per rank (experts owned, parameter bytes, bytes read
+    generated ids (``speculative``: MTP drafts verified by the main model, under the same layout),
+    and ``ranks``: one dict per rank (experts owned, parameter bytes, bytes read
     from the checkpoint, RSS, per-layer dispatch counters, timings)."""
     import torch.distributed as dist
     from dsv3lab.parallel.apply import comm_stats, param_bytes
@@ -98,7 +102,7 @@ def rank_run(rank: int, world: int, source="tiny", layout: dict | None = None, t
         t2 = time.perf_counter()
         for _ in range(max(1, repeat)):
             gen = generate_parallel(model, tokens.tolist(), max_new_tokens=max_new_tokens,
-                                    stop_tokens=[] if repeat else None)
+                                    stop_tokens=[] if repeat else None, speculative=speculative)
         t_gen = (time.perf_counter() - t2) / max(1, repeat)
     gen_comm = comm_stats(model)
     cfg = model.cfg
