@@ -203,6 +203,8 @@ def add_generate_args(p) -> None:
     g.add_argument("--dp", type=int, default=None, help="attention data-parallel groups (default: 1)")
     g.add_argument("--moe-comm", choices=("alltoall", "allreduce"), default="alltoall",
                    help="expert dispatch: all-to-all of routed tokens (default) or all-reduce baseline")
+    g.add_argument("--fp8-dispatch", action="store_true",
+                   help="all-to-all rows as e4m3 with 1x128 scales, expert outputs back in bf16")
     g.add_argument("--dist-timeout", type=float, default=300.0,
                    help="seconds a collective waits for a peer before failing (default 300)")
     g.add_argument("--fp8", choices=("dequant", "keep"), default="dequant",
@@ -221,7 +223,9 @@ def _dp_split(items: list, dp: int) -> list[list]:
 def generate_parallel(model, prompts: list[list[int]], **gen_kw) -> list[list[int]]:
     """Every rank calls this with the *same* prompts; data-parallel group d generates its share
     (contiguous chunk d of the prompts), then serves its experts until every group is done.
-    Returns all prompts' outputs, in order, on every rank."""
+    Returns all prompts' outputs, in order, on every rank. ``speculative=True`` drafts with the
+    MTP module under the same layout (its block is sharded like the others); groups that accept
+    different numbers of drafts run different numbers of steps, and the one done first serves."""
     import torch.distributed as dist
     from dsv3lab.generate import generate
     from dsv3lab.parallel.dispatch import serve
@@ -254,7 +258,8 @@ def run_generate(args) -> int:
     try:
         # everything checkable is checked before joining the world: layout against the config
         layout = Layout.make(world, tp=getattr(args, "tp", None), ep=getattr(args, "ep", None),
-                             dp=getattr(args, "dp", None), moe_comm=getattr(args, "moe_comm", "alltoall"))
+                             dp=getattr(args, "dp", None), moe_comm=getattr(args, "moe_comm", "alltoall"),
+                             fp8_dispatch=getattr(args, "fp8_dispatch", False))
         cfg = read_config(args.dir)
         layout.validate(cfg, world)
         tok = load_tokenizer(args.dir)
@@ -263,7 +268,8 @@ def run_generate(args) -> int:
         model = load_sharded(args.dir, ctx, dtype=parse_dtype(args.dtype), fp8=getattr(args, "fp8", "dequant"))
         outs = generate_parallel(model, prompts, max_new_tokens=args.max_new_tokens,
                                  temperature=args.temperature, top_p=args.top_p, seed=args.seed,
-                                 stop_tokens=getattr(args, "stop", None))
+                                 stop_tokens=getattr(args, "stop", None),
+                                 speculative=getattr(args, "speculative", False))
         if rank == 0:
             print(f"# {layout.describe()}", file=sys.stderr)
             print_generations(prompts, outs, tok, args)
