@@ -317,3 +317,124 @@ def test_tensor_parallel_v32_matches_one_process(tmp_path):
     out = spawn(rank_run, 2, str(d), dict(tp=2, ep=2, dp=1), tokens, max_new_tokens=6)
     assert out["generated"] == ref["generated"]
     assert rel(out["logits"], ref["logits"]) < 1e-5
+
+
+# --- instruments: selection traces, recall, cost model, KV bytes, warm-up ----------------------
+
+def _tiny_v32(topk=4, seed=0):
+    return dsv3lab.build(dsv3lab.ModelConfig.preset("tiny").replace(index_n_heads=4, index_head_dim=16,
+                                                                      index_topk=topk), seed=seed)
+
+
+def test_selection_trace_records_every_query_bounded():
+    from dsv3lab.probes.selection import trace_selection
+    m = _tiny_v32()
+    x = torch.randint(0, 512, (2, 10), generator=torch.Generator().manual_seed(0))
+    seen = []
+    h = m.layers[2].self_attn.indexer.hook_topk_indices.register_forward_hook(lambda mod, i, o: seen.append(o))
+    cache = m.new_cache(2, 12)
+    with trace_selection(m) as sel, torch.no_grad():
+        m(x[:, :8], cache=cache)
+        m(x[:, 8:9], start=8, cache=cache)
+    h.remove()
+    L, N, k = sel.topk_indices.shape
+    assert (L, N, k) == (3, 2 * 9, 4)
+    assert sel.positions.tolist() == list(range(8)) * 2 + [8, 8]
+    assert sel.seq.tolist() == [0] * 8 + [1] * 8 + [0, 1]
+    assert sel.step.tolist() == [0] * 16 + [1] * 2
+    assert torch.equal(sel.topk_indices[2, :16], seen[0].reshape(16, 4).int())
+    assert torch.equal(sel.topk_indices[2, 16:], seen[1].reshape(2, 4).int())
+    assert bool((sel.topk_indices <= sel.positions[None, :, None]).all())      # causal
+    hist = sel.distance_histogram()
+    assert torch.allclose(hist.sum(-1), torch.ones(3))
+    with trace_selection(m, max_tokens=5) as small, torch.no_grad():
+        m(x)
+        m(x)
+    assert small.topk_indices.shape[1] == 5 and small.dropped_tokens == 2 * 2 * 10 - 5
+
+
+def test_recall_against_dense_attention():
+    from dsv3lab.probes.selection import selection_recall
+    m = _tiny_v32(topk=4)
+    x = torch.randint(0, 512, (2, 24), generator=torch.Generator().manual_seed(1))
+    r = selection_recall(m, x, ks=(2, 4, 8, 24))
+    rec, orc, win = r["recall"], r["oracle"], r["recent"]
+    assert rec.shape == (3, m.cfg.num_attention_heads, 4)
+    assert torch.isnan(rec[:, :, 3]).all()                    # k = 24: no query has a choice
+    fin = rec[:, :, :3]
+    assert bool(((fin > 0) & (fin <= 1 + 1e-6)).all())
+    assert bool((fin[:, :, 1:] >= fin[:, :, :-1] - 1e-6).all())            # more keys, more mass
+    assert bool((fin.mean(1) <= orc[:, :3] + 1e-6).all())                   # no shared set beats the oracle
+    # the window baseline by hand for layer 0, k = 4: dense probabilities from the naive path
+    probs = []
+    m.set_attn_mode("naive")
+    h = m.layers[0].self_attn.hook_attn_probs.register_forward_hook(lambda mod, i, o: probs.append(o))
+    with torch.no_grad():
+        m(x)
+    h.remove()
+    m.set_attn_mode("sparse")
+    p = probs[0]                                               # [B,H,S,T]; sparse run = dense at layer 0 input
+    s = torch.arange(24)
+    win4 = (s[None] <= s[:, None]) & (s[None] > s[:, None] - 4)
+    assert abs((p * win4).sum(-1)[:, :, 4:].mean().item() - win[0, 1].item()) < 1e-5
+
+
+def test_cost_model_matches_counted_flops_at_lab_scale():
+    from dsv3lab.probes.dsa_cost import attention_cost, measured_attention_flops
+    cfg = dsv3lab.ModelConfig.preset("lab").replace(index_n_heads=4, index_head_dim=64, index_topk=32,
+                                                    num_nextn_predict_layers=0)
+    m = dsv3lab.build(cfg, seed=0)
+    L, S = cfg.num_hidden_layers, 96
+    x = torch.randint(0, cfg.vocab_size, (1, S), generator=torch.Generator().manual_seed(0))
+    m.set_attn_mode("sparse", absorb_prefill=True)
+    for mode in ("sparse", "absorbed"):
+        m.set_attn_mode(mode)
+        sp = mode == "sparse"
+        got = measured_attention_flops(m, x)
+        want = attention_cost(cfg, S, "prefill", sparse=sp, causal=False, absorb_prefill=True)
+        assert got["indexer_flops"] == want["indexer_flops"] * S * L
+        assert got["core_flops"] == want["core_flops"] * S * L
+        cache = m.new_cache(1, S + 1)
+        with torch.no_grad():
+            m(x, cache=cache)
+        got = measured_attention_flops(m, x[:, :1], start=S, cache=cache)
+        want = attention_cost(cfg, S, "decode", sparse=sp)
+        assert got["indexer_flops"] == want["indexer_flops"] * L
+        assert got["core_flops"] == want["core_flops"] * L
+    # V3.2 at 128K: core attention stops growing at k, the indexer is the O(T) part
+    v32 = dsv3lab.ModelConfig.preset("v3.2-671b")
+    d, s = (attention_cost(v32, 131072, "decode", sparse=f, key_format="fp8") for f in (False, True))
+    assert s["keys_attended"] == 2048 and d["keys_attended"] == 131073
+    assert s["core_flops"] < d["core_flops"] / 50 and s["flops"] < d["flops"] / 10
+    assert s["indexer_bytes"] == 132 * 131073
+
+
+def test_kv_bytes_with_the_indexer_cache():
+    from dsv3lab.probes.dsa_cost import indexer_key_bytes, kv_bytes_per_token
+    v32 = dsv3lab.ModelConfig.preset("v3.2-671b")
+    assert indexer_key_bytes(v32, "fp8") == 132 and indexer_key_bytes(v32, "bf16") == 256
+    kv = kv_bytes_per_token(v32, "fp8")
+    assert kv == dict(latent=61 * 576 * 2, indexer=61 * 132, total=61 * (576 * 2 + 132))
+    m = _tiny_v32()
+    n_slots = m.cfg.num_hidden_layers + m.cfg.num_nextn_predict_layers
+    for fmt, per_key in (("model", 16 * 4), ("bf16", 16 * 2), ("fp8", 16 + 4)):
+        set_key_format(m, fmt)
+        cache = m.new_cache(2, 10)
+        latent = n_slots * 2 * 10 * (m.cfg.kv_lora_rank + m.cfg.qk_rope_head_dim) * 4
+        assert cache.nbytes() == latent + n_slots * 2 * 10 * per_key
+        assert indexer_key_bytes(m.cfg, fmt, 4) == per_key
+
+
+def test_dense_warmup_lowers_the_kl():
+    from dsv3lab.train.indexer_warmup import collect, warmup, with_indexer
+    base = dsv3lab.build("tiny", seed=0)
+    m = with_indexer(base, index_n_heads=4, index_head_dim=16, index_topk=4)
+    g = torch.Generator().manual_seed(0)
+    batches = iter(lambda: torch.randint(0, 512, (2, 32), generator=g), None)
+    data = collect(m, batches, 2, progress=False)
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    losses = warmup(m, data, 40, lr=1e-2, progress=False)
+    assert losses[-1] < 0.7 * losses[0]
+    after = m.state_dict()
+    for k in before:                                  # only the main blocks' indexers moved
+        assert torch.equal(before[k], after[k]) == (".indexer." not in k or k.startswith("mtp.")), k

@@ -73,21 +73,36 @@ class SparseAttention(AbsorbedAttention):
         idx = mla.indexer(a.x, a.q_latent, a.cos, a.sin, a.start,
                           None if cache is None else cache.index_keys, slot)  # [B,S,k]
         T = a.end
+        if mla.indexer.hook_dense_probs.active:          # recall probes and the KL warm-up
+            self.dense_probs(a, latent)
         if idx.shape[-1] >= T:                          # every visible key selected: dense MLA
             return self.attend(a, latent)
         if mla.hook_attn_probs.active:                  # dense probabilities for the hook
             return self.absorbed(a.q_nope, a.q_pe, latent, a.start, keep_from_indices(idx, T))
         return self.gathered(a.q_nope, a.q_pe, latent, idx)
 
+    def dense_probs(self, a: AttnInput, latent: torch.Tensor) -> None:
+        """Fire ``indexer.hook_dense_probs`` with dense MLA's probabilities [B,H,S,T] (no gradient)."""
+        mla = self.mla
+        with torch.no_grad():
+            latent_attention(self.q_cat(a.q_nope, a.q_pe), latent, mla.scale, mla.c, a.start, None,
+                             mla.indexer.hook_dense_probs)
+
+    def q_cat(self, q_nope, q_pe) -> torch.Tensor:
+        """[q_nope W_UK ; q_pe] [B,S,H,c+r]: the query in the latent space."""
+        mla = self.mla
+        B, S, H, _ = q_nope.shape
+        w_uk = mla.kv_b_weight()[:, :mla.n].to(q_nope.dtype)                # [H,n,c]
+        q_lat = torch.bmm(q_nope.permute(2, 0, 1, 3).reshape(H, B * S, mla.n), w_uk)
+        return torch.cat([q_lat.view(H, B, S, mla.c).permute(1, 2, 0, 3), q_pe], dim=-1)
+
     def gathered(self, q_nope, q_pe, latent, idx) -> torch.Tensor:
         """Absorbed attention of each query over only its k selected latent rows -> [B,S,H,v]."""
         mla = self.mla
         B, S, H, _ = q_nope.shape
-        c, n, k = mla.c, mla.n, idx.shape[-1]
+        c, k = mla.c, idx.shape[-1]
         W = latent.shape[-1]
-        w_uk = mla.kv_b_weight()[:, :n].to(q_nope.dtype)                    # [H,n,c]
-        q_lat = torch.bmm(q_nope.permute(2, 0, 1, 3).reshape(H, B * S, n), w_uk)
-        q_cat = torch.cat([q_lat.view(H, B, S, c).permute(1, 2, 0, 3), q_pe], dim=-1)  # [B,S,H,c+r]
+        q_cat = self.q_cat(q_nope, q_pe)                                    # [B,S,H,c+r]
         valid = idx >= 0
         rows_of = idx.clamp_min(0)
         o_lat = torch.empty(B, S, H, c, dtype=latent.dtype, device=latent.device)

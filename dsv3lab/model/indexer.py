@@ -187,6 +187,8 @@ class Indexer(nn.Module):
         self.hook_weights = HookPoint("[B,S,H_I] fp32 head weights, H_I^-0.5 * D_I^-0.5 folded in")
         self.hook_scores = HookPoint("[B,S,T] fp32 index scores I[s,t]; -inf for t > s")
         self.hook_topk_indices = HookPoint("[B,S,k] int64 selected key positions, k = min(index_topk, T); -1 = none")
+        # fired by the sparse attention, not here: what the selection is measured against
+        self.hook_dense_probs = HookPoint("[B,H,S,T] MLA's dense softmax over every visible key (computed only when hooked)")
 
     @property
     def rotate(self) -> bool:

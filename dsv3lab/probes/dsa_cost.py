@@ -22,8 +22,10 @@ query at position t sees T = t + 1 keys, K = min(k, T) of them selected:
 
 So core attention is O(k) per token and the indexer O(T) with H_I (D_I + 1) = 8,256 multiply-adds
 per key for V3.2 against MLA's H (2c + r) = 139,264: the indexer is the part that still grows with
-the context, 17x more cheaply. torch's flop counter does not see the fused CPU SDPA kernel of the
-expanded dense prefill; a measured check of dense prefill uses ``absorb_prefill``. ``causal=False`` counts what a rectangular prefill (every query
+the context, 17x more cheaply. ``measured_attention_flops`` counts a real forward with torch's flop
+counter (taught the CPU SDPA kernel, which it does not count by itself); the engine pads V to the
+q/k width for that kernel in the expanded dense prefill, so a check of dense prefill against this
+model uses ``absorb_prefill``. ``causal=False`` counts what a rectangular prefill (every query
 against all T keys, then masked) executes, which is what the engine's one-chunk prefill does.
 """
 
@@ -165,10 +167,16 @@ def measured_attention_flops(model, tokens, start: int = 0, cache=None) -> dict:
     (``self_attn.indexer``) and the rest of attention (between the projections and o_proj),
     summed over the main layers; for checking ``attention_cost`` on a real run."""
     import torch
-    from torch.utils.flop_counter import FlopCounterMode
+    from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
     from dsv3lab.model.mla import MLA
-    with FlopCounterMode(display=False) as fc, torch.no_grad():
+
+    def cpu_sdpa(query_shape, key_shape, value_shape, *args, out_shape=None, **kw):
+        return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+    # torch counts the CUDA SDPA kernels but not the CPU one the engine's decode step uses
+    cpu_op = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+    with FlopCounterMode(display=False, custom_mapping={cpu_op: cpu_sdpa}) as fc, torch.no_grad():
         model(tokens, start=start, cache=cache)
     per = fc.get_flop_counts()
     index = attn = 0
