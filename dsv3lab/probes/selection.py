@@ -128,12 +128,14 @@ class SelectionTrace:
     def step(self) -> torch.Tensor:
         return self._cat("step", torch.zeros(0, dtype=torch.long))
 
-    def distance_histogram(self, bins: Sequence[int] = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
-                           ) -> torch.Tensor:
+    def distance_histogram(self, bins: Sequence[int] = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024),
+                           min_position: int = 0) -> torch.Tensor:
         """[layers, len(bins)+1] share of selected keys at distance s - t in [0, b0), [b0, b1), ...
-        (how far back each layer's selection reaches)."""
-        idx = self.topk_indices.long()
-        dist = self.positions[None, :, None] - idx
+        (how far back each layer's selection reaches), over queries at positions >= min_position
+        (``index_topk`` leaves out the queries that keep every key)."""
+        rows = self.positions >= min_position
+        idx = self.topk_indices.long()[:, rows]
+        dist = self.positions[rows][None, :, None] - idx
         valid = idx >= 0
         edges = torch.tensor(list(bins))
         which = torch.bucketize(dist, edges, right=True)
