@@ -232,3 +232,24 @@ def test_text_loss_per_character_by_hand(corpus):
     assert uni["nats_per_token"] == pytest.approx(float(-(counts / counts.sum()).log()[w[:, 1:]].mean()))
     with pytest.raises(ValueError, match="fewer than one window"):
         text_loss(model, tok, ["x"], seq_len=64)
+
+
+def test_assess_a_saved_lab_model(corpus, tmp_path, monkeypatch):
+    from dsv3lab.train import lab_model as LM
+    tok, _, _ = corpus
+    docs = T.python_docs_corpus(docstrings=False)[:12]
+    fake = dict(train=docs[:9], val=docs[9:], val_code=["def f(x):\n    return x + 1\n" * 40],
+                n_topics=12, n_source_files=1)
+    monkeypatch.setattr(LM, "lab_corpus", lambda source_code=False, seed=0: fake)
+    monkeypatch.setattr(LM, "speculative_stats", lambda model, ids, n, p, k: dict(acceptance_rate=0.5, tokens_per_step=1.5))
+    model = dsv3lab.build(CFG, seed=0)
+    dsv3lab.save(model, str(tmp_path / "m"), extra_files={"tokenizer.json": tok.to_str(), "README.md": "# card\n"})
+    a = LM.assess(str(tmp_path / "m"), seq_len=16)
+    assert a["trained_on_code"] is False and a["mtp_acceptance"] == 0.5
+    for key in ("val", "val_code"):
+        h = a["heldout"][key]
+        assert h["nats_per_char"] > 0 and h["unigram_nats_per_char"] > 0 and h["chars"] > 0
+    ev = T.evaluate(dsv3lab.load(str(tmp_path / "m"), dtype=torch.float32),
+                    T.eval_windows(T.encode_documents(tok, fake["val"]), 32, 18), 8)
+    assert a["val_loss"] == pytest.approx(ev["val_loss"], rel=1e-5)
+    assert isinstance(a["sample"], str) and a["bytes"] > 0

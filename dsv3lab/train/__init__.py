@@ -6,12 +6,14 @@ Library apart from scripts (as nanochat keeps them):
   losses.py     next-token and MTP cross-entropy of one window
   loop.py       TrainConfig, the learning-rate schedule, AdamW, ``train`` (one step's order is
                 written at its top)
-  evaluate.py   validation loss / MTP loss / MaxVio on fixed windows; the unigram baseline
+  evaluate.py   validation loss / accuracy / MTP loss / MaxVio on fixed windows; the unigram
+                baseline; the MTP draft's agreement and speculative acceptance
+  heldout.py    held-out text scored per character (fair across tokenizers)
   fp8_linear.py the three GEMMs of every Linear in BF16 or simulated FP8 (report sec. 3.3)
   log.py        JSONL training logs (atomic) and the training-curve figure
   sample.py     greedy / sampled continuation for the model card
   card.py       the model card
-  lab_model.py  the recipe of ``data/lab-model`` (``train_lab``)
+  lab_model.py  the recipe of ``data/lab-model`` (``lab_corpus``, ``train_lab``, ``assess``)
   cli.py        ``dsv3lab train-lab``
 
 The aux-loss-free bias update lives with the other balancing code (``dsv3lab.balance.bias_update``);
