@@ -249,7 +249,9 @@ def fp8_and_mtp_runs():
     runs = [dict(base, layout=dict(tp=2, ep=2)),
             dict(base, layout=dict(tp=2, ep=2, fp8_dispatch=True)),
             dict(base, layout=dict(tp=2, ep=2), max_new_tokens=8, speculative=True),
-            dict(base, layout=dict(tp=1, ep=2, dp=2), max_new_tokens=8, speculative=True)]
+            dict(base, layout=dict(tp=1, ep=2, dp=2), max_new_tokens=8, speculative=True),
+            # FP8 dispatch while one DP group (1 prompt of 3) finishes first and serves empty sends
+            dict(base, layout=dict(tp=1, ep=2, dp=2, fp8_dispatch=True), max_new_tokens=8, speculative=True)]
     return spawn(rank_runs, 2, runs)
 
 
@@ -290,13 +292,17 @@ def test_fp8_rows_bound():
     ratio = ((xr - x).abs() / bound).max().item()
     assert 0.5 < ratio <= 1.0 + 1e-6, ratio        # holds, and is nearly attained
     assert fp8_row_bytes(7168) == 7168 + 56 * 4    # V3: 7,392 B per dispatched token-expert pair
+    q, s = quantize_rows(x[:0])                      # a rank with nothing to send
+    assert dequantize_rows(q, s, torch.float32).shape == (0, 320)
 
 
 def test_mtp_speculative_under_tp_ep_equals_one_process(fp8_and_mtp_runs):
     one = single_run("tiny", TOKENS, max_new_tokens=8, seed=1, speculative=True)
     plain = single_run("tiny", TOKENS, max_new_tokens=8, seed=1)
     assert one["generated"] == plain["generated"]
-    for out in fp8_and_mtp_runs[2:]:
+    fp8 = fp8_and_mtp_runs[4]["generated"]
+    assert len(fp8) == 3 and all(len(g) == len(o) for g, o in zip(fp8, one["generated"]))
+    for out in fp8_and_mtp_runs[2:4]:
         assert out["generated"] == one["generated"], out["layout"]
         # the MTP block's MoE ran under expert parallelism (its layer's dispatcher was called)
         mtp_layer = dsv3lab.ModelConfig.preset("tiny").num_hidden_layers

@@ -3,14 +3,21 @@
 Every rank of a TP group holds the same T tokens and runs the (replicated) gate on all of them, so
 routing decisions are the single-process ones. The T tokens are then split over the TP ranks (rank
 i takes the i-th contiguous chunk), each rank sends *its* chunk's routed tokens to the experts'
-owners in its EP group, and the outputs are gathered back over the TP group. Two transports:
+owners in its EP group, and the outputs are gathered back over the TP group.
+
+Experts live in physical *slots* (``placement.py``): P >= E per layer, EP rank j owning slots
+[j*P/ep, (j+1)*P/ep); without redundancy P = E and slot e is expert e. Each (token, expert) pair
+is first given one slot of its expert (``ReplicaMap.choose``: round-robin over the replicas per
+sender), then everything below is per slot. Two transports:
 
 alltoall (default) -- only the routed (token, expert) pairs travel:
-  1. header:   all_to_all of [active, layer, pairs for each of the receiver's experts] (int64)
-  2. dispatch: all_to_all_single of the pairs' hidden states, grouped by owner then expert
-  3. each owner runs each of its experts once on every row routed to it (from all senders)
-  4. combine:  all_to_all_single of the expert outputs back to the senders, who weight and sum
-     them with the same index_add as the single-process dispatch
+  1. header:   all_to_all of [active, layer, pairs for each of the receiver's slots] (int64)
+  2. dispatch: all_to_all_single of the pairs' hidden states, grouped by owner then slot
+     (FP8 dispatch: each row as D e4m3 bytes + ceil(D/128) fp32 scales, one uint8 message)
+  3. each owner runs each of its slots once on every row routed to it (from all senders)
+  4. combine:  all_to_all_single of the expert outputs back to the senders (bf16 under FP8
+     dispatch), who weight and sum each token's k outputs in fp32, in (token, k) order, as
+     the single-process dispatch does
   Bytes per token per MoE layer on the wire: k * D * elem * 2 * (ep-1)/ep under uniform routing
   (one copy per (token, expert) pair; pairs whose expert is local never leave the rank).
 
@@ -231,12 +238,12 @@ class ExpertParallelDispatch:
     # FP8 wire format of one dispatched row: D e4m3 bytes, then ceil(D/128) fp32 scales as bytes
     def _pack(self, rows: torch.Tensor) -> torch.Tensor:
         q, s = quantize_rows(rows)
-        return torch.cat([q.view(torch.uint8), s.contiguous().view(torch.uint8).view(rows.shape[0], -1)], dim=1)
+        return torch.cat([q.view(torch.uint8), s.contiguous().view(torch.uint8).view(rows.shape[0], 4 * s.shape[1])], dim=1)
 
     def _unpack(self, buf: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         D = self.moe.cfg.hidden_size
         q = buf[:, :D].contiguous().view(torch.float8_e4m3fn)
-        s = buf[:, D:].contiguous().view(torch.float32).view(buf.shape[0], -1)
+        s = buf[:, D:].contiguous().view(torch.float32).view(buf.shape[0], -(-D // FP8_TILE))
         return dequantize_rows(q, s, dtype)
 
     def _payload(self, send: torch.Tensor, send_splits: list[int], recv_h: torch.Tensor) -> torch.Tensor:

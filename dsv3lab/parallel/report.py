@@ -59,3 +59,32 @@ def plot_dispatch(out: dict, which: str = "forward_comm", title: str | None = No
     fig.suptitle(title or f"expert-parallel dispatch: {out.get('layout', '')}")
     fig.tight_layout(rect=(0, 0.06 * (1 + (2 * n - 1) // 4), 1, 1))
     return fig
+
+
+def plot_rank_load(res: dict, title: str | None = None):
+    """``rebalance_run``'s result: pairs each rank's experts computed per MoE layer, measured by
+    the dispatchers before (contiguous placement) and after the live re-placement (bars), with
+    EPLB's prediction for each (dots), and the balancedness (mean/max) of every layer."""
+    import matplotlib.pyplot as plt
+    layers = res["layers"]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+    for ax, when in zip(axes, ("before", "after")):
+        measured = res[f"measured_{when}"].double()            # [layers, ranks]
+        predicted = res[f"predicted_{when}"]                   # [layers, ep]
+        L, R = measured.shape
+        width = 0.8 / L
+        for i, layer in enumerate(layers):
+            xs = [r + (i - (L - 1) / 2) * width for r in range(R)]
+            b = ax.bar(xs, measured[i].tolist(), width, label=f"layer {layer}")
+            if predicted.shape[1] == R:
+                ax.plot(xs, predicted[i].tolist(), "o", ms=3, color="black")
+        bal = res[f"balancedness_measured_{when}"]
+        what = "contiguous experts" if when == "before" else f"EPLB, {res['placement'].redundant(res['load'].shape[1])} redundant"
+        ax.set_title(f"{what}: balancedness {bal.mean():.3f} (min {bal.min():.3f})", fontsize=10)
+        ax.set_xticks(range(R), [f"rank {r}" for r in range(R)])
+    axes[0].set_ylabel("(token, expert) pairs computed")
+    axes[0].plot([], [], "o", ms=3, color="black", label="EPLB predicted")
+    axes[0].legend(fontsize=7, ncol=2)
+    fig.suptitle(title or f"per-rank expert load, measured by the dispatchers ({res.get('layout', '')})")
+    fig.tight_layout()
+    return fig

@@ -204,7 +204,8 @@ def rebalance_run(rank: int, world: int, source="tiny", layout: dict | None = No
         moves = [moved]
     if rank != 0:
         return None
-    return dict(load=load, topk_ids=Routing(merged).topk_ids, placement=new, logits_before=logits_before, logits_after=logits_after,
+    return dict(layers=predicted.pop("layers"), load=load, topk_ids=Routing(merged).topk_ids, placement=new,
+                logits_before=logits_before, logits_after=logits_after,
                 generated_before=gen_before, generated_after=gen_after,
                 measured_before=measured_before, measured_after=measured_after,
                 balancedness_measured_before=balancedness(measured_before),
