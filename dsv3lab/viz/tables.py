@@ -61,7 +61,7 @@ class Table:
         num = {c: all(_numeric(r.get(c)) for r in self.rows if r.get(c) is not None) for c in self.cols}
         out = ['<table style="border-collapse:collapse;font-size:12.5px;margin:4px 0">']
         if self.caption:
-            out.append(f'<caption style="caption-side:top;text-align:left;font-weight:bold;padding:2px 0">'
+            out.append(f'<caption style="caption-side:top;text-align:left;font-weight:bold;padding:2px 0;white-space:nowrap">'
                        f"{e(self.caption)}</caption>")
         out.append("<tr>" + "".join(f'<th style="{th.format("right" if num[c] else "left")}">{e(str(c))}</th>'
                                     for c in self.cols) + "</tr>")
