@@ -237,11 +237,15 @@ class ExpertParallelDispatch:
 
     # FP8 wire format of one dispatched row: D e4m3 bytes, then ceil(D/128) fp32 scales as bytes
     def _pack(self, rows: torch.Tensor) -> torch.Tensor:
+        if rows.shape[0] == 0:          # (a zero-row tensor has no strides a dtype view accepts)
+            return torch.empty(0, fp8_row_bytes(rows.shape[1]), dtype=torch.uint8, device=rows.device)
         q, s = quantize_rows(rows)
         return torch.cat([q.view(torch.uint8), s.contiguous().view(torch.uint8).view(rows.shape[0], 4 * s.shape[1])], dim=1)
 
     def _unpack(self, buf: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         D = self.moe.cfg.hidden_size
+        if buf.shape[0] == 0:
+            return torch.empty(0, D, dtype=dtype, device=buf.device)
         q = buf[:, :D].contiguous().view(torch.float8_e4m3fn)
         s = buf[:, D:].contiguous().view(torch.float32).view(buf.shape[0], -(-D // FP8_TILE))
         return dequantize_rows(q, s, dtype)
