@@ -110,8 +110,8 @@ def rank_run(rank: int, world: int, source="tiny", layout: dict | None = None, t
     rss, peak = _rss_bytes()
     from dsv3lab.parallel.apply import parallel_state
     slots = {layer: list(d.slot_expert) for layer, d in parallel_state(model).dispatchers.items()}
-    info = dict(rank=rank, coords=ctx.layout.coords(rank), experts=list(ctx.owned_experts(cfg.n_routed_experts)),
-                slots=slots,
+    hosted = sorted(set().union(*map(set, slots.values()))) if slots else []   # = the contiguous block without a placement
+    info = dict(rank=rank, coords=ctx.layout.coords(rank), experts=hosted, slots=slots,
                 param_bytes=param_bytes(model), bytes_read=load.get("bytes_read"), rss=rss, peak_rss=peak,
                 forward_comm=fwd_comm, generate_comm=gen_comm, t_load=t_load, t_forward=t_fwd, t_generate=t_gen,
                 tokens_in=int(mine.numel()))
