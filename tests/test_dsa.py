@@ -438,3 +438,22 @@ def test_dense_warmup_lowers_the_kl():
     after = m.state_dict()
     for k in before:                                  # only the main blocks' indexers moved
         assert torch.equal(before[k], after[k]) == (".indexer." not in k or k.startswith("mtp.")), k
+
+
+def test_trace_and_kv_accounting_know_the_indexer():
+    from dsv3lab.probes.memory import bytes_per_token, measured_bytes_per_token
+    m = _tiny_v32()
+    x = torch.randint(0, 512, (2, 9), generator=torch.Generator().manual_seed(2))
+    with dsv3lab.trace(m, max_tokens=12) as t, torch.no_grad():
+        m(x)
+    assert t.routing.topk_ids.shape[1] == 12                      # routing as before
+    assert t.selection.topk_indices.shape == (3, 12, 4) and t.selection.dropped_tokens == 6
+    with dsv3lab.trace(dsv3lab.build("tiny", seed=0)) as t:
+        pass
+    assert t.selection is None
+    v32 = dsv3lab.ModelConfig.preset("v3.2-671b")
+    assert bytes_per_token(v32, layout="sparse") == 61 * (576 * 2 + 132)
+    assert dsv3lab.kv_cache_bytes_per_token(v32, mode="sparse") == 78_324
+    assert bytes_per_token(v32, layout="sparse", index_keys="bf16") == 61 * (576 + 128) * 2
+    assert measured_bytes_per_token(m, mode="sparse", dtype=torch.float32, include_mtp=False) == \
+        bytes_per_token(m.cfg, torch.float32, layout="sparse", index_keys="model")

@@ -6,7 +6,9 @@ as MLA's as in V3.2, and the official ``index_topk`` 2048), one cache per contex
 one new token per step. "dense" is the same model and cache with the indexer ignored
 (``set_attn_mode("absorbed")``: every latent row is read); "sparse" scores all C indexer keys and
 attends to the 2048 selected latent rows. The two alternate within every round; each figure is
-the median over rounds of the mean step time.
+the median over rounds of the mean step time; "attn" columns are the part of the step spent inside
+the MLA modules (projections, indexer, core attention: what DSA changes), the rest (MoE, norms,
+head) being the same in both.
 
 The caches are filled with random values (unit-scale, like the post-norm latent and the
 LayerNorm'd indexer keys) instead of a real prefill: a step's cost does not depend on what the
@@ -69,19 +71,45 @@ def filled_cache(model, ctx: int, seed: int = 0):
     return cache
 
 
+class _AttentionClock:
+    """Wall time spent inside the MLA modules (projections, indexer, core attention) of a forward."""
+
+    def __init__(self, model):
+        from dsv3lab.model.mla import MLA
+        self.total, self._t0, self._h = 0.0, 0.0, []
+        for m in model.modules():
+            if isinstance(m, MLA):
+                self._h.append(m.register_forward_pre_hook(self._start))
+                self._h.append(m.register_forward_hook(self._stop))
+
+    def _start(self, *a):
+        self._t0 = time.perf_counter()
+
+    def _stop(self, *a):
+        self.total += time.perf_counter() - self._t0
+
+    def remove(self):
+        for h in self._h:
+            h.remove()
+
+
 def time_decode(model, cache, ctx: int, rounds: int, steps: int, progress=None) -> dict:
-    """Median seconds per decode step at position ``ctx`` for dense and sparse, alternating."""
+    """Median seconds per decode step at position ``ctx`` for dense and sparse, alternating: the
+    whole step ("dense", "sparse") and the part spent in attention ("attn_dense", "attn_sparse")."""
     tok = torch.tensor([[1]], device=model.device)
-    times = {"dense": [], "sparse": []}
+    times = {"dense": [], "sparse": [], "attn_dense": [], "attn_sparse": []}
     with torch.no_grad():
         for r in range(rounds):
             for name in (("dense", "sparse") if r % 2 == 0 else ("sparse", "dense")):
                 model.set_attn_mode("absorbed" if name == "dense" else "sparse")
                 model(tok, start=ctx, cache=cache, last_only=True)          # warm this path
+                clock = _AttentionClock(model)
                 t0 = time.perf_counter()
                 for _ in range(steps):
                     model(tok, start=ctx, cache=cache, last_only=True)
                 times[name].append((time.perf_counter() - t0) / steps)
+                clock.remove()
+                times["attn_" + name].append(clock.total / steps)
             if progress is not None:
                 progress.update(1)
     model.set_attn_mode("sparse")
@@ -114,6 +142,8 @@ def run(args) -> int:
             L = cfg.num_hidden_layers
             rows.append(dict(context=ctx, dense_tok_s=1 / t["dense"], sparse_tok_s=1 / t["sparse"],
                              speedup=t["dense"] / t["sparse"],
+                             attn_ms_dense=1e3 * t["attn_dense"], attn_ms_sparse=1e3 * t["attn_sparse"],
+                             attn_speedup=t["attn_dense"] / t["attn_sparse"],
                              attn_MB_dense=dense["bytes"] * L / 1e6, attn_MB_sparse=sparse["bytes"] * L / 1e6,
                              attn_MFLOP_dense=dense["flops"] * L / 1e6, attn_MFLOP_sparse=sparse["flops"] * L / 1e6,
                              dense_s=t["all"]["dense"], sparse_s=t["all"]["sparse"]))
@@ -123,8 +153,9 @@ def run(args) -> int:
           f"top-{cfg.index_topk}, {args.key_format} keys), {args.dtype}, {threads} threads, "
           f"{platform.processor() or platform.machine()}, CPU bf16 units: {'yes' if _NATIVE_BF16 else 'no'}; "
           f"medians of {args.rounds} alternating rounds x {args.steps} steps")
-    text = print_table(rows, ["context", "dense_tok_s", "sparse_tok_s", "speedup", "attn_MB_dense",
-                              "attn_MB_sparse", "attn_MFLOP_dense", "attn_MFLOP_sparse"])
+    text = print_table(rows, ["context", "dense_tok_s", "sparse_tok_s", "speedup", "attn_ms_dense",
+                              "attn_ms_sparse", "attn_speedup", "attn_MB_dense", "attn_MB_sparse",
+                              "attn_MFLOP_dense", "attn_MFLOP_sparse"])
     out = args.out or os.path.join("results", "bench-sparse.json")
     write_json_atomic(out, dict(preset=cfg.name, threads=threads, dtype=args.dtype, key_format=args.key_format,
                                 index=dict(heads=cfg.index_n_heads, dim=cfg.index_head_dim, topk=cfg.index_topk),

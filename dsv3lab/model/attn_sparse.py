@@ -92,7 +92,7 @@ class SparseAttention(AbsorbedAttention):
         """[q_nope W_UK ; q_pe] [B,S,H,c+r]: the query in the latent space."""
         mla = self.mla
         B, S, H, _ = q_nope.shape
-        w_uk = mla.kv_b_weight()[:, :mla.n].to(q_nope.dtype)                # [H,n,c]
+        w_uk = self.absorbed_weights(q_nope.dtype)[0]                       # [H,n,c], cached
         q_lat = torch.bmm(q_nope.permute(2, 0, 1, 3).reshape(H, B * S, mla.n), w_uk)
         return torch.cat([q_lat.view(H, B, S, mla.c).permute(1, 2, 0, 3), q_pe], dim=-1)
 
@@ -110,15 +110,15 @@ class SparseAttention(AbsorbedAttention):
         for s0 in range(0, S, step):
             s1 = min(S, s0 + step)
             m = B * (s1 - s0)
-            # one "batch element" per query: its k rows are its whole key/value set
-            # row gather by advanced indexing: [B, s*k] indices, whole 576-wide rows copied
-            rows = latent[torch.arange(B, device=idx.device)[:, None], rows_of[:, s0:s1].reshape(B, -1)]
+            # one "batch element" per query: its k rows are its whole key/value set, copied
+            # whole (576 wide) by index_select, the fastest row gather on CPU
+            rows = torch.stack([latent[b].index_select(0, rows_of[b, s0:s1].reshape(-1)) for b in range(B)])
             rows = rows.view(m, k, W)
             keep = None if bool(valid[:, s0:s1].all()) else valid[:, s0:s1].reshape(m, 1, k)
             # a single query at position k-1 over k keys: the causal mask keeps all of them
             o = latent_attention(q_cat[:, s0:s1].reshape(m, 1, H, W), rows, mla.scale, c, k - 1, keep)
             o_lat[:, s0:s1] = o.view(B, s1 - s0, H, c)
-        o = torch.bmm(o_lat.permute(2, 0, 1, 3).reshape(H, B * S, c), self.w_uv_t(o_lat.dtype))
+        o = torch.bmm(o_lat.permute(2, 0, 1, 3).reshape(H, B * S, c), self.absorbed_weights(o_lat.dtype)[1])
         return o.view(H, B, S, -1).permute(1, 2, 0, 3)                     # [B,S,H,v]
 
 

@@ -39,14 +39,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from dsv3lab.model.hadamard import hadamard
-from dsv3lab.model.layers import HookPoint, LayerNorm, Linear
+from dsv3lab.model.layers import HookPoint, LayerNorm, Linear, linear
 from dsv3lab.model.rope import apply_rope_half
 
 KEY_FORMATS = ("model", "bf16", "fp8")
 FP8_BLOCK = 128
 # query rows x keys x heads held at once while scoring a prefill chunk (fp32: 4 bytes each)
 _SCORE_CHUNK_ELEMS = 1 << 24
-_KEY_CHUNK = 4096          # bf16 key rows upcast at a time
+_KEY_CHUNK = 4096          # fp32 key rows scored at a time
 
 
 def fp8_block(head_dim: int) -> int:
@@ -115,20 +115,29 @@ def index_scores(q: torch.Tensor, w: torch.Tensor, keys: torch.Tensor, start: in
 
     q [B,S,H,D], w [B,S,H] (fp32, the D^-0.5 and H^-0.5 folded in), keys [B,T,D] -> [B,S,T].
     The keys are the left operand ([t,D] @ [D,s*H]), so the cache is read row-major and never
-    transposed. Queries are taken in chunks (bounding the [t, s*H] buffer of a long prefill) and
-    keys stored in bf16 in blocks of _KEY_CHUNK rows, upcast to fp32 while they are in cache
-    (one fp32 copy of a 32K-token key cache per step would cost more than the scores).
-    Key blocks entirely after a chunk's last query are skipped (-inf).
+    transposed. Queries are taken in chunks (bounding the [t, s*H] buffer of a long prefill).
+    fp32 keys (the "model" format of an fp32 model, dequantized FP8) are scored in fp32, in
+    blocks of _KEY_CHUNK rows (blocks entirely after a chunk's last query are skipped); bf16 keys
+    by one bf16 GEMM per sequence (see below).
     """
     B, S, H, D = q.shape
     T = keys.shape[1]
     out = torch.full((B, S, T), float("-inf"), dtype=torch.float32, device=q.device)
-    tstep = T if keys.dtype == torch.float32 else _KEY_CHUNK
-    sstep = max(1, _SCORE_CHUNK_ELEMS // max(1, min(T, tstep) * H))
+    tstep = _KEY_CHUNK
+    rows = T if keys.dtype == torch.bfloat16 else min(T, tstep)            # keys scored at once
+    sstep = max(1, _SCORE_CHUNK_ELEMS // max(1, rows * H))
     wf = w.float()
     for s0 in range(0, S, sstep):
         s1 = min(S, s0 + sstep)
         n = s1 - s0
+        if keys.dtype == torch.bfloat16:
+            # bf16 keys: q.k by the engine's bf16 GEMM policy (``layers.linear``: native bf16
+            # where the CPU has bf16 units, else upcast), the logits rounded to bf16 -- 2^-9
+            # relative, the rounding the keys were stored with -- before the fp32 head sum
+            qb = q[:, s0:s1].reshape(B, n * H, D).to(torch.bfloat16)
+            logits = torch.stack([linear(keys[b], qb[b]) for b in range(B)]).float().clamp_min_(0)
+            out[:, s0:s1] = torch.einsum("btsh,bsh->bst", logits.view(B, T, n, H), wf[:, s0:s1])
+            continue
         qc = q[:, s0:s1].float().reshape(B, n * H, D).transpose(1, 2)      # [B,D,s*H]
         for t0 in range(0, min(T, start + s1), tstep):
             t1 = min(T, t0 + tstep)

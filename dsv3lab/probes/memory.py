@@ -65,10 +65,16 @@ def values_per_token_per_layer(cfg, layout: str = "absorbed", gqa_groups: int = 
 
 
 def bytes_per_token(cfg, dtype=torch.bfloat16, layout: str = "absorbed", include_mtp: bool = False,
-                    gqa_groups: int = 8) -> int:
-    """Cache bytes one token occupies over all layers (MTP blocks too with ``include_mtp``)."""
+                    gqa_groups: int = 8, index_keys: str = "fp8") -> int:
+    """Cache bytes one token occupies over all layers (MTP blocks too with ``include_mtp``).
+    ``layout="sparse"`` (V3.2): the latent plus the indexer's key in ``index_keys`` format
+    ("fp8": 132 B per layer at V3.2's sizes, "bf16", "model"; ``probes.dsa_cost``)."""
     cfg = _cfg(cfg)
     layers = cfg.num_hidden_layers + (cfg.num_nextn_predict_layers if include_mtp else 0)
+    if layout == "sparse":
+        from dsv3lab.probes.dsa_cost import indexer_key_bytes
+        key = int(indexer_key_bytes(cfg, index_keys, dtype_bytes(dtype))) if cfg.has_indexer else 0
+        return layers * (values_per_token_per_layer(cfg, "absorbed") * dtype_bytes(dtype) + key)
     return layers * values_per_token_per_layer(cfg, layout, gqa_groups) * dtype_bytes(dtype)
 
 
@@ -101,7 +107,8 @@ def measured_bytes_per_token(model_or_cfg, mode: str = "absorbed", dtype=torch.b
     else:
         cfg = _cfg(model_or_cfg)
         n_layers = cfg.num_hidden_layers + cfg.num_nextn_predict_layers
-        cls = LatentCache if mode == "absorbed" else KVCache
+        from dsv3lab.model.attn_sparse import SparseCache
+        cls = {"absorbed": LatentCache, "sparse": SparseCache}.get(mode, KVCache)
         cache = cls(cfg, n_layers, batch, max_len, dtype, "cpu")
     per = cache.nbytes() // (batch * max_len)
     if not include_mtp:

@@ -7,6 +7,7 @@
     t.routing.expert_load()   # [moe_layers, n_routed_experts] (EPLB's ``weight`` shape)
     t.routing.token_ids / positions / seq / step               # [tokens] each
     t.mtp[0]                  # the same for MTP depth 0 (its own tokens), when it ran
+    t.selection.topk_indices  # V3.2: [layers, queries, index_topk] keys the indexer kept (selection.py)
     t.save("trace.safetensors")
 
 How it records, without touching the model: a forward pre-hook on ``embed_tokens`` sees the
@@ -250,6 +251,9 @@ class Trace:
         self._chunks: list[str] = []
         self._flushed: dict[str, list[dict]] = {p: [] for p in self.streams}
         self._record: Optional[dict] = None
+        # V3.2 models: the indexer's selected keys too, bounded alike (probes/selection.py)
+        from dsv3lab.probes.selection import SelectionTrace, indexers
+        self.selection = SelectionTrace(model, max_tokens) if indexers(model) else None
 
     # --- hooks ----------------------------------------------------------------------------
     def _on_embed(self, module, args):
@@ -316,12 +320,16 @@ class Trace:
                 self._handles.append(hp.register_forward_hook(self._on_gate(prefix, idx, key)))
         if self.stream_to:
             os.makedirs(self.stream_to, exist_ok=True)
+        if self.selection is not None:
+            self.selection.__enter__()
         return self
 
     def __exit__(self, *exc):
         for h in self._handles:
             h.remove()
         self._handles = []
+        if self.selection is not None:
+            self.selection.__exit__(*exc)
         for s in self.streams.values():
             if s.current is not None:
                 s.current = None
