@@ -172,7 +172,8 @@ KERNEL_READY_JS = """() => {
 
 
 def open_notebook(page, base: str, token: str, name: str) -> None:
-    page.goto(f"{base}/lab/tree/{name}?token={token}", wait_until="domcontentloaded")
+    # ?reset: a fresh workspace, so notebooks opened before are not restored beside this one
+    page.goto(f"{base}/lab/tree/{name}?reset&token={token}", wait_until="domcontentloaded")
     page.wait_for_selector(_nb("$NB .jp-Cell"), state="attached")
     # a notebook without kernelspec metadata asks which kernel: take the preselected Python 3
     deadline = time.monotonic() + STEP_TIMEOUT_S
@@ -193,8 +194,15 @@ def open_notebook(page, base: str, token: str, name: str) -> None:
 
 def run_all_cells(page) -> None:
     """Run > Run All Cells, from the menu bar; then wait until every code cell has a number."""
-    page.locator(".lm-MenuBar-itemLabel", has_text="Run").first.click()
-    page.locator(".lm-Menu-itemLabel", has_text="Run All Cells").first.click()
+    item = page.locator(".lm-Menu-itemLabel", has_text="Run All Cells").first
+    for attempt in range(5):            # the menu bar may not take the first click while the lab settles
+        page.locator(".lm-MenuBar-itemLabel", has_text="Run").first.click()
+        try:
+            item.wait_for(state="visible", timeout=10_000)
+            break
+        except Exception:
+            page.keyboard.press("Escape")
+    item.click()
     page.wait_for_function(_nb("""() => {
         const prompts = [...document.querySelectorAll('$NB .jp-CodeCell .jp-InputArea-prompt')];
         const errors = document.querySelectorAll('$NB [data-mime-type="application/vnd.jupyter.error"]');
