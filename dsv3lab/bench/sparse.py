@@ -43,10 +43,13 @@ def add_args(p) -> None:
 
 
 def bench_model(preset: str, contexts, index_topk: int, index_heads: int, index_dim: int,
-                dtype=torch.bfloat16, seed: int = 0):
-    """The V3.2 variant of ``preset`` used here (random weights, no MTP)."""
+                dtype=torch.bfloat16, seed: int = 0, layers: int | None = None):
+    """The V3.2 variant of ``preset`` used here (random weights, no MTP; ``layers`` overrides
+    the preset's layer count)."""
     import dsv3lab
     base = dsv3lab.ModelConfig.preset(preset)
+    if layers:
+        base = base.replace(num_hidden_layers=layers, first_k_dense_replace=min(base.first_k_dense_replace, layers))
     cfg = base.replace(index_n_heads=index_heads, index_head_dim=index_dim, index_topk=index_topk,
                        max_position_embeddings=max(max(contexts) + 8, base.max_position_embeddings),
                        num_nextn_predict_layers=0, name=f"{preset}-dsa")
