@@ -48,6 +48,12 @@ def test_cells_columns_and_alignment():
     assert "<x>" not in html_table(rows)._repr_html_()
 
 
+def test_dollars_are_not_tex_delimiters():
+    h = html_table([dict(claim="$5.576M at $2 per GPU-hour")])._repr_html_()
+    assert "<span>$</span>5.576M at <span>$</span>2" in h
+    assert _parse(html_table([dict(claim="$5 at $2")])).rows[1] == ["$5 at $2"]
+
+
 def test_cols_select_and_missing_column_is_named():
     t = html_table([dict(a=1, b=2)], cols=["b"])
     assert _parse(t).rows == [["b"], ["2"]]

@@ -55,12 +55,14 @@ class Table:
         return f(v) if f is not None else format_cell(v)
 
     def _repr_html_(self) -> str:
-        e = html.escape
+        def e(text: str) -> str:
+            # JupyterLab typesets $...$ in HTML outputs as TeX ("$5.6M at $2" turns into math); a
+            # dollar alone in its element is not a delimiter (its tex2jax_ignore class is not honoured)
+            return html.escape(text).replace("$", "<span>$</span>")
         th = "padding:3px 10px;border-bottom:1px solid #888;text-align:{}"
         td = "padding:2px 10px;border-bottom:1px solid #eee;text-align:{};font-variant-numeric:tabular-nums"
         num = {c: all(_numeric(r.get(c)) for r in self.rows if r.get(c) is not None) for c in self.cols}
-        # tex2jax_ignore: JupyterLab typesets $...$ in HTML outputs as math; a table of prices must not be
-        out = ['<table class="tex2jax_ignore" style="border-collapse:collapse;font-size:12.5px;margin:4px 0">']
+        out = ['<table style="border-collapse:collapse;font-size:12.5px;margin:4px 0">']
         if self.caption:
             out.append(f'<caption style="caption-side:top;text-align:left;font-weight:bold;padding:2px 0;white-space:nowrap">'
                        f"{e(self.caption)}</caption>")
