@@ -122,6 +122,11 @@ def index_scores(q: torch.Tensor, w: torch.Tensor, keys: torch.Tensor, start: in
     """
     B, S, H, D = q.shape
     T = keys.shape[1]
+    if S == 1 and keys.dtype == torch.bfloat16:
+        # one decode step: [T,D] @ [D,H] -> relu -> @ w [H,1], three ops on the whole cache
+        qb = q[:, 0].to(torch.bfloat16)                                    # [B,H,D]
+        logits = torch.stack([linear(keys[b], qb[b]) for b in range(B)]).float().clamp_min_(0)
+        return torch.bmm(logits, w[:, 0, :, None].float()).transpose(1, 2)  # [B,1,T]
     out = torch.full((B, S, T), float("-inf"), dtype=torch.float32, device=q.device)
     tstep = _KEY_CHUNK
     rows = T if keys.dtype == torch.bfloat16 else min(T, tstep)            # keys scored at once
