@@ -215,3 +215,20 @@ def test_bf16_forward_close_to_fp32(tiny):
     # logits stay within bf16 noise
     assert ((a - b).abs().mean() / b.abs().mean()).item() < 0.02
     assert (a.argmax(-1) == b.argmax(-1)).float().mean() > 0.85
+
+
+def test_rope_rotates_interleaved_pairs():
+    """apply_rope against the pair rotation written out, on strided views like q[..., n:] and an
+    odd storage offset (which needs a copy before the complex view)."""
+    from dsv3lab.model.rope import apply_rope
+    g = torch.Generator().manual_seed(0)
+    cos, sin = torch.randn(5, 8, generator=g), torch.randn(5, 8, generator=g)
+    for dtype in (torch.float32, torch.bfloat16):
+        for x, c, s in [(torch.randn(2, 5, 3, 24, generator=g).to(dtype)[..., 8:], cos[:, None], sin[:, None]),
+                        (torch.randn(2, 5, 27, generator=g).to(dtype)[..., 11:], cos, sin)]:
+            xf = x.double()
+            x0, x1 = xf[..., 0::2], xf[..., 1::2]
+            ref = torch.stack((x0 * c - x1 * s, x1 * c + x0 * s), dim=-1).flatten(-2)
+            got = apply_rope(x, c, s)
+            assert got.dtype == dtype and got.shape == x.shape
+            torch.testing.assert_close(got.double(), ref.to(dtype).double(), rtol=1e-6 if dtype == torch.float32 else 1e-2, atol=1e-6)

@@ -230,8 +230,8 @@ def run(args) -> int:
                             loaded[ename] = make(d, dtype)
                             got = _measure(loaded[ename], cfg, stats, x, args, dtype, prefill_lens, decode_ctx)
                         kvb = loaded[ename][4](256) // 256
-                        per_engine[ename]["kv cache"] = [dict(what="kv cache", value=float(kvb), unit="B/token")]
-                        per_engine[ename]["peak memory"] = [dict(what="peak memory", value=mem.mb, unit="MB")]
+                        got += [dict(what="kv cache", value=float(kvb), unit="B/token"),
+                                dict(what="peak memory", value=mem.mb, unit="MB")]
                     else:
                         got = _measure(loaded[ename], cfg, stats, x, args, dtype, prefill_lens, decode_ctx)
                 for g in got:

@@ -76,10 +76,13 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
     ``cos``/``sin`` must broadcast against x[..., 0::2]; callers insert the head axis.
     """
+    # pairs as complex numbers times cos + i sin: (x0 cos - x1 sin) + i (x1 cos + x0 sin), the
+    # same products as written out, in a third of the ops (it runs twice per layer and step)
     xf = x.float()
-    x0, x1 = xf[..., 0::2], xf[..., 1::2]
-    out = torch.stack((x0 * cos - x1 * sin, x1 * cos + x0 * sin), dim=-1).flatten(-2)
-    return out.to(x.dtype)
+    if xf.stride(-1) != 1 or xf.storage_offset() % 2 or any(st % 2 for st in xf.stride()[:-1]):
+        xf = xf.contiguous()                  # view_as_complex needs whole (re, im) pairs
+    xc = torch.view_as_complex(xf.unflatten(-1, (-1, 2)))
+    return torch.view_as_real(xc * torch.complex(cos, sin)).flatten(-2).to(x.dtype)
 
 
 def apply_rope_half(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
