@@ -15,6 +15,8 @@ from dsv3lab.model.indexer import IndexerKeyCache, index_scores, select_topk
 transformers = pytest.importorskip("transformers")
 from transformers import DeepseekV32Config, DeepseekV32ForCausalLM  # noqa: E402
 
+from hf_reference import roughen, save_eager  # noqa: E402
+
 # 16 indexer heads: an index score is exactly 0 only when all 16 relu terms are, so exact ties
 # (which transformers and we break differently, see select_topk) are out of the way
 BASE = dict(vocab_size=320, hidden_size=64, intermediate_size=96, moe_intermediate_size=32,
@@ -44,24 +46,16 @@ def make_hf(tmp_path, case, **over):
     cfg = DeepseekV32Config(num_key_value_heads=kw["num_attention_heads"], **kw)
     cfg._attn_implementation = "eager"
     m = DeepseekV32ForCausalLM(cfg).float().eval()
+    roughen(m, cfg)
     with torch.no_grad():
         for layer in m.model.layers:
-            if hasattr(layer.mlp, "gate"):
-                layer.mlp.gate.e_score_correction_bias.normal_(0, 0.3)
             ix = layer.self_attn.indexer
             for p in (ix.wq_b.weight, ix.wk.weight, ix.weights_proj.weight):
                 p.normal_(0, 0.2)                    # scores spread well beyond float error
             ix.k_norm.weight.uniform_(0.5, 1.5)      # the LayerNorm's weight and bias both matter
             ix.k_norm.bias.normal_(0, 0.3)
-            for p in layer.parameters():
-                if p.dim() == 1 and p.shape[0] in (cfg.hidden_size, cfg.kv_lora_rank, cfg.q_lora_rank):
-                    p.uniform_(0.5, 1.5)
-    try:
-        m.set_experts_implementation("eager")
-    except Exception:
-        pass
     d = tmp_path / case
-    m.save_pretrained(d)
+    save_eager(m, d)
     return m, d
 
 

@@ -21,6 +21,7 @@ from dsv3lab.fp8 import is_pow2, weight_dequant
 transformers = pytest.importorskip("transformers")
 from transformers import DeepseekV3Config, DeepseekV3ForCausalLM  # noqa: E402
 
+from hf_reference import roughen, save_eager  # noqa: E402
 from test_parity import hf_routing, our_routing  # noqa: E402
 
 SMALL = dict(vocab_size=320, hidden_size=64, intermediate_size=96, moe_intermediate_size=32,
@@ -54,19 +55,9 @@ def make_hf(tmp_path, case, seed=0):
     cfg = DeepseekV3Config(num_key_value_heads=kw["num_attention_heads"], rope_scaling=rs, **kw)
     cfg._attn_implementation = "eager"
     m = DeepseekV3ForCausalLM(cfg).float().eval()
-    with torch.no_grad():
-        for layer in m.model.layers:
-            if hasattr(layer.mlp, "gate"):
-                layer.mlp.gate.e_score_correction_bias.normal_(0, 0.3)   # both signs
-            for p in layer.parameters():
-                if p.dim() == 1 and p.shape[0] in (cfg.hidden_size, cfg.kv_lora_rank, cfg.q_lora_rank or -1):
-                    p.uniform_(0.5, 1.5)
-    try:
-        m.set_experts_implementation("eager")
-    except Exception:
-        pass
+    roughen(m, cfg)
     d = tmp_path / case
-    m.save_pretrained(d)
+    save_eager(m, d)
     if model_type != "deepseek_v3":
         c = json.loads((d / "config.json").read_text())
         c["model_type"] = model_type            # what moonshotai ships; architectures stay V3's

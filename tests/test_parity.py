@@ -13,6 +13,8 @@ import dsv3lab
 transformers = pytest.importorskip("transformers")
 from transformers import DeepseekV3Config, DeepseekV3ForCausalLM  # noqa: E402
 
+from hf_reference import roughen, save_eager  # noqa: E402
+
 BASE = dict(vocab_size=320, hidden_size=64, intermediate_size=96, moe_intermediate_size=32,
             num_hidden_layers=3, first_k_dense_replace=1, num_attention_heads=4, n_routed_experts=16,
             n_shared_experts=1, num_experts_per_tok=4, n_group=4, topk_group=2,
@@ -40,20 +42,9 @@ def make_hf(tmp_path, case, seed=0):
     cfg = DeepseekV3Config(num_key_value_heads=kw["num_attention_heads"], rope_scaling=rs, **kw)
     cfg._attn_implementation = "eager"
     m = DeepseekV3ForCausalLM(cfg).float().eval()
-    with torch.no_grad():
-        for layer in m.model.layers:
-            if hasattr(layer.mlp, "gate"):
-                # negative and positive biases: the group mask must use -inf, not 0 (trap 5)
-                layer.mlp.gate.e_score_correction_bias.normal_(0, 0.3)
-            for p in layer.parameters():
-                if p.dim() == 1 and p.shape[0] in (cfg.hidden_size, cfg.kv_lora_rank, cfg.q_lora_rank or -1):
-                    p.uniform_(0.5, 1.5)  # non-trivial norm weights
-    try:
-        m.set_experts_implementation("eager")
-    except Exception:
-        pass
+    roughen(m, cfg)
     d = tmp_path / case
-    m.save_pretrained(d)
+    save_eager(m, d)
     return m, d
 
 
