@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import html
-
 from dsv3lab.replicate.core import KINDS, STATUSES
+from dsv3lab.viz.tables import html_table as viz_html_table
 
 STATUS_COLORS = dict(match="#d8f3dc", close="#fff3b0", differs="#ffd6d6", unreported="#e9ecef",
                      unavailable="#e9ecef")
@@ -69,30 +68,25 @@ def format_table(rows: list[dict], width: int = 60) -> str:
 
 
 def html_table(rows: list[dict], notes: bool = True) -> str:
-    """An HTML table by section: id, kind, claim, paper, lab (± seed std), unit, status (coloured),
-    and the tolerance's reason and the note under the claim."""
-    e = html.escape
-    out = ['<table style="border-collapse:collapse;font-size:12px">',
-           "<tr>" + "".join(f'<th style="text-align:left;padding:2px 6px;border-bottom:1px solid #999">{h}</th>'
-                            for h in ("id", "kind", "claim", "paper", "lab", "unit", "status")) + "</tr>"]
+    """The table as HTML for a notebook, through the lab's one table helper
+    (``dsv3lab.viz.tables.html_table``: text left, numbers right, ``$`` kept out of TeX): section,
+    id, kind, claim, paper, lab, seed std (when several seeds ran), unit, status, and with ``notes``
+    the tolerance's reason and the row's note."""
+    flat = []
     for section, rs in by_section(rows).items():
-        out.append(f'<tr><td colspan="7" style="padding:6px 4px 2px;font-weight:bold">{e(section)}</td></tr>')
         for r in rs:
-            extra = ""
+            sp = r.get("spread") or {}
+            row = dict(section=section, id=r["id"], kind=r["kind"], claim=r["claim"], paper=r["paper"],
+                       lab=r["lab"], seed_std=sp["std"] if sp.get("n", 1) > 1 and r["lab"] is not None else None,
+                       unit=r["unit"], status=r["status"])
             if notes:
-                bits = [f"tolerance: {r['tol'].get('why', r['tol']['kind'])}"]
-                if r["note"]:
-                    bits.append(r["note"])
-                extra = "".join(f'<div style="color:#666;font-size:11px">{e(b)}</div>' for b in bits)
-            cells = [f"<code>{e(r['id'])}</code>", e(r["kind"]), e(r["claim"]) + extra, e(fmt(r["paper"])),
-                     e(fmt_lab(r)), e(r["unit"])]
-            tds = "".join(f'<td style="padding:2px 6px;vertical-align:top;border-bottom:1px solid #eee">{c}</td>'
-                          for c in cells)
-            tds += (f'<td style="padding:2px 6px;vertical-align:top;border-bottom:1px solid #eee;'
-                    f'background:{STATUS_COLORS[r["status"]]}">{e(r["status"])}</td>')
-            out.append(f"<tr>{tds}</tr>")
-    out.append("</table>")
-    return "\n".join(out)
+                row["notes"] = "; ".join([f"tolerance: {r['tol'].get('why', r['tol']['kind'])}"]
+                                         + ([r["note"]] if r["note"] else []))
+            flat.append(row)
+    if not any(r["seed_std"] is not None for r in flat):
+        for r in flat:
+            del r["seed_std"]
+    return viz_html_table(flat, formats=dict(paper=fmt, lab=fmt, seed_std=lambda v: "" if v is None else f"± {v:.2g}"))._repr_html_()
 
 
 def markdown_table(rows: list[dict]) -> str:
