@@ -74,7 +74,7 @@ def gpu_load_bars(per_gpu: Mapping[str, torch.Tensor], gpus_per_node: Optional[i
     """Grouped bars of load per GPU for several placements (e.g. contiguous vs EPLB), each
     labelled with its balancedness (mean / max); dotted lines separate nodes."""
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(7.5, 3.6))
+    fig, ax = plt.subplots(figsize=(7.5, 4.4))
     n = len(per_gpu)
     width = 0.8 / n
     for j, (label, loads) in enumerate(per_gpu.items()):
@@ -90,8 +90,9 @@ def gpu_load_bars(per_gpu: Mapping[str, torch.Tensor], gpus_per_node: Optional[i
     ax.set_xticks(range(len(first)))
     ax.set_xlabel("GPU" + (f" ({gpus_per_node} per node)" if gpus_per_node else ""))
     ax.set_ylabel("tokens computed")
-    ax.legend(fontsize=8)
+    # above the axes, not over the bars (the hottest GPU's bar reaches the top of the plot)
+    ax.legend(fontsize=8, loc="lower left", bbox_to_anchor=(0, 1.01), ncol=1, frameon=False)
     if title:
-        ax.set_title(title)
+        fig.suptitle(title, fontsize=11)
     fig.tight_layout()
     return fig
