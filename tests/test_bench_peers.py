@@ -42,7 +42,7 @@ def test_figure_without_limit_is_nan_and_valid():
 def test_pre_tokenizer_name(tmp_path):
     p = tmp_path / "tokenizer.json"
     p.write_text(json.dumps({"pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": False, "use_regex": True}}))
-    assert gguf_export.pre_tokenizer_name(str(p)) == "gpt2"
+    assert gguf_export.pre_tokenizer_name(str(p)) == "gpt-2"
     p.write_text(json.dumps({"pre_tokenizer": {"type": "Metaspace"}}))
     assert gguf_export.pre_tokenizer_name(str(p)) is None
 

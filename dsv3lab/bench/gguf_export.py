@@ -17,7 +17,7 @@ Two things it needs that a random checkpoint lacks:
 - **The name of the pre-tokenizer.** llama.cpp identifies a BPE pre-tokenizer by hashing the
   ids its tokenizer gives one fixed string, against a table of released models; a tokenizer
   trained here is in no table, and the converter stops. Ours splits text with GPT-2's regex
-  (``ByteLevel(use_regex=True)``), which llama.cpp calls ``gpt2``, so the runner below tells the
+  (``ByteLevel(use_regex=True)``), which llama.cpp calls ``gpt-2``, so the runner below tells the
   converter that name only when its own table has no answer (the converter's code is not
   edited; a tokenizer it recognises is named by the converter itself).
 """
@@ -84,13 +84,13 @@ def find_converter(src: str | None = None) -> Path:
 
 
 def pre_tokenizer_name(tokenizer_json: str) -> str | None:
-    """llama.cpp's name for the pre-tokenizer in ``tokenizer_json``: ``gpt2`` for a byte-level
+    """llama.cpp's name for the pre-tokenizer in ``tokenizer_json``: ``gpt-2`` for a byte-level
     split with GPT-2's regex (what ``train_tokenizer`` makes), None for anything else (left to
     the converter's own table)."""
     with open(tokenizer_json, encoding="utf-8") as f:
         pre = json.load(f).get("pre_tokenizer") or {}
     if pre.get("type") == "ByteLevel" and pre.get("use_regex", True):
-        return "gpt2"
+        return "gpt-2"
     return None
 
 

@@ -64,6 +64,8 @@ def add_args(p) -> None:
                    help="llama-cpp-python source tree holding vendor/llama.cpp/convert_hf_to_gguf.py "
                         "(default $DSV3LAB_LLAMA_CPP_SRC, else build/llama_cpp_python-0.3.36)")
     p.add_argument("--work", default=None, help="keep checkpoints and GGUF files here (default: a temporary directory)")
+    p.add_argument("--reuse", action="store_true",
+                   help="reuse the checkpoints and GGUF files an earlier run left in --work (same arguments)")
 
 
 def llamacpp_engine(gguf_path: str, n_ctx: int, threads: int, dtype, n_batch: int, n_ubatch: int = 512):
@@ -141,17 +143,25 @@ def _agreement(name, ck, ggufs, dtype_names, prompt, steps, threads) -> list[dic
 
 
 def _prepare(args, work):
-    """(bench checkpoint, lab checkpoint or None, {model: {dtype: gguf path}}, timings):
+    """({"bench": dir, "lab": dir}, {model: {dtype: gguf path}}, {file: conversion seconds}):
     checkpoints in bf16 with a tokenizer, converted by llama.cpp's converter."""
     import dsv3lab
     from tqdm import tqdm
+
+    def kept(path):
+        return args.reuse and os.path.exists(path)
+
     if args.dir:
         bench = args.dir
+    elif kept(os.path.join(work, args.preset, "config.json")):
+        bench = os.path.join(work, args.preset)
     else:
         cfg = dsv3lab.ModelConfig.preset(args.preset).replace(num_nextn_predict_layers=0)
         bench = dsv3lab.save(dsv3lab.build(cfg, seed=0, dtype=torch.bfloat16), os.path.join(work, args.preset))
     cks = {"bench": bench}
-    if args.lab:
+    if args.lab and kept(os.path.join(work, "lab", "tokenizer.json")):
+        cks["lab"] = os.path.join(work, "lab")
+    elif args.lab:
         tok = os.path.join(args.lab, "tokenizer.json")
         if not os.path.isfile(tok):
             raise FileNotFoundError(f"{tok}: --lab needs a checkpoint with its tokenizer")
@@ -167,6 +177,9 @@ def _prepare(args, work):
         gguf_export.ensure_tokenizer(cks[m], dsv3lab.ModelConfig.from_hf(cks[m]).vocab_size)
         t0 = time.perf_counter()
         out = os.path.join(work, f"{m}-{GGUF_TYPE[dname]}.gguf")
+        if kept(out):
+            ggufs.setdefault(m, {})[dname] = out
+            continue
         ggufs.setdefault(m, {})[dname] = gguf_export.to_gguf(cks[m], out, GGUF_TYPE[dname], args.llama_src,
                                                             log_path=out + ".log")
         seconds[f"{m}-{GGUF_TYPE[dname]}"] = time.perf_counter() - t0
@@ -181,23 +194,26 @@ def _prompt(name, ck, cfg, n=32):
     return torch.randint(2, cfg.vocab_size, (n,), generator=g).tolist()
 
 
+WIDE = ["dtype", "what", "work", "dsv3lab", "dsv3lab_range", "llama.cpp", "llama.cpp_range", "ratio",
+        "dsv3lab_pct", "llama.cpp_pct", "valid"]
+
+
 def _wide(rows):
-    """The printed table: one line per (dtype, figure), the two engines side by side."""
+    """The printed table: one line per (dtype, figure), the two engines side by side; ``ratio``
+    = dsv3lab / llama.cpp, ``*_pct`` = percent of the machine limit (``work`` x tokens/s)."""
     by = {(r["dtype"], r["what"], r["engine"]): r for r in rows}
     out = []
     for (dname, what, eng), r in by.items():
-        if eng != ENGINES[0]:
-            continue
         p = by.get((dname, what, ENGINES[1]))
-        work = r.get("work", float("nan"))
-        line = dict(dtype=dname, what=what,
-                    work=f"{work / 1e6:.1f} MB" if r.get("limit") == "copy_bytes_per_s" else f"{work / 1e9:.2f} GFLOP",
-                    dsv3lab=r["value"], dsv3lab_range=f"{r['lo']:,.3g}-{r['hi']:,.3g}")
-        if p:
-            line.update({"llama.cpp": p["value"], "llama.cpp_range": f"{p['lo']:,.3g}-{p['hi']:,.3g}",
-                         "ratio": r["value"] / p["value"], "llama.cpp_pct": p["pct_of_limit"]})
-        line.update(dsv3lab_pct=r["pct_of_limit"], valid=r["valid"] and (p is None or p["valid"]))
-        out.append(line)
+        if eng != ENGINES[0] or p is None:
+            continue
+        work = r["work"]
+        out.append({"dtype": dname, "what": what,
+                    "work": f"{work / 1e6:.1f} MB" if r["limit"] == "copy_bytes_per_s" else f"{work / 1e9:.2f} GFLOP",
+                    "dsv3lab": r["value"], "dsv3lab_range": f"{r['lo']:,.3g}-{r['hi']:,.3g}",
+                    "llama.cpp": p["value"], "llama.cpp_range": f"{p['lo']:,.3g}-{p['hi']:,.3g}",
+                    "ratio": r["value"] / p["value"], "dsv3lab_pct": r["pct_of_limit"],
+                    "llama.cpp_pct": p["pct_of_limit"], "valid": r["valid"] and p["valid"]})
     return out
 
 
@@ -277,7 +293,7 @@ def run(args) -> int:
         b = [m["copy_bytes_per_s"] / 1e9 for m in v["rounds"]]
         print(f"  {k}: matmul {v['matmul_flops'] / 1e12:.2f} TFLOP/s ({min(f):.2f}-{max(f):.2f}), copy "
               f"{v['copy_bytes_per_s'] / 1e9:.1f} GB/s ({min(b):.1f}-{max(b):.1f}), {len(v['rounds'])} measurements")
-    text = print_table(_wide([r for r in rows if r["unit"] == "tok/s"]))
+    text = print_table(_wide([r for r in rows if r["unit"] == "tok/s"]), WIDE)
     kv = {(r["dtype"], r["engine"]): r["value"] for r in rows if r["what"] == "kv cache"}
     for dname in dtype_names:
         print(f"  {dname} cache per token: dsv3lab {kv[(dname, 'dsv3lab')]:,.0f} B, llama.cpp "
