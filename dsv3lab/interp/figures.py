@@ -24,12 +24,17 @@ def lens_heatmap(stats: dict, pieces: Optional[Sequence[str]] = None, row_names:
                  title: Optional[str] = None) -> Figure:
     """Rows (lens rows: blocks, MTP) x positions of ``next_token_stats`` ``value`` (default the
     probability of the true next token); ``pieces`` label the positions (the token read there),
-    ``top_pieces[r][j]`` (optional) is written in each cell (the row's top prediction)."""
+    ``top_pieces[r][j]`` (optional) is written in each cell (the row's top prediction). Cells
+    with no value (NaN: an MTP row, aligned by target, has no prediction at its first 1+k
+    positions, by design) are grey and read "n/a", and the title says so."""
+    import matplotlib
     data = _np(stats[value][:, b])
     R, S = data.shape
-    fig = Figure(figsize=(min(2.5 + 0.6 * S, 16), 1.0 + 0.42 * R), layout="constrained")
+    fig = Figure(figsize=(min(2.5 + (0.8 if top_pieces is not None else 0.6) * S, 18), 1.0 + 0.5 * R),
+                 layout="constrained")
     ax = fig.add_subplot()
-    im = ax.imshow(data, aspect="auto", cmap="magma" if value == "prob" else "viridis",
+    cmap = matplotlib.colormaps["magma" if value == "prob" else "viridis"].with_extremes(bad="#d9d9d9")
+    im = ax.imshow(data, aspect="auto", cmap=cmap,
                    vmin=0 if value == "prob" else None, vmax=1 if value == "prob" else None, interpolation="nearest")
     ax.set_xticks(range(S), _labels(pieces, S), rotation=60, ha="right", fontsize=8)
     ax.set_yticks(range(R), list(row_names) if row_names is not None else [f"block {r}" for r in range(R)])
@@ -37,11 +42,13 @@ def lens_heatmap(stats: dict, pieces: Optional[Sequence[str]] = None, row_names:
     if top_pieces is not None:
         for r in range(R):
             for j in range(S):
-                ax.text(j, r, repr(top_pieces[r][j])[1:-1][:6], ha="center", va="center", fontsize=6,
-                        color="white" if (data[r, j] == data[r, j] and data[r, j] < 0.5) else "black")
+                empty = data[r, j] != data[r, j]
+                ax.text(j, r, "n/a" if empty else repr(top_pieces[r][j])[1:-1][:6], ha="center", va="center",
+                        fontsize=8, color="white" if (not empty and data[r, j] < 0.5) else "black")
     fig.colorbar(im, ax=ax, label={"prob": "p(true next token)", "rank": "rank of true next token",
                                    "entropy": "entropy (nats)", "kl_to_final": "KL to final (nats)"}.get(value, value))
-    ax.set_title(title or "Logit lens")
+    n_empty = int((data != data).sum())
+    ax.set_title((title or "Logit lens") + (f"  (grey: {n_empty} cell(s) with no prediction, by design)" if n_empty else ""))
     return fig
 
 
@@ -51,7 +58,10 @@ def patching_heatmap(result, pieces: Optional[Sequence[str]] = None, title: Opti
     R, C = data.shape
     fig = Figure(figsize=(min(2.5 + 0.45 * C, 16), 1.0 + 0.4 * R), layout="constrained")
     ax = fig.add_subplot()
-    lim = max(1.0, float(abs(data).max())) if data.size else 1.0
+    peak = float(abs(data).max()) if data.size else 0.0
+    # one expert recovers a small fraction: its range is scaled to the data (symmetric about 0)
+    # so it is not a white sheet on -1..1; the other hooks keep -1..1, where 1 means "clean"
+    lim = max(peak, 1e-6) if result.hook == "expert" else max(1.0, peak)
     im = ax.imshow(data, aspect="auto", cmap="RdBu", vmin=-lim, vmax=lim, interpolation="nearest")
     if result.hook == "expert":
         ax.set_xlabel("routed expert")
@@ -65,7 +75,8 @@ def patching_heatmap(result, pieces: Optional[Sequence[str]] = None, title: Opti
                       rotation=60, ha="right", fontsize=8)
     ax.set_yticks(range(R), [str(r) for r in result.rows])
     ax.set_ylabel("block")
-    fig.colorbar(im, ax=ax, label="recovered (0 corrupted, 1 clean)")
+    fig.colorbar(im, ax=ax, label="recovered (0 corrupted, 1 clean)"
+                 + (f"\ncolour range ±{lim:.2g} = max |score|" if result.hook == "expert" else ""))
     ax.set_title(title or f"Activation patching: {result.hook}")
     return fig
 
