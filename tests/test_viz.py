@@ -44,6 +44,10 @@ def test_figures(model):
     np.testing.assert_allclose(np.diag(_image(fig)), (ld[0] > 0).double().numpy())   # P(i | i) = 1 where used
     fig = figures.kv_bytes_bars(memory.kv_comparison(), annotate="printed")
     assert [p.get_width() for p in fig.axes[0].patches] == [70_272, 327_680, 516_096]
+    fig = figures.kv_bytes_bars([dict(model="m", bytes_per_token=3 * 2**30)], unit="GiB")
+    assert [p.get_width() for p in fig.axes[0].patches] == [3.0] and fig.axes[0].get_xlabel().endswith("(GiB)")
+    with pytest.raises(ValueError, match="unit"):
+        figures.kv_bytes_bars([dict(model="m", bytes_per_token=1)], unit="GB")
     fig = figures.capacity_curves({"absorbed": 70_272, "naive": 4_997_120}, [1, 10, 100], 4096)
     assert len(fig.axes[0].lines) == 2
     assert list(fig.axes[0].lines[0].get_ydata()) == [2**30 * b // 70_272 // 4096 for b in (1, 10, 100)]
@@ -68,13 +72,14 @@ def test_kv_memory_explorer_callbacks():
     ex = KVMemoryExplorer(preset="v3-671b", context=4096, batch=1)
     ex.widget()
     w1 = ex.figure.axes[0].patches[0].get_width()
-    assert w1 == 70_272 * 4096
+    assert w1 == pytest.approx(70_272 * 4096 / 2**30)              # the axis is in GiB
+    assert ex.figure.axes[0].get_xlabel().endswith("(GiB)")
     ex.controls["batch"].value = 8
-    assert ex.figure.axes[0].patches[0].get_width() == 8 * w1
+    assert ex.figure.axes[0].patches[0].get_width() == pytest.approx(8 * w1)
     assert "batch 8 x 4,096" in ex.figure.axes[0].get_title()
     ex.controls["dtype"].value = "float8_e4m3fn"
-    assert ex.figure.axes[0].patches[0].get_width() == 4 * w1
+    assert ex.figure.axes[0].patches[0].get_width() == pytest.approx(4 * w1)
     ex.controls["preset"].value = "v2-lite-16b"
-    assert ex.figure.axes[0].patches[0].get_width() == 31_104 // 2 * 4096 * 8
+    assert ex.figure.axes[0].patches[0].get_width() == pytest.approx(31_104 // 2 * 4096 * 8 / 2**30)
     ex.controls["context"].value = 1024
     assert ex.figure.axes[0].get_title().startswith("v2-lite-16b, float8_e4m3fn: batch 8 x 1,024")

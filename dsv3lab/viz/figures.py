@@ -84,18 +84,23 @@ def co_selection_heatmap(matrix, title: Optional[str] = None, n_group: Optional[
 
 
 def kv_bytes_bars(rows: Sequence[dict], label: str = "model", value: str = "bytes_per_token",
-                  title: Optional[str] = None, annotate: Optional[str] = None) -> Figure:
-    """Horizontal bars of bytes per token; ``annotate`` names a row key printed at each bar end."""
+                  title: Optional[str] = None, annotate: Optional[str] = None, unit: str = "bytes") -> Figure:
+    """Horizontal bars of bytes per token; ``annotate`` names a row key printed at each bar end.
+    ``unit="GiB"`` draws the axis in GiB (2**30 bytes) rather than raw bytes, for sizes where
+    matplotlib would otherwise print its ticks in units of 1e11."""
+    if unit not in ("bytes", "GiB"):
+        raise ValueError(f"kv_bytes_bars: unit must be 'bytes' or 'GiB', not {unit!r}")
+    scale = 2**30 if unit == "GiB" else 1
     names = [str(r[label]) for r in rows]
-    vals = [float(r[value]) for r in rows]
+    vals = [float(r[value]) / scale for r in rows]
     fig = Figure(figsize=(7, 0.8 + 0.5 * len(rows)), layout="constrained")
     ax = fig.add_subplot()
     bars = ax.barh(range(len(rows)), vals, color="tab:blue")
     ax.set_yticks(range(len(rows)), names)
     ax.invert_yaxis()
-    ax.set_xlabel(value.replace("_", " "))
+    ax.set_xlabel(value.replace("_", " ") + (" (GiB)" if unit == "GiB" else ""))
     for b, r, v in zip(bars, rows, vals):
-        text = f"{v:,.0f}" + (f"  ({r[annotate]})" if annotate and r.get(annotate) else "")
+        text = (f"{v:,.2f} GiB" if unit == "GiB" else f"{v:,.0f}") + (f"  ({r[annotate]})" if annotate and r.get(annotate) else "")
         ax.text(b.get_width(), b.get_y() + b.get_height() / 2, " " + text, va="center", fontsize=8)
     ax.set_xlim(0, max(vals) * 1.35 if vals else 1)
     ax.set_title(title or "KV cache per token")

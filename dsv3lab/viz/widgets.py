@@ -101,7 +101,7 @@ class KVMemoryExplorer(_Explorer):
         self.rows = rows
         absorbed = rows[0]["batch_bytes"] / 2**30
         return self._set(figures.kv_bytes_bars(
-            rows, label="layout", value="batch_bytes", annotate="GiB",
+            rows, label="layout", value="batch_bytes", unit="GiB",
             title=f"{self.preset}, {self.dtype}: batch {self.batch} x {self.context:,} tokens "
                   f"= {absorbed:,.2f} GiB latent cache"))
 
