@@ -8,7 +8,7 @@ def model_card(info: dict) -> str:
     lines = [
         "# dsv3lab lab model",
         "",
-        f"A {i['params_m']:.1f}M-parameter DeepSeek-V3-architecture model (preset `lab`: "
+        f"A {i['params_m']:.1f}M-parameter DeepSeek-V3-architecture model (preset `{i['preset']}`: "
         f"{i['layers']} layers, hidden {i['hidden']}, MLA with q/kv low rank, {i['experts']} routed "
         f"experts of width {i['expert_width']} in {i['groups']} groups, top-{i['top_k']}, 1 shared expert, "
         "sigmoid gate with aux-loss-free bias, MTP depth 1, YaRN), trained "

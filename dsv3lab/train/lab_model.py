@@ -161,7 +161,7 @@ def train_lab(out: str = "data/lab-model", steps: Optional[int] = None, minutes:
     if init_from is not None:
         argv.append(f"--init-from {init_from}")
     info = dict(
-        params_m=sum(p.numel() for p in model.parameters()) / 1e6, layers=cfg.num_hidden_layers,
+        preset=preset, params_m=sum(p.numel() for p in model.parameters()) / 1e6, layers=cfg.num_hidden_layers,
         hidden=cfg.hidden_size, experts=cfg.n_routed_experts, expert_width=cfg.moe_intermediate_size,
         groups=cfg.n_group, top_k=cfg.num_experts_per_tok, python=sys.version.split()[0],
         n_topics=corpus["n_topics"], n_source_files=corpus["n_source_files"], n_docs=len(docs), chars=sum(map(len, docs)), seed=seed,
