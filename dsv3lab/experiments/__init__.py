@@ -267,6 +267,19 @@ def table(result: dict, metrics: Sequence[str], arms: Optional[Sequence[str]] = 
     return "\n".join([line(head)] + [line(r) for r in rows] + [f"(mean ± std over {n} seed{'s' * (n != 1)})"])
 
 
+def table_rows(result: dict, metrics: Sequence[str], arms: Optional[Sequence[str]] = None) -> list[dict]:
+    """The rows of ``table`` as numbers for ``dsv3lab.viz.tables.html_table``: one dict per arm,
+    ``<metric>`` the mean over the seeds and ``<metric> ±`` their std (None where an arm has none)."""
+    rows = []
+    for arm in list(arms or result["arms"]):
+        row = {"arm": arm}
+        for m in metrics:
+            v = result["metrics"].get(f"{arm}.{m}")
+            row[m], row[f"{m} ±"] = (None, None) if v is None else (float(v["mean"]), float(v["std"]))
+        rows.append(row)
+    return rows
+
+
 def figures(name: str, result: Optional[dict] = None) -> dict:
     """{title: matplotlib Figure} of a result (the recorded one by default)."""
     mod = module(name)
@@ -278,4 +291,4 @@ def figures(name: str, result: Optional[dict] = None) -> dict:
 
 
 __all__ = ["REGISTRY", "DEFAULT_SEEDS", "results_dir", "result_path", "names", "module", "provenance",
-           "spread", "run", "save_result", "load_result", "metric", "table", "figures"]
+           "spread", "run", "save_result", "load_result", "metric", "table", "table_rows", "figures"]
