@@ -79,14 +79,16 @@ def test_bench_peers_tiny(tmp_path):
     _converter_or_skip()
     from dsv3lab.cli import main
     out = tmp_path / "peers.json"
-    rc = main(["bench", "peers", "--preset", "tiny", "--lab", "", "--dtypes", "float32", "--prefill", "16",
+    rc = main(["bench", "peers", "--preset", "tiny", "--dtypes", "float32", "--prefill", "16",
                "--decode", "16", "--decode-steps", "1", "--rounds", "2", "--threads", "1", "--agree-steps", "8",
                "--work", str(tmp_path / "work"), "--out", str(out)])
     res = json.loads(out.read_text())
-    (agree,) = res["agreement"]
-    # llama.cpp reads our checkpoint (via its own converter) as the same model
-    assert agree["first_step_logit_rel_err"] < 1e-4
-    assert agree["agree"] == agree["steps"] == 8 and agree["dsv3lab_tokens"] == agree["llamacpp_tokens"]
+    agree = {a["model"]: a for a in res["agreement"]}
+    # llama.cpp reads the trained lab model (via its own converter) as the same model
+    lab = agree["lab"]
+    assert lab["first_step_logit_rel_err"] < 1e-3
+    assert lab["agree"] == lab["steps"] == 8 and lab["dsv3lab_tokens"] == lab["llamacpp_tokens"]
+    assert 0 <= agree["bench"]["agree"] <= 8 and agree["bench"]["first_step_logit_rel_err"] < 1e-2
     assert rc == 0
     rows = {(r["engine"], r["what"]): r for r in res["rows"]}
     for eng in ("dsv3lab", "llama.cpp"):

@@ -8,11 +8,12 @@ run it with the same thread count in one process.
 
 1. **Same model.** From the same prompt both engines decode greedily for ``--agree-steps``
    steps; the row gives how many leading tokens agree and the largest logit difference at the
-   first step (relative to the largest logit). In fp32 they must agree on every step (the run
-   says DISAGREE otherwise: a wrong conversion or a wrong engine); in bf16 the two engines round
-   differently (llama.cpp rounds activations to bf16 before its dot products) and the length is
-   reported, not required. The lab model (``--lab``, trained, so its logits are not near-ties)
-   is checked the same way.
+   first step (relative to the largest logit). On the lab model (``--lab``: trained, so its
+   logits and its routing are decisive) fp32 must agree on every step (the run says DISAGREE
+   and exits 1 otherwise: a wrong conversion or a wrong engine). A random-init checkpoint has
+   near-tie logits and near-tie expert scores, so one rounding difference can flip a routed
+   expert or a token: its length is reported, not required; so is bf16's (the engines round
+   differently: llama.cpp rounds activations to bf16 before its dot products).
 2. **Speed.** Prefill = one forward over N tokens; decode = one token against a cache holding C
    tokens (C fixed across the timed steps). The timing of one round is ``bench engine``'s
    (same warm-up, same repeats, same step median); the rounds follow ``dsv3lab.bench.measure``:
@@ -303,7 +304,7 @@ def run(args) -> int:
     if bad:
         print(f"INVALID: {len(bad)} figure(s) above 100% of a machine limit measured in this run "
               "(the machine's speed changed during the run); rerun on a quieter machine")
-    wrong = [a for a in agree if a["dtype"] == "float32" and not a["same"]]
+    wrong = [a for a in agree if a["dtype"] == "float32" and a["model"] == "lab" and not a["same"]]
     if wrong:
         print(f"DISAGREE: fp32 greedy tokens differ ({', '.join(a['model'] + ' at step ' + str(a['agree']) for a in wrong)})")
     elapsed = time.perf_counter() - t_start
