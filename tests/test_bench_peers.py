@@ -98,6 +98,6 @@ def test_bench_peers_tiny(tmp_path):
     # the file is llama.cpp's DeepSeek-2 architecture with our config (gguf's own reader)
     r = gguf.GGUFReader(str(tmp_path / "work" / "bench-f32.gguf"))
     fields = {k: r.fields[k].contents() for k in ("general.architecture", "deepseek2.block_count",
-                                                     "deepseek2.expert_count", "deepseek2.kv_lora_rank")}
+                                                     "deepseek2.expert_count", "deepseek2.attention.kv_lora_rank")}
     assert fields == {"general.architecture": "deepseek2", "deepseek2.block_count": 3,
-                      "deepseek2.expert_count": 16, "deepseek2.kv_lora_rank": 32}
+                      "deepseek2.expert_count": 16, "deepseek2.attention.kv_lora_rank": 32}
