@@ -39,16 +39,30 @@ def config(quick: bool) -> dict:
     if quick:
         return dict(preset="tiny", docstrings=False, max_docs=40, val_windows=2, threads=1,
                     train=dict(steps=4, batch_size=2, seq_len=16, lr=3e-3, warmup_steps=1, bias_gamma=0.01))
-    return dict(preset="tiny", docstrings=True, val_windows=32, threads=1,
-                train=dict(steps=100, batch_size=4, seq_len=64, lr=3e-3, warmup_steps=10, bias_gamma=0.01))
+    # The lab preset's width (hidden 256): a 1x128 tile is half a row and a 128x128 block a quarter
+    # of a 256x256 weight, so fine-grained and per-tensor scaling really differ (at hidden 64 both
+    # are one scale per row / per weight). 100 steps x 4 x 128 tokens is what 4 arms x 3 seeds fit
+    # in ~45 min on one core with the GEMMs simulated.
+    return dict(preset="lab", docstrings=True, val_windows=32, threads=1,
+                train=dict(steps=100, batch_size=4, seq_len=128, lr=3e-3, warmup_steps=10, bias_gamma=0.01))
 
 
 def scale(cfg: dict) -> str:
     mc = model_config(cfg)
     t = cfg["train"]
-    return (f"{cfg['preset']} preset (hidden {mc.hidden_size}: a 1x128 tile is a whole row, a 128x128 "
-            f"block a whole small weight), {t['steps']} steps of {t['batch_size']} x {t['seq_len']} tokens; "
-            "FP8 GEMMs simulated on CPU (e4m3 quantize-dequantize + fp32 matmul)")
+    h, tokens = mc.hidden_size, t["batch_size"] * t["seq_len"]
+    if h <= 128:
+        tiles = "a 1x128 tile is a whole row, a 128x128 block a whole small weight"
+    else:
+        tiles = (f"a 1x128 activation tile is 1/{h // 128} of a row of K = {h}, a 128x128 block "
+                 f"1/{(h // 128) ** 2} of a {h}x{h} weight; the experts' down_proj has K = "
+                 f"{mc.moe_intermediate_size}, one tile per row")
+    per_expert = tokens * mc.num_experts_per_tok / max(1, mc.n_routed_experts)
+    return (f"{cfg['preset']} preset (hidden {h}, {mc.num_hidden_layers} layers, {mc.n_routed_experts} "
+            f"routed experts, vocab {mc.vocab_size}: {tiles}), {t['steps']} steps of {t['batch_size']} x "
+            f"{t['seq_len']} = {tokens} tokens (Wgrad's 128x1 tiles: {max(1, tokens // 128)} per dense "
+            f"Linear, ~{per_expert:.0f} tokens per expert, under one tile); FP8 GEMMs simulated on CPU "
+            "(e4m3 quantize-dequantize + fp32 matmul; the tensor cores' limited accumulation is not)")
 
 
 def run_arm(cfg: dict, arm: str, seed: int) -> dict:
