@@ -14,6 +14,16 @@ Per layer, for the S new queries at positions [start, start + S) (V3.2 report, s
 3. when k == T every visible key is selected and the layer runs the absorbed implementation's
    own dense code: ``index_topk >= context`` is dense MLA exactly, not approximately.
 
+Decode (one new token per sequence) has a fast path, taken unless something is hooked on the
+indexer's scores or selection, on MLA's probabilities, or on the dense-probability probe: the
+indexer's ``decode_select`` (one product against its key cache, an unsorted top-k), then the k
+selected latent rows copied by ``index_select`` into one contiguous [B,k,c+r] buffer, shared by
+all layers and reused every step, and the absorbed implementation's own one-token decode
+(``AbsorbedAttention.absorbed``: W_UK, the fused latent attention, W_UV) run on those rows as if
+they were the whole cache. Per layer and step it reads the indexer cache (T x D_I) and k rows of
+the latent cache, and builds no [B,S,T] mask. With a hook active the step takes the general path
+below (masks, sorted selection, every hook point fired); both give the same logits (tested).
+
 The cache is the absorbed latent cache plus the indexer's key cache (``SparseCache``); its
 key format ("model", "bf16" or "fp8", see indexer.py) is the indexer's, set for every layer by
 ``set_key_format(model, fmt)`` before the cache is made. ``model.set_attn_mode("absorbed")`` on a
@@ -27,10 +37,23 @@ import torch
 
 from dsv3lab.model.attention import AttnInput, keep_from_indices
 from dsv3lab.model.attn_absorbed import AbsorbedAttention, LatentCache, latent_attention
-from dsv3lab.model.indexer import KEY_FORMATS, Indexer, IndexerKeyCache
+from dsv3lab.model.indexer import KEY_FORMATS, Indexer, IndexerKeyCache, fires
 
 # gathered latent values held at once in a prefill chunk (batch x queries x k x (c + r))
 _GATHER_CHUNK_ELEMS = 1 << 23
+# the decode step's gathered rows, one buffer per (device, dtype) shared by every layer: a step
+# gathers into it and attends over it before the next layer does (so it stays in cache, and
+# memory does not grow with the layer count)
+_DECODE_ROWS: dict[tuple, torch.Tensor] = {}
+
+
+def decode_rows(n: int, dtype, device) -> torch.Tensor:
+    """A flat buffer of at least ``n`` elements for the decode gather, grown when too small."""
+    key = (torch.device(device), dtype)
+    buf = _DECODE_ROWS.get(key)
+    if buf is None or buf.numel() < n:
+        buf = _DECODE_ROWS[key] = torch.empty(n, dtype=dtype, device=device)
+    return buf[:n]
 
 
 class SparseCache(LatentCache):
@@ -70,6 +93,12 @@ class SparseAttention(AbsorbedAttention):
     def __call__(self, a: AttnInput, cache: SparseCache | None, slot: int) -> torch.Tensor:
         mla = self.mla
         latent = self.write(a, cache, slot)                                   # [B,T,c+r]
+        if cache is not None and a.q_nope.shape[1] == 1 and self.fast_decode_ok():
+            idx = mla.indexer.decode_select(a.x, a.q_latent, a.cos, a.sin, a.start,
+                                            cache.index_keys, slot)           # [B,k], unordered
+            if idx.shape[-1] >= a.end:                  # every key selected: dense MLA
+                return self.attend(a, latent)
+            return self.decode_gathered(a.q_nope, a.q_pe, latent, idx)
         idx = mla.indexer(a.x, a.q_latent, a.cos, a.sin, a.start,
                           None if cache is None else cache.index_keys, slot)  # [B,S,k]
         T = a.end
@@ -80,6 +109,26 @@ class SparseAttention(AbsorbedAttention):
         if mla.hook_attn_probs.active:                  # dense probabilities for the hook
             return self.absorbed(a.q_nope, a.q_pe, latent, a.start, keep_from_indices(idx, T))
         return self.gathered(a.q_nope, a.q_pe, latent, idx)
+
+    def fast_decode_ok(self) -> bool:
+        """Nothing observes what the decode fast path skips: the indexer's scores and selection,
+        MLA's [B,H,S,T] probabilities, the dense-probability probe."""
+        mla = self.mla
+        return mla.indexer.fast_decode_ok and not fires(mla.hook_attn_probs, mla.indexer.hook_dense_probs)
+
+    def decode_gathered(self, q_nope, q_pe, latent, idx) -> torch.Tensor:
+        """One token per sequence over its k selected rows idx [B,k] (any order) -> [B,1,H,v]:
+        the rows copied into one contiguous [B,k,c+r] tensor, then the absorbed one-token decode
+        over it (every gathered row is visible, so no mask: start = k - 1)."""
+        B, k = idx.shape
+        W = latent.shape[-1]
+        if torch.is_grad_enabled() and latent.requires_grad:
+            rows = torch.stack([latent[b].index_select(0, idx[b]) for b in range(B)])
+        else:
+            rows = decode_rows(B * k * W, latent.dtype, latent.device).view(B, k, W)
+            for b in range(B):
+                torch.index_select(latent[b], 0, idx[b], out=rows[b])
+        return self.absorbed(q_nope, q_pe, rows, k - 1)
 
     def dense_probs(self, a: AttnInput, latent: torch.Tensor) -> None:
         """Fire ``indexer.hook_dense_probs`` with dense MLA's probabilities [B,H,S,T] (no gradient)."""

@@ -17,6 +17,13 @@ Slots of a query that sees fewer than k keys (early positions in a prefill) hold
 then attends to the selected keys only (``attn_sparse.py``); with ``index_topk >= T`` every visible
 key is selected and DSA is dense MLA exactly.
 
+Two entry points: ``forward`` (any S; fires every hook point, returns [B,S,k] in score order) and
+``decode_select`` (one query per sequence, the attention's fast decode path while nothing is hooked
+on the scores or the selection): one [T,D] x [D,H] product per sequence straight from the key
+cache, ReLU, the head-weighted sum, an unsorted top-k -- no [B,S,T] -inf mask, no future-key
+masking (a decode query sees every cached key), no sort. Both select the same key set, ties
+included (``select_topk``'s rule).
+
 Key formats (``Indexer.key_format``; the cache follows it):
   "model"  keys kept in the model's dtype, no rotation: the arithmetic transformers uses.
   "bf16"   keys stored in bf16 (queries stay in the model dtype); scores in fp32.
@@ -37,6 +44,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules import module as _mm
 
 from dsv3lab.model.hadamard import hadamard
 from dsv3lab.model.layers import HookPoint, LayerNorm, Linear, linear
@@ -123,10 +131,7 @@ def index_scores(q: torch.Tensor, w: torch.Tensor, keys: torch.Tensor, start: in
     B, S, H, D = q.shape
     T = keys.shape[1]
     if S == 1 and keys.dtype == torch.bfloat16:
-        # one decode step: [T,D] @ [D,H] -> relu -> @ w [H,1], three ops on the whole cache
-        qb = q[:, 0].to(torch.bfloat16)                                    # [B,H,D]
-        logits = torch.stack([linear(keys[b], qb[b]) for b in range(B)]).float().clamp_min_(0)
-        return torch.bmm(logits, w[:, 0, :, None].float()).transpose(1, 2)  # [B,1,T]
+        return decode_scores(q[:, 0], w[:, 0], keys)[:, None]              # [B,1,T]
     out = torch.full((B, S, T), float("-inf"), dtype=torch.float32, device=q.device)
     tstep = _KEY_CHUNK
     rows = T if keys.dtype == torch.bfloat16 else min(T, tstep)            # keys scored at once
@@ -154,6 +159,46 @@ def index_scores(q: torch.Tensor, w: torch.Tensor, keys: torch.Tensor, start: in
         future = torch.arange(T, device=q.device)[None, :] > qpos                # [S,T]
         out.masked_fill_(future[None], float("-inf"))
     return out
+
+
+def decode_scores(q: torch.Tensor, w: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """One query per sequence: I[b,t] = sum_h w[b,h] relu(q[b,h] . keys[b,t]) -> [B,T] fp32, every
+    key visible. q [B,H,D], w [B,H] fp32, keys [B,T,D] bf16 (read once, in place) or fp32.
+
+    bf16 keys: [T,D] @ [D,H] by the engine's bf16 GEMM policy (``layers.linear``), logits rounded
+    to bf16 (as in ``index_scores``), then ReLU and the fp32 head sum as one [T,H] x [H] GEMV;
+    fp32 keys: the same in fp32. Nothing of size T x D is copied or converted."""
+    B, T = keys.shape[0], keys.shape[1]
+    out = torch.empty(B, T, dtype=torch.float32, device=keys.device)
+    qk = q.to(keys.dtype)
+    wf = w.float()
+    for b in range(B):
+        logits = linear(keys[b], qk[b]) if keys.dtype == torch.bfloat16 else torch.mm(keys[b], qk[b].T)
+        torch.mv(logits.float().clamp_min_(0), wf[b], out=out[b])
+    return out
+
+
+def decode_topk(scores: torch.Tensor, index_topk: int) -> torch.Tensor:
+    """Top-min(index_topk, T) positions of decode scores [B,T] (every key visible) -> [B,k] int64,
+    in no particular order: the same key set as ``select_topk`` (ties included), without its sort."""
+    T = scores.shape[-1]
+    k = min(index_topk, T)
+    if k >= T:
+        return torch.arange(T, device=scores.device).expand(scores.shape[0], T)
+    vals, idx = scores.topk(k, dim=-1, sorted=False)
+    thr = vals.amin(-1, keepdim=True)                                      # the k-th best score
+    if bool(((scores == thr).sum(-1) > 1).any()):
+        # an exact tie at the k-th score (rare in decode but possible): the reference tie rule
+        return select_topk(scores[:, None], index_topk)[:, 0]
+    return idx
+
+
+def fires(*points: nn.Module) -> bool:
+    """Whether a forward hook would run on any of these modules (their own hooks or global ones):
+    the fast paths, which skip some hook points, are taken only when none would."""
+    if _mm._global_forward_hooks or _mm._global_forward_pre_hooks:
+        return True
+    return any(p._forward_hooks or p._forward_pre_hooks for p in points)
 
 
 def select_topk(scores: torch.Tensor, index_topk: int) -> torch.Tensor:
@@ -222,6 +267,36 @@ class Indexer(nn.Module):
     def forward(self, x: torch.Tensor, q_latent: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 start: int = 0, cache: IndexerKeyCache | None = None, layer: int = 0) -> torch.Tensor:
         """x [B,S,hidden], q_latent [B,S,q_lora_rank] -> selected key positions [B,S,k] (int64)."""
+        q, w, keys = self.scoring_inputs(x, q_latent, cos, sin, start, cache, layer)
+        scores = self.hook_scores(index_scores(q, w, keys, start))
+        return self.hook_topk_indices(select_topk(scores, self.index_topk))
+
+    @property
+    def fast_decode_ok(self) -> bool:
+        """``decode_select`` may stand in for ``forward``: nothing would see the scores, the
+        selection or the module's own call."""
+        return not fires(self, self.hook_scores, self.hook_topk_indices)
+
+    def decode_select(self, x: torch.Tensor, q_latent: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                      start: int, cache: IndexerKeyCache, layer: int = 0) -> torch.Tensor:
+        """One decode step (x [B,1,hidden] at position ``start``, keys [0, start] in ``cache``) ->
+        the selected positions [B,k], unordered: ``forward``'s key set without its [B,S,T] masking
+        and sort, and without firing ``hook_scores``/``hook_topk_indices`` (see ``fast_decode_ok``)."""
+        if x.shape[1] != 1:
+            raise ValueError(f"decode_select takes one query per sequence, got x of shape {tuple(x.shape)}")
+        q, w, keys = self.scoring_inputs(x, q_latent, cos, sin, start, cache, layer)
+        T = start + 1
+        if self.index_topk >= T:                 # every key: no scores needed (dense MLA follows)
+            return torch.arange(T, device=x.device).expand(x.shape[0], T)
+        if keys.dtype in (torch.bfloat16, torch.float32):
+            scores = decode_scores(q[:, 0], w[:, 0], keys)
+        else:
+            scores = index_scores(q, w, keys, start)[:, 0]
+        return decode_topk(scores, self.index_topk)
+
+    def scoring_inputs(self, x, q_latent, cos, sin, start, cache, layer):
+        """Queries [B,S,H,D], head weights [B,S,H] and the keys [B,start+S,D] to score against
+        (this chunk's keys written to ``cache`` first, when there is one)."""
         B, S, _ = x.shape
         q, k, w = self.project(x, q_latent, cos, sin)
         if self.rotate:
@@ -240,5 +315,4 @@ class Indexer(nn.Module):
             keys = k.to(torch.bfloat16)
         else:
             keys = k
-        scores = self.hook_scores(index_scores(q, w, keys, start))
-        return self.hook_topk_indices(select_topk(scores, self.index_topk))
+        return q, w, keys
