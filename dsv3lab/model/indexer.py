@@ -169,12 +169,16 @@ def decode_scores(q: torch.Tensor, w: torch.Tensor, keys: torch.Tensor) -> torch
     to bf16 (as in ``index_scores``), then ReLU and the fp32 head sum as one [T,H] x [H] GEMV;
     fp32 keys: the same in fp32. Nothing of size T x D is copied or converted."""
     B, T = keys.shape[0], keys.shape[1]
-    out = torch.empty(B, T, dtype=torch.float32, device=keys.device)
-    qk = q.to(keys.dtype)
-    wf = w.float()
-    for b in range(B):
+    qk, wf = q.to(keys.dtype), w.float()
+
+    def one(b: int, out=None) -> torch.Tensor:
         logits = linear(keys[b], qk[b]) if keys.dtype == torch.bfloat16 else torch.mm(keys[b], qk[b].T)
-        torch.mv(logits.float().clamp_min_(0), wf[b], out=out[b])
+        return torch.mv(logits.float().clamp_min_(0), wf[b], out=out)      # [T]
+    if B == 1:
+        return one(0)[None]
+    out = torch.empty(B, T, dtype=torch.float32, device=keys.device)
+    for b in range(B):
+        one(b, out[b])
     return out
 
 
@@ -187,7 +191,8 @@ def decode_topk(scores: torch.Tensor, index_topk: int) -> torch.Tensor:
         return torch.arange(T, device=scores.device).expand(scores.shape[0], T)
     vals, idx = scores.topk(k, dim=-1, sorted=False)
     thr = vals.amin(-1, keepdim=True)                                      # the k-th best score
-    if bool(((scores == thr).sum(-1) > 1).any()):
+    # each row has k scores >= its k-th best; more means a key left out ties with one kept
+    if int(torch.count_nonzero(scores >= thr)) > idx.numel():
         # an exact tie at the k-th score (rare in decode but possible): the reference tie rule
         return select_topk(scores[:, None], index_topk)[:, 0]
     return idx
@@ -258,9 +263,12 @@ class Indexer(nn.Module):
         B, S, _ = x.shape
         H, D, r = self.n_heads, self.head_dim, self.rope_dim
         q = self.wq_b(q_latent).view(B, S, H, D)
-        q = torch.cat([apply_rope_half(q[..., :r], cos[:, None], sin[:, None]), q[..., r:]], dim=-1)
         k = self.k_norm(self.wk(x))
-        k = torch.cat([apply_rope_half(k[..., :r], cos, sin), k[..., r:]], dim=-1)
+        # the H queries and the key share positions: one RoPE over [B,S,H+1,r] instead of two
+        # (a decode step is made of small ops; each one costs about as much as its arithmetic)
+        qk = torch.cat([q, k[:, :, None]], dim=2)
+        qk = torch.cat([apply_rope_half(qk[..., :r], cos[:, None], sin[:, None]), qk[..., r:]], dim=-1)
+        q, k = qk[:, :, :H], qk[:, :, H]
         w = F.linear(x.float(), self.weights_proj.weight.float()) * (H ** -0.5 * D ** -0.5)
         return self.hook_q(q), self.hook_k(k), self.hook_weights(w)
 
