@@ -20,7 +20,7 @@ torch.set_num_threads(1)
 # forward passes, loaded weights, decoding and FP8 references: everything that runs the engine's
 # GEMMs or compares their results (the Triton kernels do not go through the bf16 policy)
 NUMERICS_MODULES = {"test_engine", "test_parity", "test_checkpoint", "test_generate", "test_fp8_ref",
-                    "test_cpu_bf16", "test_family"}
+                    "test_cpu_bf16", "test_family", "test_cpu_decode"}
 
 
 def pytest_configure(config):

@@ -9,6 +9,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules import module as _mm
 
+from dsv3lab.kernels import cpu_decode
+
 
 class HookPoint(nn.Module):
     """Identity module with a stable dotted name (TransformerLens style).
@@ -48,6 +50,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim, dtype=dtype, device=device))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.numel() <= cpu_decode.MAX_ROWS * x.shape[-1] and cpu_decode.enabled(x, self.weight):
+            return cpu_decode.rmsnorm(x, self.weight, self.eps)     # a decode step: one call
         y = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
         return self.weight * y
 
@@ -84,8 +88,11 @@ def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     bit where a kernel's summation order differs (tests/test_cpu_bf16.py bounds both)."""
     if (x.dtype == torch.bfloat16 and w.dtype == torch.bfloat16 and x.device.type == "cpu"
             and x.numel() == x.shape[-1]):
-        # one row (a decode step), either policy: torch.mv's bf16 GEMV streams the weight
-        # faster than F.linear's one-row GEMM (docs/attention.md, decode speed)
+        # one row (a decode step), either policy: a memory-bound GEMV. The C kernel streams the
+        # weight at ~2x torch.mv's rate, torch.mv at ~1.3x F.linear's one-row GEMM
+        # (docs/performance.md#decode-kernels)
+        if cpu_decode.enabled(x, w) and w.stride(-1) == 1 and w.stride(0) == w.shape[1]:
+            return cpu_decode.gemv(w, x.reshape(1, -1)).view(*x.shape[:-1], w.shape[0])
         return torch.mv(w, x.reshape(-1)).view(*x.shape[:-1], w.shape[0])
     if (x.dtype == torch.bfloat16 and not _NATIVE_BF16 and x.device.type == "cpu"
             and x.numel() >= UPCAST_MIN_ROWS * x.shape[-1]):

@@ -41,7 +41,8 @@ from torch import nn
 from torch.nn.modules import module as _torch_module
 
 from dsv3lab.config import ModelConfig
-from dsv3lab.model.layers import MLP, HookPoint
+from dsv3lab.kernels import cpu_decode
+from dsv3lab.model.layers import MLP, HookPoint, Linear
 
 
 class Gate(nn.Module):
@@ -65,6 +66,12 @@ class Gate(nn.Module):
         self.forced_routing = None
         self.expert_mask = None
 
+    def hooks_after_scores(self) -> bool:
+        """Whether a probe watches a step of the selection itself (then the torch path runs it)."""
+        return (self.hook_biased_scores.active or self.hook_group_mask.active or self.hook_topk_ids.active
+                or self.hook_topk_weights.active or bool(_torch_module._global_forward_hooks)
+                or bool(_torch_module._global_forward_pre_hooks))
+
     def weights_of(self, scores: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
         """Routing weights of the chosen experts [T,k] fp32: their unbiased scores, normalised
         (sigmoid, norm_topk_prob) and scaled by routed_scaling_factor."""
@@ -84,6 +91,12 @@ class Gate(nn.Module):
         else:
             scores = logits.softmax(dim=-1)
         scores = self.hook_scores(scores)
+        if (x.shape[0] <= cpu_decode.MAX_ROWS and cfg.scoring_func == "sigmoid" and self.forced_routing is None
+                and self.expert_mask is None and not self.hooks_after_scores()
+                and cpu_decode.enabled(scores, dtype=None)):
+            # a decode step: bias, group limit, top-k and weights in one C call, the same choice
+            return cpu_decode.route(scores, self.e_score_correction_bias, G, cfg.topk_group, k,
+                                    cfg.norm_topk_prob, cfg.routed_scaling_factor)
         if self.forced_routing is not None:
             topk_ids, weights = self.forced_routing(scores)
             topk_ids = topk_ids.to(scores.device, torch.int64)
@@ -135,11 +148,49 @@ class MoE(nn.Module):
         shape = x.shape
         x = x.reshape(-1, shape[-1])
         topk_ids, topk_weights = self.gate(x)
+        if x.shape[0] == 1 and cpu_decode.enabled(x):
+            experts = self.decode_experts(topk_ids[0].tolist())
+            if experts is not None:
+                return self.decode_cpu(x, experts, topk_weights[0]).view(shape)
         routed = self.hook_routed_out(self.dispatch(x, topk_ids, topk_weights))
         out = routed
         if self.shared_experts is not None:
             out = out + self.hook_shared_out(self.shared_experts(x))
         return out.view(shape)
+
+    def decode_experts(self, ids: list[int]) -> list[MLP] | None:
+        """The MLPs one decode token runs (its routed experts, then the shared one) when the
+        fused CPU kernel may run them, else None: every one a plain local bf16 MLP with nothing
+        hooked on it or on this MoE (a probe needs the per-expert path), and no parallel
+        dispatch installed on this module."""
+        if ("dispatch" in self.__dict__ or self.hook_expert_counts.active or self.hook_routed_out.active
+                or self.hook_shared_out.active or self.hook_expert_out.active
+                or _torch_module._global_forward_hooks or _torch_module._global_forward_pre_hooks):
+            return None
+        mlps = [self.experts[e] for e in ids]
+        if self.shared_experts is not None:
+            mlps.append(self.shared_experts)
+        if len(mlps) > cpu_decode.MAX_SLOTS:
+            return None
+        for m in mlps:
+            if type(m) is not MLP or m._forward_hooks or m._forward_pre_hooks:
+                return None
+            for lin in (m.gate_proj, m.up_proj, m.down_proj):
+                w = lin.weight
+                if (type(lin) is not Linear or lin._forward_hooks or lin._forward_pre_hooks
+                        or w.dtype != torch.bfloat16 or not w.is_contiguous()):
+                    return None
+        return mlps
+
+    def decode_cpu(self, x: torch.Tensor, mlps: list[MLP], weights: torch.Tensor) -> torch.Tensor:
+        """One token [1,D] through ``mlps`` (from ``decode_experts``) in one C kernel call: every
+        chosen expert's weights are read in place, gate/up rows in one parallel pass, down rows of
+        all experts in a second; routing weights [k] fp32, the shared expert's weight 1."""
+        if len(mlps) > weights.numel():
+            weights = torch.cat([weights.float(), weights.new_ones(len(mlps) - weights.numel(), dtype=torch.float32)])
+        y = cpu_decode.moe(x.reshape(-1), [m.gate_proj.weight for m in mlps], [m.up_proj.weight for m in mlps],
+                           [m.down_proj.weight for m in mlps], weights)
+        return y.to(x.dtype)
 
     def dispatch(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
         """sum_i w_i * Expert_{id_i}(x) for every token, experts run on contiguous token groups."""

@@ -1,0 +1,208 @@
+"""The CPU decode kernels (``cpu/decode_bf16.c``): built on first use, called through ctypes.
+
+A bf16 decode step on a CPU is memory-bound: each weight is read once for one activation row.
+torch's one-row bf16 GEMV streams weights at a fraction of the copy bandwidth, and a step of a
+small model spends as long again in op dispatch. ``cpu/decode_bf16.c`` has five kernels for the
+bf16 decode path, each replacing several torch calls:
+
+  gemv(w, x)                      x @ w.T for 1-8 rows; w may be a batch (per-head W_UK, W_UV)
+  moe(x, experts, weights)        one token through its chosen experts (and the shared ones)
+  rmsnorm(x, w, eps), rope(x, cos, sin)   the small per-token ops, one call instead of 5-8
+  route(scores, bias, ...)        the gate's group-limited top-k and weights, one call instead of 15
+
+The attention over the latent cache stays torch's fused flash attention: on a CPU with AMX its
+tile multiplies beat any AVX-512 loop written here (a fused C version measured 3x slower).
+
+The library is compiled once per source, compiler and CPU (``-O3 -march=native -fopenmp``: it
+uses AVX512-BF16 where the CPU has it, plain fp32 code where not) into
+``$DSV3LAB_CACHE`` (default ``~/.cache/dsv3lab``), written atomically so concurrent processes
+(pytest workers, torchrun ranks) can build it at the same time. Without a C compiler, or if the
+build fails, ``available()`` is False (a warning says why, once) and the engine runs its torch
+code. ``DSV3LAB_KERNELS=torch`` turns these kernels off like the Triton ones.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).with_name("cpu") / "decode_bf16.c"
+FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11"]
+MAX_ROWS = 8            # rows one gemv call takes (MAXM in the C source)
+MAX_SLOTS = 64          # experts one moe call takes
+
+
+def _cpu_id() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return line
+    except OSError:
+        pass
+    return ""
+
+
+def _cache_dir() -> Path:
+    return Path(os.environ.get("DSV3LAB_CACHE") or Path.home() / ".cache" / "dsv3lab")
+
+
+@functools.lru_cache(maxsize=None)
+def library() -> ctypes.CDLL | None:
+    """The built library, or None (with one warning naming the reason) when it cannot be built."""
+    cc = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
+    if cc is None:
+        warnings.warn("dsv3lab: no C compiler (gcc/cc) found; bf16 decode runs the torch code", stacklevel=2)
+        return None
+    src = SOURCE.read_bytes()
+    key = hashlib.sha256(src + " ".join([cc, *FLAGS]).encode() + _cpu_id().encode()).hexdigest()[:16]
+    out = _cache_dir() / f"decode_bf16-{key}.so"
+    if not out.exists():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
+        os.close(fd)
+        try:
+            try:
+                r = subprocess.run([cc, *FLAGS, str(SOURCE), "-o", tmp, "-lm"], capture_output=True, text=True)
+                err = r.stderr[-2000:] if r.returncode else None
+            except OSError as e:
+                err = str(e)
+            if err is not None:
+                warnings.warn(f"dsv3lab: building {SOURCE.name} with {cc} failed; bf16 decode runs the torch "
+                              f"code:\n{err}", stacklevel=2)
+                return None
+            os.replace(tmp, out)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    import torch  # noqa: F401  -- torch's OpenMP runtime must be loaded first (see the C source)
+    lib = ctypes.CDLL(str(out))
+    P, I64, I = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+    lib.dsv3_gemv.argtypes = [P, I64, I64, P, I64, I64, P, I64, I64, I, I, I, I, I]
+    lib.dsv3_moe.argtypes = [P, I, I, P, P, P, P, P, P, P, I]
+    F = ctypes.c_float
+    lib.dsv3_rmsnorm.argtypes = [P, I64, P, F, P, I64, I, I]
+    lib.dsv3_rope.argtypes = [P, I64, P, P, P, I64, I, I]
+    lib.dsv3_route.argtypes = [P, P, I, I, I, I, I, I, F, P, P]
+    for fn in (lib.dsv3_gemv, lib.dsv3_moe, lib.dsv3_rmsnorm, lib.dsv3_rope, lib.dsv3_route):
+        fn.restype = None
+    return lib
+
+
+def available() -> bool:
+    return library() is not None
+
+
+def enabled(*tensors: torch.Tensor, dtype: torch.dtype | None = torch.bfloat16) -> bool:
+    """Whether the C kernels should run on these tensors: all on the CPU in ``dtype`` (None: any),
+    none that autograd would differentiate, the kernel backend 'auto' (``dispatch.get_backend``),
+    and the library built."""
+    from .dispatch import get_backend
+    grad = torch.is_grad_enabled()
+    for t in tensors:
+        # the kernels have no backward: anything autograd would differentiate takes torch's path
+        if (dtype is not None and t.dtype != dtype) or t.device.type != "cpu" or (grad and t.requires_grad):
+            return False
+    return get_backend() == "auto" and available()
+
+
+def _rows_ok(t: torch.Tensor) -> bool:
+    return t.stride(-1) == 1
+
+
+def gemv(w: torch.Tensor, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ w.T in bf16 (fp32 sums, one rounding): w [N, K] with x [M, K], or a batch w [b, N, K]
+    with x [b, M, K] -> [b, M, N]; M <= MAX_ROWS, unit stride along K (x and w may be strided
+    views otherwise). ``out`` (same shape, unit stride along N) receives the result in place,
+    e.g. a slice of a larger buffer."""
+    batched = w.dim() == 3
+    if not batched:
+        w, x = w[None], x[None]
+        out = None if out is None else out[None]
+    nb, N, K = w.shape
+    M = x.shape[1]
+    if x.shape[0] != nb or x.shape[2] != K or M > MAX_ROWS or not (_rows_ok(w) and _rows_ok(x)):
+        raise ValueError(f"gemv: w {tuple(w.shape)} and x {tuple(x.shape)} do not fit (M <= {MAX_ROWS}, unit stride)")
+    y = torch.empty(nb, M, N, dtype=torch.bfloat16) if out is None else out
+    if tuple(y.shape) != (nb, M, N) or y.dtype != torch.bfloat16 or not _rows_ok(y):
+        raise ValueError(f"gemv: out {tuple(y.shape)} {y.dtype} is not a bf16 ({nb}, {M}, {N}) with unit stride")
+    library().dsv3_gemv(w.data_ptr(), w.stride(1), w.stride(0), x.data_ptr(), x.stride(1), x.stride(0),
+                        y.data_ptr(), y.stride(1), y.stride(0), nb, M, N, K, torch.get_num_threads())
+    return y if batched else y[0]
+
+
+def moe(x: torch.Tensor, gate: list, up: list, down: list, weights: torch.Tensor) -> torch.Tensor:
+    """One token x [K] through experts s (gate[s], up[s] [I_s, K], down[s] [K, I_s], contiguous
+    bf16): sum_s weights[s] * down_s(silu(gate_s x) * up_s x), fp32 [K]."""
+    n = len(gate)
+    if not (0 < n <= MAX_SLOTS) or weights.numel() != n or not x.is_contiguous():
+        raise ValueError(f"moe: {n} experts with {weights.numel()} weights (1..{MAX_SLOTS}), x contiguous")
+    K = x.numel()
+    inter = [g.shape[0] for g in gate]
+    ptr = ctypes.c_int64 * n
+    g_p = ptr(*[t.data_ptr() for t in gate])
+    u_p = ptr(*[t.data_ptr() for t in up])
+    d_p = ptr(*[t.data_ptr() for t in down])
+    i_p = (ctypes.c_int * n)(*inter)
+    ws = weights.to(torch.float32).contiguous()
+    h = torch.empty(sum(inter), dtype=torch.bfloat16)
+    y = torch.empty(K, dtype=torch.float32)
+    library().dsv3_moe(x.data_ptr(), K, n, g_p, u_p, d_p, i_p, ws.data_ptr(), h.data_ptr(), y.data_ptr(),
+                       torch.get_num_threads())
+    return y
+
+
+def rmsnorm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm of the rows of x [..., D] (bf16, as ``layers.RMSNorm`` rounds) -> a new tensor."""
+    D = x.shape[-1]
+    rows = x.reshape(-1, D)
+    if rows.stride(-1) != 1 or w.numel() != D or not w.is_contiguous():
+        raise ValueError(f"rmsnorm: x {tuple(x.shape)} and weight {tuple(w.shape)} do not fit")
+    y = torch.empty(rows.shape, dtype=torch.bfloat16)
+    library().dsv3_rmsnorm(rows.data_ptr(), rows.stride(0), w.data_ptr(), float(eps), y.data_ptr(), D,
+                           rows.shape[0], D)
+    return y.view(x.shape)
+
+
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Interleaved-pair RoPE of every row of x [..., d] at one position (cos/sin hold d/2 fp32
+    values) -> a new contiguous bf16 tensor."""
+    d = x.shape[-1]
+    rows = x.reshape(-1, d)
+    cs, sn = cos.reshape(-1), sin.reshape(-1)
+    if (rows.stride(-1) != 1 or d % 2 or cs.numel() != d // 2 or sn.numel() != d // 2
+            or cs.dtype != torch.float32 or sn.dtype != torch.float32):
+        raise ValueError(f"rope: x {tuple(x.shape)} with cos {tuple(cos.shape)} do not fit (one position)")
+    cs, sn = cs.contiguous(), sn.contiguous()
+    y = torch.empty(rows.shape, dtype=torch.bfloat16)
+    library().dsv3_rope(rows.data_ptr(), rows.stride(0), cs.data_ptr(), sn.data_ptr(), y.data_ptr(), d,
+                        rows.shape[0], d)
+    return y.view(x.shape)
+
+
+MAX_EXPERTS, MAX_GROUPS = 1024, 256      # the C selection's fixed buffers
+
+
+def route(scores: torch.Tensor, bias: torch.Tensor | None, n_group: int, topk_group: int, k: int,
+          norm: bool, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Expert selection from fp32 scores [T, E] (see ``model/moe.py``'s docstring) ->
+    (topk_ids [T, k] int64, topk_weights [T, k] fp32)."""
+    T, E = scores.shape
+    if (scores.dtype != torch.float32 or not scores.is_contiguous() or E > MAX_EXPERTS or n_group > MAX_GROUPS
+            or E % n_group or k > E or (bias is not None and (bias.dtype != torch.float32 or bias.numel() != E))):
+        raise ValueError(f"route: scores {tuple(scores.shape)} {scores.dtype}, {n_group} groups, k={k} do not fit")
+    ids = torch.empty(T, k, dtype=torch.int64)
+    w = torch.empty(T, k, dtype=torch.float32)
+    b = None if bias is None else bias.contiguous()
+    library().dsv3_route(scores.data_ptr(), None if b is None else b.data_ptr(), T, E, n_group, topk_group, k,
+                         int(norm), float(scale), ids.data_ptr(), w.data_ptr())
+    return ids, w
