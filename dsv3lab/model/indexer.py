@@ -262,11 +262,10 @@ class Indexer(nn.Module):
         """Queries [B,S,H,D], keys [B,S,D] (rotated by RoPE) and head weights [B,S,H] (fp32)."""
         B, S, _ = x.shape
         H, D, r = self.n_heads, self.head_dim, self.rope_dim
-        q = self.wq_b(q_latent).view(B, S, H, D)
         k = self.k_norm(self.wk(x))
         # the H queries and the key share positions: one RoPE over [B,S,H+1,r] instead of two
         # (a decode step is made of small ops; each one costs about as much as its arithmetic)
-        qk = torch.cat([q, k[:, :, None]], dim=2)
+        qk = torch.cat([self.wq_b(q_latent).view(B, S, H, D), k[:, :, None]], dim=2)
         qk = torch.cat([apply_rope_half(qk[..., :r], cos[:, None], sin[:, None]), qk[..., r:]], dim=-1)
         q, k = qk[:, :, :H], qk[:, :, H]
         w = F.linear(x.float(), self.weights_proj.weight.float()) * (H ** -0.5 * D ** -0.5)
