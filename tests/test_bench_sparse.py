@@ -17,3 +17,16 @@ def test_bench_sparse_tiny(tmp_path):
         assert len(r["dense_s"]) == len(r["sparse_s"]) == 2
         # the cost model's view: sparse reads 8 latent rows + all indexer keys, dense every row
         assert r["attn_MB_sparse"] < r["attn_MB_dense"]
+    assert set(res["fit"]) == {"dense", "sparse", "sparse_fixed_above_dense_ms"}
+
+
+def test_cost_fit_recovers_a_line():
+    from dsv3lab.bench.sparse import cost_fit
+    # dense 20 ms + 1.5 ms per 1K tokens, sparse 30 ms + 0.25 ms per 1K tokens, exactly
+    rows = [dict(context=c, dense_tok_s=1e3 / (20 + 1.5 * c / 1024), sparse_tok_s=1e3 / (30 + 0.25 * c / 1024))
+            for c in (8192, 16384, 32768)]
+    fit = cost_fit(rows)
+    assert abs(fit["dense"]["fixed_ms"] - 20) < 1e-9 and abs(fit["dense"]["per_1k_ms"] - 1.5) < 1e-9
+    assert abs(fit["sparse"]["fixed_ms"] - 30) < 1e-9 and abs(fit["sparse"]["per_1k_ms"] - 0.25) < 1e-9
+    assert abs(fit["sparse_fixed_above_dense_ms"] - 10) < 1e-9
+    assert cost_fit(rows[:1]) is None

@@ -13,7 +13,10 @@ head) being the same in both.
 The caches are filled with random values (unit-scale, like the post-norm latent and the
 LayerNorm'd indexer keys) instead of a real prefill: a step's cost does not depend on what the
 rows hold, and prefilling 32K tokens through a 2-core CPU would take longer than the benchmark.
-Alongside the times: the cost model's attention bytes per step (``probes.dsa_cost``).
+Alongside the times: the cost model's attention bytes per step (``probes.dsa_cost``), and a
+straight-line fit of step time against context for each mode (``cost_fit``): the sparse step's
+fixed cost above dense's -- what it pays at any context (indexer projections, top-k, the gather,
+attention over k rows) -- and what each 1K tokens of context adds to each.
 """
 
 from __future__ import annotations
@@ -119,6 +122,21 @@ def time_decode(model, cache, ctx: int, rounds: int, steps: int, progress=None) 
     return {k: statistics.median(v) for k, v in times.items()} | {"all": times}
 
 
+def cost_fit(rows) -> dict | None:
+    """Least-squares step time = fixed + per_1k x (context / 1024), in ms, for dense and sparse
+    (from two or more contexts): what the sparse step pays at any context ("fixed", above dense's
+    fixed part) and what it adds per 1K tokens of context against dense."""
+    if len({r["context"] for r in rows}) < 2:
+        return None
+    x = [r["context"] / 1024 for r in rows]
+    fit = {}
+    for mode in ("dense", "sparse"):
+        per_1k, fixed = statistics.linear_regression(x, [1e3 / r[f"{mode}_tok_s"] for r in rows])
+        fit[mode] = dict(fixed_ms=fixed, per_1k_ms=per_1k)
+    fit["sparse_fixed_above_dense_ms"] = fit["sparse"]["fixed_ms"] - fit["dense"]["fixed_ms"]
+    return fit
+
+
 def run(args) -> int:
     from tqdm.auto import tqdm
 
@@ -159,9 +177,17 @@ def run(args) -> int:
     text = print_table(rows, ["context", "dense_tok_s", "sparse_tok_s", "speedup", "attn_ms_dense",
                               "attn_ms_sparse", "attn_speedup", "attn_MB_dense", "attn_MB_sparse",
                               "attn_MFLOP_dense", "attn_MFLOP_sparse"])
+    fit = cost_fit(rows)
+    if fit is not None:
+        d, sp = fit["dense"], fit["sparse"]
+        line = (f"step time fit: dense {d['fixed_ms']:.1f} ms + {d['per_1k_ms']:.2f} ms per 1K tokens, "
+                f"sparse {sp['fixed_ms']:.1f} ms + {sp['per_1k_ms']:.2f} ms per 1K tokens "
+                f"(sparse fixed cost above dense: {fit['sparse_fixed_above_dense_ms']:.1f} ms per step)")
+        print(line)
+        text += "\n" + line
     out = args.out or os.path.join("results", "bench-sparse.json")
     write_json_atomic(out, dict(preset=cfg.name, threads=threads, dtype=args.dtype, key_format=args.key_format,
                                 index=dict(heads=cfg.index_n_heads, dim=cfg.index_head_dim, topk=cfg.index_topk),
-                                rounds=args.rounds, steps=args.steps, rows=rows, table=text))
+                                rounds=args.rounds, steps=args.steps, rows=rows, fit=fit, table=text))
     print(f"wrote {out}")
     return 0
