@@ -33,6 +33,8 @@ With ``hook_attn_probs`` hooked the probabilities come back dense, [B,H,S,T], ze
 
 from __future__ import annotations
 
+import threading
+
 import torch
 
 from dsv3lab.model.attention import AttnInput, keep_from_indices
@@ -41,15 +43,16 @@ from dsv3lab.model.indexer import KEY_FORMATS, Indexer, IndexerKeyCache, fires
 
 # gathered latent values held at once in a prefill chunk (batch x queries x k x (c + r))
 _GATHER_CHUNK_ELEMS = 1 << 23
-# the decode step's gathered rows, one buffer per (device, dtype) shared by every layer: a step
-# gathers into it and attends over it before the next layer does (so it stays in cache, and
-# memory does not grow with the layer count)
+# the decode step's gathered rows, one buffer per (device, dtype, thread) shared by every layer:
+# a step gathers into it and attends over it before the next layer does (so it stays in cache,
+# and memory does not grow with the layer count); per thread, so concurrent decodes in one
+# process do not share it
 _DECODE_ROWS: dict[tuple, torch.Tensor] = {}
 
 
 def decode_rows(n: int, dtype, device) -> torch.Tensor:
     """A flat buffer of at least ``n`` elements for the decode gather, grown when too small."""
-    key = (torch.device(device), dtype)
+    key = (torch.device(device), dtype, threading.get_ident())
     buf = _DECODE_ROWS.get(key)
     if buf is None or buf.numel() < n:
         buf = _DECODE_ROWS[key] = torch.empty(n, dtype=dtype, device=device)
