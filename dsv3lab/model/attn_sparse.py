@@ -47,15 +47,16 @@ _GATHER_CHUNK_ELEMS = 1 << 23
 # a step gathers into it and attends over it before the next layer does (so it stays in cache,
 # and memory does not grow with the layer count); per thread, so concurrent decodes in one
 # process do not share it
-_DECODE_ROWS: dict[tuple, torch.Tensor] = {}
+_DECODE_ROWS = threading.local()         # .bufs: {(device, dtype): flat tensor}, freed with the thread
 
 
 def decode_rows(n: int, dtype, device) -> torch.Tensor:
     """A flat buffer of at least ``n`` elements for the decode gather, grown when too small."""
-    key = (torch.device(device), dtype, threading.get_ident())
-    buf = _DECODE_ROWS.get(key)
+    bufs = _DECODE_ROWS.__dict__.setdefault("bufs", {})
+    key = (torch.device(device), dtype)
+    buf = bufs.get(key)
     if buf is None or buf.numel() < n:
-        buf = _DECODE_ROWS[key] = torch.empty(n, dtype=dtype, device=device)
+        buf = bufs[key] = torch.empty(n, dtype=dtype, device=device)
     return buf[:n]
 
 
