@@ -3,7 +3,8 @@
 One model (the ``bench`` preset -- V3's MLA head dims and 512-wide latent, 4 layers -- plus a
 lightning indexer of ``--index-heads`` x ``--index-dim``, the official 128-wide heads, half as many
 as MLA's as in V3.2, and the official ``index_topk`` 2048), one cache per context holding C tokens,
-one new token per step. "dense" is the same model and cache with the indexer ignored
+one new token per step (each at the next position: the context grows by one per step, as in
+generation). "dense" is the same model and cache with the indexer ignored
 (``set_attn_mode("absorbed")``: every latent row is read); "sparse" scores all C indexer keys and
 attends to the 2048 selected latent rows. The two alternate within every round; each figure is
 the median over rounds of the mean step time; "attn" columns are the part of the step spent inside
@@ -45,23 +46,34 @@ def add_args(p) -> None:
     p.add_argument("--seed", type=int, default=0)
 
 
+# positions after the context that a cache from ``filled_cache`` leaves for decoding (enough for
+# ``time_decode`` with rounds x (steps + 1) <= 31; ``decode_room`` says what a run needs)
+DECODE_ROOM = 64
+
+
+def decode_room(rounds: int, steps: int) -> int:
+    """Cache positions ``time_decode`` decodes into after the context."""
+    return 2 * rounds * (steps + 1)
+
+
 def bench_model(preset: str, contexts, index_topk: int, index_heads: int, index_dim: int,
-                dtype=torch.bfloat16, seed: int = 0, layers: int | None = None):
+                dtype=torch.bfloat16, seed: int = 0, layers: int | None = None, room: int = DECODE_ROOM):
     """The V3.2 variant of ``preset`` used here (random weights, no MTP; ``layers`` overrides
-    the preset's layer count)."""
+    the preset's layer count), with positions for ``room`` tokens after the longest context."""
     import dsv3lab
     base = dsv3lab.ModelConfig.preset(preset)
     if layers:
         base = base.replace(num_hidden_layers=layers, first_k_dense_replace=min(base.first_k_dense_replace, layers))
     cfg = base.replace(index_n_heads=index_heads, index_head_dim=index_dim, index_topk=index_topk,
-                       max_position_embeddings=max(max(contexts) + 8, base.max_position_embeddings),
+                       max_position_embeddings=max(max(contexts) + room, base.max_position_embeddings),
                        num_nextn_predict_layers=0, name=f"{preset}-dsa")
     return dsv3lab.build(cfg, seed=seed, dtype=dtype)
 
 
-def filled_cache(model, ctx: int, seed: int = 0):
-    """A sparse cache of one sequence whose first ``ctx`` positions hold random unit-scale rows."""
-    cache = model.new_cache(1, ctx + 1, mode="sparse")
+def filled_cache(model, ctx: int, seed: int = 0, room: int = DECODE_ROOM):
+    """A sparse cache of one sequence whose first ``ctx`` positions hold random unit-scale rows,
+    with ``room`` more positions for the tokens decoded after them."""
+    cache = model.new_cache(1, ctx + room, mode="sparse")
     g = torch.Generator().manual_seed(seed)
     for buf in cache.layers:
         buf[:, :ctx].copy_(torch.randn(buf[:, :ctx].shape, generator=g))
@@ -100,19 +112,29 @@ class _AttentionClock:
 
 
 def time_decode(model, cache, ctx: int, rounds: int, steps: int, progress=None) -> dict:
-    """Median seconds per decode step at position ``ctx`` for dense and sparse, alternating: the
-    whole step ("dense", "sparse") and the part spent in attention ("attn_dense", "attn_sparse")."""
+    """Median seconds per decode step after ``ctx`` cached tokens for dense and sparse,
+    alternating: the whole step ("dense", "sparse") and the part spent in attention ("attn_dense",
+    "attn_sparse"). Every step decodes the next position, as generation does (the context grows by
+    one per step, so nothing shape-keyed can be reused from the step before); the cache needs
+    ``decode_room(rounds, steps)`` positions after the context."""
+    if ctx + decode_room(rounds, steps) > cache.max_len:
+        raise ValueError(f"time_decode: {rounds} rounds x {steps} steps decode {decode_room(rounds, steps)} "
+                         f"tokens after the {ctx} cached, but the cache holds {cache.max_len} positions; "
+                         f"make it with filled_cache(model, ctx, room=decode_room(rounds, steps))")
     tok = torch.tensor([[1]], device=model.device)
     times = {"dense": [], "sparse": [], "attn_dense": [], "attn_sparse": []}
+    pos = ctx
     with torch.no_grad():
         for r in range(rounds):
             for name in (("dense", "sparse") if r % 2 == 0 else ("sparse", "dense")):
                 model.set_attn_mode("absorbed" if name == "dense" else "sparse")
-                model(tok, start=ctx, cache=cache, last_only=True)          # warm this path
+                model(tok, start=pos, cache=cache, last_only=True)          # warm this path
+                pos += 1
                 clock = _AttentionClock(model)
                 t0 = time.perf_counter()
                 for _ in range(steps):
-                    model(tok, start=ctx, cache=cache, last_only=True)
+                    model(tok, start=pos, cache=cache, last_only=True)
+                    pos += 1
                 times[name].append((time.perf_counter() - t0) / steps)
                 clock.remove()
                 times["attn_" + name].append(clock.total / steps)
@@ -147,15 +169,16 @@ def run(args) -> int:
         torch.set_num_threads(args.threads)
     contexts = [int(s) for s in args.contexts.split(",") if s]
     dtype = getattr(torch, args.dtype)
+    room = decode_room(args.rounds, args.steps)
     model = bench_model(args.preset, contexts, args.index_topk, args.index_heads, args.index_dim,
-                        dtype, args.seed).eval()
+                        dtype, args.seed, room=room).eval()
     set_key_format(model, args.key_format)
     cfg = model.cfg
     el = torch.tensor([], dtype=dtype).element_size()
     rows = []
     with tqdm(total=len(contexts) * args.rounds, desc="bench sparse", disable=None) as bar:
         for ctx in contexts:
-            cache = filled_cache(model, ctx, args.seed)
+            cache = filled_cache(model, ctx, args.seed, room)
             t = time_decode(model, cache, ctx, args.rounds, args.steps, bar)
             kw = dict(key_format=args.key_format, dtype_bytes=el)
             dense = attention_cost(cfg, ctx, "decode", sparse=False, **kw)

@@ -47,7 +47,7 @@ from torch import nn
 from torch.nn.modules import module as _mm
 
 from dsv3lab.model.hadamard import hadamard
-from dsv3lab.model.layers import HookPoint, LayerNorm, Linear, linear
+from dsv3lab.model.layers import HookPoint, LayerNorm, Linear, cpu_bf16_policy, linear
 from dsv3lab.model.rope import apply_rope_half
 
 KEY_FORMATS = ("model", "bf16", "fp8")
@@ -118,6 +118,17 @@ class IndexerKeyCache:
         return n
 
 
+def key_logits(keys: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """keys [T,D] bf16 against queries q [M,D] bf16 -> [T,M] bf16 logits (fp32 sums, rounded once),
+    by the engine's bf16 GEMM policy (``layers.linear``: native bf16 where the CPU has bf16 units,
+    else upcast). Natively as ``torch.mm``, the same oneDNN GEMM as ``F.linear`` without its
+    per-shape setup: T grows by one every decode step, and ``F.linear`` builds a new oneDNN
+    primitive for every new shape (~1 ms each at T = 8K, more than the product itself)."""
+    if keys.device.type == "cpu" and cpu_bf16_policy() == "native":
+        return torch.mm(keys, q.T)
+    return linear(keys, q)
+
+
 def index_scores(q: torch.Tensor, w: torch.Tensor, keys: torch.Tensor, start: int) -> torch.Tensor:
     """I[b,s,t] = sum_h w[b,s,h] relu(q[b,s,h] . keys[b,t]) in fp32, -inf where t > start + s.
 
@@ -141,11 +152,11 @@ def index_scores(q: torch.Tensor, w: torch.Tensor, keys: torch.Tensor, start: in
         s1 = min(S, s0 + sstep)
         n = s1 - s0
         if keys.dtype == torch.bfloat16:
-            # bf16 keys: q.k by the engine's bf16 GEMM policy (``layers.linear``: native bf16
-            # where the CPU has bf16 units, else upcast), the logits rounded to bf16 -- 2^-9
-            # relative, the rounding the keys were stored with -- before the fp32 head sum
+            # bf16 keys: q.k by the engine's bf16 GEMM policy (``key_logits``), the logits
+            # rounded to bf16 -- 2^-9 relative, the rounding the keys were stored with -- before
+            # the fp32 head sum
             qb = q[:, s0:s1].reshape(B, n * H, D).to(torch.bfloat16)
-            logits = torch.stack([linear(keys[b], qb[b]) for b in range(B)]).float().clamp_min_(0)
+            logits = torch.stack([key_logits(keys[b], qb[b]) for b in range(B)]).float().clamp_min_(0)
             out[:, s0:s1] = torch.einsum("btsh,bsh->bst", logits.view(B, T, n, H), wf[:, s0:s1])
             continue
         qc = q[:, s0:s1].float().reshape(B, n * H, D).transpose(1, 2)      # [B,D,s*H]
@@ -165,14 +176,14 @@ def decode_scores(q: torch.Tensor, w: torch.Tensor, keys: torch.Tensor) -> torch
     """One query per sequence: I[b,t] = sum_h w[b,h] relu(q[b,h] . keys[b,t]) -> [B,T] fp32, every
     key visible. q [B,H,D], w [B,H] fp32, keys [B,T,D] bf16 (read once, in place) or fp32.
 
-    bf16 keys: [T,D] @ [D,H] by the engine's bf16 GEMM policy (``layers.linear``), logits rounded
+    bf16 keys: [T,D] @ [D,H] by the engine's bf16 GEMM policy (``key_logits``), logits rounded
     to bf16 (as in ``index_scores``), then ReLU and the fp32 head sum as one [T,H] x [H] GEMV;
     fp32 keys: the same in fp32. Nothing of size T x D is copied or converted."""
     B, T = keys.shape[0], keys.shape[1]
     qk, wf = q.to(keys.dtype), w.float()
 
     def one(b: int, out=None) -> torch.Tensor:
-        logits = linear(keys[b], qk[b]) if keys.dtype == torch.bfloat16 else torch.mm(keys[b], qk[b].T)
+        logits = key_logits(keys[b], qk[b]) if keys.dtype == torch.bfloat16 else torch.mm(keys[b], qk[b].T)
         return torch.mv(logits.float().clamp_min_(0), wf[b], out=out)      # [T]
     if B == 1:
         return one(0)[None]
