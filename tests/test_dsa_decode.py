@@ -113,6 +113,11 @@ def test_decode_select_picks_forwards_key_sets(key_format):
     ql = torch.randn(B, S, m.cfg.q_lora_rank, generator=g)
     cos, sin = m.rope.get(0, S, "cpu")
     caches = [IndexerKeyCache(ix.head_dim, 1, B, S, key_format, torch.float32, "cpu") for _ in range(2)]
+    # the fast path's cache holds large stale keys past every written position (a longer
+    # sequence's, say): a step that scored them would select future positions
+    stale = caches[1].layers[0]
+    for t in (stale if isinstance(stale, tuple) else (stale,)):
+        t.copy_((torch.randn(t.shape, generator=g) * 100).to(t.dtype))
     with torch.no_grad():
         for c in caches:
             ix(x[:, :P], ql[:, :P], cos[:P], sin[:P], 0, c, 0)
@@ -123,6 +128,10 @@ def test_decode_select_picks_forwards_key_sets(key_format):
             assert got.shape == ref.shape == (B, TOPK)
             assert [set(r) for r in got.tolist()] == [set(r) for r in ref.tolist()], f"position {t}"
     assert torch.equal(caches[0].read(0, B, S), caches[1].read(0, B, S))      # the same keys cached
+    if key_format != "fp8":                     # the bucketed read is a view of the stored keys
+        assert caches[1].read_bucketed(0, B, 3, 256).shape == (B, S, ix.head_dim)
+        assert caches[1].read_bucketed(0, B, 3, 2).data_ptr() == caches[1].layers[0].data_ptr()
+        assert caches[1].read_bucketed(0, B, 3, 2).shape[1] == 4
 
 
 def test_decode_topk_keeps_select_topks_tie_rule():

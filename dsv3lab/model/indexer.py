@@ -47,7 +47,7 @@ from torch import nn
 from torch.nn.modules import module as _mm
 
 from dsv3lab.model.hadamard import hadamard
-from dsv3lab.model.layers import HookPoint, LayerNorm, Linear, cpu_bf16_policy, linear
+from dsv3lab.model.layers import HookPoint, LayerNorm, Linear, linear
 from dsv3lab.model.rope import apply_rope_half
 
 KEY_FORMATS = ("model", "bf16", "fp8")
@@ -55,6 +55,10 @@ FP8_BLOCK = 128
 # query rows x keys x heads held at once while scoring a prefill chunk (fp32: 4 bytes each)
 _SCORE_CHUNK_ELEMS = 1 << 24
 _KEY_CHUNK = 4096          # fp32 key rows scored at a time
+# a decode step scores bf16 keys in row counts rounded up to this: the count then changes once
+# per _KEY_BUCKET steps, not every step, and the oneDNN GEMM set up for a new shape (~1 ms at 8K
+# keys, more than the product) is reused in between
+_KEY_BUCKET = 256
 
 
 def fp8_block(head_dim: int) -> int:
@@ -110,23 +114,20 @@ class IndexerKeyCache:
             return act_dequant(buf[0][:batch, :end], buf[1][:batch, :end], fp8_block(self.head_dim))
         return buf[:batch, :end]
 
+    def read_bucketed(self, layer: int, batch: int, end: int, bucket: int) -> torch.Tensor:
+        """The stored keys of positions [0, end') with end' = end rounded up to ``bucket`` (at most
+        max_len): a view, for the "model" and "bf16" formats; rows past ``end`` hold whatever the
+        buffer holds there (zeros or a longer sequence's keys) and must not be used."""
+        if self.key_format == "fp8":
+            raise ValueError("read_bucketed reads the stored tensor; fp8 keys are read dequantized (read)")
+        return self.layers[layer][:batch, :min(self.max_len, -(-end // bucket) * bucket)]
+
     def nbytes(self) -> int:
         n = 0
         for buf in self.layers:
             for t in (buf if isinstance(buf, tuple) else (buf,)):
                 n += t.numel() * t.element_size()
         return n
-
-
-def key_logits(keys: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-    """keys [T,D] bf16 against queries q [M,D] bf16 -> [T,M] bf16 logits (fp32 sums, rounded once),
-    by the engine's bf16 GEMM policy (``layers.linear``: native bf16 where the CPU has bf16 units,
-    else upcast). Natively as ``torch.mm``, the same oneDNN GEMM as ``F.linear`` without its
-    per-shape setup: T grows by one every decode step, and ``F.linear`` builds a new oneDNN
-    primitive for every new shape (~1 ms each at T = 8K, more than the product itself)."""
-    if keys.device.type == "cpu" and cpu_bf16_policy() == "native":
-        return torch.mm(keys, q.T)
-    return linear(keys, q)
 
 
 def index_scores(q: torch.Tensor, w: torch.Tensor, keys: torch.Tensor, start: int) -> torch.Tensor:
@@ -152,11 +153,11 @@ def index_scores(q: torch.Tensor, w: torch.Tensor, keys: torch.Tensor, start: in
         s1 = min(S, s0 + sstep)
         n = s1 - s0
         if keys.dtype == torch.bfloat16:
-            # bf16 keys: q.k by the engine's bf16 GEMM policy (``key_logits``), the logits
-            # rounded to bf16 -- 2^-9 relative, the rounding the keys were stored with -- before
-            # the fp32 head sum
+            # bf16 keys: q.k by the engine's bf16 GEMM policy (``layers.linear``: native bf16
+            # where the CPU has bf16 units, else upcast), the logits rounded to bf16 -- 2^-9
+            # relative, the rounding the keys were stored with -- before the fp32 head sum
             qb = q[:, s0:s1].reshape(B, n * H, D).to(torch.bfloat16)
-            logits = torch.stack([key_logits(keys[b], qb[b]) for b in range(B)]).float().clamp_min_(0)
+            logits = torch.stack([linear(keys[b], qb[b]) for b in range(B)]).float().clamp_min_(0)
             out[:, s0:s1] = torch.einsum("btsh,bsh->bst", logits.view(B, T, n, H), wf[:, s0:s1])
             continue
         qc = q[:, s0:s1].float().reshape(B, n * H, D).transpose(1, 2)      # [B,D,s*H]
@@ -176,14 +177,14 @@ def decode_scores(q: torch.Tensor, w: torch.Tensor, keys: torch.Tensor) -> torch
     """One query per sequence: I[b,t] = sum_h w[b,h] relu(q[b,h] . keys[b,t]) -> [B,T] fp32, every
     key visible. q [B,H,D], w [B,H] fp32, keys [B,T,D] bf16 (read once, in place) or fp32.
 
-    bf16 keys: [T,D] @ [D,H] by the engine's bf16 GEMM policy (``key_logits``), logits rounded
+    bf16 keys: [T,D] @ [D,H] by the engine's bf16 GEMM policy (``layers.linear``), logits rounded
     to bf16 (as in ``index_scores``), then ReLU and the fp32 head sum as one [T,H] x [H] GEMV;
     fp32 keys: the same in fp32. Nothing of size T x D is copied or converted."""
     B, T = keys.shape[0], keys.shape[1]
     qk, wf = q.to(keys.dtype), w.float()
 
     def one(b: int, out=None) -> torch.Tensor:
-        logits = key_logits(keys[b], qk[b]) if keys.dtype == torch.bfloat16 else torch.mm(keys[b], qk[b].T)
+        logits = linear(keys[b], qk[b]) if keys.dtype == torch.bfloat16 else torch.mm(keys[b], qk[b].T)
         return torch.mv(logits.float().clamp_min_(0), wf[b], out=out)      # [T]
     if B == 1:
         return one(0)[None]
@@ -306,7 +307,10 @@ class Indexer(nn.Module):
         T = start + 1
         if self.index_topk >= T:                 # every key: no scores needed (dense MLA follows)
             return torch.arange(T, device=x.device).expand(x.shape[0], T)
-        if keys.dtype in (torch.bfloat16, torch.float32):
+        if keys.dtype == torch.bfloat16 and cache.key_format != "fp8":
+            keys = cache.read_bucketed(layer, x.shape[0], T, _KEY_BUCKET)
+            scores = decode_scores(q[:, 0], w[:, 0], keys)[:, :T]            # rows past T dropped
+        elif keys.dtype in (torch.bfloat16, torch.float32):
             scores = decode_scores(q[:, 0], w[:, 0], keys)
         else:
             scores = index_scores(q, w, keys, start)[:, 0]
