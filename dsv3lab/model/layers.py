@@ -90,7 +90,7 @@ def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
             and x.numel() == x.shape[-1]):
         # one row (a decode step), either policy: a memory-bound GEMV. The C kernel streams the
         # weight at ~2x torch.mv's rate, torch.mv at ~1.3x F.linear's one-row GEMM
-        # (docs/performance.md#decode-kernels)
+        # (docs/kernels.md#cpu-decode)
         if cpu_decode.enabled(x, w) and w.stride(-1) == 1 and w.stride(0) == w.shape[1]:
             return cpu_decode.gemv(w, x.reshape(1, -1)).view(*x.shape[:-1], w.shape[0])
         return torch.mv(w, x.reshape(-1)).view(*x.shape[:-1], w.shape[0])

@@ -14,7 +14,9 @@ Output: sum_i weights_i * Expert_i(x) + Shared(x).
 Dispatch groups the T*k (token, expert) pairs by expert with one argsort, runs each expert once on
 its contiguous slice, and scatters back with index_add -- no per-token Python loop. Expert
 parallelism (``dsv3lab.parallel``) replaces ``MoE.dispatch`` from outside; the model keeps the
-plain single-process version.
+plain single-process version. One bf16 token on a CPU with nothing hooked (a decode step) takes
+the C kernels instead (``kernels/cpu_decode.py``, docs/kernels.md#cpu-decode): the selection
+after the sigmoid in one call, the chosen experts and the shared one in another.
 
 Seams for interpretability (``dsv3lab.interp``), all off by default and tested only by an
 ``is None`` / ``active`` check on the fast path:
