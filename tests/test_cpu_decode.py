@@ -209,3 +209,24 @@ def test_moe_kernel_matches_the_module():
     # routed sum and shared output rounded once instead of twice: within two bf16 roundings
     assert ((y.float() - ref.float()).abs() <= 2 * BF16_ULP * ref.float().abs().max()).all()
     assert not torch.equal(F.pad(y, (0, 0)), torch.zeros_like(y))
+
+
+@pytest.mark.parametrize("T", [2048, 4099])
+def test_split_cache_attention_equals_one_pass(T):
+    """With 2+ threads a long cache is split into pieces merged by log-sum-exp (attn_absorbed)."""
+    from dsv3lab.model.attn_absorbed import latent_attention
+    g = torch.Generator().manual_seed(T)
+    H, c, r = 8, 64, 16
+    for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 2e-2)):
+        q = torch.randn(1, 1, H, c + r, generator=g).to(dtype)
+        lat = (torch.randn(1, T, c + r, generator=g) * 0.7).to(dtype)
+        ref = F.scaled_dot_product_attention(q.float().view(1, 1, H, -1), lat.float()[:, None],
+                                             lat.float()[:, None], scale=0.1)[..., :c]
+        threads = torch.get_num_threads()
+        torch.set_num_threads(2)
+        try:
+            split = latent_attention(q, lat, 0.1, c, T - 1)
+        finally:
+            torch.set_num_threads(threads)
+        assert split.shape == (1, 1, H, c) and split.dtype == dtype
+        assert ((split.float() - ref).norm() / ref.norm()).item() < tol

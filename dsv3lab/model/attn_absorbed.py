@@ -55,6 +55,10 @@ def latent_attention(q_cat: torch.Tensor, latent: torch.Tensor, scale: float, c:
         # once for all heads, with an online softmax, instead of by two matmuls with a
         # materialised [T, H] score matrix between them. Values are the whole rows (keys ==
         # values, one tensor); the rope columns of the output are dropped after.
+        nt = torch.get_num_threads()
+        if (B == 1 and nt > 1 and latent.device.type == "cpu" and latent.shape[1] >= SPLIT_MIN_ROWS * nt
+                and latent.is_contiguous()):
+            return split_latent_attention(q_cat, latent, scale, c, nt)
         kv = latent[:, None]                                              # [B,1,T,c+r]
         o = F.scaled_dot_product_attention(q_cat.view(B, 1, H, -1), kv, kv, scale=scale)
         return o[..., :c]                                                 # [B,1(=S),H,c]
@@ -72,6 +76,32 @@ def latent_attention(q_cat: torch.Tensor, latent: torch.Tensor, scale: float, c:
     # cache first would make bmm copy the strided [T, c] view every step
     o_lat = torch.bmm(probs.transpose(1, 2).to(latent.dtype), latent)[..., :c]   # [B, S*H, c]
     return o_lat.reshape(B, S, H, c)
+
+
+SPLIT_MIN_ROWS = 1024   # cache rows per thread below which one thread's pass is as fast
+
+
+def split_latent_attention(q_cat: torch.Tensor, latent: torch.Tensor, scale: float, c: int, n: int) -> torch.Tensor:
+    """One query per head against one sequence's latent [1, T, c+r], the cache split into ``n``
+    pieces of rows that run as ``n`` batch entries of one flash-attention call (so ``n`` threads
+    share the pass: with a single key/value head, torch's CPU flash attention otherwise runs one
+    query block on one thread), merged by their log-sum-exps: o = sum_i o_i exp(lse_i - lse).
+    The rows left over by the split (fewer than ``n``) are a piece of their own."""
+    _, _, H, D = q_cat.shape
+    T = latent.shape[1]
+    per = T // n
+    flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+    kv = latent[0, :per * n].view(n, 1, per, D)
+    o, lse = flash(q_cat.view(1, 1, H, D).expand(n, 1, H, D), kv, kv, 0.0, False, scale=scale)
+    outs, lses = [o[..., :c]], [lse]                                    # [n,1,H,c], [n,1,H]
+    if per * n < T:
+        rest = latent[:, per * n:, None].transpose(1, 2)                  # [1,1,T-per*n,D]
+        o_r, lse_r = flash(q_cat.view(1, 1, H, D), rest, rest, 0.0, False, scale=scale)
+        outs.append(o_r[..., :c])
+        lses.append(lse_r)
+    w = torch.cat(lses).softmax(dim=0)                                    # [pieces,1,H] fp32
+    o = (torch.cat(outs).float() * w[..., None]).sum(dim=0, keepdim=True)
+    return o.to(latent.dtype)                                             # [1,1,H,c]
 
 
 class AbsorbedAttention(Attention):
