@@ -124,20 +124,27 @@ def gemv(w: torch.Tensor, x: torch.Tensor, out: torch.Tensor | None = None) -> t
     with x [b, M, K] -> [b, M, N]; M <= MAX_ROWS, unit stride along K (x and w may be strided
     views otherwise). ``out`` (same shape, unit stride along N) receives the result in place,
     e.g. a slice of a larger buffer."""
-    batched = w.dim() == 3
-    if not batched:
-        w, x = w[None], x[None]
-        out = None if out is None else out[None]
-    nb, N, K = w.shape
-    M = x.shape[1]
-    if x.shape[0] != nb or x.shape[2] != K or M > MAX_ROWS or not (_rows_ok(w) and _rows_ok(x)):
+    if w.dim() == 3:
+        nb, N, K = w.shape
+        M = x.shape[1]
+        fits = x.dim() == 3 and x.shape[0] == nb and x.shape[2] == K
+        shape = (nb, M, N)
+    else:                                  # one matrix: strides read directly (no [None] views per call)
+        nb, (N, K), M = 1, w.shape, x.shape[0]
+        fits = x.dim() == 2 and x.shape[1] == K
+        shape = (M, N)
+    if not fits or M > MAX_ROWS or not (_rows_ok(w) and _rows_ok(x)):
         raise ValueError(f"gemv: w {tuple(w.shape)} and x {tuple(x.shape)} do not fit (M <= {MAX_ROWS}, unit stride)")
-    y = torch.empty(nb, M, N, dtype=torch.bfloat16) if out is None else out
-    if tuple(y.shape) != (nb, M, N) or y.dtype != torch.bfloat16 or not _rows_ok(y):
-        raise ValueError(f"gemv: out {tuple(y.shape)} {y.dtype} is not a bf16 ({nb}, {M}, {N}) with unit stride")
-    library().dsv3_gemv(w.data_ptr(), w.stride(1), w.stride(0), x.data_ptr(), x.stride(1), x.stride(0),
-                        y.data_ptr(), y.stride(1), y.stride(0), nb, M, N, K, torch.get_num_threads())
-    return y if batched else y[0]
+    y = torch.empty(shape, dtype=torch.bfloat16) if out is None else out
+    if tuple(y.shape) != shape or y.dtype != torch.bfloat16 or not _rows_ok(y):
+        raise ValueError(f"gemv: out {tuple(y.shape)} {y.dtype} is not a bf16 {shape} with unit stride")
+    if nb == 1 and w.dim() == 2:
+        library().dsv3_gemv(w.data_ptr(), w.stride(0), 0, x.data_ptr(), x.stride(0), 0, y.data_ptr(), y.stride(0), 0,
+                            1, M, N, K, torch.get_num_threads())
+    else:
+        library().dsv3_gemv(w.data_ptr(), w.stride(1), w.stride(0), x.data_ptr(), x.stride(1), x.stride(0),
+                            y.data_ptr(), y.stride(1), y.stride(0), nb, M, N, K, torch.get_num_threads())
+    return y
 
 
 def moe(x: torch.Tensor, gate: list, up: list, down: list, weights: torch.Tensor) -> torch.Tensor:

@@ -230,3 +230,36 @@ def test_split_cache_attention_equals_one_pass(T):
             torch.set_num_threads(threads)
         assert split.shape == (1, 1, H, c) and split.dtype == dtype
         assert ((split.float() - ref).norm() / ref.norm()).item() < tol
+
+
+def test_fused_decode_step_runs_only_when_nothing_is_hooked():
+    from dsv3lab.model.decode_step import try_decode
+    m = dsv3lab.build("lab", dtype=torch.bfloat16).eval()
+    x = torch.randint(0, m.cfg.vocab_size, (1, 20), generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        c = m.new_cache(1, 32)
+        m(x[:, :19], start=0, cache=c)
+        fused = try_decode(m, x[:, 19:], 19, c)
+        assert fused is not None and fused.shape == (1, 1, m.cfg.vocab_size)
+        with dispatch.use_backend("torch"):
+            assert try_decode(m, x[:, 19:], 19, c) is None
+            ref = m(x[:, 19:], start=19, cache=c)
+        assert ((fused.float() - ref.float()).norm() / ref.float().norm()).item() < 0.02
+        for name in ("layers.3.hook_resid_mid", "layers.2.mlp.gate.hook_scores", "hook_logits",
+                     "layers.0.self_attn.hook_k_pe"):
+            with dsv3lab.probes.hooks(m, [(name, lambda t, n: None)]):
+                assert try_decode(m, x[:, 19:], 19, c) is None, name
+        handle = m.layers[4].mlp.experts[3].down_proj.register_forward_hook(lambda *a: None)
+        try:
+            # a hook on one expert: the step falls back when (and only when) that expert is chosen
+            out = m(x[:, 19:], start=19, cache=c)
+            assert ((out.float() - ref.float()).norm() / ref.float().norm()).item() < 0.02
+        finally:
+            handle.remove()
+        m.layers[1].mlp.gate.expert_mask = torch.ones(m.cfg.n_routed_experts, dtype=torch.bool)
+        assert try_decode(m, x[:, 19:], 19, c) is None
+        m.layers[1].mlp.gate.expert_mask = None
+        with dsv3lab.trace(m) as t:
+            m(x[:, 19:], start=19, cache=c)
+        assert t.routing.topk_ids.shape[1] == 1                # the trace saw the step (module path)
+    assert try_decode(m, x[:, 19:], 19, c) is None             # grad mode, parameters require grad

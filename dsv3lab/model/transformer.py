@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from dsv3lab.config import ModelConfig
+from dsv3lab.model.decode_step import try_decode
 from dsv3lab.model.layers import MLP, HookPoint, Linear, RMSNorm
 from dsv3lab.model.mla import MLA, attention_class
 from dsv3lab.model.moe import MoE
@@ -170,6 +171,10 @@ class Transformer(nn.Module):
     def forward(self, tokens: torch.Tensor, start: int = 0, cache=None, last_only: bool = False,
                 return_hidden: bool = False):
         """tokens [B,S] -> logits [B,S,V] (or [B,1,V] with last_only)."""
+        if cache is not None and not return_hidden and tokens.shape[-1] == 1:
+            logits = try_decode(self, tokens, start, cache)    # bf16 on a CPU, nothing hooked
+            if logits is not None:
+                return logits
         h = self.hidden(tokens, start, cache)
         logits = self.hook_logits(self.head(h[:, -1:] if last_only else h))
         return (logits, h) if return_hidden else logits
