@@ -263,3 +263,33 @@ def test_fused_decode_step_runs_only_when_nothing_is_hooked():
             m(x[:, 19:], start=19, cache=c)
         assert t.routing.topk_ids.shape[1] == 1                # the trace saw the step (module path)
     assert try_decode(m, x[:, 19:], 19, c) is None             # grad mode, parameters require grad
+
+
+def test_fused_decode_step_with_sparse_attention():
+    """V3.2 (index_topk below the context): the fused step selects with the indexer and attends
+    over the gathered rows, as the module path does."""
+    from dsv3lab.model.decode_step import try_decode
+    cfg = dsv3lab.ModelConfig.preset("tiny").replace(index_n_heads=8, index_head_dim=32, index_topk=8,
+                                                     num_nextn_predict_layers=0, name="tiny-v32")
+    m = dsv3lab.build(cfg, dtype=torch.bfloat16).eval()
+    g = torch.Generator().manual_seed(8)
+    with torch.no_grad():
+        for blk in m.layers:                     # scores well apart: no selection on a near-tie
+            ix = blk.self_attn.indexer
+            for p in (ix.wq_b.weight, ix.wk.weight, ix.weights_proj.weight):
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    x = torch.randint(0, cfg.vocab_size, (1, 30), generator=g)
+    with torch.no_grad():
+        outs = {}
+        for be in ("auto", "torch"):
+            with dispatch.use_backend(be):
+                c = m.new_cache(1, 32)
+                m(x[:, :24], start=0, cache=c)
+                steps = []
+                for i in range(24, 30):
+                    if be == "auto":
+                        assert try_decode(m, x[:, i:i + 1], i, c) is not None    # the fused step runs
+                    steps.append(m(x[:, i:i + 1], start=i, cache=c).float())
+                outs[be] = torch.cat(steps, 1)
+    rel = ((outs["auto"] - outs["torch"]).norm() / outs["torch"].norm()).item()
+    assert rel < 0.03, rel

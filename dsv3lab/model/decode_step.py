@@ -11,7 +11,8 @@ and experts, or the dense SwiGLU as a one-expert MoE). Each kernel rounds where 
 rounds, so the two agree to bf16 summation order (tests/test_cpu_decode.py compares them).
 
 It runs only when the module path would compute exactly the same thing and nobody would miss a
-hook: bf16 on the CPU, absorbed attention, batch 1, one token, no autograd, no hook or
+hook: bf16 on the CPU, absorbed or V3.2 sparse attention (the indexer's selection, then its rows
+gathered, as ``SparseAttention`` decodes), batch 1, one token, no autograd, no hook or
 interpretability seam set anywhere in the model, no parallel layout, plain bf16 weights. Any
 of these off, ``Transformer.forward`` takes the module path, which stays the reference.
 """
@@ -26,6 +27,7 @@ from torch.nn.modules import module as _torch_module
 
 from dsv3lab.kernels import cpu_decode
 from dsv3lab.model.attn_absorbed import AbsorbedAttention, LatentCache, latent_attention
+from dsv3lab.model.attn_sparse import SparseAttention, decode_rows
 from dsv3lab.model.layers import MLP, HookPoint, Linear, RMSNorm
 from dsv3lab.model.moe import MoE
 
@@ -121,8 +123,11 @@ class DecodeStep:
             attn = blk.self_attn
             projections = ((attn.q_a_proj, attn.q_b_proj) if cfg.q_lora_rank else (attn.q_proj,)) + (
                 attn.kv_a_proj_with_mqa, attn.kv_b_proj, attn.o_proj)
-            if (type(attn.impl) is not AbsorbedAttention or attn.absorb_prefill or not _plain(*projections)
-                    or _watched(blk, attn, blk.input_layernorm, blk.post_attention_layernorm, *projections)):
+            sparse = type(attn.impl) is SparseAttention
+            if (type(attn.impl) not in (AbsorbedAttention, SparseAttention) or attn.absorb_prefill
+                    or not _plain(*projections)
+                    or _watched(blk, attn, blk.input_layernorm, blk.post_attention_layernorm, *projections)
+                    or sparse and (not attn.impl.fast_decode_ok() or _watched(attn.indexer))):
                 raise _Fallback
             h = norm(blk.input_layernorm, x, empty(1, D, dtype=bf))
             if cfg.q_lora_rank:
@@ -143,7 +148,16 @@ class DecodeStep:
             rope(qh[:, n:], n + r, H, q_cat[0, 0, :, c:], c + r)               # q_pe into q_cat
             lib.dsv3_gemv(w_uk_t.data_ptr(), w_uk_t.stride(1), w_uk_t.stride(0), qh.data_ptr(), 0, n + r,
                           q_cat.data_ptr(), 0, c + r, H, 1, c, n, nt)           # q_lat into q_cat
-            o_lat = latent_attention(q_cat, cache.layers[blk.layer][:1, :start + 1], attn.scale, c, start)
+            latent = cache.layers[blk.layer][:1, :start + 1]
+            if sparse:                           # V3.2: the indexer's top-k rows, gathered (attn_sparse.py)
+                idx = attn.indexer.decode_select(h.view(1, 1, D), qa.view(1, 1, -1) if cfg.q_lora_rank else None,
+                                                 cos, sin, start, cache.index_keys, blk.layer)
+                k = idx.shape[-1]
+                if k < start + 1:
+                    rows = decode_rows(k * (c + r), latent.dtype, latent.device).view(1, k, c + r)
+                    torch.index_select(latent[0], 0, idx[0], out=rows[0])
+                    latent = rows
+            o_lat = latent_attention(q_cat, latent, attn.scale, c, latent.shape[1] - 1)
             if o_lat.stride(-1) != 1:
                 o_lat = o_lat.contiguous()                                     # [1,1,H,c], rows stride(2) apart
             o = empty(1, H * v, dtype=bf)
@@ -191,6 +205,6 @@ def try_decode(model, tokens: torch.Tensor, start: int, cache) -> torch.Tensor |
     from dsv3lab.kernels.dispatch import get_backend
     if get_backend() != "auto":
         return None
-    if type(cache) is not LatentCache or cache.batch < 1:
+    if not isinstance(cache, LatentCache):
         return None
     return DecodeStep(model).run(tokens, start, cache)
