@@ -2,13 +2,15 @@
 
 A bf16 decode step on a CPU is memory-bound: each weight is read once for one activation row.
 torch's one-row bf16 GEMV streams weights at a fraction of the copy bandwidth, and a step of a
-small model spends as long again in op dispatch. ``cpu/decode_bf16.c`` has five kernels for the
+small model spends as long again in op dispatch. ``cpu/decode_bf16.c`` has seven kernels for the
 bf16 decode path, each replacing several torch calls:
 
   gemv(w, x)                      x @ w.T for 1-8 rows; w may be a batch (per-head W_UK, W_UV)
   moe(x, experts, weights)        one token through its chosen experts (and the shared ones)
   rmsnorm(x, w, eps), rope(x, cos, sin)   the small per-token ops, one call instead of 5-8
   route(scores, bias, ...)        the gate's group-limited top-k and weights, one call instead of 15
+  index_scores(keys, q, w)        V3.2's indexer scores of one query against its key cache
+  gather_rows(src, idx, out)      the selected latent rows of a sparse decode step
 
 The attention over the latent cache stays torch's fused flash attention: on a CPU with AMX its
 tile multiplies beat any AVX-512 loop written here (a fused C version measured 3x slower).
@@ -93,7 +95,10 @@ def library() -> ctypes.CDLL | None:
     lib.dsv3_rmsnorm.argtypes = [P, I64, P, F, P, I64, I, I]
     lib.dsv3_rope.argtypes = [P, I64, P, P, P, I64, I, I]
     lib.dsv3_route.argtypes = [P, P, I, I, I, I, I, I, F, P, P]
-    for fn in (lib.dsv3_gemv, lib.dsv3_moe, lib.dsv3_rmsnorm, lib.dsv3_rope, lib.dsv3_route):
+    lib.dsv3_index_scores.argtypes = [P, I64, P, P, P, I, I, I, I]
+    lib.dsv3_gather_rows.argtypes = [P, I64, P, I, I, P, I]
+    for fn in (lib.dsv3_gemv, lib.dsv3_moe, lib.dsv3_rmsnorm, lib.dsv3_rope, lib.dsv3_route,
+               lib.dsv3_index_scores, lib.dsv3_gather_rows):
         fn.restype = None
     return lib
 
@@ -213,3 +218,32 @@ def route(scores: torch.Tensor, bias: torch.Tensor | None, n_group: int, topk_gr
     library().dsv3_route(scores.data_ptr(), None if b is None else b.data_ptr(), T, E, n_group, topk_group, k,
                          int(norm), float(scale), ids.data_ptr(), w.data_ptr())
     return ids, w
+
+
+def index_scores(keys: torch.Tensor, q: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """keys [T, D] bf16 (unit stride along D), q [H, D] bf16, w [H] fp32 ->
+    sum_h w[h] relu(bf16(q[h] . keys[t])) [T] fp32."""
+    T, D = keys.shape
+    H = q.shape[0]
+    q, w = q.contiguous(), w.float().contiguous()
+    if keys.stride(-1) != 1 or q.shape[1] != D or w.numel() != H or q.dtype != torch.bfloat16:
+        raise ValueError(f"index_scores: keys {tuple(keys.shape)}, q {tuple(q.shape)}, w {tuple(w.shape)} do not fit")
+    out = torch.empty(T, dtype=torch.float32)
+    library().dsv3_index_scores(keys.data_ptr(), keys.stride(0), q.data_ptr(), w.data_ptr(), out.data_ptr(), T, H, D,
+                                torch.get_num_threads())
+    return out
+
+
+def gather_rows(src: torch.Tensor, idx: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """out[i] = src[idx[i]]: src [T, W] bf16 (unit stride along W), idx [k] int64 in [0, T),
+    out [k, W] contiguous bf16."""
+    k, W = idx.numel(), src.shape[1]
+    idx = idx.contiguous()
+    if (src.stride(-1) != 1 or out.shape != (k, W) or not out.is_contiguous() or idx.dtype != torch.int64
+            or src.dtype != out.dtype or src.element_size() != 2):
+        raise ValueError(f"gather_rows: src {tuple(src.shape)}, idx {tuple(idx.shape)}, out {tuple(out.shape)} do not fit")
+    if k and (int(idx.min()) < 0 or int(idx.max()) >= src.shape[0]):
+        raise ValueError(f"gather_rows: an index is outside [0, {src.shape[0]})")
+    library().dsv3_gather_rows(src.data_ptr(), src.stride(0), idx.data_ptr(), k, W, out.data_ptr(),
+                               torch.get_num_threads())
+    return out

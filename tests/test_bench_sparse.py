@@ -38,7 +38,7 @@ def test_time_decode_names_a_cache_without_room():
 
     from dsv3lab.bench.sparse import bench_model, decode_room, filled_cache, time_decode
     m = bench_model("tiny", [32], index_topk=8, index_heads=2, index_dim=16, dtype=torch.float32, layers=1)
-    with pytest.raises(ValueError, match="decode 8 tokens after the 32 cached, but the cache holds 33"):
+    with pytest.raises(ValueError, match="decode 12 tokens after the 32 cached, but the cache holds 33"):
         time_decode(m, filled_cache(m, 32, room=1), 32, rounds=2, steps=1)
     t = time_decode(m, filled_cache(m, 32, room=decode_room(2, 1)), 32, rounds=2, steps=1)
     assert len(t["all"]["dense"]) == len(t["all"]["sparse"]) == 2

@@ -293,3 +293,23 @@ def test_fused_decode_step_with_sparse_attention():
                 outs[be] = torch.cat(steps, 1)
     rel = ((outs["auto"] - outs["torch"]).norm() / outs["torch"].norm()).item()
     assert rel < 0.03, rel
+
+
+def test_index_scores_and_gather_rows():
+    g = torch.Generator().manual_seed(9)
+    T, H, D = 300, 12, 128                       # 12 heads: one chunk of 8 and one of 4
+    keys = torch.randn(T + 5, D, generator=g).bfloat16()[:T]
+    q = (torch.randn(H, D, generator=g) * 0.2).bfloat16()
+    w = torch.randn(H, generator=g)
+    got = cpu_decode.index_scores(keys, q, w)
+    logits = (keys.float() @ q.float().T).bfloat16().float()     # the scorer rounds q.k to bf16
+    want = logits.clamp_min(0) @ w
+    # the bf16 rounding of each dot product may land on the other side: one ulp of each logit
+    slack = (logits.abs() * BF16_ULP).clamp_min(1e-6) @ w.abs()
+    assert ((got - want).abs() <= slack + 1e-5).all()
+    src = torch.randn(50, 576 + 8, generator=g).bfloat16()[:, :576]   # rows 584 apart
+    idx = torch.tensor([7, 0, 49, 7, 13])
+    out = torch.empty(5, 576, dtype=torch.bfloat16)
+    assert torch.equal(cpu_decode.gather_rows(src, idx, out), src[idx])   # data: bit-exact
+    with pytest.raises(ValueError, match="outside"):
+        cpu_decode.gather_rows(src, torch.tensor([50]), torch.empty(1, 576, dtype=torch.bfloat16))

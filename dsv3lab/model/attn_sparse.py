@@ -37,6 +37,7 @@ import threading
 
 import torch
 
+from dsv3lab.kernels import cpu_decode
 from dsv3lab.model.attention import AttnInput, keep_from_indices
 from dsv3lab.model.attn_absorbed import AbsorbedAttention, LatentCache, latent_attention
 from dsv3lab.model.indexer import KEY_FORMATS, Indexer, IndexerKeyCache, fires
@@ -130,8 +131,10 @@ class SparseAttention(AbsorbedAttention):
             rows = torch.stack([latent[b].index_select(0, idx[b]) for b in range(B)])
         else:
             rows = decode_rows(B * k * W, latent.dtype, latent.device).view(B, k, W)
+            gather = cpu_decode.gather_rows if cpu_decode.enabled(latent) else (
+                lambda src, i, out: torch.index_select(src, 0, i, out=out))
             for b in range(B):
-                torch.index_select(latent[b], 0, idx[b], out=rows[b])
+                gather(latent[b], idx[b], rows[b])
         return self.absorbed(q_nope, q_pe, rows, k - 1)
 
     def dense_probs(self, a: AttnInput, latent: torch.Tensor) -> None:

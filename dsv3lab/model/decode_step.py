@@ -155,7 +155,7 @@ class DecodeStep:
                 k = idx.shape[-1]
                 if k < start + 1:
                     rows = decode_rows(k * (c + r), latent.dtype, latent.device).view(1, k, c + r)
-                    torch.index_select(latent[0], 0, idx[0], out=rows[0])
+                    cpu_decode.gather_rows(latent[0], idx[0], rows[0])
                     latent = rows
             o_lat = latent_attention(q_cat, latent, attn.scale, c, latent.shape[1] - 1)
             if o_lat.stride(-1) != 1:

@@ -46,6 +46,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules import module as _mm
 
+from dsv3lab.kernels import cpu_decode
 from dsv3lab.model.hadamard import hadamard
 from dsv3lab.model.layers import HookPoint, LayerNorm, Linear, linear
 from dsv3lab.model.rope import apply_rope_half
@@ -182,6 +183,9 @@ def decode_scores(q: torch.Tensor, w: torch.Tensor, keys: torch.Tensor) -> torch
     fp32 keys: the same in fp32. Nothing of size T x D is copied or converted."""
     B, T = keys.shape[0], keys.shape[1]
     qk, wf = q.to(keys.dtype), w.float()
+    if cpu_decode.enabled(keys, qk) and keys.stride(-1) == 1:
+        # the C scorer (kernels/cpu/decode_bf16.c): every key row read once for all heads
+        return torch.stack([cpu_decode.index_scores(keys[b], qk[b], wf[b]) for b in range(B)])
 
     def one(b: int, out=None) -> torch.Tensor:
         logits = linear(keys[b], qk[b]) if keys.dtype == torch.bfloat16 else torch.mm(keys[b], qk[b].T)
@@ -307,7 +311,9 @@ class Indexer(nn.Module):
         T = start + 1
         if self.index_topk >= T:                 # every key: no scores needed (dense MLA follows)
             return torch.arange(T, device=x.device).expand(x.shape[0], T)
-        if keys.dtype == torch.bfloat16 and cache.key_format != "fp8":
+        if keys.dtype == torch.bfloat16 and cache.key_format != "fp8" and cpu_decode.enabled(keys, q):
+            scores = decode_scores(q[:, 0], w[:, 0], keys)                  # the C scorer: no GEMM setup
+        elif keys.dtype == torch.bfloat16 and cache.key_format != "fp8":
             keys = cache.read_bucketed(layer, x.shape[0], T, _KEY_BUCKET)
             scores = decode_scores(q[:, 0], w[:, 0], keys)[:, :T]            # rows past T dropped
         elif keys.dtype in (torch.bfloat16, torch.float32):

@@ -277,3 +277,37 @@ void dsv3_route(const float *s, const float *bias, int T, int E, int G, int topk
         }
     }
 }
+
+/* V3.2's index scores of one query against every cached indexer key: out[t] = sum_h w[h] *
+   relu(bf16(q[h] . key[t])), fp32 (the dot rounded to bf16 as the torch scorer's bf16 product
+   is). H query rows (D wide, contiguous) eight at a time against each key row (ldk apart),
+   which is read once; the keys split over the threads. */
+void dsv3_index_scores(const bf16 *keys, int64_t ldk, const bf16 *q, const float *w, float *out, int T, int H,
+                       int D, int nt) {
+#pragma omp parallel for schedule(static) num_threads(nt)
+    for (int t = 0; t < T; t++) {
+        const bf16 *kr = keys + (int64_t)t * ldk;
+        if (t + 8 < T) _mm_prefetch((const char *)(kr + 8 * ldk), _MM_HINT_T0);
+        float acc = 0.0f;
+        for (int h0 = 0; h0 < H; h0 += MAXM) {
+            int m = H - h0 < MAXM ? H - h0 : MAXM;
+            float s[MAXM];
+            dot_rows(kr, q + (int64_t)h0 * D, D, m, D, s);
+            for (int j = 0; j < m; j++) {
+                float v = round_bf(s[j]);
+                acc += w[h0 + j] * (v > 0.0f ? v : 0.0f);
+            }
+        }
+        out[t] = acc;
+    }
+}
+
+/* dst[i] = src[idx[i]] for k rows of W elements (src rows lds apart, dst rows contiguous): the
+   selected latent rows of a sparse decode step, copied once, rows split over the threads. */
+void dsv3_gather_rows(const bf16 *src, int64_t lds, const int64_t *idx, int k, int W, bf16 *dst, int nt) {
+#pragma omp parallel for schedule(static) num_threads(nt)
+    for (int i = 0; i < k; i++) {
+        if (i + 4 < k) _mm_prefetch((const char *)(src + idx[i + 4] * lds), _MM_HINT_T0);
+        memcpy(dst + (int64_t)i * W, src + idx[i] * lds, sizeof(bf16) * (size_t)W);
+    }
+}
