@@ -79,6 +79,14 @@ def test_bypassed_hook_points_compute_the_same(model):
     assert torch.allclose(bare(tok), model(tok), atol=1e-6, rtol=0)
 
 
+def test_bench_hooks_decode_mode_times_the_same_step_for_every_variant():
+    from dsv3lab.bench.hooks import measure
+    res = measure("tiny", reps=2, threads=1, decode=12)
+    assert [r["variant"] for r in res["rows"]] == ["bypassed", "idle", "observed", "traced"]
+    assert res["decode"] == 12 and res["batch"] == 1 and res["seq"] == 12
+    assert all(r["median_ms"] > 0 for r in res["rows"])
+
+
 # ---------------------------------------------------------------------------------------------
 # the trace against an independent recomputation (report sec. 2.1.2, docs/references.md#gate,
 # written here from the formulas)

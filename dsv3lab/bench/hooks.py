@@ -44,22 +44,36 @@ def add_args(p) -> None:
     p.add_argument("--seq", type=int, default=128)
     p.add_argument("--reps", type=int, default=15)
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--decode", type=int, default=0, metavar="CTX",
+                   help="time one bf16 decode step after CTX cached tokens (batch 1) instead of a forward")
 
 
-def measure(preset="lab", batch=4, seq=128, reps=15, threads=None) -> dict:
+def measure(preset="lab", batch=4, seq=128, reps=15, threads=None, decode=0) -> dict:
+    """``decode`` > 0: the variants time one bf16 decode step at batch 1 after ``decode`` cached
+    tokens (the fused C step when nothing is hooked: its idle cost is the per-step hook checks)."""
     import dsv3lab
     from dsv3lab.probes import hook_points, hooks
     if threads:
         torch.set_num_threads(threads)
-    model = dsv3lab.build(preset, seed=0)
+    model = dsv3lab.build(preset, seed=0, dtype=torch.bfloat16 if decode else None)
     bare = bypass_hook_points(model)
+    if decode:
+        batch, seq = 1, decode
     tokens = torch.randint(0, model.cfg.vocab_size, (batch, seq), generator=torch.Generator().manual_seed(0))
+    caches = {}
 
     def run(m):
-        t0 = time.perf_counter()
         with torch.no_grad():
-            m(tokens)
-        return time.perf_counter() - t0
+            if not decode:
+                t0 = time.perf_counter()
+                m(tokens)
+                return time.perf_counter() - t0
+            if id(m) not in caches:                  # prefill once per model, then one step again and again
+                caches[id(m)] = m.new_cache(1, decode + 1)
+                m(tokens, start=0, cache=caches[id(m)])
+            t0 = time.perf_counter()
+            m(tokens[:, -1:], start=decode, cache=caches[id(m)])
+            return time.perf_counter() - t0
 
     def observed():
         with hooks(model, [(None, lambda t, n: None)]):
@@ -88,7 +102,7 @@ def measure(preset="lab", batch=4, seq=128, reps=15, threads=None) -> dict:
     for _ in range(n_calls):
         hp(x)
     per_call = (time.perf_counter() - t0) / n_calls
-    return dict(preset=preset, batch=batch, seq=seq, reps=reps, threads=torch.get_num_threads(),
+    return dict(preset=preset, batch=batch, seq=seq, reps=reps, threads=torch.get_num_threads(), decode=decode,
                 hook_points=len(hook_points(model)), calls_per_forward=len(fired),
                 idle_call_us=per_call * 1e6, idle_overhead_ms=per_call * len(fired) * 1e3,
                 idle_overhead_fraction=per_call * len(fired) / min(times["bypassed"]),
@@ -99,11 +113,15 @@ def measure(preset="lab", batch=4, seq=128, reps=15, threads=None) -> dict:
 
 def run(args) -> int:
     from dsv3lab.bench import print_table, write_json_atomic
-    res = measure(args.preset, args.batch, args.seq, args.reps, args.threads)
-    print(f"{res['preset']}: batch {res['batch']} x {res['seq']} tokens, {res['hook_points']} hook points, "
-          f"{res['threads']} threads, median of {res['reps']}")
+    res = measure(args.preset, args.batch, args.seq, args.reps, args.threads, args.decode)
+    what = (f"one bf16 decode step after {res['decode']} tokens" if res["decode"]
+            else f"batch {res['batch']} x {res['seq']} tokens")
+    print(f"{res['preset']}: {what}, {res['hook_points']} hook points, {res['threads']} threads, median of {res['reps']}")
     print_table(res["rows"], ["variant", "median_ms", "min_ms", "vs_bypassed", "min_vs_bypassed"])
-    print(f"idle HookPoint call: {res['idle_call_us']:.2f} us x {res['calls_per_forward']} calls per forward = "
-          f"{res['idle_overhead_ms']:.3f} ms = {100 * res['idle_overhead_fraction']:.3f}% of the fastest bypassed forward")
-    write_json_atomic(args.out or "results/bench-hooks.json", res)
+    if res["decode"]:
+        print("idle: the fused decode step checks each module it reaches for hooks; idle / bypassed is that cost")
+    else:
+        print(f"idle HookPoint call: {res['idle_call_us']:.2f} us x {res['calls_per_forward']} calls per forward = "
+              f"{res['idle_overhead_ms']:.3f} ms = {100 * res['idle_overhead_fraction']:.3f}% of the fastest bypassed forward")
+    write_json_atomic(args.out or ("results/bench-hooks-decode.json" if res["decode"] else "results/bench-hooks.json"), res)
     return 0
