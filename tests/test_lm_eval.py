@@ -47,7 +47,7 @@ ROLLING = [
 ]
 
 
-def _write_tasks(d):
+def _write_tasks(d, gen_items=GEN):
     def jsonl(name, rows):
         p = os.path.join(d, name)
         with open(p, "w", encoding="utf-8") as f:
@@ -56,7 +56,7 @@ def _write_tasks(d):
         return p
 
     mc = jsonl("mc.jsonl", [dict(question=q, choices=c, answer=a) for q, c, a in MC])
-    gen = jsonl("gen.jsonl", [dict(prompt=p, target=t) for p, t in GEN])
+    gen = jsonl("gen.jsonl", [dict(prompt=p, target=t) for p, t in gen_items])
     roll = jsonl("roll.jsonl", [dict(text=t) for t in ROLLING])
     tasks = {
         "lab_mc": f"""task: lab_mc
@@ -107,7 +107,22 @@ metric_list:
             f.write(text)
 
 
-def _hand(model, tok):
+def _greedy(model, tok, prompt):
+    """A cache-free greedy generation of at most MAX_GEN tokens, cut at the stop strings."""
+    ids, new = list(tok.encode(prompt, add_special_tokens=False).ids), []
+    with torch.no_grad():
+        for _ in range(MAX_GEN):
+            nxt = int(model(torch.tensor([ids + new]))[0, -1].argmax())
+            if nxt == model.cfg.eos_token_id:
+                break
+            new.append(nxt)
+    text = tok.decode(new, skip_special_tokens=True)
+    for s in UNTIL:
+        text = text.split(s)[0]
+    return text
+
+
+def _hand(model, tok, gen_items=GEN):
     """The same items scored with the engine directly: one forward per item, no padding."""
     def enc(s):
         return list(tok.encode(s, add_special_tokens=False).ids)
@@ -128,20 +143,8 @@ def _hand(model, tok):
         normed = [v / len(c) for v, c in zip(lls, choices)]   # acc_norm: per character of the choice
         acc_norm.append(float(max(range(len(normed)), key=lambda i: normed[i]) == gold))
 
-    gens = []
-    for prompt, _ in GEN:
-        ids, new = enc(prompt), []
-        with torch.no_grad():
-            for _ in range(MAX_GEN):
-                nxt = int(model(torch.tensor([ids + new]))[0, -1].argmax())
-                if nxt == model.cfg.eos_token_id:
-                    break
-                new.append(nxt)
-        text = tok.decode(new, skip_special_tokens=True)
-        for s in UNTIL:
-            text = text.split(s)[0]
-        gens.append(text)
-    em = [float(g == t) for g, (_, t) in zip(gens, GEN)]
+    gens = [_greedy(model, tok, prompt) for prompt, _ in gen_items]
+    em = [float(g == t) for g, (_, t) in zip(gens, gen_items)]
 
     total_ll, total_bytes = 0.0, 0
     eos = model.cfg.eos_token_id
@@ -162,7 +165,12 @@ def test_lm_eval_cli_matches_hand_computation(tmp_path):
 
     tasks_dir, out_dir = tmp_path / "tasks", tmp_path / "out"
     tasks_dir.mkdir()
-    _write_tasks(str(tasks_dir))
+    # one item whose target is the model's own greedy text, so exact_match cannot be 0 whatever
+    # the model (lm-eval still has to generate it token for token); GEN's fixed targets supply misses
+    model = dsv3lab.load(LAB, dtype=torch.float32)
+    tok = load_tokenizer(LAB)
+    gen_items = GEN + [(GEN[0][0] + " list of", _greedy(model, tok, GEN[0][0] + " list of"))]
+    _write_tasks(str(tasks_dir), gen_items)
     env = dict(os.environ, HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
                HF_DATASETS_CACHE=str(tmp_path / "hf_datasets"), HF_HOME=str(tmp_path / "hf_home"),
                OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
@@ -173,8 +181,7 @@ def test_lm_eval_cli_matches_hand_computation(tmp_path):
     proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         # the hand computation runs while lm-eval does (two cores; the two start-ups dominate)
-        model = dsv3lab.load(LAB, dtype=torch.float32)
-        hand = _hand(model, load_tokenizer(LAB))
+        hand = _hand(model, tok, gen_items)
         stdout, stderr = proc.communicate(timeout=300)
     finally:
         if proc.poll() is None:
