@@ -37,7 +37,8 @@ from pathlib import Path
 
 import torch
 
-SOURCE = Path(__file__).with_name("cpu") / "decode_bf16.c"
+SOURCES = Path(__file__).with_name("cpu")
+SOURCE = SOURCES / "decode_bf16.c"
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11"]
 MAX_ROWS = 8            # rows one gemv call takes (MAXM in the C source)
 MAX_SLOTS = 64          # experts one moe call takes
@@ -59,35 +60,46 @@ def _cache_dir() -> Path:
 
 
 @functools.lru_cache(maxsize=None)
-def library() -> ctypes.CDLL | None:
-    """The built library, or None (with one warning naming the reason) when it cannot be built."""
+def build(source: Path) -> ctypes.CDLL | None:
+    """The shared library of one C source under ``cpu/``, compiled once per source, compiler and
+    CPU; None (with one warning naming the reason) when it cannot be built. Callers set the
+    functions' ctypes signatures."""
     cc = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
     if cc is None:
-        warnings.warn("dsv3lab: no C compiler (gcc/cc) found; bf16 decode runs the torch code", stacklevel=2)
+        warnings.warn(f"dsv3lab: no C compiler (gcc/cc) found for {source.name}; the torch code runs instead",
+                      stacklevel=2)
         return None
-    src = SOURCE.read_bytes()
+    src = source.read_bytes()
     key = hashlib.sha256(src + " ".join([cc, *FLAGS]).encode() + _cpu_id().encode()).hexdigest()[:16]
-    out = _cache_dir() / f"decode_bf16-{key}.so"
+    out = _cache_dir() / f"{source.stem}-{key}.so"
     if not out.exists():
         out.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
         os.close(fd)
         try:
             try:
-                r = subprocess.run([cc, *FLAGS, str(SOURCE), "-o", tmp, "-lm"], capture_output=True, text=True)
+                r = subprocess.run([cc, *FLAGS, str(source), "-o", tmp, "-lm"], capture_output=True, text=True)
                 err = r.stderr[-2000:] if r.returncode else None
             except OSError as e:
                 err = str(e)
             if err is not None:
-                warnings.warn(f"dsv3lab: building {SOURCE.name} with {cc} failed; bf16 decode runs the torch "
-                              f"code:\n{err}", stacklevel=2)
+                warnings.warn(f"dsv3lab: building {source.name} with {cc} failed; the torch code runs instead:"
+                              f"\n{err}", stacklevel=2)
                 return None
             os.replace(tmp, out)
         finally:
             if os.path.exists(tmp):
                 os.unlink(tmp)
     import torch  # noqa: F401  -- torch's OpenMP runtime must be loaded first (see the C source)
-    lib = ctypes.CDLL(str(out))
+    return ctypes.CDLL(str(out))
+
+
+@functools.lru_cache(maxsize=None)
+def library() -> ctypes.CDLL | None:
+    """The bf16 decode library (``cpu/decode_bf16.c``) with its signatures set, or None."""
+    lib = build(SOURCE)
+    if lib is None:
+        return None
     P, I64, I = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     lib.dsv3_gemv.argtypes = [P, I64, I64, P, I64, I64, P, I64, I64, I, I, I, I, I]
     lib.dsv3_moe.argtypes = [P, I, I, P, P, P, P, P, P, P, I]

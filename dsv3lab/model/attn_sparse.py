@@ -51,7 +51,7 @@ _GATHER_CHUNK_ELEMS = 1 << 23
 _DECODE_ROWS = threading.local()         # .bufs: {(device, dtype): flat tensor}, freed with the thread
 
 
-def decode_rows(n: int, dtype, device) -> torch.Tensor:
+def _gather_buffer(n: int, dtype, device) -> torch.Tensor:
     """A flat buffer of at least ``n`` elements for the decode gather, grown when too small."""
     bufs = _DECODE_ROWS.__dict__.setdefault("bufs", {})
     key = (torch.device(device), dtype)
@@ -99,11 +99,10 @@ class SparseAttention(AbsorbedAttention):
         mla = self.mla
         latent = self.write(a, cache, slot)                                   # [B,T,c+r]
         if cache is not None and a.q_nope.shape[1] == 1 and self.fast_decode_ok():
-            idx = mla.indexer.decode_select(a.x, a.q_latent, a.cos, a.sin, a.start,
-                                            cache.index_keys, slot)           # [B,k], unordered
-            if idx.shape[-1] >= a.end:                  # every key selected: dense MLA
+            rows = self.decode_gathered(a.x, a.q_latent, a.cos, a.sin, a.start, cache, slot, latent)
+            if rows is latent:                          # every key selected: dense MLA
                 return self.attend(a, latent)
-            return self.decode_gathered(a.q_nope, a.q_pe, latent, idx)
+            return self.absorbed(a.q_nope, a.q_pe, rows, rows.shape[1] - 1)
         idx = mla.indexer(a.x, a.q_latent, a.cos, a.sin, a.start,
                           None if cache is None else cache.index_keys, slot)  # [B,S,k]
         T = a.end
@@ -121,21 +120,25 @@ class SparseAttention(AbsorbedAttention):
         mla = self.mla
         return mla.indexer.fast_decode_ok and not fires(mla.hook_attn_probs, mla.indexer.hook_dense_probs)
 
-    def decode_gathered(self, q_nope, q_pe, latent, idx) -> torch.Tensor:
-        """One token per sequence over its k selected rows idx [B,k] (any order) -> [B,1,H,v]:
-        the rows copied into one contiguous [B,k,c+r] tensor, then the absorbed one-token decode
-        over it (every gathered row is visible, so no mask: start = k - 1)."""
+    def decode_gathered(self, x, q_latent, cos, sin, start: int, cache: SparseCache, slot: int,
+                        latent: torch.Tensor) -> torch.Tensor:
+        """The latent rows one decode token attends to: the indexer's k selections (any order)
+        copied into one contiguous [B,k,c+r] tensor, or ``latent`` itself when k covers every
+        key. Every returned row is visible, so the absorbed one-token decode runs over it with
+        no mask (start = k - 1)."""
+        idx = self.mla.indexer.decode_select(x, q_latent, cos, sin, start, cache.index_keys, slot)   # [B,k]
         B, k = idx.shape
+        if k >= start + 1:
+            return latent
         W = latent.shape[-1]
         if torch.is_grad_enabled() and latent.requires_grad:
-            rows = torch.stack([latent[b].index_select(0, idx[b]) for b in range(B)])
-        else:
-            rows = decode_rows(B * k * W, latent.dtype, latent.device).view(B, k, W)
-            gather = cpu_decode.gather_rows if cpu_decode.enabled(latent) else (
-                lambda src, i, out: torch.index_select(src, 0, i, out=out))
-            for b in range(B):
-                gather(latent[b], idx[b], rows[b])
-        return self.absorbed(q_nope, q_pe, rows, k - 1)
+            return torch.stack([latent[b].index_select(0, idx[b]) for b in range(B)])
+        rows = _gather_buffer(B * k * W, latent.dtype, latent.device).view(B, k, W)
+        gather = cpu_decode.gather_rows if cpu_decode.enabled(latent) else (
+            lambda src, i, out: torch.index_select(src, 0, i, out=out))
+        for b in range(B):
+            gather(latent[b], idx[b], rows[b])
+        return rows
 
     def dense_probs(self, a: AttnInput, latent: torch.Tensor) -> None:
         """Fire ``indexer.hook_dense_probs`` with dense MLA's probabilities [B,H,S,T] (no gradient)."""

@@ -27,7 +27,7 @@ from torch.nn.modules import module as _torch_module
 
 from dsv3lab.kernels import cpu_decode
 from dsv3lab.model.attn_absorbed import AbsorbedAttention, LatentCache, latent_attention
-from dsv3lab.model.attn_sparse import SparseAttention, decode_rows
+from dsv3lab.model.attn_sparse import SparseAttention
 from dsv3lab.model.layers import MLP, HookPoint, Linear, RMSNorm
 from dsv3lab.model.moe import MoE
 
@@ -150,13 +150,8 @@ class DecodeStep:
                           q_cat.data_ptr(), 0, c + r, H, 1, c, n, nt)           # q_lat into q_cat
             latent = cache.layers[blk.layer][:1, :start + 1]
             if sparse:                           # V3.2: the indexer's top-k rows, gathered (attn_sparse.py)
-                idx = attn.indexer.decode_select(h.view(1, 1, D), qa.view(1, 1, -1) if cfg.q_lora_rank else None,
-                                                 cos, sin, start, cache.index_keys, blk.layer)
-                k = idx.shape[-1]
-                if k < start + 1:
-                    rows = decode_rows(k * (c + r), latent.dtype, latent.device).view(1, k, c + r)
-                    cpu_decode.gather_rows(latent[0], idx[0], rows[0])
-                    latent = rows
+                latent = impl.decode_gathered(h.view(1, 1, D), qa.view(1, 1, -1) if cfg.q_lora_rank else None,
+                                              cos, sin, start, cache, blk.layer, latent)
             o_lat = latent_attention(q_cat, latent, attn.scale, c, latent.shape[1] - 1)
             if o_lat.stride(-1) != 1:
                 o_lat = o_lat.contiguous()                                     # [1,1,H,c], rows stride(2) apart
