@@ -37,7 +37,7 @@ import threading
 
 import torch
 
-from dsv3lab.kernels import cpu_decode
+from dsv3lab.kernels import cpu_decode, cpu_sparse
 from dsv3lab.model.attention import AttnInput, keep_from_indices
 from dsv3lab.model.attn_absorbed import AbsorbedAttention, LatentCache, latent_attention
 from dsv3lab.model.indexer import KEY_FORMATS, Indexer, IndexerKeyCache, fires
@@ -134,10 +134,17 @@ class SparseAttention(AbsorbedAttention):
         if torch.is_grad_enabled() and latent.requires_grad:
             return torch.stack([latent[b].index_select(0, idx[b]) for b in range(B)])
         rows = _gather_buffer(B * k * W, latent.dtype, latent.device).view(B, k, W)
-        gather = cpu_decode.gather_rows if cpu_decode.enabled(latent) else (
-            lambda src, i, out: torch.index_select(src, 0, i, out=out))
+        lib = cpu_sparse.library() if cpu_decode.enabled(latent) and latent.stride(-1) == 1 else None
+        if lib is not None and idx.stride(-1) == 1:
+            # the C gather (kernels/cpu/sparse_bf16.c), every line of the rows ahead prefetched; the
+            # positions come from decode_select (in [0, start], unchecked here)
+            nt, ls, ip = torch.get_num_threads(), latent.stride(0), idx.data_ptr()
+            for b in range(B):
+                lib.dsv3_gather_sorted(latent.data_ptr() + 2 * b * ls, latent.stride(1), ip + 8 * b * idx.stride(0),
+                                       k, W, rows.data_ptr() + 2 * b * k * W, nt)
+            return rows
         for b in range(B):
-            gather(latent[b], idx[b], rows[b])
+            torch.index_select(latent[b], 0, idx[b], out=rows[b])
         return rows
 
     def dense_probs(self, a: AttnInput, latent: torch.Tensor) -> None:

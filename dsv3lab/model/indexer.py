@@ -269,6 +269,7 @@ class Indexer(nn.Module):
         self.hook_topk_indices = HookPoint("[B,S,k] int64 selected key positions, k = min(index_topk, T); -1 = none")
         # fired by the sparse attention, not here: what the selection is measured against
         self.hook_dense_probs = HookPoint("[B,H,S,T] MLA's dense softmax over every visible key (computed only when hooked)")
+        self._fused_layout = None      # (what fused_decode_ok checked once, its verdict)
 
     @property
     def rotate(self) -> bool:
@@ -307,6 +308,8 @@ class Indexer(nn.Module):
         and sort, and without firing ``hook_scores``/``hook_topk_indices`` (see ``fast_decode_ok``)."""
         if x.shape[1] != 1:
             raise ValueError(f"decode_select takes one query per sequence, got x of shape {tuple(x.shape)}")
+        if self.fused_decode_ok(x, q_latent, cos, cache, layer):
+            return self.decode_select_fused(x, q_latent, cos, sin, start, cache, layer)
         q, w, keys = self.scoring_inputs(x, q_latent, cos, sin, start, cache, layer)
         T = start + 1
         if self.index_topk >= T:                 # every key: no scores needed (dense MLA follows)
@@ -321,6 +324,86 @@ class Indexer(nn.Module):
         else:
             scores = index_scores(q, w, keys, start)[:, 0]
         return decode_topk(scores, self.index_topk)
+
+    def fused_decode_ok(self, x, q_latent, cos, cache: IndexerKeyCache, layer: int) -> bool:
+        """``decode_select_fused`` may run: a bf16 model on the CPU with the sparse kernels built and
+        no autograd, bf16 keys stored as they are scored (format "bf16", or "model" in a bf16
+        model), plain bf16 projections, and nothing hooked on what it skips (the projections, the
+        LayerNorm, the q/k/weight hook points)."""
+        from dsv3lab.kernels import cpu_sparse
+        from dsv3lab.kernels.dispatch import get_backend
+        if torch.is_grad_enabled() or get_backend() != "auto" or cpu_sparse.library() is None:
+            return False
+        buf = cache.layers[layer]
+        if not isinstance(buf, torch.Tensor):                    # fp8: (values, scales)
+            return False
+        # shapes, dtypes and layouts are checked once per set of weights and buffer: a decode step
+        # is made of small calls, and in one these checks would cost about as much as the kernels
+        layout = (cache.key_format, self.key_format, buf.dtype, buf.data_ptr(), buf.shape,
+                  *((id(p), p.dtype, p.data_ptr()) for p in (self.wq_b.weight, self.wk.weight, self.k_norm.weight,
+                                                             self.k_norm.bias, self.weights_proj.weight)))
+        if self._fused_layout is None or self._fused_layout[0] != layout:
+            bf = torch.bfloat16
+            ok = (cache.key_format == self.key_format != "fp8" and buf.dtype == bf and buf.is_contiguous()
+                  and buf.device.type == "cpu" and self.head_dim <= cpu_sparse.MAX_DIM and self.rope_dim % 2 == 0
+                  and all(type(p) is Linear and p.weight.dtype == bf and p.weight.is_contiguous()
+                          and p.weight.device.type == "cpu" for p in (self.wq_b, self.wk))
+                  and self.k_norm.weight.dtype == self.k_norm.bias.dtype == bf
+                  and self.k_norm.weight.is_contiguous() and self.k_norm.bias.is_contiguous()
+                  and self.weights_proj.weight.dtype == torch.float32 and self.weights_proj.weight.is_contiguous())
+            self._fused_layout = (layout, ok)
+        return (self._fused_layout[1] and x.dtype == q_latent.dtype == torch.bfloat16
+                and x.device.type == "cpu" and x.is_contiguous() and q_latent.is_contiguous()
+                and cos.dtype == torch.float32 and cos.numel() * 2 == self.rope_dim and cos.is_contiguous()
+                and not fires(self.wq_b, self.wk, self.k_norm, self.weights_proj, self.hook_q, self.hook_k,
+                              self.hook_weights))
+
+    def decode_select_fused(self, x, q_latent, cos, sin, start: int, cache: IndexerKeyCache,
+                            layer: int) -> torch.Tensor:
+        """``decode_select`` in three calls per sequence (when ``fused_decode_ok``): one C call
+        for the query's and key's projections, LayerNorm and RoPE and the head weights, the key
+        written straight into the cache; the [T,D] x [D,H] product of the cached keys (torch's
+        bf16 GEMM: AMX tiles where the CPU has them; in row counts rounded up to _KEY_BUCKET, so
+        its setup is reused); one C call for the relu'd, head-weighted sums and an exact top-k
+        (kernels/cpu/sparse_bf16.c). The arithmetic and roundings of ``project`` +
+        ``decode_scores`` + ``decode_topk`` up to the order of fp32 additions; the selection comes
+        back in increasing position order, with select_topk's tie rule."""
+        from dsv3lab.kernels import cpu_sparse
+        lib = cpu_sparse.library()
+        B = x.shape[0]
+        if not (0 <= start < cache.max_len and B <= cache.batch):      # the C writes the key row at start
+            raise ValueError(f"decode_select: position {start} of {B} sequences does not fit the indexer cache "
+                             f"({cache.batch} sequences x {cache.max_len} positions)")
+        H, D, r = self.n_heads, self.head_dim, self.rope_dim
+        hidden, qlr = x.shape[-1], q_latent.shape[-1]
+        nt = torch.get_num_threads()
+        q = torch.empty(B, H, D, dtype=torch.bfloat16)
+        w = torch.empty(B, H, dtype=torch.float32)
+        scratch = torch.empty(H * D + D, dtype=torch.bfloat16)
+        buf = cache.layers[layer]
+        wq, wk, ln, wp = self.wq_b.weight, self.wk.weight, self.k_norm, self.weights_proj.weight
+        for b in range(B):                        # pointers by arithmetic: no view objects per row
+            lib.dsv3_index_qkw(x.data_ptr() + 2 * b * hidden, hidden, q_latent.data_ptr() + 2 * b * qlr, qlr,
+                               wq.data_ptr(), wk.data_ptr(), ln.weight.data_ptr(), ln.bias.data_ptr(), ln.eps,
+                               cos.data_ptr(), sin.data_ptr(), wp.data_ptr(), H ** -0.5 * D ** -0.5, H, D, r,
+                               scratch.data_ptr(), q.data_ptr() + 2 * b * H * D,
+                               buf.data_ptr() + 2 * (b * buf.stride(0) + start * D), w.data_ptr() + 4 * b * H, nt)
+        T = start + 1
+        k = min(self.index_topk, T)
+        if k >= T:                               # every key: no scores needed (dense MLA follows)
+            return torch.arange(T, device=x.device).expand(B, T)
+        keys = buf[:B, :min(cache.max_len, -(-T // _KEY_BUCKET) * _KEY_BUCKET)]   # read_bucketed, inline
+        work = torch.empty(3, T, dtype=torch.int32)           # scores (fp32), their order keys, candidates
+        out = torch.empty(B, k + 1, dtype=torch.int64)        # one spare slot per row (see the C)
+        wpt = work.data_ptr()
+        for b in range(B):
+            logits = linear(keys[b], q[b])                     # [T',H] bf16; rows past T are not read
+            n = lib.dsv3_index_select(logits.data_ptr(), H, T, H, w.data_ptr() + 4 * b * H, k, wpt,
+                                      wpt + 4 * T, wpt + 8 * T, out.data_ptr() + 8 * b * (k + 1))
+            if n < 0:                             # a NaN score: torch's top-k decides, as in decode_topk
+                scores = torch.mv(logits[:T].float().clamp_min_(0), w[b])
+                out[b, :k] = decode_topk(scores[None], self.index_topk)[0]
+        return out[:, :k]
 
     def scoring_inputs(self, x, q_latent, cos, sin, start, cache, layer):
         """Queries [B,S,H,D], head weights [B,S,H] and the keys [B,start+S,D] to score against
