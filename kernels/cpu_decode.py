@@ -3,7 +3,8 @@
 A bf16 decode step on a CPU is memory-bound: each weight is read once for one activation row.
 torch's one-row bf16 GEMV streams weights at a fraction of the copy bandwidth, and a step of a
 small model spends as long again in op dispatch. ``cpu/decode_bf16.c`` has seven kernels for the
-bf16 decode path, each replacing several torch calls:
+bf16 decode path, each replacing several torch calls (the first four also in fp32, for the fp32
+model's fused decode step: ``kernel(name, dtype)``):
 
   gemv(w, x)                      x @ w.T for 1-8 rows; w may be a batch (per-head W_UK, W_UV)
   moe(x, experts, weights)        one token through its chosen experts (and the shared ones)
@@ -101,18 +102,34 @@ def library() -> ctypes.CDLL | None:
     if lib is None:
         return None
     P, I64, I = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-    lib.dsv3_gemv.argtypes = [P, I64, I64, P, I64, I64, P, I64, I64, I, I, I, I, I]
-    lib.dsv3_moe.argtypes = [P, I, I, P, P, P, P, P, P, P, I]
     F = ctypes.c_float
-    lib.dsv3_rmsnorm.argtypes = [P, I64, P, F, P, I64, I, I]
-    lib.dsv3_rope.argtypes = [P, I64, P, P, P, I64, I, I]
-    lib.dsv3_route.argtypes = [P, P, I, I, I, I, I, I, F, P, P]
-    lib.dsv3_index_scores.argtypes = [P, I64, P, P, P, I, I, I, I]
-    lib.dsv3_gather_rows.argtypes = [P, I64, P, I, I, P, I]
-    for fn in (lib.dsv3_gemv, lib.dsv3_moe, lib.dsv3_rmsnorm, lib.dsv3_rope, lib.dsv3_route,
-               lib.dsv3_index_scores, lib.dsv3_gather_rows):
-        fn.restype = None
+    signatures = {
+        "dsv3_gemv": [P, I64, I64, P, I64, I64, P, I64, I64, I, I, I, I, I],
+        "dsv3_moe": [P, I, I, P, P, P, P, P, P, P, I],
+        "dsv3_rmsnorm": [P, I64, P, F, P, I64, I, I],
+        "dsv3_rope": [P, I64, P, P, P, I64, I, I],
+    }
+    signatures.update({name + "_f32": args for name, args in signatures.items()})    # the fp32 twins
+    signatures.update({
+        "dsv3_route": [P, P, I, I, I, I, I, I, F, P, P],
+        "dsv3_index_scores": [P, I64, P, P, P, I, I, I, I],
+        "dsv3_gather_rows": [P, I64, P, I, I, P, I],
+        "dsv3_latent_attn_f32": [P, I64, P, I64, P, I, I, I, F, P, I64, P, I],
+    })
+    for name, args in signatures.items():
+        fn = getattr(lib, name)
+        fn.argtypes, fn.restype = args, None
     return lib
+
+
+KERNEL_DTYPES = (torch.bfloat16, torch.float32)     # gemv, moe, rmsnorm and rope take either
+
+
+def kernel(name: str, dtype: torch.dtype):
+    """The C function ``name`` for tensors of ``dtype`` (bf16, or its ``_f32`` twin)."""
+    if dtype not in KERNEL_DTYPES:
+        raise ValueError(f"{name}: the C kernels take bf16 or fp32 tensors, not {dtype}")
+    return getattr(library(), name if dtype == torch.bfloat16 else name + "_f32")
 
 
 def available() -> bool:
@@ -137,10 +154,10 @@ def _rows_ok(t: torch.Tensor) -> bool:
 
 
 def gemv(w: torch.Tensor, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-    """x @ w.T in bf16 (fp32 sums, one rounding): w [N, K] with x [M, K], or a batch w [b, N, K]
-    with x [b, M, K] -> [b, M, N]; M <= MAX_ROWS, unit stride along K (x and w may be strided
-    views otherwise). ``out`` (same shape, unit stride along N) receives the result in place,
-    e.g. a slice of a larger buffer."""
+    """x @ w.T in bf16 (fp32 sums, one rounding) or fp32: w [N, K] with x [M, K], or a batch
+    w [b, N, K] with x [b, M, K] -> [b, M, N]; M <= MAX_ROWS, unit stride along K (x and w may be
+    strided views otherwise), one dtype for all. ``out`` (same shape, unit stride along N)
+    receives the result in place, e.g. a slice of a larger buffer."""
     if w.dim() == 3:
         nb, N, K = w.shape
         M = x.shape[1]
@@ -150,27 +167,33 @@ def gemv(w: torch.Tensor, x: torch.Tensor, out: torch.Tensor | None = None) -> t
         nb, (N, K), M = 1, w.shape, x.shape[0]
         fits = x.dim() == 2 and x.shape[1] == K
         shape = (M, N)
-    if not fits or M > MAX_ROWS or not (_rows_ok(w) and _rows_ok(x)):
-        raise ValueError(f"gemv: w {tuple(w.shape)} and x {tuple(x.shape)} do not fit (M <= {MAX_ROWS}, unit stride)")
-    y = torch.empty(shape, dtype=torch.bfloat16) if out is None else out
-    if tuple(y.shape) != shape or y.dtype != torch.bfloat16 or not _rows_ok(y):
-        raise ValueError(f"gemv: out {tuple(y.shape)} {y.dtype} is not a bf16 {shape} with unit stride")
+    if not fits or M > MAX_ROWS or not (_rows_ok(w) and _rows_ok(x)) or x.dtype != w.dtype:
+        raise ValueError(f"gemv: w {tuple(w.shape)} {w.dtype} and x {tuple(x.shape)} {x.dtype} do not fit "
+                         f"(M <= {MAX_ROWS}, unit stride, one dtype)")
+    fn = kernel("dsv3_gemv", w.dtype)
+    y = torch.empty(shape, dtype=w.dtype) if out is None else out
+    if tuple(y.shape) != shape or y.dtype != w.dtype or not _rows_ok(y):
+        raise ValueError(f"gemv: out {tuple(y.shape)} {y.dtype} is not a {w.dtype} {shape} with unit stride")
     if nb == 1 and w.dim() == 2:
-        library().dsv3_gemv(w.data_ptr(), w.stride(0), 0, x.data_ptr(), x.stride(0), 0, y.data_ptr(), y.stride(0), 0,
-                            1, M, N, K, torch.get_num_threads())
+        fn(w.data_ptr(), w.stride(0), 0, x.data_ptr(), x.stride(0), 0, y.data_ptr(), y.stride(0), 0,
+           1, M, N, K, torch.get_num_threads())
     else:
-        library().dsv3_gemv(w.data_ptr(), w.stride(1), w.stride(0), x.data_ptr(), x.stride(1), x.stride(0),
-                            y.data_ptr(), y.stride(1), y.stride(0), nb, M, N, K, torch.get_num_threads())
+        fn(w.data_ptr(), w.stride(1), w.stride(0), x.data_ptr(), x.stride(1), x.stride(0),
+           y.data_ptr(), y.stride(1), y.stride(0), nb, M, N, K, torch.get_num_threads())
     return y
 
 
 def moe(x: torch.Tensor, gate: list, up: list, down: list, weights: torch.Tensor) -> torch.Tensor:
-    """One token x [K] through experts s (gate[s], up[s] [I_s, K], down[s] [K, I_s], contiguous
-    bf16): sum_s weights[s] * down_s(silu(gate_s x) * up_s x), fp32 [K]."""
+    """One token x [K] through experts s (gate[s], up[s] [I_s, K], down[s] [K, I_s], contiguous,
+    x's dtype: bf16 or fp32): sum_s weights[s] * down_s(silu(gate_s x) * up_s x), fp32 [K]."""
     n = len(gate)
     if not (0 < n <= MAX_SLOTS) or weights.numel() != n or not x.is_contiguous():
         raise ValueError(f"moe: {n} experts with {weights.numel()} weights (1..{MAX_SLOTS}), x contiguous")
     K = x.numel()
+    for t in (*gate, *up, *down):
+        if t.dtype != x.dtype or not t.is_contiguous():
+            raise ValueError(f"moe: an expert weight {tuple(t.shape)} {t.dtype} is not a contiguous {x.dtype} tensor")
+    fn = kernel("dsv3_moe", x.dtype)
     inter = [g.shape[0] for g in gate]
     ptr = ctypes.c_int64 * n
     g_p = ptr(*[t.data_ptr() for t in gate])
@@ -178,28 +201,28 @@ def moe(x: torch.Tensor, gate: list, up: list, down: list, weights: torch.Tensor
     d_p = ptr(*[t.data_ptr() for t in down])
     i_p = (ctypes.c_int * n)(*inter)
     ws = weights.to(torch.float32).contiguous()
-    h = torch.empty(sum(inter), dtype=torch.bfloat16)
+    h = torch.empty(sum(inter), dtype=x.dtype)
     y = torch.empty(K, dtype=torch.float32)
-    library().dsv3_moe(x.data_ptr(), K, n, g_p, u_p, d_p, i_p, ws.data_ptr(), h.data_ptr(), y.data_ptr(),
-                       torch.get_num_threads())
+    fn(x.data_ptr(), K, n, g_p, u_p, d_p, i_p, ws.data_ptr(), h.data_ptr(), y.data_ptr(), torch.get_num_threads())
     return y
 
 
 def rmsnorm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
-    """RMSNorm of the rows of x [..., D] (bf16, as ``layers.RMSNorm`` rounds) -> a new tensor."""
+    """RMSNorm of the rows of x [..., D] (bf16 or fp32, rounded as ``layers.RMSNorm`` rounds)
+    -> a new tensor."""
     D = x.shape[-1]
     rows = x.reshape(-1, D)
-    if rows.stride(-1) != 1 or w.numel() != D or not w.is_contiguous():
-        raise ValueError(f"rmsnorm: x {tuple(x.shape)} and weight {tuple(w.shape)} do not fit")
-    y = torch.empty(rows.shape, dtype=torch.bfloat16)
-    library().dsv3_rmsnorm(rows.data_ptr(), rows.stride(0), w.data_ptr(), float(eps), y.data_ptr(), D,
-                           rows.shape[0], D)
+    if rows.stride(-1) != 1 or w.numel() != D or not w.is_contiguous() or w.dtype != x.dtype:
+        raise ValueError(f"rmsnorm: x {tuple(x.shape)} {x.dtype} and weight {tuple(w.shape)} {w.dtype} do not fit")
+    y = torch.empty(rows.shape, dtype=x.dtype)
+    kernel("dsv3_rmsnorm", x.dtype)(rows.data_ptr(), rows.stride(0), w.data_ptr(), float(eps), y.data_ptr(), D,
+                                    rows.shape[0], D)
     return y.view(x.shape)
 
 
 def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Interleaved-pair RoPE of every row of x [..., d] at one position (cos/sin hold d/2 fp32
-    values) -> a new contiguous bf16 tensor."""
+    """Interleaved-pair RoPE of every row of x [..., d] (bf16 or fp32) at one position (cos/sin
+    hold d/2 fp32 values) -> a new contiguous tensor of x's dtype."""
     d = x.shape[-1]
     rows = x.reshape(-1, d)
     cs, sn = cos.reshape(-1), sin.reshape(-1)
@@ -207,10 +230,44 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
             or cs.dtype != torch.float32 or sn.dtype != torch.float32):
         raise ValueError(f"rope: x {tuple(x.shape)} with cos {tuple(cos.shape)} do not fit (one position)")
     cs, sn = cs.contiguous(), sn.contiguous()
-    y = torch.empty(rows.shape, dtype=torch.bfloat16)
-    library().dsv3_rope(rows.data_ptr(), rows.stride(0), cs.data_ptr(), sn.data_ptr(), y.data_ptr(), d,
-                        rows.shape[0], d)
+    y = torch.empty(rows.shape, dtype=x.dtype)
+    kernel("dsv3_rope", x.dtype)(rows.data_ptr(), rows.stride(0), cs.data_ptr(), sn.data_ptr(), y.data_ptr(), d,
+                                 rows.shape[0], d)
     return y.view(x.shape)
+
+
+ATT_BLK = 128           # rows whose scores one thread holds at once (the C source's ATT_BLK)
+
+
+def latent_attention(q: torch.Tensor, latent: torch.Tensor, scale: float, c: int, idx: torch.Tensor | None = None,
+                     out: torch.Tensor | None = None) -> torch.Tensor:
+    """One fp32 query token's MLA attention in the latent space: q [H, D] (H a multiple of 4,
+    contiguous) over the rows of latent [T, D] (unit stride along D), or only over rows ``idx``
+    [k] int64 when given (read in place, any order) -> o [H, c] = softmax(scale q . rows^T)
+    rows[:, :c], fp32. ``out`` [H, c] with unit stride along c receives it in place. (fp32 only:
+    in bf16 torch's flash attention is faster here, see the C source.)"""
+    H, D = q.shape
+    T, W = latent.shape
+    if (W != D or H % 4 or not q.is_contiguous() or latent.stride(-1) != 1 or not 0 < c <= D
+            or q.dtype != torch.float32 or latent.dtype != torch.float32):
+        raise ValueError(f"latent_attention: q {tuple(q.shape)} {q.dtype} and latent {tuple(latent.shape)} "
+                         f"{latent.dtype} do not fit (fp32, H a multiple of 4, c = {c} <= D)")
+    n = T
+    if idx is not None:
+        idx = idx.contiguous()
+        n = idx.numel()
+        if idx.dtype != torch.int64 or (n and (int(idx.min()) < 0 or int(idx.max()) >= T)):
+            raise ValueError(f"latent_attention: idx must be int64 positions in [0, {T})")
+    if n == 0:
+        raise ValueError("latent_attention: no rows to attend to")
+    y = torch.empty(H, c, dtype=torch.float32) if out is None else out
+    if tuple(y.shape) != (H, c) or y.dtype != torch.float32 or y.stride(-1) != 1:
+        raise ValueError(f"latent_attention: out {tuple(y.shape)} {y.dtype} is not an fp32 {(H, c)} with unit stride")
+    nt = torch.get_num_threads()
+    work = torch.empty(nt * H * (c + 2 + ATT_BLK), dtype=torch.float32)
+    library().dsv3_latent_attn_f32(latent.data_ptr(), latent.stride(0), None if idx is None else idx.data_ptr(), n,
+                                   q.data_ptr(), H, D, c, float(scale), y.data_ptr(), y.stride(0), work.data_ptr(), nt)
+    return y
 
 
 MAX_EXPERTS, MAX_GROUPS = 1024, 256      # the C selection's fixed buffers

@@ -38,6 +38,8 @@ def library() -> ctypes.CDLL | None:
     lib.dsv3_index_qkw.restype = None
     lib.dsv3_index_select.argtypes = [P, I64, I, I, P, I, P, P, P, P]
     lib.dsv3_index_select.restype = I
+    lib.dsv3_index_topk.argtypes = [P, I64, I, P, I, I, P, I, P, P, P, P, I]
+    lib.dsv3_index_topk.restype = I
     lib.dsv3_gather_sorted.argtypes = [P, I64, P, I, I, P, I]
     lib.dsv3_gather_sorted.restype = None
     return lib

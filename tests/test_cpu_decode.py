@@ -1,4 +1,5 @@
-"""The CPU decode kernels (kernels/cpu/decode_bf16.c) against torch references.
+"""The CPU decode kernels (kernels/cpu/decode_bf16.c, bf16 and their fp32 twins) against torch
+references.
 
 Each kernel is checked against an fp32 computation of the same formula (gemv, rmsnorm, rope),
 against the torch path it replaces (moe, route: the same expert choice; the MoE output within
@@ -261,9 +262,17 @@ def test_fused_decode_step_runs_only_when_nothing_is_hooked():
             assert ((out.float() - ref.float()).norm() / ref.float().norm()).item() < 0.02
         finally:
             handle.remove()
-        m.layers[1].mlp.gate.expert_mask = torch.ones(m.cfg.n_routed_experts, dtype=torch.bool)
-        assert try_decode(m, x[:, 19:], 19, c) is None
+        # the gate's seams are the gate's own: the fused step runs them through the gate
+        mask = torch.ones(m.cfg.n_routed_experts, dtype=torch.bool)
+        mask[:m.cfg.n_routed_experts // 2] = False
+        m.layers[1].mlp.gate.expert_mask = mask
+        masked = try_decode(m, x[:, 19:], 19, c)
+        assert masked is not None
+        with dispatch.use_backend("torch"):
+            masked_ref = m(x[:, 19:], start=19, cache=c)
         m.layers[1].mlp.gate.expert_mask = None
+        assert ((masked.float() - masked_ref.float()).norm() / masked_ref.float().norm()).item() < 0.02
+        assert ((masked_ref.float() - ref.float()).norm() / ref.float().norm()).item() > 1e-3   # the mask mattered
         with dsv3lab.trace(m) as t:
             m(x[:, 19:], start=19, cache=c)
         assert t.routing.topk_ids.shape[1] == 1                # the trace saw the step (module path)
@@ -318,3 +327,90 @@ def test_index_scores_and_gather_rows():
     assert torch.equal(cpu_decode.gather_rows(src, idx, out), src[idx])   # data: bit-exact
     with pytest.raises(ValueError, match="outside"):
         cpu_decode.gather_rows(src, torch.tensor([50]), torch.empty(1, 576, dtype=torch.bfloat16))
+
+
+# --- fp32: the kernels' twins and the fused step of an fp32 model ------------------------------
+
+def test_fp32_gemv_moe_rmsnorm_rope_against_float64():
+    g = torch.Generator().manual_seed(10)
+    for M, N, K in ((1, 96, 64), (1, 130, 200), (3, 72, 512), (8, 33, 96)):
+        x, w = torch.randn(M, K, generator=g), torch.randn(N, K, generator=g) * 0.05
+        y = cpu_decode.gemv(w, x)
+        assert y.dtype == torch.float32
+        torch.testing.assert_close(y.double(), x.double() @ w.double().T, rtol=1e-5, atol=1e-5)
+    H, n, c = 4, 32, 64                                        # batched over heads, strided x
+    xb = torch.randn(2, H, n + 8, generator=g)[..., :n].transpose(0, 1)
+    wb = torch.randn(H, c, n, generator=g) * 0.1
+    torch.testing.assert_close(cpu_decode.gemv(wb, xb).double(), xb.double() @ wb.double().transpose(1, 2),
+                               rtol=1e-5, atol=1e-5)
+    K, sizes = 64, (32, 32, 48)                                 # three experts, one of another width
+    x = torch.randn(K, generator=g)
+    gate = [torch.randn(i, K, generator=g) * 0.1 for i in sizes]
+    up = [torch.randn(i, K, generator=g) * 0.1 for i in sizes]
+    down = [torch.randn(K, i, generator=g) * 0.1 for i in sizes]
+    wts = torch.tensor([0.5, 0.25, 1.0])
+    want = sum(wt * (dn.double() @ (F.silu(gt.double() @ x.double()) * (u.double() @ x.double())))
+               for wt, gt, u, dn in zip(wts.double(), gate, up, down))
+    torch.testing.assert_close(cpu_decode.moe(x, gate, up, down, wts).double(), want, rtol=1e-5, atol=1e-6)
+    xs, wn = torch.randn(3, 256, generator=g) * 3, torch.rand(256, generator=g) + 0.5
+    want = xs.double() * torch.rsqrt(xs.double().pow(2).mean(-1, keepdim=True) + 1e-6) * wn.double()
+    torch.testing.assert_close(cpu_decode.rmsnorm(xs, wn, 1e-6).double(), want, rtol=1e-5, atol=1e-6)
+    q = torch.randn(4, 96, generator=g)[:, 32:]
+    ang = torch.rand(32, generator=g) * 6
+    x0, x1 = q[:, 0::2].double(), q[:, 1::2].double()
+    cs, sn = ang.cos().double(), ang.sin().double()
+    want = torch.stack((x0 * cs - x1 * sn, x1 * cs + x0 * sn), -1).flatten(-2)
+    torch.testing.assert_close(cpu_decode.rope(q, ang.cos(), ang.sin()).double(), want, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="one dtype"):
+        cpu_decode.gemv(w, x.bfloat16().view(1, -1)[:, :w.shape[1]])
+
+
+def _attention_ref(q, lat, scale, c):
+    p = torch.softmax(q.double() @ lat.double().T * scale, dim=-1)
+    return p @ lat.double()[:, :c]
+
+
+@pytest.mark.parametrize("H,T,D,c,threads", [(16, 1024, 576, 512, 2), (4, 3, 56, 40, 1), (8, 777, 80, 64, 2),
+                                             (12, 300, 576, 512, 1), (4, 5000, 64, 48, 2)])
+def test_fp32_latent_attention_against_float64(H, T, D, c, threads):
+    """Tails everywhere: T not a multiple of 4 or of the 128-row block, c not of 64, one
+    thread and two (the log-sum-exp merge)."""
+    g = torch.Generator().manual_seed(H * T)
+    q = torch.randn(H, D, generator=g)
+    lat = (torch.randn(T + 3, D + 8, generator=g) * 0.7)[:T, :D]          # rows D + 8 apart
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        got = cpu_decode.latent_attention(q, lat, 0.3, c)
+        idx = torch.randperm(T, generator=g)[:max(1, T // 3)]
+        picked = cpu_decode.latent_attention(q, lat, 0.3, c, idx=idx)
+    finally:
+        torch.set_num_threads(saved)
+    torch.testing.assert_close(got.double(), _attention_ref(q, lat, 0.3, c), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(picked.double(), _attention_ref(q, lat[idx], 0.3, c), rtol=1e-4, atol=1e-5)
+
+
+def test_fp32_latent_attention_rejects_what_it_cannot_take():
+    q, lat = torch.zeros(6, 64), torch.zeros(10, 64)
+    with pytest.raises(ValueError, match="multiple of 4"):
+        cpu_decode.latent_attention(q, lat, 1.0, 32)
+    with pytest.raises(ValueError, match="fp32"):
+        cpu_decode.latent_attention(torch.zeros(4, 64).bfloat16(), lat.bfloat16(), 1.0, 32)
+    with pytest.raises(ValueError, match="idx"):
+        cpu_decode.latent_attention(torch.zeros(4, 64), lat, 1.0, 32, idx=torch.tensor([10]))
+
+
+@pytest.mark.parametrize("preset", ["tiny", "lab"])
+def test_fp32_fused_decode_step_equals_the_module_path(preset):
+    from dsv3lab.model.decode_step import try_decode
+    m = dsv3lab.build(preset, dtype=torch.float32).eval()
+    x = torch.randint(0, m.cfg.vocab_size, (1, 24), generator=torch.Generator().manual_seed(11))
+    with torch.no_grad():
+        c = m.new_cache(1, 32)
+        m(x[:, :16], start=0, cache=c)
+        assert try_decode(m, x[:, 16:17], 16, c) is not None              # the fp32 model takes it
+    fast = _decode(m, x, 8)
+    with dispatch.use_backend("torch"):
+        ref = _decode(m, x, 8)
+    # fp32 throughout, only the order of additions differs
+    assert ((fast - ref).norm() / ref.norm()).item() < 1e-5

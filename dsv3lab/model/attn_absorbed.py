@@ -50,6 +50,13 @@ def latent_attention(q_cat: torch.Tensor, latent: torch.Tensor, scale: float, c:
         o_lat = dispatch.mla_decode(q_cat.view(B, H, -1), latent, scale, c)   # [B,H,c] or None
         if o_lat is not None:
             return o_lat.view(B, 1, H, c)
+        if (H % 4 == 0 and latent.stride(-1) == 1 and q_cat.is_contiguous()
+                and cpu_decode.enabled(q_cat, latent, dtype=torch.float32)):
+            # fp32 on a CPU: the C kernel's one pass (~1.5x torch's flash attention in fp32)
+            o_lat = torch.empty(B, 1, H, c, dtype=torch.float32)
+            for b in range(B):
+                cpu_decode.latent_attention(q_cat[b, 0], latent[b], scale, c, out=o_lat[b, 0])
+            return o_lat
         # one fused pass over the cache (torch's flash attention): the latent is a single
         # key/value head and the H heads are its H query rows (MQA), so every cache row is read
         # once for all heads, with an online softmax, instead of by two matmuls with a
@@ -146,15 +153,15 @@ class AbsorbedAttention(Attention):
             self._absorbed_key = key
         return self._absorbed
 
-    def decode_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """W_UK^T as [H, c, n] and W_UV as [H, v, c], contiguous bf16: the layouts in which both
-        per-head products are rows-times-vector (dot products along contiguous memory) for the
-        CPU decode kernel. Cached like ``absorbed_weights``."""
+    def decode_weights(self, dtype=torch.bfloat16) -> tuple[torch.Tensor, torch.Tensor]:
+        """W_UK^T as [H, c, n] and W_UV as [H, v, c], contiguous, in ``dtype``: the layouts in
+        which both per-head products are rows-times-vector (dot products along contiguous
+        memory) for the CPU decode kernel. Cached like ``absorbed_weights``."""
         mla = self.mla
         w = mla.kv_b_proj.weight
-        key = (w.data_ptr(), w._version, w.device, mla.n_heads)
+        key = (w.data_ptr(), w._version, w.device, mla.n_heads, dtype)
         if getattr(self, "_decode_key", None) != key:
-            kvb = mla.kv_b_weight().to(torch.bfloat16)
+            kvb = mla.kv_b_weight().to(dtype)
             self._decode = (kvb[:, :mla.n].transpose(1, 2).contiguous(), kvb[:, mla.n:].contiguous())
             self._decode_key = key
         return self._decode

@@ -160,9 +160,9 @@ class MoE(nn.Module):
             out = out + self.hook_shared_out(self.shared_experts(x))
         return out.view(shape)
 
-    def decode_experts(self, ids: list[int]) -> list[MLP] | None:
+    def decode_experts(self, ids: list[int], dtype=torch.bfloat16) -> list[MLP] | None:
         """The MLPs one decode token runs (its routed experts, then the shared one) when the
-        fused CPU kernel may run them, else None: every one a plain local bf16 MLP with nothing
+        fused CPU kernel may run them, else None: every one a plain local MLP in ``dtype`` with nothing
         hooked on it or on this MoE (a probe needs the per-expert path), and no parallel
         dispatch installed on this module."""
         if ("dispatch" in self.__dict__ or self.hook_expert_counts.active or self.hook_routed_out.active
@@ -180,7 +180,7 @@ class MoE(nn.Module):
             for lin in (m.gate_proj, m.up_proj, m.down_proj):
                 w = lin.weight
                 if (type(lin) is not Linear or lin._forward_hooks or lin._forward_pre_hooks
-                        or w.dtype != torch.bfloat16 or not w.is_contiguous()):
+                        or w.dtype != dtype or not w.is_contiguous()):
                     return None
         return mlps
 

@@ -8,6 +8,10 @@
  *
  *   dsv3_gemv          Y[b,m,:] = X[b,m,:] W[b]^T     (b: a batch of weights, e.g. heads; m <= 8)
  *   dsv3_moe           sum_s w_s * down_s(silu(gate_s x) * up_s x) over a token's chosen experts
+ *   dsv3_rmsnorm, dsv3_rope, dsv3_route, dsv3_index_scores, dsv3_gather_rows  (see each)
+ *
+ * gemv, moe, rmsnorm and rope have fp32 twins (suffix _f32) for the fp32 model, through the
+ * same drivers: fp32 fused multiply-adds, nothing rounded.
  *
  * Numerics follow the torch path they replace: inputs and weights bf16, every dot product in
  * fp32, each projection's output rounded to bf16 once (round to nearest even), exactly where
@@ -118,20 +122,96 @@ static inline float dot1(const bf16 *w, const bf16 *x, int K) {
     return o;
 }
 
-/* Y[b][m][n] = bf16(sum_k W[b][n][k] X[b][m][k]) for b < nb, m < M (<= 8), n < N.
-   W rows are ldw apart, batches sw apart (elements); X and Y likewise. Rows of every batch are
-   split over the threads as one range, so a batch of small matrices (per-head W_UK) still keeps
-   every thread busy. */
-void dsv3_gemv(const bf16 *W, int64_t ldw, int64_t sw, const bf16 *X, int64_t ldx, int64_t sx,
-               bf16 *Y, int64_t ldy, int64_t sy, int nb, int M, int N, int K, int nt) {
+/* The fp32 model's dot products: fp32 weights and activations, fused multiply-adds (16 lanes). */
+static inline void dot_rows_f32(const float *w, const float *x, int64_t ldx, int M, int K, float *out) {
+    int k = 0;
+#ifdef __AVX512F__
+    __m512 acc[MAXM];
+    for (int m = 0; m < M; m++) acc[m] = _mm512_setzero_ps();
+    for (; k + 16 <= K; k += 16) {
+        __m512 wv = _mm512_loadu_ps(w + k);
+        for (int m = 0; m < M; m++) acc[m] = _mm512_fmadd_ps(wv, _mm512_loadu_ps(x + m * ldx + k), acc[m]);
+    }
+    for (int m = 0; m < M; m++) out[m] = _mm512_reduce_add_ps(acc[m]);
+#else
+    for (int m = 0; m < M; m++) out[m] = 0.0f;
+#endif
+    for (int m = 0; m < M; m++) {
+        float s = 0.0f;
+        for (int kk = k; kk < K; kk++) s += w[kk] * x[m * ldx + kk];
+        out[m] += s;
+    }
+}
+
+static inline void dot4_f32(const float *w, int64_t ld, const float *x, int K, float *out) {
+    int k = 0;
+#ifdef __AVX512F__
+    __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    for (; k + 16 <= K; k += 16) {
+        __m512 xv = _mm512_loadu_ps(x + k);
+        _mm_prefetch((const char *)(w + PF * ld + k), _MM_HINT_T0);      /* as in dot4 */
+        _mm_prefetch((const char *)(w + (PF + 1) * ld + k), _MM_HINT_T0);
+        _mm_prefetch((const char *)(w + (PF + 2) * ld + k), _MM_HINT_T0);
+        _mm_prefetch((const char *)(w + (PF + 3) * ld + k), _MM_HINT_T0);
+        a0 = _mm512_fmadd_ps(_mm512_loadu_ps(w + k), xv, a0);
+        a1 = _mm512_fmadd_ps(_mm512_loadu_ps(w + ld + k), xv, a1);
+        a2 = _mm512_fmadd_ps(_mm512_loadu_ps(w + 2 * ld + k), xv, a2);
+        a3 = _mm512_fmadd_ps(_mm512_loadu_ps(w + 3 * ld + k), xv, a3);
+    }
+    out[0] = _mm512_reduce_add_ps(a0);
+    out[1] = _mm512_reduce_add_ps(a1);
+    out[2] = _mm512_reduce_add_ps(a2);
+    out[3] = _mm512_reduce_add_ps(a3);
+#else
+    for (int j = 0; j < 4; j++) out[j] = 0.0f;
+#endif
+    for (int j = 0; j < 4; j++) {
+        float s = 0.0f;
+        for (int kk = k; kk < K; kk++) s += w[j * ld + kk] * x[kk];
+        out[j] += s;
+    }
+}
+
+/* Both element types through one set of drivers: f32 selects fp32 weights, activations and
+   outputs (no rounding anywhere), else bf16 with each output rounded once. Pointers are void
+   and offsets in elements; the branch is the same for a whole call. */
+static inline void dot4_any(int f32, const void *w, int64_t ld, const void *x, int K, float *out) {
+    if (f32) dot4_f32((const float *)w, ld, (const float *)x, K, out);
+    else dot4((const bf16 *)w, ld, (const bf16 *)x, K, out);
+}
+
+static inline void dot_rows_any(int f32, const void *w, const void *x, int64_t ldx, int M, int K, float *out) {
+    if (f32) dot_rows_f32((const float *)w, (const float *)x, ldx, M, K, out);
+    else dot_rows((const bf16 *)w, (const bf16 *)x, ldx, M, K, out);
+}
+
+static inline const void *at(int f32, const void *p, int64_t i) {
+    return f32 ? (const void *)((const float *)p + i) : (const void *)((const bf16 *)p + i);
+}
+
+/* Stores v as the output type; bf16 rounds (to nearest even) here, once. */
+static inline void put(int f32, void *p, int64_t i, float v) {
+    if (f32) ((float *)p)[i] = v;
+    else ((bf16 *)p)[i] = f2bf(v);
+}
+
+/* What a stored value reads back as (for torch's intermediate roundings: none in fp32). */
+static inline float stored(int f32, float v) { return f32 ? v : round_bf(v); }
+
+/* Y[b][m][n] = sum_k W[b][n][k] X[b][m][k] for b < nb, m < M (<= 8), n < N, rounded to bf16
+   (or fp32 throughout, f32). W rows are ldw apart, batches sw apart (elements); X and Y likewise.
+   Rows of every batch are split over the threads as one range, so a batch of small matrices
+   (per-head W_UK) still keeps every thread busy. */
+static void gemv_any(int f32, const void *W, int64_t ldw, int64_t sw, const void *X, int64_t ldx, int64_t sx,
+                     void *Y, int64_t ldy, int64_t sy, int nb, int M, int N, int K, int nt) {
     int64_t rows = (int64_t)nb * N;
     if (M == 1 && N % 4 == 0) {
 #pragma omp parallel for schedule(static) num_threads(nt)
         for (int64_t r = 0; r < rows; r += 4) {
             int64_t b = r / N, n = r % N;
             float out[4];
-            dot4(W + b * sw + n * ldw, ldw, X + b * sx, K, out);
-            for (int j = 0; j < 4; j++) Y[b * sy + n + j] = f2bf(out[j]);
+            dot4_any(f32, at(f32, W, b * sw + n * ldw), ldw, at(f32, X, b * sx), K, out);
+            for (int j = 0; j < 4; j++) put(f32, Y, b * sy + n + j, out[j]);
         }
         return;
     }
@@ -139,19 +219,30 @@ void dsv3_gemv(const bf16 *W, int64_t ldw, int64_t sw, const bf16 *X, int64_t ld
     for (int64_t r = 0; r < rows; r++) {
         int64_t b = r / N, n = r % N;
         float out[MAXM];
-        dot_rows(W + b * sw + n * ldw, X + b * sx, ldx, M, K, out);
-        for (int m = 0; m < M; m++) Y[b * sy + m * ldy + n] = f2bf(out[m]);
+        dot_rows_any(f32, at(f32, W, b * sw + n * ldw), at(f32, X, b * sx), ldx, M, K, out);
+        for (int m = 0; m < M; m++) put(f32, Y, b * sy + m * ldy + n, out[m]);
     }
+}
+
+void dsv3_gemv(const bf16 *W, int64_t ldw, int64_t sw, const bf16 *X, int64_t ldx, int64_t sx,
+               bf16 *Y, int64_t ldy, int64_t sy, int nb, int M, int N, int K, int nt) {
+    gemv_any(0, W, ldw, sw, X, ldx, sx, Y, ldy, sy, nb, M, N, K, nt);
+}
+
+void dsv3_gemv_f32(const float *W, int64_t ldw, int64_t sw, const float *X, int64_t ldx, int64_t sx,
+                   float *Y, int64_t ldy, int64_t sy, int nb, int M, int N, int K, int nt) {
+    gemv_any(1, W, ldw, sw, X, ldx, sx, Y, ldy, sy, nb, M, N, K, nt);
 }
 
 /* One token's MoE: nslot experts (routed and shared alike), expert s with gate/up weights
    g[s], u[s] [I_s, K] and down weight d[s] [K, I_s] (row-major, contiguous), weight ws[s].
-   h (scratch, sum I_s bf16 values) holds silu(gate x) * up x per expert, rounded as torch rounds
-   (each projection's output to bf16, silu's output to bf16, the product to bf16);
-   y[n] = sum_s ws[s] * bf16(down_s h_s)[n] in fp32. Two parallel loops: every expert's
-   intermediate rows, then every output row across all experts. */
-void dsv3_moe(const bf16 *x, int K, int nslot, const int64_t *g, const int64_t *u, const int64_t *d,
-              const int *inter, const float *ws, bf16 *h, float *y, int nt) {
+   h (scratch, sum I_s values of the element type) holds silu(gate x) * up x per expert, rounded
+   as torch rounds in bf16 (each projection's output, silu's output, the product; nothing in
+   fp32); y[n] = sum_s ws[s] * down_s(h_s)[n] in fp32 (each expert's output rounded to bf16
+   first in bf16). Two parallel loops: every expert's intermediate rows, then every output row
+   across all experts. */
+static void moe_any(int f32, const void *x, int K, int nslot, const int64_t *g, const int64_t *u, const int64_t *d,
+                    const int *inter, const float *ws, void *h, float *y, int nt) {
     int64_t off[65];
     off[0] = 0;
     for (int s = 0; s < nslot && s < 64; s++) off[s + 1] = off[s] + inter[s];
@@ -167,17 +258,18 @@ void dsv3_moe(const bf16 *x, int K, int nslot, const int64_t *g, const int64_t *
             while (r >= off[s + 1]) s++;
             int64_t i = r - off[s];
             float gv[4], uv[4];
+            const void *gr = at(f32, (const void *)g[s], i * K), *ur = at(f32, (const void *)u[s], i * K);
             if (by4) {
-                dot4((const bf16 *)g[s] + i * K, K, x, K, gv);
-                dot4((const bf16 *)u[s] + i * K, K, x, K, uv);
+                dot4_any(f32, gr, K, x, K, gv);
+                dot4_any(f32, ur, K, x, K, uv);
             } else {
-                gv[0] = dot1((const bf16 *)g[s] + i * K, x, K);
-                uv[0] = dot1((const bf16 *)u[s] + i * K, x, K);
+                dot_rows_any(f32, gr, x, 0, 1, K, gv);
+                dot_rows_any(f32, ur, x, 0, 1, K, uv);
             }
             for (int j = 0; j < step; j++) {
-                float gr = round_bf(gv[j]), ur = round_bf(uv[j]);
-                float act = round_bf(gr / (1.0f + expf(-gr)));
-                h[r + j] = f2bf(act * ur);
+                float ga = stored(f32, gv[j]), ua = stored(f32, uv[j]);
+                float act = stored(f32, ga / (1.0f + expf(-ga)));
+                put(f32, h, r + j, act * ua);
             }
         }
 #pragma omp for schedule(static)
@@ -185,42 +277,72 @@ void dsv3_moe(const bf16 *x, int K, int nslot, const int64_t *g, const int64_t *
             float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
             for (int s = 0; s < nslot; s++) {
                 float o[4];
-                const bf16 *rows = (const bf16 *)d[s] + (int64_t)n * inter[s];
-                if (by4) dot4(rows, inter[s], h + off[s], inter[s], o);
-                else o[0] = dot1(rows, h + off[s], inter[s]);
-                for (int j = 0; j < step; j++) acc[j] += ws[s] * round_bf(o[j]);
+                const void *rows = at(f32, (const void *)d[s], (int64_t)n * inter[s]);
+                if (by4) dot4_any(f32, rows, inter[s], at(f32, h, off[s]), inter[s], o);
+                else dot_rows_any(f32, rows, at(f32, h, off[s]), 0, 1, inter[s], o);
+                for (int j = 0; j < step; j++) acc[j] += ws[s] * stored(f32, o[j]);
             }
             for (int j = 0; j < step; j++) y[n + j] = acc[j];
         }
     }
 }
 
+void dsv3_moe(const bf16 *x, int K, int nslot, const int64_t *g, const int64_t *u, const int64_t *d,
+              const int *inter, const float *ws, bf16 *h, float *y, int nt) {
+    moe_any(0, x, K, nslot, g, u, d, inter, ws, h, y, nt);
+}
+
+void dsv3_moe_f32(const float *x, int K, int nslot, const int64_t *g, const int64_t *u, const int64_t *d,
+                  const int *inter, const float *ws, float *h, float *y, int nt) {
+    moe_any(1, x, K, nslot, g, u, d, inter, ws, h, y, nt);
+}
+
+static inline float get(int f32, const void *p, int64_t i) {
+    return f32 ? ((const float *)p)[i] : bf2f(((const bf16 *)p)[i]);
+}
+
 /* RMSNorm of M rows x[m] (D wide, ldx apart) as the torch module computes it: in fp32,
-   x / sqrt(mean(x^2) + eps) rounded to bf16, then times the bf16 weight, rounded again. One
+   x / sqrt(mean(x^2) + eps) (rounded to bf16 in bf16), times the weight (rounded again). One
    row is a few kilobytes: no threads. */
-void dsv3_rmsnorm(const bf16 *x, int64_t ldx, const bf16 *w, float eps, bf16 *y, int64_t ldy, int M, int D) {
+static void rmsnorm_any(int f32, const void *x, int64_t ldx, const void *w, float eps, void *y, int64_t ldy,
+                        int M, int D) {
     for (int m = 0; m < M; m++) {
-        const bf16 *xr = x + m * ldx;
         float ss = 0.0f;
-        for (int i = 0; i < D; i++) { float v = bf2f(xr[i]); ss += v * v; }
+        for (int i = 0; i < D; i++) { float v = get(f32, x, m * ldx + i); ss += v * v; }
         float inv = 1.0f / sqrtf(ss / (float)D + eps);
-        for (int i = 0; i < D; i++) y[m * ldy + i] = f2bf(bf2f(w[i]) * round_bf(bf2f(xr[i]) * inv));
+        for (int i = 0; i < D; i++)
+            put(f32, y, m * ldy + i, get(f32, w, i) * stored(f32, get(f32, x, m * ldx + i) * inv));
     }
 }
 
+void dsv3_rmsnorm(const bf16 *x, int64_t ldx, const bf16 *w, float eps, bf16 *y, int64_t ldy, int M, int D) {
+    rmsnorm_any(0, x, ldx, w, eps, y, ldy, M, D);
+}
+
+void dsv3_rmsnorm_f32(const float *x, int64_t ldx, const float *w, float eps, float *y, int64_t ldy, int M, int D) {
+    rmsnorm_any(1, x, ldx, w, eps, y, ldy, M, D);
+}
+
 /* RoPE on M rows of d values (ldx apart; one position, so one cos/sin row of d/2 values):
-   interleaved pairs (2i, 2i+1) rotated in fp32, (x0 cos - x1 sin, x1 cos + x0 sin), rounded to
-   bf16 into y (ldy apart). */
-void dsv3_rope(const bf16 *x, int64_t ldx, const float *cs, const float *sn, bf16 *y, int64_t ldy, int M, int d) {
+   interleaved pairs (2i, 2i+1) rotated in fp32, (x0 cos - x1 sin, x1 cos + x0 sin), stored
+   (rounded to bf16 in bf16) into y (ldy apart). */
+static void rope_any(int f32, const void *x, int64_t ldx, const float *cs, const float *sn, void *y, int64_t ldy,
+                     int M, int d) {
     for (int m = 0; m < M; m++) {
-        const bf16 *xr = x + m * ldx;
-        bf16 *yr = y + m * ldy;
         for (int i = 0; i < d / 2; i++) {
-            float x0 = bf2f(xr[2 * i]), x1 = bf2f(xr[2 * i + 1]);
-            yr[2 * i] = f2bf(x0 * cs[i] - x1 * sn[i]);
-            yr[2 * i + 1] = f2bf(x1 * cs[i] + x0 * sn[i]);
+            float x0 = get(f32, x, m * ldx + 2 * i), x1 = get(f32, x, m * ldx + 2 * i + 1);
+            put(f32, y, m * ldy + 2 * i, x0 * cs[i] - x1 * sn[i]);
+            put(f32, y, m * ldy + 2 * i + 1, x1 * cs[i] + x0 * sn[i]);
         }
     }
+}
+
+void dsv3_rope(const bf16 *x, int64_t ldx, const float *cs, const float *sn, bf16 *y, int64_t ldy, int M, int d) {
+    rope_any(0, x, ldx, cs, sn, y, ldy, M, d);
+}
+
+void dsv3_rope_f32(const float *x, int64_t ldx, const float *cs, const float *sn, float *y, int64_t ldy, int M, int d) {
+    rope_any(1, x, ldx, cs, sn, y, ldy, M, d);
 }
 
 /* DeepSeek-V3's expert selection for T tokens from their scores s [T, E] (sigmoid of the router
@@ -309,5 +431,203 @@ void dsv3_gather_rows(const bf16 *src, int64_t lds, const int64_t *idx, int k, i
     for (int i = 0; i < k; i++) {
         if (i + 4 < k) _mm_prefetch((const char *)(src + idx[i + 4] * lds), _MM_HINT_T0);
         memcpy(dst + (int64_t)i * W, src + idx[i] * lds, sizeof(bf16) * (size_t)W);
+    }
+}
+
+/* ---- attention of one fp32 query token over the latent cache (absorbed MLA decode) ----------
+ *
+ * MLA's decode in the latent space is multi-query attention with one key/value head: the H query
+ * rows q[h] = [q_nope W_UK ; q_pe] (D = c + r wide) all attend to the same cache rows
+ * [c_kv ; k_pe], whose first c values are also the values. Per head: o[h] = softmax(scale *
+ * q[h] . K^T) V over the T rows. Every cache row is read from memory once for all H heads; the
+ * scores of a block of rows stay in L1 (an online softmax over blocks, as flash attention does);
+ * the rows split over the threads, each thread's partial (max, sum, unnormalised output) merged
+ * by log-sum-exp at the end (flash decoding). Rows are ``lat + row * ld`` for row = t, or
+ * row = idx[t] (V3.2: only the indexer's selection, read in place).
+ *
+ * fp32 only: there it is ~1.5x torch's flash attention on this CPU. In bf16 torch's kernel
+ * multiplies on AMX tiles, which AVX-512 dot products (one port) do not reach: measured 0.7-0.85x
+ * of it, so bf16 keeps torch's (docs/kernels.md#cpu-decode). */
+
+#define ATT_BLK 128     /* rows whose scores are held at once: H x 128 fp32 = 8 KB at H = 16 */
+
+#ifdef __AVX512F__
+/* exp(x) for fp32 lanes: 2^n * 2^f with n = round(x log2 e), f in [-1/2, 1/2], 2^f by a degree-6
+   polynomial (relative error ~2e-7); x is clamped at -87 (e^-87 ~ 1.6e-38: a probability that
+   no sum notices). */
+static inline __m512 exp512(__m512 x) {
+    const __m512 log2e = _mm512_set1_ps(1.44269504088896341f);
+    x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
+    __m512 t = _mm512_mul_ps(x, log2e);
+    __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 f = _mm512_sub_ps(t, n);                              /* 2^f = e^(f ln 2) */
+    __m512 y = _mm512_set1_ps(1.5403530393381609e-4f);
+    y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(1.3333558146428443e-3f));
+    y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(9.6181291076284772e-3f));
+    y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(5.5504108664821580e-2f));
+    y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(2.4022650695910071e-1f));
+    y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(6.9314718055994531e-1f));
+    y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(1.0f));
+    return _mm512_scalef_ps(y, n);
+}
+#endif
+
+/* Scores of 4 rows against 4 query rows (D wide, contiguous): out[i][j] = q[i] . row_j. */
+static inline void scores4x4(const float *q, int D, const float *const rows[4], float out[4][4]) {
+    int k = 0;
+#ifdef __AVX512F__
+    __m512 a[4][4];
+    for (int i = 0; i < 4; i++)
+        for (int j = 0; j < 4; j++) a[i][j] = _mm512_setzero_ps();
+    for (; k + 16 <= D; k += 16) {
+        __m512 kv[4];
+        for (int j = 0; j < 4; j++) kv[j] = _mm512_loadu_ps(rows[j] + k);
+        for (int i = 0; i < 4; i++) {
+            __m512 qv = _mm512_loadu_ps(q + (int64_t)i * D + k);
+            for (int j = 0; j < 4; j++) a[i][j] = _mm512_fmadd_ps(qv, kv[j], a[i][j]);
+        }
+    }
+    /* the 16 horizontal sums at once: a tree of shuffles and adds (15 of each, not 16 x 8) */
+    __m512 s1[8], s2[4], s3[2];
+    for (int p = 0; p < 8; p++) {
+        __m512 x = a[p / 2][2 * (p % 2)], y = a[p / 2][2 * (p % 2) + 1];
+        s1[p] = _mm512_add_ps(_mm512_shuffle_f32x4(x, y, 0x44), _mm512_shuffle_f32x4(x, y, 0xEE));
+    }
+    for (int p = 0; p < 4; p++)
+        s2[p] = _mm512_add_ps(_mm512_shuffle_f32x4(s1[2 * p], s1[2 * p + 1], 0x88),
+                              _mm512_shuffle_f32x4(s1[2 * p], s1[2 * p + 1], 0xDD));
+    for (int p = 0; p < 2; p++)
+        s3[p] = _mm512_add_ps(_mm512_shuffle_ps(s2[2 * p], s2[2 * p + 1], 0x44),
+                              _mm512_shuffle_ps(s2[2 * p], s2[2 * p + 1], 0xEE));
+    __m512 tot = _mm512_add_ps(_mm512_shuffle_ps(s3[0], s3[1], 0x88), _mm512_shuffle_ps(s3[0], s3[1], 0xDD));
+    float lanes[16];
+    _mm512_storeu_ps(lanes, tot);
+    for (int i = 0; i < 4; i++)
+        for (int j = 0; j < 4; j++) out[i][j] = lanes[4 * j + i];    /* the tree leaves a 4 x 4 transpose */
+#else
+    for (int i = 0; i < 4; i++)
+        for (int j = 0; j < 4; j++) out[i][j] = 0.0f;
+#endif
+    for (int i = 0; i < 4; i++)
+        for (int j = 0; j < 4; j++) {
+            float s = 0.0f;
+            for (int kk = k; kk < D; kk++) s += q[(int64_t)i * D + kk] * rows[j][kk];
+            out[i][j] += s;
+        }
+}
+
+static inline const float *row_at(const float *lat, int64_t ld, const int64_t *idx, int64_t t) {
+    return lat + (idx ? idx[t] : t) * ld;
+}
+
+/* One thread's part: rows [t0, t1) -> m[h], l[h], o[h][c] (unnormalised). s: H x ATT_BLK. */
+static void attn_part(const float *lat, int64_t ld, const int64_t *idx, int64_t t0, int64_t t1, const float *q,
+                      int H, int D, int c, float scale, float *m, float *l, float *o, float *s) {
+    for (int h = 0; h < H; h++) { m[h] = -INFINITY; l[h] = 0.0f; }
+    memset(o, 0, sizeof(float) * (size_t)H * c);
+    for (int64_t b0 = t0; b0 < t1; b0 += ATT_BLK) {
+        int nb = (int)(t1 - b0 < ATT_BLK ? t1 - b0 : ATT_BLK);
+        /* scores, 4 rows x 4 heads at a time (past the block's end the last row stands in) */
+        for (int j0 = 0; j0 < nb; j0 += 4) {
+            const float *rows[4];
+            for (int j = 0; j < 4; j++) rows[j] = row_at(lat, ld, idx, b0 + (j0 + j < nb ? j0 + j : nb - 1));
+            for (int j = 0; j < 4 && j0 + 4 + j < nb; j++) {         /* the next 4 rows, from memory */
+                const char *p = (const char *)row_at(lat, ld, idx, b0 + j0 + 4 + j);
+                for (int64_t byte = 0; byte < (int64_t)D * 4; byte += 64) _mm_prefetch(p + byte, _MM_HINT_T0);
+            }
+            for (int h0 = 0; h0 < H; h0 += 4) {
+                float sc[4][4];
+                scores4x4(q + (int64_t)h0 * D, D, rows, sc);
+                for (int i = 0; i < 4; i++)
+                    for (int j = 0; j < 4 && j0 + j < nb; j++) s[(int64_t)(h0 + i) * ATT_BLK + j0 + j] = sc[i][j] * scale;
+            }
+        }
+        /* online softmax: the new running max, what is accumulated rescaled, p in place of s */
+        for (int h = 0; h < H; h++) {
+            float *sh = s + (int64_t)h * ATT_BLK;
+            float bm = -INFINITY;
+            for (int j = 0; j < nb; j++) bm = sh[j] > bm ? sh[j] : bm;
+            float mn = bm > m[h] ? bm : m[h];
+            float a = m[h] == -INFINITY ? 0.0f : expf(m[h] - mn);
+            if (a != 1.0f) {
+                l[h] *= a;
+                for (int i = 0; i < c; i++) o[(int64_t)h * c + i] *= a;
+            }
+            m[h] = mn;
+            int j = 0;
+            float sum = 0.0f;
+#ifdef __AVX512F__
+            __m512 vs = _mm512_setzero_ps(), vm = _mm512_set1_ps(mn);
+            for (; j + 16 <= nb; j += 16) {
+                __m512 p = exp512(_mm512_sub_ps(_mm512_loadu_ps(sh + j), vm));
+                _mm512_storeu_ps(sh + j, p);
+                vs = _mm512_add_ps(vs, p);
+            }
+            sum = _mm512_reduce_add_ps(vs);
+#endif
+            for (; j < nb; j++) { sh[j] = expf(sh[j] - mn); sum += sh[j]; }
+            l[h] += sum;
+        }
+        /* values: o[h][:] += p[h][j] * row_j[:c], 4 heads x 64 columns of accumulators a pass
+           (each value chunk loaded once for 4 heads; the block's rows are in L2 by now) */
+        for (int h0 = 0; h0 < H; h0 += 4) {
+            int i0 = 0;
+#ifdef __AVX512F__
+            for (; i0 + 64 <= c; i0 += 64) {
+                __m512 acc[4][4];
+                for (int i = 0; i < 4; i++)
+                    for (int u = 0; u < 4; u++) acc[i][u] = _mm512_loadu_ps(o + (int64_t)(h0 + i) * c + i0 + 16 * u);
+                for (int j = 0; j < nb; j++) {
+                    const float *rw = row_at(lat, ld, idx, b0 + j) + i0;
+                    __m512 v[4];
+                    for (int u = 0; u < 4; u++) v[u] = _mm512_loadu_ps(rw + 16 * u);
+                    for (int i = 0; i < 4; i++) {
+                        __m512 p = _mm512_set1_ps(s[(int64_t)(h0 + i) * ATT_BLK + j]);
+                        for (int u = 0; u < 4; u++) acc[i][u] = _mm512_fmadd_ps(p, v[u], acc[i][u]);
+                    }
+                }
+                for (int i = 0; i < 4; i++)
+                    for (int u = 0; u < 4; u++) _mm512_storeu_ps(o + (int64_t)(h0 + i) * c + i0 + 16 * u, acc[i][u]);
+            }
+#endif
+            for (int h = h0; h < h0 + 4; h++)
+                for (int j = 0; j < nb; j++) {
+                    const float *rw = row_at(lat, ld, idx, b0 + j);
+                    float p = s[(int64_t)h * ATT_BLK + j];
+                    for (int i = i0; i < c; i++) o[(int64_t)h * c + i] += p * rw[i];
+                }
+        }
+    }
+}
+
+/* out[h][:c] (ldo apart) = softmax_t(scale q[h] . row_t) row_t[:c] over T rows (see above); q is
+   H x D contiguous, H a multiple of 4. work: nt * (H * (c + 2 + ATT_BLK)) floats. */
+void dsv3_latent_attn_f32(const float *lat, int64_t ld, const int64_t *idx, int64_t T, const float *q, int H, int D,
+                          int c, float scale, float *out, int64_t ldo, float *work, int nt) {
+    if (nt > T / 256) nt = T / 256 > 1 ? (int)(T / 256) : 1;        /* a piece is worth a thread */
+    if (nt > 64) nt = 64;                                            /* the merge's weights */
+    int64_t per_thread = (int64_t)H * (c + 2 + ATT_BLK);
+#pragma omp parallel num_threads(nt)
+    {
+        int id = omp_get_thread_num(), n = omp_get_num_threads();
+        float *w = work + id * per_thread;
+        int64_t t0 = T * id / n, t1 = T * (id + 1) / n;
+        attn_part(lat, ld, idx, t0, t1, q, H, D, c, scale, w, w + H, w + 2 * H, w + 2 * H + (int64_t)H * c);
+#pragma omp barrier
+#pragma omp for schedule(static)
+        for (int h = 0; h < H; h++) {
+            float mx = -INFINITY, den = 0.0f, wt[64];
+            for (int p = 0; p < n; p++) { float mp = work[p * per_thread + h]; mx = mp > mx ? mp : mx; }
+            for (int p = 0; p < n; p++) {
+                float mp = work[p * per_thread + h];
+                wt[p] = mp == -INFINITY ? 0.0f : expf(mp - mx);
+                den += wt[p] * work[p * per_thread + H + h];
+            }
+            for (int i = 0; i < c; i++) {
+                float acc = 0.0f;
+                for (int p = 0; p < n; p++) acc += wt[p] * work[p * per_thread + 2 * H + (int64_t)h * c + i];
+                out[(int64_t)h * ldo + i] = acc / den;
+            }
+        }
     }
 }

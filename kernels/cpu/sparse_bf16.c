@@ -22,11 +22,14 @@
  * scores in fp32. Only the order of fp32 additions differs. Threads: OpenMP (torch's runtime, as
  * for cpu/decode_bf16.c), for the projections and the gather; the selection is one thread's work.
  */
+#define _GNU_SOURCE                          /* syscall(): AMX needs the kernel's permission */
 #include <immintrin.h>
 #include <math.h>
 #include <omp.h>
 #include <stdint.h>
 #include <string.h>
+#include <sys/syscall.h>
+#include <unistd.h>
 
 typedef uint16_t bf16;
 
@@ -177,21 +180,18 @@ static inline float weighted_relu_sum(const bf16 *l, const float *w, int H) {
     return s;
 }
 
-/* scores[t] = sum_h w[h] * max(0, logits[t*ldl + h]) for t < T (logits: the bf16 q.k products),
- * then the k (1 <= k < T) best positions into idx[k], in increasing position order: every t scoring
+/* The k (1 <= k < T) best of scores[T] into idx[k], in increasing position order: every t scoring
  * above the k-th best score, and the earliest of those scoring exactly the k-th best to make k.
- * keys, cand: T scratch values each; idx: room for k + 1. Returns k, or -1 (nothing selected) if a score is NaN. */
-int dsv3_index_select(const bf16 *logits, int64_t ldl, int T, int H, const float *w, int k,
-                      float *scores, uint32_t *keys, uint32_t *cand, int64_t *idx) {
-    /* a radix selection of the k-th largest key in three digits of 11, 11 and 10 bits, highest
-       first: count the candidates (the keys sharing the digits fixed so far) per digit, fix the
-       digit that holds the k-th largest of them, keep only those */
+ * keys, cand: T scratch values each; idx: room for k + 1. Returns k, or -1 if a score is NaN.
+ *
+ * A radix selection of the k-th largest in three digits (11, 11 and 10 bits of the order key),
+ * highest first: count the candidates (the keys sharing the digits fixed so far) per digit, fix
+ * the digit that holds the k-th largest of them, keep only those. */
+static int topk_of_scores(const float *scores, int T, int k, uint32_t *keys, uint32_t *cand, int64_t *idx) {
     int nan = 0;
     for (int t = 0; t < T; t++) {
-        float s = weighted_relu_sum(logits + (int64_t)t * ldl, w, H);
-        nan |= s != s;
-        scores[t] = s;
-        keys[t] = order_key(s);
+        nan |= scores[t] != scores[t];
+        keys[t] = order_key(scores[t]);
     }
     if (nan) return -1;
     /* four interleaved histograms: neighbouring keys often share a digit, and one histogram
@@ -240,6 +240,130 @@ int dsv3_index_select(const bf16 *logits, int64_t ldl, int T, int H, const float
         need -= eq & take;
     }
     return n;
+}
+
+/* scores[t] = sum_h w[h] * max(0, logits[t*ldl + h]) for t < T (logits: the bf16 q.k products of a
+ * GEMM), then their top k as topk_of_scores (same return). */
+int dsv3_index_select(const bf16 *logits, int64_t ldl, int T, int H, const float *w, int k,
+                      float *scores, uint32_t *keys, uint32_t *cand, int64_t *idx) {
+    for (int t = 0; t < T; t++) scores[t] = weighted_relu_sum(logits + (int64_t)t * ldl, w, H);
+    return topk_of_scores(scores, T, k, keys, cand, idx);
+}
+
+#ifdef __AMX_BF16__
+/* AMX tiles: the process asks the kernel once for the tile state (Linux: arch_prctl
+   ARCH_REQ_XCOMP_PERM for XTILEDATA); a refusal leaves the caller's torch GEMM path. */
+static int amx_state = 0;                     /* 0 unknown, 1 granted, -1 refused */
+static int amx_ok(void) {
+    if (amx_state == 0) amx_state = syscall(SYS_arch_prctl, 0x1023, 18) == 0 ? 1 : -1;
+    return amx_state == 1;
+}
+
+typedef struct {
+    uint8_t palette, start_row, reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+} tile_config;
+
+#define AMX_MAX_D 512
+#define KPF 4                                 /* 16-key blocks prefetched ahead */
+
+/* scores[t] for keys [t0, t1): 16 keys at a time, q.k by TDPBF16PS (bf16 pairs, fp32 sums) into a
+   16 x 16 tile, each product rounded to bf16 as a bf16 GEMM's output would be, relu'd, times the
+   head weights (zero past H), summed over the heads. qv: q in the tiles' pair-interleaved layout.
+   The tiles of 16 tile-products (16 KB) are stored first and summed after: vector loads right
+   behind a tile store stall on it (measured: the sums cost 10x more interleaved). */
+static void amx_block_scores(const bf16 *keys, int64_t ldk, int t0, int t1, const bf16 *qv, int nblk, int nc,
+                             const float *wpad, float *scores) {
+    tile_config cfg;
+    memset(&cfg, 0, sizeof cfg);
+    cfg.palette = 1;
+    for (int i = 0; i < 3; i++) cfg.rows[i] = 16, cfg.colsb[i] = 64;
+    _tile_loadconfig(&cfg);
+    float cb[16 * 256];
+    bf16 tail[16 * AMX_MAX_D];
+    int D = nc * 32, per = 16 / nblk;         /* 16-key blocks per round of stores */
+    for (int tr = t0; tr < t1; tr += 16 * per) {
+        int te = tr + 16 * per < t1 ? tr + 16 * per : t1;
+        for (int t = tr, j = 0; t < te; t += 16, j++) {
+            const bf16 *a = keys + (int64_t)t * ldk;
+            int64_t lda = ldk;
+            int m = te - t < 16 ? te - t : 16;
+            if (m < 16) {                     /* the last keys, zero-padded to a full tile */
+                memset(tail, 0, sizeof(bf16) * 16 * (size_t)D);
+                for (int i = 0; i < m; i++) memcpy(tail + i * D, a + i * ldk, sizeof(bf16) * (size_t)D);
+                a = tail, lda = D;
+            } else if (t + 16 * KPF + 16 <= t1) {
+                const char *p = (const char *)(keys + (int64_t)(t + 16 * KPF) * ldk);
+                for (int i = 0; i < 16; i++)
+                    for (int b = 0; b < 2 * D; b += 64) _mm_prefetch(p + i * 2 * ldk + b, _MM_HINT_T0);
+            }
+            for (int nb = 0; nb < nblk; nb++) {
+                _tile_zero(0);
+                for (int c = 0; c < nc; c++) {
+                    _tile_loadd(1, a + c * 32, 2 * lda);
+                    _tile_loadd(2, qv + ((int64_t)nb * nc + c) * 512, 64);
+                    _tile_dpbf16ps(0, 1, 2);
+                }
+                _tile_stored(0, cb + (j * nblk + nb) * 256, 64);
+            }
+        }
+        __m512 zero = _mm512_setzero_ps();
+        for (int t = tr, j = 0; t < te; t += 16, j++) {
+            int m = te - t < 16 ? te - t : 16;
+            for (int i = 0; i < m; i++) {
+                __m512 acc = zero;
+                for (int nb = 0; nb < nblk; nb++) {
+                    /* round to bf16 (nearest even, as f2bf) and back, relu, weight */
+                    __m512 v = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(
+                        (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(cb + (j * nblk + nb) * 256 + 16 * i))), 16));
+                    acc = _mm512_fmadd_ps(_mm512_max_ps(v, zero), _mm512_loadu_ps(wpad + nb * 16), acc);
+                }
+                scores[t + i] = _mm512_reduce_add_ps(acc);
+            }
+        }
+    }
+    _tile_release();
+}
+#endif
+
+/* The indexer's decode selection straight from the key cache: scores[t] = sum_h w[h]
+ * relu(bf16(q[h] . keys[t])) for t < T (keys rows ldk apart, q [H, D] bf16, w [H] fp32) by AMX
+ * tiles, the keys split over nt threads, then their top k as topk_of_scores (same return and
+ * scratch). Returns -2, having done nothing, where the CPU or the kernel offers no AMX, or the
+ * shape does not fit the tiles (D % 32 != 0, D > 512, H > 64): the caller's GEMM path runs. */
+int dsv3_index_topk(const bf16 *keys, int64_t ldk, int T, const bf16 *q, int H, int D, const float *w, int k,
+                    float *scores, uint32_t *okeys, uint32_t *cand, int64_t *idx, int nt) {
+#ifdef __AMX_BF16__
+    if (D % 32 || D > AMX_MAX_D || H > 64 || H < 1 || !amx_ok()) return -2;
+    int nblk = (H + 15) / 16, nc = D / 32;
+    /* q as the tiles' right operand: for each 16-head block and 32-dim chunk, 16 rows of dim
+       pairs, each row the 16 heads' (d, d+1) values side by side; heads past H are zero */
+    bf16 qv[4 * (AMX_MAX_D / 32) * 512];
+    float wpad[64];
+    memset(qv, 0, sizeof(bf16) * (size_t)nblk * nc * 512);
+    for (int h = 0; h < 64; h++) wpad[h] = h < H ? w[h] : 0.0f;
+    for (int h = 0; h < H; h++)
+        for (int d = 0; d < D; d++) {
+            int nb = h / 16, n = h % 16, c = d / 32, p = (d % 32) / 2, e = d % 2;
+            qv[((int64_t)nb * nc + c) * 512 + p * 32 + n * 2 + e] = q[(int64_t)h * D + d];
+        }
+    int nblocks = (T + 15) / 16;
+    if (nt < 1) nt = 1;
+    if (nt > nblocks) nt = nblocks;
+#pragma omp parallel num_threads(nt)
+    {
+        int nth = omp_get_num_threads(), me = omp_get_thread_num();
+        int b0 = (int)((int64_t)nblocks * me / nth), b1 = (int)((int64_t)nblocks * (me + 1) / nth);
+        int t0 = 16 * b0, t1 = 16 * b1 < T ? 16 * b1 : T;
+        if (t0 < t1) amx_block_scores(keys, ldk, t0, t1, qv, nblk, nc, wpad, scores);
+    }
+    return topk_of_scores(scores, T, k, okeys, cand, idx);
+#else
+    (void)keys, (void)ldk, (void)T, (void)q, (void)H, (void)D, (void)w, (void)k, (void)scores, (void)okeys;
+    (void)cand, (void)idx, (void)nt;
+    return -2;
+#endif
 }
 
 /* dst[i] = src[idx[i]] for k rows of W bf16 values (src rows lds apart, dst rows contiguous),
