@@ -3,6 +3,8 @@
   index_qkw(x, q_latent, ...)    one token's indexer query (projection, RoPE), key (projection,
                                  LayerNorm, RoPE) and head weights: one call for what
                                  ``Indexer.project`` does in about twenty torch ops
+  index_topk(keys, q, w, k)      the indexer's scores straight from the key cache by AMX tiles
+                                 (where the CPU has them) and their top-k, as index_select
   index_select(logits, w, k)     the relu'd, head-weighted scores of the bf16 q.k products and
                                  their top-k positions (exact, ``select_topk``'s tie rule), in
                                  increasing position order: one call for a GEMV, a top-k and a tie check
@@ -40,6 +42,7 @@ def library() -> ctypes.CDLL | None:
     lib.dsv3_index_select.restype = I
     lib.dsv3_index_topk.argtypes = [P, I64, I, P, I, I, P, I, P, P, P, P, I]
     lib.dsv3_index_topk.restype = I
+    lib.dsv3_amx_available.argtypes, lib.dsv3_amx_available.restype = [], I
     lib.dsv3_gather_sorted.argtypes = [P, I64, P, I, I, P, I]
     lib.dsv3_gather_sorted.restype = None
     return lib
@@ -98,6 +101,39 @@ def index_select(logits: torch.Tensor, w: torch.Tensor, k: int) -> torch.Tensor 
     idx = torch.empty(k + 1, dtype=torch.int64)          # one spare slot (see the C)
     n = library().dsv3_index_select(logits.data_ptr(), logits.stride(0), T, H, w.data_ptr(), k,
                                     work[0].data_ptr(), work[1].data_ptr(), work[2].data_ptr(), idx.data_ptr())
+    return None if n < 0 else idx[:k]
+
+
+def amx_available() -> bool:
+    """Whether ``index_topk`` can run here (the library built with AMX, the kernel granting it)."""
+    lib = library()
+    return lib is not None and bool(lib.dsv3_amx_available())
+
+
+def index_topk(keys: torch.Tensor, q: torch.Tensor, w: torch.Tensor, k: int, scores: torch.Tensor | None = None):
+    """keys [T,D] bf16 (unit stride along D), q [H,D] bf16, w [H] fp32, 1 <= k < T -> the k positions of
+    the largest sum_h w[h] relu(bf16(q[h] . keys[t])) [k] int64, as ``index_select`` (None if a score
+    is NaN); ``scores`` [T] fp32, if given, receives the scores. Needs ``amx_available()``, D a multiple
+    of 32 up to 512 and H <= 64."""
+    T, D = keys.shape
+    H = q.shape[0]
+    if keys.dtype != torch.bfloat16 or keys.stride(-1) != 1 or keys.device.type != "cpu":
+        raise ValueError(f"index_topk: keys must be [T,D] bf16 on the CPU with unit stride along D, got "
+                         f"{tuple(keys.shape)} {keys.dtype} strides {keys.stride()}")
+    _fits("index_topk", "q", q, H * D, torch.bfloat16)
+    _fits("index_topk", "w", w, H, torch.float32)
+    if not 1 <= k < T:
+        raise ValueError(f"index_topk: k = {k} must be in [1, T = {T})")
+    if not amx_available() or D % 32 or D > 512 or H > 64:
+        raise ValueError(f"index_topk: needs AMX (available: {amx_available()}), D % 32 == 0 and D <= 512 "
+                         f"(D = {D}), H <= 64 (H = {H})")
+    work = torch.empty(3, T, dtype=torch.int32)
+    idx = torch.empty(k + 1, dtype=torch.int64)
+    n = library().dsv3_index_topk(keys.data_ptr(), keys.stride(0), T, q.data_ptr(), H, D, w.data_ptr(), k,
+                                  work[0].data_ptr(), work[1].data_ptr(), work[2].data_ptr(), idx.data_ptr(),
+                                  torch.get_num_threads())
+    if scores is not None:
+        scores.copy_(work[0].view(torch.float32))
     return None if n < 0 else idx[:k]
 
 

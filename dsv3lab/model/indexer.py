@@ -353,7 +353,7 @@ class Indexer(nn.Module):
                   and self.weights_proj.weight.dtype == torch.float32 and self.weights_proj.weight.is_contiguous())
             self._fused_layout = (layout, ok)
         return (self._fused_layout[1] and x.dtype == q_latent.dtype == torch.bfloat16
-                and x.device.type == "cpu" and x.is_contiguous() and q_latent.is_contiguous()
+                and x.device.type == "cpu" and x.stride(-1) == 1 and q_latent.stride(-1) == 1
                 and cos.dtype == torch.float32 and cos.numel() * 2 == self.rope_dim and cos.is_contiguous()
                 and not fires(self.wq_b, self.wk, self.k_norm, self.weights_proj, self.hook_q, self.hook_k,
                               self.hook_weights))
@@ -383,7 +383,7 @@ class Indexer(nn.Module):
         buf = cache.layers[layer]
         wq, wk, ln, wp = self.wq_b.weight, self.wk.weight, self.k_norm, self.weights_proj.weight
         for b in range(B):                        # pointers by arithmetic: no view objects per row
-            lib.dsv3_index_qkw(x.data_ptr() + 2 * b * hidden, hidden, q_latent.data_ptr() + 2 * b * qlr, qlr,
+            lib.dsv3_index_qkw(x.data_ptr() + 2 * b * x.stride(0), hidden, q_latent.data_ptr() + 2 * b * q_latent.stride(0), qlr,
                                wq.data_ptr(), wk.data_ptr(), ln.weight.data_ptr(), ln.bias.data_ptr(), ln.eps,
                                cos.data_ptr(), sin.data_ptr(), wp.data_ptr(), H ** -0.5 * D ** -0.5, H, D, r,
                                scratch.data_ptr(), q.data_ptr() + 2 * b * H * D,
@@ -397,11 +397,15 @@ class Indexer(nn.Module):
         out = torch.empty(B, k + 1, dtype=torch.int64)        # one spare slot per row (see the C)
         wpt = work.data_ptr()
         for b in range(B):
-            logits = linear(keys[b], q[b])                     # [T',H] bf16; rows past T are not read
-            n = lib.dsv3_index_select(logits.data_ptr(), H, T, H, w.data_ptr() + 4 * b * H, k, wpt,
-                                      wpt + 4 * T, wpt + 8 * T, out.data_ptr() + 8 * b * (k + 1))
-            if n < 0:                             # a NaN score: torch's top-k decides, as in decode_topk
-                scores = torch.mv(logits[:T].float().clamp_min_(0), w[b])
+            wb, ob = w.data_ptr() + 4 * b * H, out.data_ptr() + 8 * b * (k + 1)
+            # AMX tiles straight from the cache (-2: no AMX here, or a shape they do not take)
+            n = lib.dsv3_index_topk(buf.data_ptr() + 2 * b * buf.stride(0), D, T, q.data_ptr() + 2 * b * H * D,
+                                    H, D, wb, k, wpt, wpt + 4 * T, wpt + 8 * T, ob, nt)
+            if n == -2:                           # torch's bf16 GEMM, then the C top-k
+                logits = linear(keys[b], q[b])                 # [T',H] bf16; rows past T are not read
+                n = lib.dsv3_index_select(logits.data_ptr(), H, T, H, wb, k, wpt, wpt + 4 * T, wpt + 8 * T, ob)
+            if n < 0:                             # a NaN score: torch's scores and top-k decide
+                scores = torch.mv(linear(keys[b], q[b])[:T].float().clamp_min_(0), w[b])
                 out[b, :k] = decode_topk(scores[None], self.index_topk)[0]
         return out[:, :k]
 

@@ -1,18 +1,20 @@
 /* The V3.2 lightning indexer's per-token work in a bf16 decode step (model/indexer.py) and the
  * gather of the rows it selects (model/attn_sparse.py).
  *
- * A sparse decode step scores every cached indexer key with one bf16 GEMM (torch's: on a CPU with
- * AMX its tile multiplies stream the key cache at memory speed, where an AVX-512 dot-product loop
- * is compute-bound at this shape) and around that product ran some twenty small torch ops per
- * layer, each costing about as much in dispatch as in arithmetic -- and far more when the step's
- * weight streaming has pushed the interpreter's own data out of the caches. Three calls replace
- * them:
+ * A sparse decode step scores every cached indexer key: H_I dot products of D_I values per key,
+ * where an AVX-512 dot-product loop (cpu/decode_bf16.c's dsv3_index_scores) is compute-bound --
+ * eight horizontal sums per key -- and AMX tile products stream the key cache at memory speed.
+ * Around that product ran some twenty small torch ops per layer, each costing about as much in
+ * dispatch as in arithmetic, and far more once the step's weight streaming has pushed the
+ * interpreter's own data out of the caches. Three calls replace them all:
  *
  *   dsv3_index_qkw       one token's indexer query, key and head weights: the two projections,
  *                        the key's LayerNorm, RoPE of both, the fp32 head weights
- *   dsv3_index_select    scores I[t] = sum_h w[h] relu(logits[t,h]) from the GEMM's bf16 logits,
- *                        then the top-k positions by an exact radix selection with select_topk's
- *                        tie rule (ties at the k-th score: the earliest positions), no sort
+ *   dsv3_index_topk      scores I[t] = sum_h w[h] relu(bf16(q[h] . keys[t])) straight from the key
+ *                        cache by AMX tile products (where the CPU has them), then the top-k
+ *                        positions by an exact radix selection with select_topk's tie rule (ties
+ *                        at the k-th score: the earliest positions), no sort
+ *   dsv3_index_select    the same scores and top-k from a bf16 GEMM's logits [T, H] (no AMX)
  *   dsv3_gather_sorted   the selected latent rows (in increasing position order) copied into one
  *                        contiguous buffer, every cache line of a row prefetched rows ahead
  *
@@ -150,7 +152,8 @@ static inline uint32_t order_key(float f) {
     return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
 }
 
-/* sum_h w[h] * max(0, l[h]) */
+/* sum_h w[h] * max(0, l[h]); a NaN stays NaN (max(zero, v) returns v when either is NaN), as
+   torch's clamp_min keeps it, so that a NaN is reported, never scored as 0 */
 static inline float weighted_relu_sum(const bf16 *l, const float *w, int H) {
     int h = 0;
     float s = 0.0f;
@@ -159,13 +162,13 @@ static inline float weighted_relu_sum(const bf16 *l, const float *w, int H) {
         __m512 acc = _mm512_setzero_ps(), zero = _mm512_setzero_ps();
         for (; h + 16 <= H; h += 16) {
             __m512i u = _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const void *)(l + h))), 16);
-            acc = _mm512_fmadd_ps(_mm512_max_ps(_mm512_castsi512_ps(u), zero), _mm512_loadu_ps(w + h), acc);
+            acc = _mm512_fmadd_ps(_mm512_max_ps(zero, _mm512_castsi512_ps(u)), _mm512_loadu_ps(w + h), acc);
         }
         s = _mm512_reduce_add_ps(acc);
     }
     if (h + 8 <= H) {
         __m256i u = _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const void *)(l + h))), 16);
-        __m256 v = _mm256_mul_ps(_mm256_max_ps(_mm256_castsi256_ps(u), _mm256_setzero_ps()), _mm256_loadu_ps(w + h));
+        __m256 v = _mm256_mul_ps(_mm256_max_ps(_mm256_setzero_ps(), _mm256_castsi256_ps(u)), _mm256_loadu_ps(w + h));
         __m128 q = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
         q = _mm_add_ps(q, _mm_movehl_ps(q, q));
         q = _mm_add_ss(q, _mm_movehdup_ps(q));
@@ -175,7 +178,7 @@ static inline float weighted_relu_sum(const bf16 *l, const float *w, int H) {
 #endif
     for (; h < H; h++) {
         float v = bf2f(l[h]);
-        s += w[h] * (v > 0.0f ? v : 0.0f);
+        s += w[h] * (v < 0.0f ? 0.0f : v);
     }
     return s;
 }
@@ -317,7 +320,7 @@ static void amx_block_scores(const bf16 *keys, int64_t ldk, int t0, int t1, cons
                     /* round to bf16 (nearest even, as f2bf) and back, relu, weight */
                     __m512 v = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(
                         (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(cb + (j * nblk + nb) * 256 + 16 * i))), 16));
-                    acc = _mm512_fmadd_ps(_mm512_max_ps(v, zero), _mm512_loadu_ps(wpad + nb * 16), acc);
+                    acc = _mm512_fmadd_ps(_mm512_max_ps(zero, v), _mm512_loadu_ps(wpad + nb * 16), acc);
                 }
                 scores[t + i] = _mm512_reduce_add_ps(acc);
             }
@@ -326,6 +329,15 @@ static void amx_block_scores(const bf16 *keys, int64_t ldk, int t0, int t1, cons
     _tile_release();
 }
 #endif
+
+/* 1 where dsv3_index_topk can use AMX tiles (built for them, and the kernel grants the state). */
+int dsv3_amx_available(void) {
+#ifdef __AMX_BF16__
+    return amx_ok();
+#else
+    return 0;
+#endif
+}
 
 /* The indexer's decode selection straight from the key cache: scores[t] = sum_h w[h]
  * relu(bf16(q[h] . keys[t])) for t < T (keys rows ldk apart, q [H, D] bf16, w [H] fp32) by AMX
