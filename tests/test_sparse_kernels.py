@@ -190,7 +190,7 @@ def _decode_run(ix, fused: bool, B=2, S=120, P=30, seed=5):
         return orig(*a)
     ix.decode_select_fused = counted
     if not fused:
-        ix.fused_decode_ok = lambda *a: False
+        ix.fused_plan = lambda *a: None
     sels = []
     with torch.no_grad():
         ix(x[:, :P], ql[:, :P], cos[:P], sin[:P], 0, cache, 0)
@@ -198,7 +198,7 @@ def _decode_run(ix, fused: bool, B=2, S=120, P=30, seed=5):
             s = slice(t, t + 1)
             sels.append(ix.decode_select(x[:, s], ql[:, s], cos[s], sin[s], t, cache, 0))
     del ix.decode_select_fused
-    ix.__dict__.pop("fused_decode_ok", None)
+    ix.__dict__.pop("fused_plan", None)
     return sels, cache, calls[0]
 
 
@@ -252,6 +252,6 @@ def test_fused_decode_runs_in_the_bf16_model_and_keeps_its_logits():
             return torch.cat([m(x[:, t:t + 1], start=t, cache=cache) for t in range(20, 30)], 1).float()
     fused = run()
     for blk in m.layers:
-        blk.self_attn.indexer.fused_decode_ok = lambda *a: False
+        blk.self_attn.indexer.fused_plan = lambda *a: None
     plain = run()
     assert ((fused - plain).abs().max() / plain.abs().max()).item() < 1e-2

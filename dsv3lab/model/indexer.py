@@ -46,7 +46,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules import module as _mm
 
-from dsv3lab.kernels import cpu_decode
+from dsv3lab.kernels import cpu_decode, cpu_sparse
+from dsv3lab.kernels.dispatch import get_backend
 from dsv3lab.model.hadamard import hadamard
 from dsv3lab.model.layers import HookPoint, LayerNorm, Linear, linear
 from dsv3lab.model.rope import apply_rope_half
@@ -269,7 +270,7 @@ class Indexer(nn.Module):
         self.hook_topk_indices = HookPoint("[B,S,k] int64 selected key positions, k = min(index_topk, T); -1 = none")
         # fired by the sparse attention, not here: what the selection is measured against
         self.hook_dense_probs = HookPoint("[B,H,S,T] MLA's dense softmax over every visible key (computed only when hooked)")
-        self._fused_layout = None      # (what fused_decode_ok checked once, its verdict)
+        self._fused_layout = None      # (what fused_plan checked once, its verdict: a plan or False)
 
     @property
     def rotate(self) -> bool:
@@ -308,8 +309,9 @@ class Indexer(nn.Module):
         and sort, and without firing ``hook_scores``/``hook_topk_indices`` (see ``fast_decode_ok``)."""
         if x.shape[1] != 1:
             raise ValueError(f"decode_select takes one query per sequence, got x of shape {tuple(x.shape)}")
-        if self.fused_decode_ok(x, q_latent, cos, cache, layer):
-            return self.decode_select_fused(x, q_latent, cos, sin, start, cache, layer)
+        plan = self.fused_plan(x, q_latent, cos, cache, layer)
+        if plan is not None:
+            return self.decode_select_fused(plan, x, q_latent, cos, sin, start, cache, layer)
         q, w, keys = self.scoring_inputs(x, q_latent, cos, sin, start, cache, layer)
         T = start + 1
         if self.index_topk >= T:                 # every key: no scores needed (dense MLA follows)
@@ -325,87 +327,104 @@ class Indexer(nn.Module):
             scores = index_scores(q, w, keys, start)[:, 0]
         return decode_topk(scores, self.index_topk)
 
-    def fused_decode_ok(self, x, q_latent, cos, cache: IndexerKeyCache, layer: int) -> bool:
-        """``decode_select_fused`` may run: a bf16 model on the CPU with the sparse kernels built and
-        no autograd, bf16 keys stored as they are scored (format "bf16", or "model" in a bf16
-        model), plain bf16 projections, and nothing hooked on what it skips (the projections, the
-        LayerNorm, the q/k/weight hook points)."""
-        from dsv3lab.kernels import cpu_sparse
-        from dsv3lab.kernels.dispatch import get_backend
-        if torch.is_grad_enabled() or get_backend() != "auto" or cpu_sparse.library() is None:
-            return False
-        buf = cache.layers[layer]
-        if not isinstance(buf, torch.Tensor):                    # fp8: (values, scales)
-            return False
-        # shapes, dtypes and layouts are checked once per set of weights and buffer: a decode step
-        # is made of small calls, and in one these checks would cost about as much as the kernels
-        layout = (cache.key_format, self.key_format, buf.dtype, buf.data_ptr(), buf.shape,
-                  *((id(p), p.dtype, p.data_ptr()) for p in (self.wq_b.weight, self.wk.weight, self.k_norm.weight,
-                                                             self.k_norm.bias, self.weights_proj.weight)))
-        if self._fused_layout is None or self._fused_layout[0] != layout:
-            bf = torch.bfloat16
-            ok = (cache.key_format == self.key_format != "fp8" and buf.dtype == bf and buf.is_contiguous()
-                  and buf.device.type == "cpu" and self.head_dim <= cpu_sparse.MAX_DIM and self.rope_dim % 2 == 0
-                  and all(type(p) is Linear and p.weight.dtype == bf and p.weight.is_contiguous()
-                          and p.weight.device.type == "cpu" for p in (self.wq_b, self.wk))
-                  and self.k_norm.weight.dtype == self.k_norm.bias.dtype == bf
-                  and self.k_norm.weight.is_contiguous() and self.k_norm.bias.is_contiguous()
-                  and self.weights_proj.weight.dtype == torch.float32 and self.weights_proj.weight.is_contiguous())
-            self._fused_layout = (layout, ok)
-        return (self._fused_layout[1] and x.dtype == q_latent.dtype == torch.bfloat16
-                and x.device.type == "cpu" and x.stride(-1) == 1 and q_latent.stride(-1) == 1
-                and cos.dtype == torch.float32 and cos.numel() * 2 == self.rope_dim and cos.is_contiguous()
-                and not fires(self.wq_b, self.wk, self.k_norm, self.weights_proj, self.hook_q, self.hook_k,
-                              self.hook_weights))
+    def fused_plan(self, x, q_latent, cos, cache: IndexerKeyCache, layer: int):
+        """Where ``decode_select_fused`` may run, what it needs -- the addresses of the weights and
+        of this layer's key cache and the LayerNorm's eps -- else None. It runs for a bf16 model on
+        the CPU with the sparse kernels built and no autograd, bf16 keys stored as they are scored
+        (format "bf16", or "model" in a bf16 model), plain bf16 projections, and nothing hooked on
+        what it skips (the projections, the LayerNorm, the q/k/weight hook points).
 
-    def decode_select_fused(self, x, q_latent, cos, sin, start: int, cache: IndexerKeyCache,
+        Cheap on purpose: in a decode step the interpreter's own data has been pushed out of the
+        caches by the weights streamed since the last layer, and each attribute lookup costs
+        microseconds. Submodules and weights are read from their dicts (no ``Module.__getattr__``),
+        and the layout checks run once per set of weight and cache addresses and dtypes."""
+        if torch.is_grad_enabled() or cache.key_format == "fp8" or get_backend() != "auto":
+            return None
+        if _mm._global_forward_hooks or _mm._global_forward_pre_hooks:
+            return None
+        mods = self._modules
+        for name in ("wq_b", "wk", "k_norm", "weights_proj", "hook_q", "hook_k", "hook_weights"):
+            if mods[name]._forward_hooks or mods[name]._forward_pre_hooks:
+                return None
+        buf = cache.layers[layer]
+        ts = (buf, mods["wq_b"]._parameters["weight"], mods["wk"]._parameters["weight"],
+              mods["k_norm"]._parameters["weight"], mods["k_norm"]._parameters["bias"],
+              mods["weights_proj"]._parameters["weight"])
+        key = tuple(t.data_ptr() for t in ts) + tuple(t.dtype for t in ts) + (buf.shape, cache.key_format)
+        if self._fused_layout is None or self._fused_layout[0] != key:
+            self._fused_layout = (key, self._fused_layout_ok(cache, buf) and (*key[:6], self.k_norm.eps))
+        plan = self._fused_layout[1]
+        if (not plan or q_latent.dtype != torch.bfloat16 or x.stride(-1) != 1 or q_latent.stride(-1) != 1
+                or cos.dtype != torch.float32 or cos.numel() * 2 != self.rope_dim or not cos.is_contiguous()
+                or cpu_sparse.library() is None):
+            return None
+        return plan
+
+    def _fused_layout_ok(self, cache: IndexerKeyCache, buf: torch.Tensor) -> bool:
+        bf = torch.bfloat16
+        return (cache.key_format == self.key_format and buf.dtype == bf and buf.is_contiguous()
+                and buf.device.type == "cpu" and self.head_dim <= cpu_sparse.MAX_DIM and self.rope_dim % 2 == 0
+                and all(type(p) is Linear and p.weight.dtype == bf and p.weight.is_contiguous()
+                        and p.weight.device.type == "cpu" for p in (self.wq_b, self.wk))
+                and self.k_norm.weight.dtype == self.k_norm.bias.dtype == bf
+                and self.k_norm.weight.is_contiguous() and self.k_norm.bias.is_contiguous()
+                and self.weights_proj.weight.dtype == torch.float32 and self.weights_proj.weight.is_contiguous()
+                and self.weights_proj.weight.device.type == "cpu")
+
+    def decode_select_fused(self, plan, x, q_latent, cos, sin, start: int, cache: IndexerKeyCache,
                             layer: int) -> torch.Tensor:
-        """``decode_select`` in three calls per sequence (when ``fused_decode_ok``): one C call
-        for the query's and key's projections, LayerNorm and RoPE and the head weights, the key
-        written straight into the cache; the [T,D] x [D,H] product of the cached keys (torch's
-        bf16 GEMM: AMX tiles where the CPU has them; in row counts rounded up to _KEY_BUCKET, so
-        its setup is reused); one C call for the relu'd, head-weighted sums and an exact top-k
-        (kernels/cpu/sparse_bf16.c). The arithmetic and roundings of ``project`` +
-        ``decode_scores`` + ``decode_topk`` up to the order of fp32 additions; the selection comes
-        back in increasing position order, with select_topk's tie rule."""
-        from dsv3lab.kernels import cpu_sparse
+        """``decode_select`` in three calls per sequence (where ``fused_plan`` gives a plan): one C
+        call for the query's and key's projections, LayerNorm and RoPE and the head weights, the
+        key written straight into the cache; one for the scores straight from the key cache by AMX
+        tile products and an exact top-k (kernels/cpu/sparse_bf16.c); on a CPU without AMX, torch's
+        bf16 GEMM for the [T,D] x [D,H] product (in row counts rounded up to _KEY_BUCKET, so its
+        setup is reused) and the C top-k of its products. The arithmetic and roundings of
+        ``project`` + ``decode_scores`` + ``decode_topk`` up to the order of fp32 additions; the
+        selection comes back in increasing position order, with select_topk's tie rule."""
         lib = cpu_sparse.library()
         B = x.shape[0]
         if not (0 <= start < cache.max_len and B <= cache.batch):      # the C writes the key row at start
             raise ValueError(f"decode_select: position {start} of {B} sequences does not fit the indexer cache "
                              f"({cache.batch} sequences x {cache.max_len} positions)")
+        bp, wq, wk, lnw, lnb, wp, eps = plan
         H, D, r = self.n_heads, self.head_dim, self.rope_dim
         hidden, qlr = x.shape[-1], q_latent.shape[-1]
-        nt = torch.get_num_threads()
-        q = torch.empty(B, H, D, dtype=torch.bfloat16)
-        w = torch.empty(B, H, dtype=torch.float32)
-        scratch = torch.empty(H * D + D, dtype=torch.bfloat16)
-        buf = cache.layers[layer]
-        wq, wk, ln, wp = self.wq_b.weight, self.wk.weight, self.k_norm, self.weights_proj.weight
-        for b in range(B):                        # pointers by arithmetic: no view objects per row
-            lib.dsv3_index_qkw(x.data_ptr() + 2 * b * x.stride(0), hidden, q_latent.data_ptr() + 2 * b * q_latent.stride(0), qlr,
-                               wq.data_ptr(), wk.data_ptr(), ln.weight.data_ptr(), ln.bias.data_ptr(), ln.eps,
-                               cos.data_ptr(), sin.data_ptr(), wp.data_ptr(), H ** -0.5 * D ** -0.5, H, D, r,
-                               scratch.data_ptr(), q.data_ptr() + 2 * b * H * D,
-                               buf.data_ptr() + 2 * (b * buf.stride(0) + start * D), w.data_ptr() + 4 * b * H, nt)
-        T = start + 1
+        nt, T = torch.get_num_threads(), start + 1
         k = min(self.index_topk, T)
+        # one workspace for the call (q, w, the projections' scratch, the top-k's): offsets, not tensors
+        def up(n):
+            return -(-n // 64) * 64                  # 64-byte aligned offsets
+        oq = 0
+        ow = up(2 * B * H * D)
+        osc = ow + up(4 * B * H)
+        owk = osc + up(2 * (H * D + D))
+        ws = torch.empty(owk + 12 * T, dtype=torch.uint8)
+        wsp = ws.data_ptr()
+        xp, xs, qp, qs = x.data_ptr(), 2 * x.stride(0), q_latent.data_ptr(), 2 * q_latent.stride(0)
+        row = 2 * cache.max_len * D                                     # bytes per sequence in the cache
+        for b in range(B):                        # pointers by arithmetic: no view objects per row
+            lib.dsv3_index_qkw(xp + b * xs, hidden, qp + b * qs, qlr, wq, wk, lnw, lnb, eps, cos.data_ptr(),
+                               sin.data_ptr(), wp, H ** -0.5 * D ** -0.5, H, D, r, wsp + osc,
+                               wsp + oq + 2 * b * H * D, bp + b * row + 2 * start * D, wsp + ow + 4 * b * H, nt)
         if k >= T:                               # every key: no scores needed (dense MLA follows)
             return torch.arange(T, device=x.device).expand(B, T)
-        keys = buf[:B, :min(cache.max_len, -(-T // _KEY_BUCKET) * _KEY_BUCKET)]   # read_bucketed, inline
-        work = torch.empty(3, T, dtype=torch.int32)           # scores (fp32), their order keys, candidates
         out = torch.empty(B, k + 1, dtype=torch.int64)        # one spare slot per row (see the C)
-        wpt = work.data_ptr()
+        op, wk0 = out.data_ptr(), wsp + owk
         for b in range(B):
-            wb, ob = w.data_ptr() + 4 * b * H, out.data_ptr() + 8 * b * (k + 1)
+            qb, wb, ob = wsp + oq + 2 * b * H * D, wsp + ow + 4 * b * H, op + 8 * b * (k + 1)
             # AMX tiles straight from the cache (-2: no AMX here, or a shape they do not take)
-            n = lib.dsv3_index_topk(buf.data_ptr() + 2 * b * buf.stride(0), D, T, q.data_ptr() + 2 * b * H * D,
-                                    H, D, wb, k, wpt, wpt + 4 * T, wpt + 8 * T, ob, nt)
+            n = lib.dsv3_index_topk(bp + b * row, D, T, qb, H, D, wb, k, wk0, wk0 + 4 * T, wk0 + 8 * T, ob, nt)
+            if n != -2 and n >= 0:
+                continue
+            buf = cache.layers[layer]
+            q = ws[oq:ow].view(torch.bfloat16).view(B, H, D)
+            w = ws[ow:osc].view(torch.float32).view(B, H)
+            keys = buf[b, :min(cache.max_len, -(-T // _KEY_BUCKET) * _KEY_BUCKET)]   # read_bucketed, inline
+            logits = linear(keys, q[b])                           # [T',H] bf16; rows past T are not read
             if n == -2:                           # torch's bf16 GEMM, then the C top-k
-                logits = linear(keys[b], q[b])                 # [T',H] bf16; rows past T are not read
-                n = lib.dsv3_index_select(logits.data_ptr(), H, T, H, wb, k, wpt, wpt + 4 * T, wpt + 8 * T, ob)
+                n = lib.dsv3_index_select(logits.data_ptr(), H, T, H, wb, k, wk0, wk0 + 4 * T, wk0 + 8 * T, ob)
             if n < 0:                             # a NaN score: torch's scores and top-k decide
-                scores = torch.mv(linear(keys[b], q[b])[:T].float().clamp_min_(0), w[b])
+                scores = torch.mv(logits[:T].float().clamp_min_(0), w[b])
                 out[b, :k] = decode_topk(scores[None], self.index_topk)[0]
         return out[:, :k]
 
