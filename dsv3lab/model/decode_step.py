@@ -4,9 +4,9 @@ A decode step of a small model on a CPU is as much Python as arithmetic: the mod
 ~650 ATen calls per step (views, casts, hook points, checks) around ~110 MB of weight reads.
 ``DecodeStep`` is the same computation as ``Transformer.forward`` for one token per sequence at
 batch 1, written as a flat list of kernel calls (``kernels/cpu/decode_bf16.c``, in bf16 or their
-fp32 twins) over fresh buffers: per layer RMSNorm, the q / kv projections, RoPE written straight
-into the cache row and into the query buffer, W_UK^T, torch's flash attention over the latent
-cache (the one torch call of substance), W_UV, o_proj, the residual, and the FFN (the gate's own
+fp32 twins): per layer RMSNorm, the q / kv projections, RoPE written straight into the cache row
+and into the query buffer, W_UK^T, the attention over the latent cache (torch's flash attention
+in bf16, the C kernel in fp32), W_UV, o_proj, the residual, and the FFN (the gate's own
 selection, then its experts in one call, or the dense SwiGLU as a one-expert MoE). Each kernel
 rounds where the module rounds (in bf16; fp32 rounds nowhere), so the two agree to summation
 order (tests/test_cpu_decode.py compares them).
@@ -14,13 +14,22 @@ order (tests/test_cpu_decode.py compares them).
 It runs only when the module path would compute exactly the same thing and nobody would miss a
 hook: a bf16 or fp32 model on the CPU, absorbed or V3.2 sparse attention (the indexer's
 selection, then its rows gathered, as ``SparseAttention`` decodes), batch 1, one token, no
-autograd, no hook anywhere in the model, no parallel layout, plain weights of the model's dtype.
-The gate's seams (forced routing, expert masks) are the gate's own business and work here. Any
-of these off, ``Transformer.forward`` takes the module path, which stays the reference.
+autograd, no hook anywhere in the model (a hooked expert only when it is chosen), no parallel
+layout, plain weights of the model's dtype. The gate's seams (forced routing, expert masks) are
+the gate's own business and work here. Any of these off, ``Transformer.forward`` takes the module
+path, which stays the reference.
+
+What a step needs from the module tree -- the weights, their pointers, the modules whose hooks
+matter, the buffers -- is gathered once into a ``_Plan`` per model, and re-gathered when any of it
+was replaced (a module, a Parameter, a tensor's storage: the plan checks each reference by
+identity every step, ~50 us) rather than walked through ``nn.Module`` attribute lookups each
+step (~3 ms of a 12 ms step on the bench preset). In-place changes to weights need nothing: the
+kernels read the tensors where they are.
 """
 
 from __future__ import annotations
 
+import ctypes
 import weakref
 
 import torch
@@ -29,59 +38,213 @@ from torch.nn.modules import module as _torch_module
 from dsv3lab.kernels import cpu_decode
 from dsv3lab.model.attn_absorbed import AbsorbedAttention, LatentCache, latent_attention
 from dsv3lab.model.attn_sparse import SparseAttention
-from dsv3lab.model.layers import MLP, HookPoint, Linear, RMSNorm
+from dsv3lab.model.layers import MLP, HookPoint, RMSNorm, is_plain_linear
 from dsv3lab.model.moe import MoE
-
-
-_HOOK_POINTS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
-
-
-def _hook_points(mod) -> list:
-    """The HookPoints that are direct children of ``mod`` (cached per module)."""
-    hps = _HOOK_POINTS.get(mod)
-    if hps is None:
-        hps = [c for c in mod._modules.values() if isinstance(c, HookPoint)]
-        _HOOK_POINTS[mod] = hps
-    return hps
-
-
-def _watched(*mods) -> bool:
-    """Whether a hook is attached to any of ``mods`` or to one of their hook points."""
-    for mod in mods:
-        if mod._forward_hooks or mod._forward_pre_hooks:
-            return True
-        for hp in _hook_points(mod):
-            if hp._forward_hooks or hp._forward_pre_hooks:
-                return True
-    return False
-
-
-def _plain(dtype, *linears) -> bool:
-    """Plain local Linears with contiguous ``dtype`` weights on the CPU."""
-    for lin in linears:
-        w = lin.weight
-        if type(lin) is not Linear or w.dtype != dtype or not w.is_contiguous() or w.device.type != "cpu":
-            return False
-    return True
 
 
 class _Fallback(Exception):
     """Something in the model needs the module path (raised before the step returns)."""
 
 
+class _Plan:
+    """What the fused step reads from one model, gathered once (see the module docstring).
+
+    ``refs`` holds (dict, key, object, data_ptr) for every module, Parameter and attribute the
+    plan took: the plan is current while each ``dict[key] is object`` and each tensor still has
+    that storage. ``watch`` lists the modules and hook points whose hooks send a step to the
+    module path. Built for a model the step cannot run (an FP8 weight, a naive layer, ...), the
+    plan is ``fit = False`` and stays so until a reference changes."""
+
+    def __init__(self, model):
+        self.refs: list = []
+        self.watch: list = []
+        self.fit = False
+        self.dtype = model.embed_tokens.weight.dtype
+        try:
+            self._build(model)
+            self.fit = True
+        except _Fallback:
+            pass
+
+    # --- taking references ---------------------------------------------------------------
+    def _mod(self, parent, name: str):
+        child = parent._modules.get(name)
+        self.refs.append((parent._modules, name, child, None))
+        if child is None:
+            raise _Fallback
+        return child
+
+    def _attr(self, parent, name: str):
+        v = parent.__dict__.get(name)
+        self.refs.append((parent.__dict__, name, v, None))
+        return v
+
+    def _param(self, mod, name: str = "weight") -> torch.Tensor:
+        p = mod._parameters.get(name)
+        self.refs.append((mod._parameters, name, p, None if p is None else p.data_ptr()))
+        if p is None or p.dtype != self.dtype or not p.is_contiguous() or p.device.type != "cpu":
+            raise _Fallback
+        return p
+
+    def _linear(self, parent, name: str) -> torch.Tensor:
+        lin = self._mod(parent, name)
+        if not is_plain_linear(lin, self.dtype):
+            raise _Fallback
+        self.watch.append(lin)
+        return self._param(lin)
+
+    def _norm(self, parent, name: str) -> tuple[torch.Tensor, float]:
+        mod = self._mod(parent, name)
+        if type(mod) is not RMSNorm:
+            raise _Fallback
+        self.watch.append(mod)
+        return self._param(mod), float(mod.eps)
+
+    def _watch(self, *mods) -> None:
+        """Watch ``mods`` and the HookPoints that are their direct children (taken as references
+        too: a hook point replaced by another is a changed model)."""
+        for mod in mods:
+            self.watch.append(mod)
+            for name, child in mod._modules.items():
+                if isinstance(child, HookPoint):
+                    self.refs.append((mod._modules, name, child, None))
+                    self.watch.append(child)
+
+    def current(self, refs=None) -> bool:
+        """Whether every reference in ``refs`` (default: the plan's own) still holds."""
+        for d, k, v, ptr in self.refs if refs is None else refs:
+            if d.get(k) is not v or (ptr is not None and v.data_ptr() != ptr):
+                return False
+        return True
+
+    def runnable(self, slot: dict) -> bool:
+        """Whether an expert of the plan may run fused now: unchanged, nothing hooked on it."""
+        for mod in slot["mods"]:
+            if mod._forward_hooks or mod._forward_pre_hooks:
+                return False
+        return self.current(slot["refs"])
+
+    # --- the model --------------------------------------------------------------------------
+    def _build(self, m) -> None:
+        cfg = m.cfg
+        dt = self.dtype
+        if dt not in cpu_decode.KERNEL_DTYPES:
+            raise _Fallback
+        emb = self._mod(m, "embed_tokens")
+        self._watch(m, emb)
+        self.embed = self._param(emb)
+        self.final_norm = self._norm(m, "norm")
+        self.lm_head = self._linear(m, "lm_head")
+        layers = self._mod(m, "layers")
+        self.layers = [self._layer(self._mod(layers, str(i)), cfg) for i in range(len(layers))]
+        D, H = cfg.hidden_size, cfg.num_attention_heads
+        n, r, c, v = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.kv_lora_rank, cfg.v_head_dim
+        # buffers the layers share, one after the other (each is consumed within its layer)
+        e = lambda *shape: torch.empty(shape, dtype=dt)                    # noqa: E731
+        self.h, self.h2, self.a = e(1, D), e(1, D), e(1, D)
+        self.qa = e(1, cfg.q_lora_rank or 1)
+        self.qa_n = e(1, cfg.q_lora_rank or 1)
+        self.q = e(1, H * (n + r))
+        self.kv = e(1, c + r)
+        self.q_cat = e(1, 1, H, c + r)
+        self.o = e(1, H * v)
+        self.hf = e(1, D)
+        self.moe_h = e(max([ly["moe_width"] for ly in self.layers] + [1]))
+        self.moe_y = torch.empty(D, dtype=torch.float32)
+
+    def _layer(self, blk, cfg) -> dict:
+        ly = {"blk": blk}
+        self._watch(blk)
+        attn = self._mod(blk, "self_attn")
+        impl = self._attr(attn, "impl")
+        if type(impl) not in (AbsorbedAttention, SparseAttention):
+            raise _Fallback
+        self._watch(attn)
+        ly.update(attn=attn, impl=impl, sparse=type(impl) is SparseAttention, layer=blk.layer)
+        if ly["sparse"]:
+            self._watch(self._mod(attn, "indexer"))
+        ly["in_norm"] = self._norm(blk, "input_layernorm")
+        ly["post_norm"] = self._norm(blk, "post_attention_layernorm")
+        if cfg.q_lora_rank:
+            ly["q_a"] = self._linear(attn, "q_a_proj")
+            ly["q_a_norm"] = self._norm(attn, "q_a_layernorm")
+            ly["q_b"] = self._linear(attn, "q_b_proj")
+        else:
+            ly["q"] = self._linear(attn, "q_proj")
+        ly["kv_a"] = self._linear(attn, "kv_a_proj_with_mqa")
+        ly["kv_norm"] = self._norm(attn, "kv_a_layernorm")
+        self._linear(attn, "kv_b_proj")              # read through impl.decode_weights, watched here
+        ly["o_proj"] = self._linear(attn, "o_proj")
+        mlp = self._mod(blk, "mlp")
+        if type(mlp) is MoE:
+            gate = self._mod(mlp, "gate")
+            self._watch(mlp, gate)
+            if cfg.scoring_func != "sigmoid":
+                raise _Fallback
+            experts = self._mod(mlp, "experts")
+            routed = [self._expert(experts, str(e)) for e in range(len(experts))]
+            shared = self._expert(mlp, "shared_experts") if mlp.shared_experts is not None else None
+            ly.update(ffn="moe", mlp=mlp, gate=gate, routed=routed, shared=shared)
+            k = cfg.num_experts_per_tok
+            widths = sorted(x["inter"] for x in routed)
+            ly["moe_width"] = sum(widths[-k:]) + (shared["inter"] if shared else 0)
+        elif type(mlp) is MLP:
+            dense = self._expert(blk, "mlp")
+            ly.update(ffn="dense", dense=dense, moe_width=dense["inter"])
+            n1 = ctypes.c_int64 * 1
+            ly["dense_args"] = (n1(dense["g"]), n1(dense["u"]), n1(dense["d"]), (ctypes.c_int * 1)(dense["inter"]),
+                                torch.ones(1))
+        else:
+            raise _Fallback
+        return ly
+
+    def _expert(self, parent, name: str) -> dict:
+        """One SwiGLU (a routed expert, the shared one or a dense FFN): its weights' pointers,
+        its own references and the modules whose hooks matter, both checked when it runs (a
+        step runs a few of a layer's experts: checking all of them every step would cost more
+        than the rest of the plan)."""
+        outer = self.refs
+        self.refs = []
+        try:
+            mlp = self._mod(parent, name)
+            if type(mlp) is not MLP:
+                raise _Fallback
+            ws = {}
+            for key, lin_name in (("g", "gate_proj"), ("u", "up_proj"), ("d", "down_proj")):
+                lin = self._mod(mlp, lin_name)
+                if not is_plain_linear(lin, self.dtype):
+                    raise _Fallback
+                ws[key] = self._param(lin).data_ptr()
+                ws[key + "_mod"] = lin
+            ws["inter"] = mlp.gate_proj.weight.shape[0]
+            ws["mods"] = (mlp, ws["g_mod"], ws["u_mod"], ws["d_mod"])
+            ws["refs"] = self.refs
+        finally:
+            self.refs = outer
+        return ws
+
+
+_PLANS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _plan(model) -> _Plan:
+    plan = _PLANS.get(model)
+    if plan is None or not plan.current():
+        plan = _PLANS[model] = _Plan(model)
+    return plan
+
+
 class DecodeStep:
     """``DecodeStep(model).run(tokens, start, cache)``: logits, or None for the module path.
 
-    Nothing is cached across steps but what the modules cache themselves (W_UK^T / W_UV in the
-    attention), so weights, modules and hooks changed between steps are always seen. The checks
-    run as the step goes; a step that meets a hook or an unfit weight half way returns None and
-    the module path recomputes it from the start (it rewrites the same cache rows)."""
+    The plan (``_Plan``) is checked at the start of every step, hooks and seams as the step goes;
+    a step that meets a hook half way returns None and the module path recomputes it from the
+    start (it rewrites the same cache rows)."""
 
     def __init__(self, model):
         self.model = model
         self.cfg = model.cfg
 
-    # --- the step ---------------------------------------------------------------------------
     def run(self, tokens: torch.Tensor, start: int, cache) -> torch.Tensor | None:
         """Logits [1, 1, V] of token ``tokens`` [1, 1] at position ``start``, or None."""
         try:
@@ -91,108 +254,107 @@ class DecodeStep:
 
     def _run(self, tokens: torch.Tensor, start: int, cache) -> torch.Tensor:
         m, cfg = self.model, self.cfg
-        dt = m.embed_tokens.weight.dtype
         if (_torch_module._global_forward_hooks or _torch_module._global_forward_pre_hooks
-                or getattr(m, "_dsv3_parallel", None) is not None or _watched(m, m.norm, m.embed_tokens)
-                or dt not in cpu_decode.KERNEL_DTYPES or not _plain(dt, m.lm_head)):
+                or getattr(m, "_dsv3_parallel", None) is not None):
             raise _Fallback
+        plan = _plan(m)
+        if not plan.fit:
+            raise _Fallback
+        for mod in plan.watch:
+            if mod._forward_hooks or mod._forward_pre_hooks:
+                raise _Fallback
         m.check_tokens(tokens, start)
-        gemv_c, norm_c, rope_c = (cpu_decode.kernel(name, dt) for name in ("dsv3_gemv", "dsv3_rmsnorm", "dsv3_rope"))
+        dt = plan.dtype
+        gemv_c, norm_c, rope_c, moe_c = (cpu_decode.kernel(name, dt) for name in
+                                         ("dsv3_gemv", "dsv3_rmsnorm", "dsv3_rope", "dsv3_moe"))
         nt = torch.get_num_threads()
         H, n, r, c, v = cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.kv_lora_rank, cfg.v_head_dim
         D = cfg.hidden_size
         cache.check(1, start + 1)
         cos, sin = m.rope.get(start, start + 1, m.device)
         cs, sn = cos.reshape(-1).contiguous(), sin.reshape(-1).contiguous()
-        x = m.embed_tokens.weight[tokens.reshape(-1)[0]].reshape(1, D)      # [1, D] (a view)
+        cs_p, sn_p = cs.data_ptr(), sn.data_ptr()
+        x = plan.embed[tokens.reshape(-1)[0]].reshape(1, D).clone()      # [1, D]: the residual stream
 
-        def gemv(w, xin, out):                       # out [M=1, N] from xin [1, K], w [N, K]
-            gemv_c(w.data_ptr(), w.stride(0), 0, xin.data_ptr(), 0, 0, out.data_ptr(), 0, 0,
-                   1, 1, w.shape[0], w.shape[1], nt)
+        # the plan checked every weight's shape, dtype and layout when it was built, so these
+        # call the C functions directly (the checked wrappers are kernels/cpu_decode.py's)
+        def gemv(w, xin, out):                       # out [1, N] = xin [1, K] @ w [N, K]^T
+            gemv_c(w.data_ptr(), w.shape[1], 0, xin.data_ptr(), 0, 0, out.data_ptr(), 0, 0, 1, 1, w.shape[0],
+                   w.shape[1], nt)
             return out
 
-        def norm(mod: RMSNorm, xin, out):
-            if mod.weight.dtype != dt:
-                raise _Fallback
-            norm_c(xin.data_ptr(), 0, mod.weight.data_ptr(), float(mod.eps), out.data_ptr(), 0, 1, xin.shape[-1])
+        def norm(wn, xin, out):
+            norm_c(xin.data_ptr(), 0, wn[0].data_ptr(), wn[1], out.data_ptr(), 0, 1, xin.shape[-1])
             return out
 
-        def rope(src, ld_src, rows, dst, ld_dst):
-            rope_c(src.data_ptr(), ld_src, cs.data_ptr(), sn.data_ptr(), dst.data_ptr(), ld_dst, rows, r)
+        def ffn(xin, slots, weights, args=None):      # slots: _Plan._expert dicts; -> fp32 [D] (plan.moe_y)
+            k = len(slots)
+            if args is None:
+                ptr = ctypes.c_int64 * k
+                args = (ptr(*[s["g"] for s in slots]), ptr(*[s["u"] for s in slots]), ptr(*[s["d"] for s in slots]),
+                        (ctypes.c_int * k)(*[s["inter"] for s in slots]), weights)
+            moe_c(xin.data_ptr(), D, k, *args[:4], args[4].data_ptr(), plan.moe_h.data_ptr(), plan.moe_y.data_ptr(), nt)
+            return plan.moe_y
 
-        def empty(*shape):
-            return torch.empty(shape, dtype=dt)
-
-        for blk in m.layers:
-            attn = blk.self_attn
-            projections = ((attn.q_a_proj, attn.q_b_proj) if cfg.q_lora_rank else (attn.q_proj,)) + (
-                attn.kv_a_proj_with_mqa, attn.kv_b_proj, attn.o_proj)
-            sparse = type(attn.impl) is SparseAttention
-            if (type(attn.impl) not in (AbsorbedAttention, SparseAttention) or attn.absorb_prefill
-                    or not _plain(dt, *projections)
-                    or _watched(blk, attn, blk.input_layernorm, blk.post_attention_layernorm, *projections)
-                    or sparse and (not attn.impl.fast_decode_ok() or _watched(attn.indexer))):
+        h, h2, qa, qa_n, q, kv, q_cat, o, a = (plan.h, plan.h2, plan.qa, plan.qa_n, plan.q, plan.kv, plan.q_cat,
+                                              plan.o, plan.a)
+        qh = q.view(H, n + r)
+        for ly in plan.layers:
+            attn, impl = ly["attn"], ly["impl"]
+            if attn.absorb_prefill or ly["sparse"] and not impl.fast_decode_ok():
                 raise _Fallback
-            h = norm(blk.input_layernorm, x, empty(1, D))
+            norm(ly["in_norm"], x, h)
             if cfg.q_lora_rank:
-                qa = gemv(attn.q_a_proj.weight, h, empty(1, cfg.q_lora_rank))
-                qa = norm(attn.q_a_layernorm, qa, empty(1, cfg.q_lora_rank))
-                q = gemv(attn.q_b_proj.weight, qa, empty(1, H * (n + r)))
+                gemv(ly["q_a"], h, qa)
+                norm(ly["q_a_norm"], qa, qa_n)
+                gemv(ly["q_b"], qa_n, q)
             else:
-                q = gemv(attn.q_proj.weight, h, empty(1, H * (n + r)))
-            kv = gemv(attn.kv_a_proj_with_mqa.weight, h, empty(1, c + r))
-            row = cache.layers[blk.layer][0, start]                            # [c + r] in the cache
-            if row.dtype != dt or attn.kv_a_layernorm.weight.dtype != dt:
+                gemv(ly["q"], h, q)
+            gemv(ly["kv_a"], h, kv)
+            row = cache.layers[ly["layer"]][0, start]                      # [c + r] in the cache
+            if row.dtype != dt:
                 raise _Fallback
-            norm_c(kv.data_ptr(), 0, attn.kv_a_layernorm.weight.data_ptr(), float(attn.kv_a_layernorm.eps),
-                   row.data_ptr(), 0, 1, c)                                    # c_kv into the cache row
-            rope(kv[0, c:], 0, 1, row[c:], 0)                                  # k_pe into the cache row
-            impl = attn.impl
+            norm_c(kv.data_ptr(), 0, ly["kv_norm"][0].data_ptr(), ly["kv_norm"][1], row.data_ptr(), 0, 1, c)
+            rope_c(kv.data_ptr() + c * kv.element_size(), 0, cs_p, sn_p, row.data_ptr() + c * row.element_size(),
+                   0, 1, r)                                                # c_kv, k_pe into the cache row
             w_uk_t, w_uv = impl.decode_weights(dt)
-            q_cat = empty(1, 1, H, c + r)
-            qh = q.view(H, n + r)
-            rope(qh[:, n:], n + r, H, q_cat[0, 0, :, c:], c + r)               # q_pe into q_cat
+            rope_c(qh.data_ptr() + n * qh.element_size(), n + r, cs_p, sn_p,
+                   q_cat.data_ptr() + c * q_cat.element_size(), c + r, H, r)          # q_pe into q_cat
             gemv_c(w_uk_t.data_ptr(), w_uk_t.stride(1), w_uk_t.stride(0), qh.data_ptr(), 0, n + r,
-                   q_cat.data_ptr(), 0, c + r, H, 1, c, n, nt)                 # q_lat into q_cat
-            latent = cache.layers[blk.layer][:1, :start + 1]
-            if sparse:                           # V3.2: the indexer's top-k rows, gathered (attn_sparse.py)
-                latent = impl.decode_gathered(h.view(1, 1, D), qa.view(1, 1, -1) if cfg.q_lora_rank else None,
-                                              cos, sin, start, cache, blk.layer, latent)
+                   q_cat.data_ptr(), 0, c + r, H, 1, c, n, nt)              # q_lat into q_cat
+            latent = cache.layers[ly["layer"]][:1, :start + 1]
+            if ly["sparse"]:                     # V3.2: the indexer's top-k rows, gathered (attn_sparse.py)
+                latent = impl.decode_gathered(h.view(1, 1, D), qa_n.view(1, 1, -1) if cfg.q_lora_rank else None,
+                                              cos, sin, start, cache, ly["layer"], latent)
             o_lat = latent_attention(q_cat, latent, attn.scale, c, latent.shape[1] - 1)
             if o_lat.stride(-1) != 1:
-                o_lat = o_lat.contiguous()                                     # [1,1,H,c], rows stride(2) apart
-            o = empty(1, H * v)
+                o_lat = o_lat.contiguous()                                 # [1,1,H,c], rows stride(2) apart
             gemv_c(w_uv.data_ptr(), w_uv.stride(1), w_uv.stride(0), o_lat.data_ptr(), 0, o_lat.stride(2),
                    o.data_ptr(), 0, v, H, 1, v, c, nt)
-            a = gemv(attn.o_proj.weight, o, empty(1, D))
-            x = x + a
-            h2 = norm(blk.post_attention_layernorm, x, empty(1, D))
-            mlp = blk.mlp
-            if type(mlp) is MoE:
-                if _watched(mlp.gate) or cfg.scoring_func != "sigmoid":
+            x.add_(gemv(ly["o_proj"], o, a))
+            norm(ly["post_norm"], x, h2)
+            if ly["ffn"] == "moe":
+                mlp = ly["mlp"]
+                if "dispatch" in mlp.__dict__:                             # expert parallelism installed
                     raise _Fallback
-                ids, w = mlp.gate(h2)               # its own C selection (forced routing, masks: its torch path)
-                mlps = mlp.decode_experts(ids[0].tolist(), dt)   # None: hooked, parallel or unfit experts
-                if mlps is None or _watched(mlp):
-                    raise _Fallback
-                y = mlp.decode_cpu(h2, mlps, w[0])
-            elif type(mlp) is MLP and _plain(dt, mlp.gate_proj, mlp.up_proj, mlp.down_proj) and not _watched(
-                    mlp, mlp.gate_proj, mlp.up_proj, mlp.down_proj):
-                y = mlp_one(mlp, h2)
+                ids, w = ly["gate"](h2)              # its own C selection (forced routing, masks: its torch path)
+                slots = [ly["routed"][e] for e in ids[0].tolist()]
+                weights = w[0]
+                if ly["shared"] is not None:
+                    slots.append(ly["shared"])
+                    weights = torch.cat([weights, weights.new_ones(1)])
+                for s in slots:
+                    if not plan.runnable(s):
+                        raise _Fallback
+                y = ffn(h2, slots, weights.float().contiguous())
             else:
-                raise _Fallback
-            x = x + y
-        hf = norm(m.norm, x, empty(1, D))
-        logits = gemv(m.lm_head.weight, hf, empty(1, cfg.vocab_size))
+                if not plan.runnable(ly["dense"]):
+                    raise _Fallback
+                y = ffn(h2, [ly["dense"]], None, ly["dense_args"])
+            x.add_(y.to(dt))
+        norm(plan.final_norm, x, plan.hf)
+        logits = gemv(plan.lm_head, plan.hf, torch.empty(1, cfg.vocab_size, dtype=dt))
         return logits.view(1, 1, -1)
-
-
-def mlp_one(mlp: MLP, x: torch.Tensor) -> torch.Tensor:
-    """A dense SwiGLU on one row as a one-expert MoE call (weight 1: the same roundings as the
-    module in bf16; fp32 sums in another order in fp32)."""
-    y = cpu_decode.moe(x.reshape(-1), [mlp.gate_proj.weight], [mlp.up_proj.weight], [mlp.down_proj.weight],
-                       torch.ones(1))
-    return y.to(x.dtype).view(1, -1)
 
 
 def try_decode(model, tokens: torch.Tensor, start: int, cache) -> torch.Tensor | None:

@@ -126,6 +126,15 @@ class Linear(nn.Module):
         return f"in={self.in_features}, out={self.out_features}, dtype={self.weight.dtype}"
 
 
+def is_plain_linear(lin, dtype: torch.dtype) -> bool:
+    """A plain ``Linear`` (not a subclass, not a parallel shard) with a contiguous ``dtype``
+    weight on the CPU: what the CPU decode kernels read in place."""
+    if type(lin) is not Linear:
+        return False
+    w = lin.weight
+    return w.dtype == dtype and w.is_contiguous() and w.device.type == "cpu"
+
+
 class MLP(nn.Module):
     """SwiGLU: down(silu(gate(x)) * up(x)). gate = w1, up = w3, down = w2 in the official names."""
 

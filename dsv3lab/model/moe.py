@@ -44,7 +44,7 @@ from torch.nn.modules import module as _torch_module
 
 from dsv3lab.config import ModelConfig
 from dsv3lab.kernels import cpu_decode
-from dsv3lab.model.layers import MLP, HookPoint, Linear
+from dsv3lab.model.layers import MLP, HookPoint, is_plain_linear
 
 
 class Gate(nn.Module):
@@ -178,9 +178,7 @@ class MoE(nn.Module):
             if type(m) is not MLP or m._forward_hooks or m._forward_pre_hooks:
                 return None
             for lin in (m.gate_proj, m.up_proj, m.down_proj):
-                w = lin.weight
-                if (type(lin) is not Linear or lin._forward_hooks or lin._forward_pre_hooks
-                        or w.dtype != dtype or not w.is_contiguous()):
+                if not is_plain_linear(lin, dtype) or lin._forward_hooks or lin._forward_pre_hooks:
                     return None
         return mlps
 
