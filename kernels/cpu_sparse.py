@@ -98,10 +98,10 @@ def index_select(logits: torch.Tensor, w: torch.Tensor, k: int) -> torch.Tensor 
     if not 1 <= k < T:
         raise ValueError(f"index_select: k = {k} must be in [1, T = {T})")
     work = torch.empty(3, T, dtype=torch.int32)          # scores (fp32), their order keys, candidates
-    idx = torch.empty(k + 1, dtype=torch.int64)          # one spare slot (see the C)
+    idx = torch.empty(k, dtype=torch.int64)
     n = library().dsv3_index_select(logits.data_ptr(), logits.stride(0), T, H, w.data_ptr(), k,
                                     work[0].data_ptr(), work[1].data_ptr(), work[2].data_ptr(), idx.data_ptr())
-    return None if n < 0 else idx[:k]
+    return None if n < 0 else idx
 
 
 def amx_available() -> bool:
@@ -128,13 +128,13 @@ def index_topk(keys: torch.Tensor, q: torch.Tensor, w: torch.Tensor, k: int, sco
         raise ValueError(f"index_topk: needs AMX (available: {amx_available()}), D % 32 == 0 and D <= 512 "
                          f"(D = {D}), H <= 64 (H = {H})")
     work = torch.empty(3, T, dtype=torch.int32)
-    idx = torch.empty(k + 1, dtype=torch.int64)
+    idx = torch.empty(k, dtype=torch.int64)
     n = library().dsv3_index_topk(keys.data_ptr(), keys.stride(0), T, q.data_ptr(), H, D, w.data_ptr(), k,
                                   work[0].data_ptr(), work[1].data_ptr(), work[2].data_ptr(), idx.data_ptr(),
                                   torch.get_num_threads())
     if scores is not None:
         scores.copy_(work[0].view(torch.float32))
-    return None if n < 0 else idx[:k]
+    return None if n < 0 else idx
 
 
 def gather_sorted(src: torch.Tensor, idx: torch.Tensor, out: torch.Tensor) -> torch.Tensor:

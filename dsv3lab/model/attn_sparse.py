@@ -49,17 +49,24 @@ _GATHER_CHUNK_ELEMS = 1 << 23
 # a step gathers into it and attends over it before the next layer does (so it stays in cache,
 # and memory does not grow with the layer count); per thread, so concurrent decodes in one
 # process do not share it
-_DECODE_ROWS = threading.local()         # .bufs: {(device, dtype): flat tensor}, freed with the thread
+_DECODE_ROWS = threading.local()         # .bufs: {(device, dtype): (flat tensor, shape, view)}, freed with the thread
 
 
-def _gather_buffer(n: int, dtype, device) -> torch.Tensor:
-    """A flat buffer of at least ``n`` elements for the decode gather, grown when too small."""
+def _gather_buffer(shape: tuple, dtype, device) -> torch.Tensor:
+    """A contiguous tensor of ``shape`` on the decode gather's buffer, grown when too small (the
+    view for the last shape asked for is kept: a decode step asks for the same one every layer)."""
     bufs = _DECODE_ROWS.__dict__.setdefault("bufs", {})
-    key = (torch.device(device), dtype)
-    buf = bufs.get(key)
-    if buf is None or buf.numel() < n:
-        buf = bufs[key] = torch.empty(n, dtype=dtype, device=device)
-    return buf[:n]
+    key = (device, dtype)
+    entry = bufs.get(key)
+    if entry is not None and entry[1] == shape:
+        return entry[2]
+    n = 1
+    for s in shape:
+        n *= s
+    buf = entry[0] if entry is not None and entry[0].numel() >= n else torch.empty(n, dtype=dtype, device=device)
+    view = buf[:n].view(shape)
+    bufs[key] = (buf, shape, view)
+    return view
 
 
 class SparseCache(LatentCache):
@@ -134,7 +141,7 @@ class SparseAttention(AbsorbedAttention):
         W = latent.shape[-1]
         if torch.is_grad_enabled() and latent.requires_grad:
             return torch.stack([latent[b].index_select(0, idx[b]) for b in range(B)])
-        rows = _gather_buffer(B * k * W, latent.dtype, latent.device).view(B, k, W)
+        rows = _gather_buffer((B, k, W), latent.dtype, latent.device)
         lib = (cpu_sparse.library() if latent.dtype == torch.bfloat16 and latent.device.type == "cpu"
                and latent.stride(-1) == 1 and idx.stride(-1) == 1 and get_backend() == "auto" else None)
         if lib is not None:

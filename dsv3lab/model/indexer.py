@@ -408,10 +408,10 @@ class Indexer(nn.Module):
                                wsp + oq + 2 * b * H * D, bp + b * row + 2 * start * D, wsp + ow + 4 * b * H, nt)
         if k >= T:                               # every key: no scores needed (dense MLA follows)
             return torch.arange(T, device=x.device).expand(B, T)
-        out = torch.empty(B, k + 1, dtype=torch.int64)        # one spare slot per row (see the C)
+        out = torch.empty(B, k, dtype=torch.int64)
         op, wk0 = out.data_ptr(), wsp + owk
         for b in range(B):
-            qb, wb, ob = wsp + oq + 2 * b * H * D, wsp + ow + 4 * b * H, op + 8 * b * (k + 1)
+            qb, wb, ob = wsp + oq + 2 * b * H * D, wsp + ow + 4 * b * H, op + 8 * b * k
             # AMX tiles straight from the cache (-2: no AMX here, or a shape they do not take)
             n = lib.dsv3_index_topk(bp + b * row, D, T, qb, H, D, wb, k, wk0, wk0 + 4 * T, wk0 + 8 * T, ob, nt)
             if n != -2 and n >= 0:
@@ -425,8 +425,8 @@ class Indexer(nn.Module):
                 n = lib.dsv3_index_select(logits.data_ptr(), H, T, H, wb, k, wk0, wk0 + 4 * T, wk0 + 8 * T, ob)
             if n < 0:                             # a NaN score: torch's scores and top-k decide
                 scores = torch.mv(logits[:T].float().clamp_min_(0), w[b])
-                out[b, :k] = decode_topk(scores[None], self.index_topk)[0]
-        return out[:, :k]
+                out[b] = decode_topk(scores[None], self.index_topk)[0]
+        return out
 
     def scoring_inputs(self, x, q_latent, cos, sin, start, cache, layer):
         """Queries [B,S,H,D], head weights [B,S,H] and the keys [B,start+S,D] to score against

@@ -232,10 +232,10 @@ static int topk_of_scores(const float *scores, int T, int k, uint32_t *keys, uin
         n = m;
     }
     /* prefix is now the k-th best key; need = how many of the keys equal to it to take */
-    /* branch-free (about a quarter of the positions are taken, at random): idx has room for
-       k + 1 values, the last written and not counted */
+    /* branch-free (about a quarter of the positions are taken, at random): each position is
+       written at idx[n] and counted if taken; the loop stops with the k-th */
     n = 0;
-    for (int t = 0; t < T; t++) {
+    for (int t = 0; t < T && n < k; t++) {
         uint32_t key = keys[t];
         int eq = key == prefix, take = (key > prefix) | (eq & (need > 0));
         idx[n] = t;
