@@ -17,7 +17,8 @@ Per layer, for the S new queries at positions [start, start + S) (V3.2 report, s
 Decode (one new token per sequence) has a fast path, taken unless something is hooked on the
 indexer's scores or selection, on MLA's probabilities, or on the dense-probability probe: the
 indexer's ``decode_select`` (one product against its key cache, an unsorted top-k), then the k
-selected latent rows copied by ``index_select`` into one contiguous [B,k,c+r] buffer, shared by
+selected latent rows copied (in position order, by the prefetching C gather of
+kernels/cpu/sparse_bf16.c, or ``index_select``) into one contiguous [B,k,c+r] buffer, shared by
 all layers and reused every step, and the absorbed implementation's own one-token decode
 (``AbsorbedAttention.absorbed``: W_UK, the fused latent attention, W_UV) run on those rows as if
 they were the whole cache. Per layer and step it reads the indexer cache (T x D_I) and k rows of
@@ -125,8 +126,9 @@ class SparseAttention(AbsorbedAttention):
     def fast_decode_ok(self) -> bool:
         """Nothing observes what the decode fast path skips: the indexer's scores and selection,
         MLA's [B,H,S,T] probabilities, the dense-probability probe."""
-        mla = self.mla
-        return mla.indexer.fast_decode_ok and not fires(mla.hook_attn_probs, mla.indexer.hook_dense_probs)
+        mods = self.mla._modules                 # by dict: called every layer of every decode step
+        ix = mods["indexer"]
+        return ix.fast_decode_ok and not fires(mods["hook_attn_probs"], ix._modules["hook_dense_probs"])
 
     def decode_gathered(self, x, q_latent, cos, sin, start: int, cache: SparseCache, slot: int,
                         latent: torch.Tensor) -> torch.Tensor:
@@ -134,7 +136,7 @@ class SparseAttention(AbsorbedAttention):
         copied into one contiguous [B,k,c+r] tensor, or ``latent`` itself when k covers every
         key. Every returned row is visible, so the absorbed one-token decode runs over it with
         no mask (start = k - 1)."""
-        idx = self.mla.indexer.decode_select(x, q_latent, cos, sin, start, cache.index_keys, slot)   # [B,k]
+        idx = self.mla._modules["indexer"].decode_select(x, q_latent, cos, sin, start, cache.index_keys, slot)  # [B,k]
         B, k = idx.shape
         if k >= start + 1:
             return latent

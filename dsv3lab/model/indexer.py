@@ -22,7 +22,11 @@ Two entry points: ``forward`` (any S; fires every hook point, returns [B,S,k] in
 on the scores or the selection): one [T,D] x [D,H] product per sequence straight from the key
 cache, ReLU, the head-weighted sum, an unsorted top-k -- no [B,S,T] -inf mask, no future-key
 masking (a decode query sees every cached key), no sort. Both select the same key set, ties
-included (``select_topk``'s rule).
+included (``select_topk``'s rule). In a bf16 model on the CPU with bf16 keys, ``decode_select``
+runs as three C calls per sequence (``decode_select_fused``, kernels/cpu/sparse_bf16.c): the
+projections, LayerNorm, RoPE and head weights of the token; the scores by AMX tile products
+straight from the cache with an exact radix top-k; the same arithmetic, a few microseconds of
+Python instead of some twenty torch ops (docs/sparse-attention.md, "Speed").
 
 Key formats (``Indexer.key_format``; the cache follows it):
   "model"  keys kept in the model's dtype, no rotation: the arithmetic transformers uses.
@@ -300,7 +304,8 @@ class Indexer(nn.Module):
     def fast_decode_ok(self) -> bool:
         """``decode_select`` may stand in for ``forward``: nothing would see the scores, the
         selection or the module's own call."""
-        return not fires(self, self.hook_scores, self.hook_topk_indices)
+        mods = self._modules                     # by dict: called every layer of every decode step
+        return not fires(self, mods["hook_scores"], mods["hook_topk_indices"])
 
     def decode_select(self, x: torch.Tensor, q_latent: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                       start: int, cache: IndexerKeyCache, layer: int = 0) -> torch.Tensor:
