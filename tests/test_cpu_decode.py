@@ -414,3 +414,49 @@ def test_fp32_fused_decode_step_equals_the_module_path(preset):
         ref = _decode(m, x, 8)
     # fp32 throughout, only the order of additions differs
     assert ((fast - ref).norm() / ref.norm()).item() < 1e-5
+
+
+def test_fused_step_sees_replaced_modules_parameters_and_storage():
+    """The fused step's plan caches references (decode_step._Plan): every way of changing a
+    model between steps must reach the next step, checked against the module path."""
+    from torch import nn
+    from dsv3lab.model.decode_step import try_decode
+    from dsv3lab.model.layers import MLP
+    m = dsv3lab.build("tiny", dtype=torch.float32).eval()
+    x = torch.randint(0, m.cfg.vocab_size, (1, 12), generator=torch.Generator().manual_seed(12))
+    g = torch.Generator().manual_seed(13)
+    with torch.no_grad():
+        c = m.new_cache(1, 16)
+        m(x[:, :11], start=0, cache=c)
+
+        def both():
+            fused = try_decode(m, x[:, 11:], 11, c)
+            assert fused is not None
+            with dispatch.use_backend("torch"):
+                ref = m(x[:, 11:], start=11, cache=c)
+            assert ((fused - ref).norm() / ref.norm()).item() < 1e-5
+            return ref
+
+        def new_mlp(inter):
+            mlp = MLP(m.cfg.hidden_size, inter)
+            for p in mlp.parameters():
+                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+            return mlp
+
+        before = both()
+        moe = m.layers[1].mlp
+        shared = moe.shared_experts
+        changes = [
+            lambda: m.layers[0].self_attn.o_proj.weight.mul_(1.5),                       # in place
+            lambda: setattr(m.layers[0].self_attn.q_b_proj, "weight",
+                            nn.Parameter(torch.randn(m.layers[0].self_attn.q_b_proj.weight.shape, generator=g) * 0.05)),
+            lambda: setattr(m.lm_head.weight, "data", m.lm_head.weight.data.flip(0).contiguous()),   # new storage
+            lambda: setattr(moe, "shared_experts", new_mlp(shared.gate_proj.weight.shape[0])),
+            lambda: [moe.experts.__setitem__(e, new_mlp(m.cfg.moe_intermediate_size))
+                     for e in range(m.cfg.n_routed_experts)],
+        ]
+        for change in changes:
+            change()
+            after = both()
+            assert ((after - before).norm() / before.norm()).item() > 1e-3          # the change mattered
+            before = after

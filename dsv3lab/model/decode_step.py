@@ -46,6 +46,10 @@ class _Fallback(Exception):
     """Something in the model needs the module path (raised before the step returns)."""
 
 
+class _Stale(Exception):
+    """A reference the plan took has changed: build the plan again and rerun the step."""
+
+
 class _Plan:
     """What the fused step reads from one model, gathered once (see the module docstring).
 
@@ -117,12 +121,14 @@ class _Plan:
                 return False
         return True
 
-    def runnable(self, slot: dict) -> bool:
-        """Whether an expert of the plan may run fused now: unchanged, nothing hooked on it."""
+    def check_slot(self, slot: dict) -> None:
+        """An expert of the plan about to run: _Stale if it was replaced or changed, _Fallback if
+        something is hooked on it."""
+        if not self.current(slot["refs"]):
+            raise _Stale
         for mod in slot["mods"]:
             if mod._forward_hooks or mod._forward_pre_hooks:
-                return False
-        return self.current(slot["refs"])
+                raise _Fallback
 
     # --- the model --------------------------------------------------------------------------
     def _build(self, m) -> None:
@@ -247,10 +253,14 @@ class DecodeStep:
 
     def run(self, tokens: torch.Tensor, start: int, cache) -> torch.Tensor | None:
         """Logits [1, 1, V] of token ``tokens`` [1, 1] at position ``start``, or None."""
-        try:
-            return self._run(tokens, start, cache)
-        except _Fallback:
-            return None
+        for _ in range(2):
+            try:
+                return self._run(tokens, start, cache)
+            except _Fallback:
+                return None
+            except _Stale:
+                _PLANS.pop(self.model, None)         # rebuilt by the second try
+        return None
 
     def _run(self, tokens: torch.Tensor, start: int, cache) -> torch.Tensor:
         m, cfg = self.model, self.cfg
@@ -344,12 +354,10 @@ class DecodeStep:
                     slots.append(ly["shared"])
                     weights = torch.cat([weights, weights.new_ones(1)])
                 for s in slots:
-                    if not plan.runnable(s):
-                        raise _Fallback
+                    plan.check_slot(s)
                 y = ffn(h2, slots, weights.float().contiguous())
             else:
-                if not plan.runnable(ly["dense"]):
-                    raise _Fallback
+                plan.check_slot(ly["dense"])
                 y = ffn(h2, [ly["dense"]], None, ly["dense_args"])
             x.add_(y.to(dt))
         norm(plan.final_norm, x, plan.hf)
