@@ -1,0 +1,155 @@
+"""CPU decode kernels (C) against the torch calls they replace: GEMV GB/s, latent attention GB/s.
+
+For each of a preset's one-row projections (its shapes, bf16 and fp32) the C ``gemv`` against
+the torch call the engine would make otherwise (``torch.mv`` in bf16, ``F.linear`` in fp32), and
+for the attention of one decode token over the latent cache (the preset's heads and widths, each
+context) the fp32 C kernel against torch's flash attention in both dtypes (bf16 runs torch's:
+the table shows why). Weights and caches are cycled through enough copies to exceed the last-level
+cache, so every figure streams from memory, as a decode step does. The measurement follows
+``bench/measure.py``: rounds with the two arms alternating, a copy's bandwidth (read + write)
+before each round and after the last, medians with min-max, and a figure above the copy bandwidth
+flagged invalid. Results in ``results/bench-cpu.json``.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+from dsv3lab.bench import print_table, write_json_atomic
+from dsv3lab.bench.measure import alternating_rounds, median_limits, summarize
+
+STREAM_BYTES = 96 << 20      # copies cycled per figure: well past this machine's last-level cache
+
+
+def add_args(p) -> None:
+    p.add_argument("--preset", default="bench")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--contexts", default="1024,4096", help="latent cache lengths for the attention rows")
+    p.add_argument("--reps", type=int, default=3, help="passes over the copies per figure and round")
+
+
+def _copies(make, nbytes: int) -> list[torch.Tensor]:
+    n = max(2, min(64, -(-STREAM_BYTES // max(1, nbytes))))
+    return [make() for _ in range(n)]
+
+
+def _per_call(fn, items, reps: int) -> float:
+    """Seconds per call of fn(item), the best of ``reps`` passes over ``items``."""
+    for it in items[:2]:
+        fn(it)
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        for it in items:
+            fn(it)
+        best = min(best, (time.perf_counter() - t0) / len(items))
+    return best
+
+
+def _copy_bandwidth() -> dict:
+    src = torch.empty(64 << 20, dtype=torch.uint8)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    ts = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        ts.append(time.perf_counter() - t0)
+    return dict(copy_GB_s=2 * src.numel() / min(ts) / 1e9)
+
+
+def gemv_shapes(cfg) -> list[tuple[str, int, int]]:
+    """(name, N, K) of the one-row products of a decode step, by the preset's sizes."""
+    H, n, r, c, v = (cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.kv_lora_rank,
+                     cfg.v_head_dim)
+    D = cfg.hidden_size
+    shapes = [("kv_a", c + r, D), ("o_proj", D, H * v), ("lm_head", cfg.vocab_size, D)]
+    if cfg.q_lora_rank:
+        shapes[:0] = [("q_a", cfg.q_lora_rank, D), ("q_b", H * (n + r), cfg.q_lora_rank)]
+    else:
+        shapes[:0] = [("q", H * (n + r), D)]
+    if cfg.moe_intermediate_size:
+        shapes.append(("expert up", cfg.moe_intermediate_size, D))
+    return shapes
+
+
+def run(args) -> int:
+    import dsv3lab
+    from dsv3lab.bench.engine import _cpu_features
+    from dsv3lab.kernels import cpu_decode
+    if not cpu_decode.available():
+        raise SystemExit("bench cpu: the C decode kernels could not be built here (see the warning above)")
+    torch.set_num_threads(args.threads)
+    cfg = dsv3lab.ModelConfig.preset(args.preset)
+    g = torch.Generator().manual_seed(0)
+    figures = []                                  # (what, dtype, bytes per call, {arm: fn, items})
+    for name, N, K in gemv_shapes(cfg):
+        for dt in (torch.bfloat16, torch.float32):
+            ws = _copies(lambda: (torch.randn(N, K, generator=g) * 0.05).to(dt), N * K * dt.itemsize)
+            x = torch.randn(1, K, generator=g).to(dt)
+            torch_fn = (lambda w, x=x: torch.mv(w, x[0])) if dt == torch.bfloat16 else (lambda w, x=x: F.linear(x, w))
+            figures.append((f"gemv {name} {N}x{K}", dt, N * K * dt.itemsize,
+                            {"C": (lambda w, x=x: cpu_decode.gemv(w, x)), "torch": torch_fn}, ws))
+    H, D, c = cfg.num_attention_heads, cfg.kv_lora_rank + cfg.qk_rope_head_dim, cfg.kv_lora_rank
+    for T in [int(t) for t in args.contexts.split(",") if t.strip()]:
+        for dt in (torch.float32, torch.bfloat16):
+            lats = _copies(lambda: torch.randn(T, D, generator=g).to(dt), T * D * dt.itemsize)
+            q = (torch.randn(1, 1, H, D, generator=g) * 0.1).to(dt)
+
+            def flash(lat, q=q):
+                kv = lat[None, None]
+                return F.scaled_dot_product_attention(q, kv, kv, scale=0.07)
+            arms = {"torch": flash}
+            if dt == torch.float32:
+                arms["C"] = lambda lat, q=q: cpu_decode.latent_attention(q[0, 0], lat, 0.07, c)
+            figures.append((f"attention T={T} H={H}", dt, T * D * dt.itemsize, arms, lats))
+    arms = ["C", "torch"]
+
+    def measure(arm, rnd):
+        rows = []
+        for what, dt, nbytes, fns, items in figures:
+            if arm in fns:
+                t = _per_call(fns[arm], items, args.reps)
+                rows.append(dict(what=f"{what} {str(dt).removeprefix('torch.')}", value=nbytes / t / 1e9,
+                                 unit="GB/s", work=1.0, limit="copy_GB_s"))
+        return rows
+
+    try:
+        from tqdm import tqdm
+        bar = tqdm(total=len(arms) * args.rounds, desc="bench cpu", unit="arm-round")
+    except ImportError:
+        bar = None
+    per_arm, lims = alternating_rounds(arms, args.rounds, measure, _copy_bandwidth, bar)
+    if bar is not None:
+        bar.close()
+    limit = median_limits(lims)
+    rows = summarize(per_arm, limit)
+    table = []
+    for what in dict.fromkeys(r["what"] for r in rows):
+        got = {r["engine"]: r for r in rows if r["what"] == what}
+        ours, peer = got.get("C"), got["torch"]
+        table.append(dict(what=what, C_GB_s=ours["value"] if ours else float("nan"),
+                          C_range=f"{ours['lo']:.1f}-{ours['hi']:.1f}" if ours else "",
+                          torch_GB_s=peer["value"], torch_range=f"{peer['lo']:.1f}-{peer['hi']:.1f}",
+                          ratio=ours["value"] / peer["value"] if ours else float("nan"),
+                          pct_of_copy=ours["pct_of_limit"] if ours else peer["pct_of_limit"],
+                          valid=all(r["valid"] for r in got.values())))
+    print(f"bench cpu: preset {cfg.name}, {args.threads} threads, {args.rounds} rounds (arms alternating); "
+          f"CPU features: {_cpu_features()}; copy {limit['copy_GB_s']:.1f} GB/s read+write "
+          f"(median of {len(lims)}: {min(x['copy_GB_s'] for x in lims):.1f}-{max(x['copy_GB_s'] for x in lims):.1f})")
+    print_table(table)
+    invalid = [t["what"] for t in table if not t["valid"]]
+    if invalid:
+        print(f"invalid (above the copy bandwidth measured in this run): {', '.join(invalid)}")
+    ratios = [t["ratio"] for t in table if t["ratio"] == t["ratio"]]
+    out = args.out or "results/bench-cpu.json"
+    write_json_atomic(out, dict(preset=cfg.name, threads=args.threads, rounds=args.rounds, cpu_features=_cpu_features(),
+                                limits=limit, rows=table, raw=rows,
+                                median_ratio=statistics.median(ratios) if ratios else None))
+    print(f"wrote {out}")
+    return 0
