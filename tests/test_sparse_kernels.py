@@ -112,6 +112,9 @@ def test_index_topk_reads_cache_rows_in_place_and_rejects_what_the_tiles_do_not_
     q, w = torch.randn(8, 64, generator=g).to(torch.bfloat16), torch.rand(8, generator=g) + 0.1
     got = cpu_sparse.index_topk(cache[1, :500], q, w, 50)
     assert_same_selection(got, ref_scores(cache[1, :500], q, w), 50, 1e-2)
+    wide = torch.randn(700, 96, generator=g).to(torch.bfloat16)            # rows 96 apart, 64 read
+    got = cpu_sparse.index_topk(wide[:, 16:80], q, w, 300)
+    assert_same_selection(got, ref_scores(wide[:, 16:80], q, w), 300, 1e-2)
     nan_keys = cache[1, :500].clone()
     nan_keys[123, 5] = float("nan")
     assert cpu_sparse.index_topk(nan_keys, q, w, 50) is None               # reported, not scored as 0

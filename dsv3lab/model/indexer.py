@@ -45,6 +45,8 @@ keys' scores are closer than the quantization error (near-ties; ``tests/test_dsa
 
 from __future__ import annotations
 
+import threading
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -65,6 +67,19 @@ _KEY_CHUNK = 4096          # fp32 key rows scored at a time
 # per _KEY_BUCKET steps, not every step, and the oneDNN GEMM set up for a new shape (~1 ms at 8K
 # keys, more than the product) is reused in between
 _KEY_BUCKET = 256
+
+
+# the fused decode selection's scratch bytes, per thread (concurrent decodes in one process must
+# not share it), kept between calls: a fresh allocation of this size (~100 KB at 8K keys) is an
+# mmap whose pages fault in on every call
+_WORKSPACE = threading.local()
+
+
+def _workspace(nbytes: int) -> torch.Tensor:
+    buf = getattr(_WORKSPACE, "buf", None)
+    if buf is None or buf.numel() < nbytes:
+        buf = _WORKSPACE.buf = torch.empty(max(nbytes, 1 << 20), dtype=torch.uint8)
+    return buf
 
 
 def fp8_block(head_dim: int) -> int:
@@ -403,7 +418,7 @@ class Indexer(nn.Module):
         ow = up(2 * B * H * D)
         osc = ow + up(4 * B * H)
         owk = osc + up(2 * (H * D + D))
-        ws = torch.empty(owk + 12 * T, dtype=torch.uint8)
+        ws = _workspace(owk + 12 * T)
         wsp = ws.data_ptr()
         xp, xs, qp, qs = x.data_ptr(), 2 * x.stride(0), q_latent.data_ptr(), 2 * q_latent.stride(0)
         row = 2 * cache.max_len * D                                     # bytes per sequence in the cache
