@@ -26,6 +26,14 @@ def ref_scores(keys, q, w):
     return logits.clamp_min(0) @ w.double()
 
 
+def score_bound(keys, q, w):
+    """How far a kernel's score may be from ref_scores, per key: each logit one bf16 step (at most
+    2^-7 of its size) off, where an fp32 sum in another order lands on the other side of a rounding
+    tie -- rare, and never more than that step."""
+    logits = (keys.double() @ q.double().T).abs()
+    return 2 ** -7 * (logits @ w.double().abs()) + 1e-6
+
+
 def assert_same_selection(got, scores, k, tol):
     """got is the top-k of scores, up to keys within tol of the k-th best score (near-ties)."""
     got = set(got.tolist())
@@ -97,12 +105,11 @@ def test_index_topk_scores_the_cache_like_a_bf16_gemm(T, H, D, k, threads):
         got = cpu_sparse.index_topk(keys, q, w, k, scores)
     finally:
         torch.set_num_threads(n0)
-    # one bf16 step of a logit (2^-8 relative) where the fp32 sums round the other way
-    tol = 2 ** -7 * (keys.double().abs() @ q.double().abs().T).max().item() * w.sum().item()
-    assert (scores.double() - ref).abs().max().item() < tol
+    assert bool(((scores.double() - ref).abs() <= score_bound(keys, q, w)).all())
+    assert (scores.double() - ref).abs().gt(1e-5 * ref.abs().max()).float().mean().item() < 0.01    # rare
     assert got.shape == (k,) and bool((got[1:] > got[:-1]).all())
-    assert_same_selection(got, scores.double(), k, 1e-6 * scores.abs().max().item())    # of its own scores
-    assert_same_selection(got, ref, k, tol)
+    # the exact top-k of its own scores (the scores are checked above)
+    assert_same_selection(got, scores.double(), k, 1e-6 * scores.abs().max().item())
 
 
 @amx
@@ -110,11 +117,12 @@ def test_index_topk_reads_cache_rows_in_place_and_rejects_what_the_tiles_do_not_
     g = torch.Generator().manual_seed(3)
     cache = torch.randn(2, 600, 64, generator=g).to(torch.bfloat16)       # [B, max_len, D], 500 written
     q, w = torch.randn(8, 64, generator=g).to(torch.bfloat16), torch.rand(8, generator=g) + 0.1
-    got = cpu_sparse.index_topk(cache[1, :500], q, w, 50)
-    assert_same_selection(got, ref_scores(cache[1, :500], q, w), 50, 1e-2)
     wide = torch.randn(700, 96, generator=g).to(torch.bfloat16)            # rows 96 apart, 64 read
-    got = cpu_sparse.index_topk(wide[:, 16:80], q, w, 300)
-    assert_same_selection(got, ref_scores(wide[:, 16:80], q, w), 300, 1e-2)
+    for keys, k in ((cache[1, :500], 50), (wide[:, 16:80], 300)):
+        scores = torch.empty(keys.shape[0])
+        got = cpu_sparse.index_topk(keys, q, w, k, scores)
+        assert bool(((scores.double() - ref_scores(keys, q, w)).abs() <= score_bound(keys, q, w)).all())
+        assert_same_selection(got, scores.double(), k, 1e-6 * scores.abs().max().item())
     nan_keys = cache[1, :500].clone()
     nan_keys[123, 5] = float("nan")
     assert cpu_sparse.index_topk(nan_keys, q, w, 50) is None               # reported, not scored as 0
