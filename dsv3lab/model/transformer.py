@@ -172,7 +172,7 @@ class Transformer(nn.Module):
                 return_hidden: bool = False):
         """tokens [B,S] -> logits [B,S,V] (or [B,1,V] with last_only)."""
         if cache is not None and not return_hidden and tokens.shape[-1] == 1:
-            logits = try_decode(self, tokens, start, cache)    # bf16 on a CPU, nothing hooked
+            logits = try_decode(self, tokens, start, cache)    # bf16 or fp32 on a CPU, nothing hooked
             if logits is not None:
                 return logits
         h = self.hidden(tokens, start, cache)
