@@ -243,6 +243,14 @@ def test_fused_decode_select_steps_aside_for_hooks_fp32_and_a_missing_library(mo
     assert n == 0
 
 
+def test_fused_decode_select_steps_aside_for_a_flop_counter():
+    from torch.utils.flop_counter import FlopCounterMode
+    ix = _indexer()
+    with FlopCounterMode(display=False) as fc:
+        _, _, n = _decode_run(ix, True, S=40)
+    assert n == 0 and fc.get_total_flops() > 0              # the torch path ran, and was counted
+
+
 def test_fused_decode_runs_in_the_bf16_model_and_keeps_its_logits():
     """The whole model's decode with the fused selection against the same model with it off."""
     cfg = dsv3lab.ModelConfig.preset("tiny").replace(index_n_heads=8, index_head_dim=32, index_topk=6,

@@ -145,7 +145,8 @@ class SparseAttention(AbsorbedAttention):
             return torch.stack([latent[b].index_select(0, idx[b]) for b in range(B)])
         rows = _gather_buffer((B, k, W), latent.dtype, latent.device)
         lib = (cpu_sparse.library() if latent.dtype == torch.bfloat16 and latent.device.type == "cpu"
-               and latent.stride(-1) == 1 and idx.stride(-1) == 1 and get_backend() == "auto" else None)
+               and latent.stride(-1) == 1 and idx.stride(-1) == 1 and get_backend() == "auto"
+               and not torch._C._len_torch_dispatch_stack() else None)
         if lib is not None:
             # the C gather (kernels/cpu/sparse_bf16.c), every line of the rows ahead prefetched; the
             # positions come from decode_select (in [0, start], unchecked here)

@@ -352,14 +352,16 @@ class Indexer(nn.Module):
         of this layer's key cache and the LayerNorm's eps -- else None. It runs for a bf16 model on
         the CPU with the sparse kernels built and no autograd, bf16 keys stored as they are scored
         (format "bf16", or "model" in a bf16 model), plain bf16 projections, and nothing hooked on
-        what it skips (the projections, the LayerNorm, the q/k/weight hook points).
+        what it skips (the projections, the LayerNorm, the q/k/weight hook points), and no torch
+        dispatch mode active (``FlopCounterMode`` and the like must see the work as torch ops).
 
         Cheap on purpose: in a decode step the interpreter's own data has been pushed out of the
         caches by the weights streamed since the last layer, and each attribute lookup costs
         microseconds. Submodules and weights are read from their dicts (no ``Module.__getattr__``),
         and the layout checks run once per set of weight and cache addresses and dtypes."""
-        if torch.is_grad_enabled() or cache.key_format == "fp8" or get_backend() != "auto":
-            return None
+        if (torch.is_grad_enabled() or cache.key_format == "fp8" or get_backend() != "auto"
+                or torch._C._len_torch_dispatch_stack()):
+            return None                  # (a dispatch mode -- a flop counter, say -- sees torch ops only)
         if _mm._global_forward_hooks or _mm._global_forward_pre_hooks:
             return None
         mods = self._modules
