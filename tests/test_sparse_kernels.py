@@ -235,6 +235,17 @@ def test_fused_decode_select_steps_aside_for_hooks_fp32_and_a_missing_library(mo
     _, _, n = _decode_run(ix, True, S=40)
     h.remove()
     assert n == 0 and len(seen) == 1 + 10                   # the prefill and every decode step fired it
+    _, _, n = _decode_run(ix, True, S=40)
+    assert n == 10                                          # the fused path, once nothing is hooked
+
+    class Wrapped(type(ix.wq_b)):                           # e.g. an adapter around the same weight
+        pass
+    plain_wq_b = ix.wq_b
+    ix.wq_b = Wrapped(plain_wq_b.in_features, plain_wq_b.out_features, torch.bfloat16)
+    ix.wq_b.weight = plain_wq_b.weight
+    _, _, n = _decode_run(ix, True, S=40)
+    assert n == 0
+    ix.wq_b = plain_wq_b
     monkeypatch.setattr(cpu_sparse, "library", lambda: None)
     sels, _, n = _decode_run(ix, True, S=40)
     assert n == 0 and len(sels) == 10

@@ -372,11 +372,14 @@ class Indexer(nn.Module):
         ts = (buf, mods["wq_b"]._parameters["weight"], mods["wk"]._parameters["weight"],
               mods["k_norm"]._parameters["weight"], mods["k_norm"]._parameters["bias"],
               mods["weights_proj"]._parameters["weight"])
-        key = tuple(t.data_ptr() for t in ts) + tuple(t.dtype for t in ts) + (buf.shape, cache.key_format)
+        # the modules themselves too: a wrapper swapped in around the same weight must be seen
+        key = (tuple(t.data_ptr() for t in ts) + tuple(t.dtype for t in ts)
+               + (buf.shape, cache.key_format, mods["wq_b"], mods["wk"], mods["k_norm"], mods["weights_proj"]))
         if self._fused_layout is None or self._fused_layout[0] != key:
             self._fused_layout = (key, self._fused_layout_ok(cache, buf) and (*key[:6], self.k_norm.eps))
         plan = self._fused_layout[1]
-        if (not plan or q_latent.dtype != torch.bfloat16 or x.stride(-1) != 1 or q_latent.stride(-1) != 1
+        if (not plan or x.dtype != torch.bfloat16 or q_latent.dtype != torch.bfloat16
+                or x.stride(-1) != 1 or q_latent.stride(-1) != 1
                 or cos.dtype != torch.float32 or cos.numel() * 2 != self.rope_dim or not cos.is_contiguous()
                 or cpu_sparse.library() is None):
             return None
@@ -385,6 +388,7 @@ class Indexer(nn.Module):
     def _fused_layout_ok(self, cache: IndexerKeyCache, buf: torch.Tensor) -> bool:
         bf = torch.bfloat16
         return (cache.key_format == self.key_format and buf.dtype == bf and buf.is_contiguous()
+                and type(self.k_norm) is LayerNorm and type(self.weights_proj) is Linear
                 and buf.device.type == "cpu" and self.head_dim <= cpu_sparse.MAX_DIM and self.rope_dim % 2 == 0
                 and all(type(p) is Linear and p.weight.dtype == bf and p.weight.is_contiguous()
                         and p.weight.device.type == "cpu" for p in (self.wq_b, self.wk))
@@ -436,7 +440,7 @@ class Indexer(nn.Module):
             qb, wb, ob = wsp + oq + 2 * b * H * D, wsp + ow + 4 * b * H, op + 8 * b * k
             # AMX tiles straight from the cache (-2: no AMX here, or a shape they do not take)
             n = lib.dsv3_index_topk(bp + b * row, D, T, qb, H, D, wb, k, wk0, wk0 + 4 * T, wk0 + 8 * T, ob, nt)
-            if n != -2 and n >= 0:
+            if n >= 0:
                 continue
             buf = cache.layers[layer]
             q = ws[oq:ow].view(torch.bfloat16).view(B, H, D)
