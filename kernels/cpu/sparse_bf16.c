@@ -3,7 +3,7 @@
  *
  * A sparse decode step scores every cached indexer key: H_I dot products of D_I values per key,
  * where an AVX-512 dot-product loop (cpu/decode_bf16.c's dsv3_index_scores) is compute-bound --
- * eight horizontal sums per key -- and AMX tile products stream the key cache at memory speed.
+ * a horizontal sum per head and key -- and AMX tile products stream the key cache at memory speed.
  * Around that product ran some twenty small torch ops per layer, each costing about as much in
  * dispatch as in arithmetic, and far more once the step's weight streaming has pushed the
  * interpreter's own data out of the caches. Three calls replace them all:
