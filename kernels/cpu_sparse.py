@@ -45,6 +45,8 @@ def library() -> ctypes.CDLL | None:
     lib.dsv3_amx_available.argtypes, lib.dsv3_amx_available.restype = [], I
     lib.dsv3_gather_sorted.argtypes = [P, I64, P, I, I, P, I]
     lib.dsv3_gather_sorted.restype = None
+    lib.dsv3_index_decode.argtypes, lib.dsv3_index_decode.restype = [P, P], I
+    lib.dsv3_gather_packed.argtypes, lib.dsv3_gather_packed.restype = [P], None
     return lib
 
 

@@ -35,6 +35,7 @@ With ``hook_attn_probs`` hooked the probabilities come back dense, [B,H,S,T], ze
 from __future__ import annotations
 
 import threading
+from array import array
 
 import torch
 
@@ -151,9 +152,10 @@ class SparseAttention(AbsorbedAttention):
             # the C gather (kernels/cpu/sparse_bf16.c), every line of the rows ahead prefetched; the
             # positions come from decode_select (in [0, start], unchecked here)
             nt, ls, ip = torch.get_num_threads(), latent.stride(0), idx.data_ptr()
-            for b in range(B):
-                lib.dsv3_gather_sorted(latent.data_ptr() + 2 * b * ls, latent.stride(1), ip + 8 * b * idx.stride(0),
-                                       k, W, rows.data_ptr() + 2 * b * k * W, nt)
+            for b in range(B):        # arguments packed in one array (a ctypes argument costs microseconds)
+                args = array("q", (latent.data_ptr() + 2 * b * ls, latent.stride(1), ip + 8 * b * idx.stride(0),
+                                   k, W, rows.data_ptr() + 2 * b * k * W, nt))
+                lib.dsv3_gather_packed(args.buffer_info()[0])
             return rows
         for b in range(B):
             torch.index_select(latent[b], 0, idx[b], out=rows[b])

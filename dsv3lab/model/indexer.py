@@ -46,6 +46,7 @@ keys' scores are closer than the quantization error (near-ties; ``tests/test_dsa
 from __future__ import annotations
 
 import threading
+from array import array
 
 import torch
 import torch.nn.functional as F
@@ -376,7 +377,12 @@ class Indexer(nn.Module):
         key = (tuple(t.data_ptr() for t in ts) + tuple(t.dtype for t in ts)
                + (buf.shape, cache.key_format, mods["wq_b"], mods["wk"], mods["k_norm"], mods["weights_proj"]))
         if self._fused_layout is None or self._fused_layout[0] != key:
-            self._fused_layout = (key, self._fused_layout_ok(cache, buf) and (*key[:6], self.k_norm.eps))
+            if self._fused_layout_ok(cache, buf):
+                H, D = self.n_heads, self.head_dim
+                floats = array("d", (self.k_norm.eps, H ** -0.5 * D ** -0.5))     # kept alive by the plan
+                self._fused_layout = (key, (*key[:6], floats, floats.buffer_info()[0]))
+            else:
+                self._fused_layout = (key, False)
         plan = self._fused_layout[1]
         if (not plan or x.dtype != torch.bfloat16 or q_latent.dtype != torch.bfloat16
                 or x.stride(-1) != 1 or q_latent.stride(-1) != 1
@@ -412,7 +418,7 @@ class Indexer(nn.Module):
         if not (0 <= start < cache.max_len and B <= cache.batch):      # the C writes the key row at start
             raise ValueError(f"decode_select: position {start} of {B} sequences does not fit the indexer cache "
                              f"({cache.batch} sequences x {cache.max_len} positions)")
-        bp, wq, wk, lnw, lnb, wp, eps = plan
+        bp, wq, wk, lnw, lnb, wp, _, fp = plan
         H, D, r = self.n_heads, self.head_dim, self.rope_dim
         hidden, qlr = x.shape[-1], q_latent.shape[-1]
         nt, T = torch.get_num_threads(), start + 1
@@ -427,20 +433,19 @@ class Indexer(nn.Module):
         ws = _workspace(owk + 12 * T)
         wsp = ws.data_ptr()
         xp, xs, qp, qs = x.data_ptr(), 2 * x.stride(0), q_latent.data_ptr(), 2 * q_latent.stride(0)
+        cp, sp = cos.data_ptr(), sin.data_ptr()
         row = 2 * cache.max_len * D                                     # bytes per sequence in the cache
-        for b in range(B):                        # pointers by arithmetic: no view objects per row
-            lib.dsv3_index_qkw(xp + b * xs, hidden, qp + b * qs, qlr, wq, wk, lnw, lnb, eps, cos.data_ptr(),
-                               sin.data_ptr(), wp, H ** -0.5 * D ** -0.5, H, D, r, wsp + osc,
-                               wsp + oq + 2 * b * H * D, bp + b * row + 2 * start * D, wsp + ow + 4 * b * H, nt)
-        if k >= T:                               # every key: no scores needed (dense MLA follows)
-            return torch.arange(T, device=x.device).expand(B, T)
-        out = torch.empty(B, k, dtype=torch.int64)
-        op, wk0 = out.data_ptr(), wsp + owk
+        out = torch.empty(B, k, dtype=torch.int64) if k < T else None
+        op, wk0 = (out.data_ptr() if k < T else 0), wsp + owk
         for b in range(B):
             qb, wb, ob = wsp + oq + 2 * b * H * D, wsp + ow + 4 * b * H, op + 8 * b * k
-            # AMX tiles straight from the cache (-2: no AMX here, or a shape they do not take)
-            n = lib.dsv3_index_topk(bp + b * row, D, T, qb, H, D, wb, k, wk0, wk0 + 4 * T, wk0 + 8 * T, ob, nt)
-            if n >= 0:
+            # the projections, then the scores by AMX tiles straight from the cache and the top-k
+            # (-2: no AMX here, or a shape the tiles do not take), in one call; its arguments
+            # packed in one array (see the C: a ctypes argument costs microseconds in a step)
+            args = array("q", (xp + b * xs, hidden, qp + b * qs, qlr, wq, wk, lnw, lnb, cp, sp, wp, H, D, r,
+                               wsp + osc, qb, bp + b * row + 2 * start * D, wb, nt, bp + b * row, D, T, k, wk0, ob))
+            n = lib.dsv3_index_decode(args.buffer_info()[0], fp)
+            if k >= T or n >= 0:
                 continue
             buf = cache.layers[layer]
             q = ws[oq:ow].view(torch.bfloat16).view(B, H, D)
@@ -452,6 +457,8 @@ class Indexer(nn.Module):
             if n < 0:                             # a NaN score: torch's scores and top-k decide
                 scores = torch.mv(logits[:T].float().clamp_min_(0), w[b])
                 out[b] = decode_topk(scores[None], self.index_topk)[0]
+        if k >= T:                               # every key: no scores needed (dense MLA follows)
+            return torch.arange(T, device=x.device).expand(B, T)
         return out
 
     def scoring_inputs(self, x, q_latent, cos, sin, start, cache, layer):

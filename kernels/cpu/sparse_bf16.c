@@ -17,6 +17,7 @@
  *   dsv3_index_select    the same scores and top-k from a bf16 GEMM's logits [T, H] (no AMX)
  *   dsv3_gather_sorted   the selected latent rows (in increasing position order) copied into one
  *                        contiguous buffer, every cache line of a row prefetched rows ahead
+ *   dsv3_index_decode, dsv3_gather_packed   the decode step's calls of the above, arguments packed
  *
  * Numerics follow the torch code they replace: projections as bf16 dot products summed in fp32
  * and rounded to bf16 once (as the CPU GEMV kernels), LayerNorm in fp32 rounded to bf16, RoPE in
@@ -398,4 +399,34 @@ void dsv3_gather_sorted(const bf16 *src, int64_t lds, const int64_t *idx, int k,
             memcpy(dst + (int64_t)i * W, src + idx[i] * lds, bytes);
         }
     }
+}
+
+/* The decode step's calls with their arguments packed in one int64 array (and the two floats in a
+ * double array): through ctypes each argument costs a conversion, about a microsecond warm and
+ * several once the step has pushed the interpreter's data out of the caches, so one pointer beats
+ * thirty arguments.
+ *
+ * dsv3_index_decode: dsv3_index_qkw, then (k < T) dsv3_index_topk on the cache the key was just
+ * written to; returns 0 when k >= T (nothing to select), else dsv3_index_topk's result (-2: no
+ * AMX, the caller scores the keys itself; -1: a NaN score).
+ *   a: x, hidden, ql, qlr, wq, wk, lnw, lnb, cos, sin, wp, H, D, r, scratch, q_out, k_out, w_out,
+ *      nt, keys, ldk, T, k, work (3 T four-byte values), idx        f: eps, wscale */
+int dsv3_index_decode(const int64_t *a, const double *f) {
+#define P_(i, type) ((type)(intptr_t)a[i])
+    int H = (int)a[11], D = (int)a[12], T = (int)a[21], k = (int)a[22], nt = (int)a[18];
+    dsv3_index_qkw(P_(0, const bf16 *), (int)a[1], P_(2, const bf16 *), (int)a[3], P_(4, const bf16 *),
+                   P_(5, const bf16 *), P_(6, const bf16 *), P_(7, const bf16 *), (float)f[0], P_(8, const float *),
+                   P_(9, const float *), P_(10, const float *), (float)f[1], H, D, (int)a[13], P_(14, bf16 *),
+                   P_(15, bf16 *), P_(16, bf16 *), P_(17, float *), nt);
+    if (k >= T) return 0;
+    uint32_t *work = P_(23, uint32_t *);
+    return dsv3_index_topk(P_(19, const bf16 *), a[20], T, P_(15, const bf16 *), H, D, P_(17, const float *), k,
+                           (float *)work, work + T, work + 2 * (int64_t)T, P_(24, int64_t *), nt);
+}
+
+/* dsv3_gather_sorted with a: src, lds, idx, k, W, dst, nt. */
+void dsv3_gather_packed(const int64_t *a) {
+    dsv3_gather_sorted(P_(0, const bf16 *), a[1], P_(2, const int64_t *), (int)a[3], (int)a[4], P_(5, bf16 *),
+                       (int)a[6]);
+#undef P_
 }
