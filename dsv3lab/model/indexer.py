@@ -23,9 +23,9 @@ on the scores or the selection): one [T,D] x [D,H] product per sequence straight
 cache, ReLU, the head-weighted sum, an unsorted top-k -- no [B,S,T] -inf mask, no future-key
 masking (a decode query sees every cached key), no sort. Both select the same key set, ties
 included (``select_topk``'s rule). In a bf16 model on the CPU with bf16 keys, ``decode_select``
-runs as three C calls per sequence (``decode_select_fused``, kernels/cpu/sparse_bf16.c): the
-projections, LayerNorm, RoPE and head weights of the token; the scores by AMX tile products
-straight from the cache with an exact radix top-k; the same arithmetic, a few microseconds of
+runs as one C call per sequence (``decode_select_fused``, kernels/cpu/sparse_bf16.c): the
+projections, LayerNorm, RoPE and head weights of the token, then the scores by AMX tile products
+straight from the cache and an exact radix top-k; the same arithmetic, a few microseconds of
 Python instead of some twenty torch ops (docs/sparse-attention.md, "Speed").
 
 Key formats (``Indexer.key_format``; the cache follows it):
@@ -405,12 +405,12 @@ class Indexer(nn.Module):
 
     def decode_select_fused(self, plan, x, q_latent, cos, sin, start: int, cache: IndexerKeyCache,
                             layer: int) -> torch.Tensor:
-        """``decode_select`` in three calls per sequence (where ``fused_plan`` gives a plan): one C
-        call for the query's and key's projections, LayerNorm and RoPE and the head weights, the
-        key written straight into the cache; one for the scores straight from the key cache by AMX
-        tile products and an exact top-k (kernels/cpu/sparse_bf16.c); on a CPU without AMX, torch's
-        bf16 GEMM for the [T,D] x [D,H] product (in row counts rounded up to _KEY_BUCKET, so its
-        setup is reused) and the C top-k of its products. The arithmetic and roundings of
+        """``decode_select`` in one C call per sequence (where ``fused_plan`` gives a plan;
+        kernels/cpu/sparse_bf16.c, ``dsv3_index_decode``): the query's and key's projections,
+        LayerNorm and RoPE and the head weights, the key written straight into the cache, then the
+        scores straight from the key cache by AMX tile products and an exact top-k. On a CPU
+        without AMX, torch's bf16 GEMM for the [T,D] x [D,H] product (in row counts rounded up to
+        _KEY_BUCKET, so its setup is reused) and the C top-k of its products follow the call. The arithmetic and roundings of
         ``project`` + ``decode_scores`` + ``decode_topk`` up to the order of fp32 additions; the
         selection comes back in increasing position order, with select_topk's tie rule."""
         lib = cpu_sparse.library()
