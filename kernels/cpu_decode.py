@@ -138,9 +138,12 @@ def available() -> bool:
 
 def enabled(*tensors: torch.Tensor, dtype: torch.dtype | None = torch.bfloat16) -> bool:
     """Whether the C kernels should run on these tensors: all on the CPU in ``dtype`` (None: any),
-    none that autograd would differentiate, the kernel backend 'auto' (``dispatch.get_backend``),
+    none that autograd would differentiate, no torch dispatch mode active (a ``FlopCounterMode``
+    or a tracer must see the torch ops), the kernel backend 'auto' (``dispatch.get_backend``),
     and the library built."""
     from .dispatch import get_backend
+    if torch._C._len_torch_dispatch_stack():
+        return False
     grad = torch.is_grad_enabled()
     for t in tensors:
         # the kernels have no backward: anything autograd would differentiate takes torch's path
