@@ -2,8 +2,8 @@
 
 A bf16 decode step on a CPU is memory-bound: each weight is read once for one activation row.
 torch's one-row bf16 GEMV streams weights at a fraction of the copy bandwidth, and a step of a
-small model spends as long again in op dispatch. ``cpu/decode_bf16.c`` has seven kernels for the
-bf16 decode path, each replacing several torch calls (the first four also in fp32, for the fp32
+small model spends as long again in op dispatch. ``cpu/decode_bf16.c`` has the kernels of the
+decode path, each replacing several torch calls (the first four also in fp32, for the fp32
 model's fused decode step: ``kernel(name, dtype)``):
 
   gemv(w, x)                      x @ w.T for 1-8 rows; w may be a batch (per-head W_UK, W_UV)
@@ -11,7 +11,8 @@ model's fused decode step: ``kernel(name, dtype)``):
   rmsnorm(x, w, eps), rope(x, cos, sin)   the small per-token ops, one call instead of 5-8
   route(scores, bias, ...)        the gate's group-limited top-k and weights, one call instead of 15
   index_scores(keys, q, w)        V3.2's indexer scores of one query against its key cache
-  gather_rows(src, idx, out)      the selected latent rows of a sparse decode step
+  latent_attention(q, latent, ...)   fp32 only: one token's attention over the latent cache
+(V3.2's fused decode selection and row gather are ``cpu_sparse.py``'s, ``cpu/sparse_bf16.c``.)
 
 The attention over the latent cache stays torch's fused flash attention: on a CPU with AMX its
 tile multiplies beat any AVX-512 loop written here (a fused C version measured 3x slower).
@@ -70,7 +71,8 @@ def build(source: Path) -> ctypes.CDLL | None:
         warnings.warn(f"dsv3lab: no C compiler (gcc/cc) found for {source.name}; the torch code runs instead",
                       stacklevel=2)
         return None
-    src = source.read_bytes()
+    # the source and every header beside it (cpu/bf16.h): a changed header is a new library
+    src = source.read_bytes() + b"".join(h.read_bytes() for h in sorted(source.parent.glob("*.h")))
     key = hashlib.sha256(src + " ".join([cc, *FLAGS]).encode() + _cpu_id().encode()).hexdigest()[:16]
     out = _cache_dir() / f"{source.stem}-{key}.so"
     if not out.exists():
@@ -113,7 +115,6 @@ def library() -> ctypes.CDLL | None:
     signatures.update({
         "dsv3_route": [P, P, I, I, I, I, I, I, F, P, P],
         "dsv3_index_scores": [P, I64, P, P, P, I, I, I, I],
-        "dsv3_gather_rows": [P, I64, P, I, I, P, I],
         "dsv3_latent_attn_f32": [P, I64, P, I64, P, I, I, I, F, P, I64, P, I],
     })
     for name, args in signatures.items():
@@ -303,19 +304,4 @@ def index_scores(keys: torch.Tensor, q: torch.Tensor, w: torch.Tensor) -> torch.
     out = torch.empty(T, dtype=torch.float32)
     library().dsv3_index_scores(keys.data_ptr(), keys.stride(0), q.data_ptr(), w.data_ptr(), out.data_ptr(), T, H, D,
                                 torch.get_num_threads())
-    return out
-
-
-def gather_rows(src: torch.Tensor, idx: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """out[i] = src[idx[i]]: src [T, W] bf16 (unit stride along W), idx [k] int64 in [0, T),
-    out [k, W] contiguous bf16."""
-    k, W = idx.numel(), src.shape[1]
-    idx = idx.contiguous()
-    if (src.stride(-1) != 1 or out.shape != (k, W) or not out.is_contiguous() or idx.dtype != torch.int64
-            or src.dtype != out.dtype or src.element_size() != 2):
-        raise ValueError(f"gather_rows: src {tuple(src.shape)}, idx {tuple(idx.shape)}, out {tuple(out.shape)} do not fit")
-    if k and (int(idx.min()) < 0 or int(idx.max()) >= src.shape[0]):
-        raise ValueError(f"gather_rows: an index is outside [0, {src.shape[0]})")
-    library().dsv3_gather_rows(src.data_ptr(), src.stride(0), idx.data_ptr(), k, W, out.data_ptr(),
-                               torch.get_num_threads())
     return out

@@ -8,7 +8,7 @@
  *
  *   dsv3_gemv          Y[b,m,:] = X[b,m,:] W[b]^T     (b: a batch of weights, e.g. heads; m <= 8)
  *   dsv3_moe           sum_s w_s * down_s(silu(gate_s x) * up_s x) over a token's chosen experts
- *   dsv3_rmsnorm, dsv3_rope, dsv3_route, dsv3_index_scores, dsv3_gather_rows  (see each)
+ *   dsv3_rmsnorm, dsv3_rope, dsv3_route, dsv3_index_scores, dsv3_latent_attn_f32  (see each)
  *
  * gemv, moe, rmsnorm and rope have fp32 twins (suffix _f32) for the fp32 model, through the
  * same drivers: fp32 fused multiply-adds, nothing rounded.
@@ -25,24 +25,7 @@
 #include <stdint.h>
 #include <string.h>
 
-typedef uint16_t bf16;
-
-static inline float bf2f(bf16 v) {
-    uint32_t u = (uint32_t)v << 16;
-    float f;
-    memcpy(&f, &u, 4);
-    return f;
-}
-
-static inline bf16 f2bf(float f) {
-    uint32_t u;
-    memcpy(&u, &f, 4);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return (bf16)((u >> 16) | 0x40);   /* NaN stays NaN */
-    u += 0x7fffu + ((u >> 16) & 1u);
-    return (bf16)(u >> 16);
-}
-
-static inline float round_bf(float f) { return bf2f(f2bf(f)); }
+#include "bf16.h"
 
 /* M dot products of one weight row w[K] with M activation rows x[m*ldx + k]: the row is read
    from memory once for all M. */
@@ -76,7 +59,7 @@ static inline void dot_rows(const bf16 *w, const bf16 *x, int64_t ldx, int M, in
         for (int m = 0; m < M; m++) out[m] += bf2f(w[k]) * bf2f(x[m * ldx + k]);
 }
 
-#define PF 8   /* rows prefetched ahead (past a matrix's end a prefetch reads nothing and never faults) */
+/* PF (bf16.h): rows prefetched ahead; past a matrix's end a prefetch reads nothing and never faults */
 
 /* Four weight rows (ld apart) against one activation row: four independent accumulator chains
    and four memory streams in flight, which one row at a time does not keep. */
@@ -116,11 +99,6 @@ static inline void dot4(const bf16 *w, int64_t ld, const bf16 *x, int K, float *
     }
 }
 
-static inline float dot1(const bf16 *w, const bf16 *x, int K) {
-    float o;
-    dot_rows(w, x, 0, 1, K, &o);
-    return o;
-}
 
 /* The fp32 model's dot products: fp32 weights and activations, fused multiply-adds (16 lanes). */
 static inline void dot_rows_f32(const float *w, const float *x, int64_t ldx, int M, int K, float *out) {
@@ -421,16 +399,6 @@ void dsv3_index_scores(const bf16 *keys, int64_t ldk, const bf16 *q, const float
             }
         }
         out[t] = acc;
-    }
-}
-
-/* dst[i] = src[idx[i]] for k rows of W elements (src rows lds apart, dst rows contiguous): the
-   selected latent rows of a sparse decode step, copied once, rows split over the threads. */
-void dsv3_gather_rows(const bf16 *src, int64_t lds, const int64_t *idx, int k, int W, bf16 *dst, int nt) {
-#pragma omp parallel for schedule(static) num_threads(nt)
-    for (int i = 0; i < k; i++) {
-        if (i + 4 < k) _mm_prefetch((const char *)(src + idx[i + 4] * lds), _MM_HINT_T0);
-        memcpy(dst + (int64_t)i * W, src + idx[i] * lds, sizeof(bf16) * (size_t)W);
     }
 }
 
