@@ -22,7 +22,7 @@ path, which stays the reference.
 What a step needs from the module tree -- the weights, their pointers, the modules whose hooks
 matter, the buffers -- is gathered once into a ``_Plan`` per model, and re-gathered when any of it
 was replaced (a module, a Parameter, a tensor's storage: the plan checks each reference by
-identity every step, ~30 us on the bench preset), rather than looked up through ``nn.Module``
+identity every step, ~26 us with the hook checks on the bench preset), rather than looked up through ``nn.Module``
 attributes every step (gathering takes ~4 ms there). In-place changes to weights need nothing:
 the kernels read the tensors where they are.
 """
@@ -30,6 +30,7 @@ the kernels read the tensors where they are.
 from __future__ import annotations
 
 import ctypes
+import operator
 import weakref
 
 import torch
@@ -50,22 +51,45 @@ class _Stale(Exception):
     """A reference the plan took has changed: build the plan again and rerun the step."""
 
 
+class _Refs:
+    """References taken from a model: (dict, key, object) triples and tensors with the storage
+    they had. ``hold()`` checks them all with C-level loops (map over dict.get, operator.is_ and
+    data_ptr: ~0.1 us a reference, where a Python loop costs several times that)."""
+
+    def __init__(self):
+        self.dicts, self.keys, self.objs, self.tensors, self.ptrs = [], [], [], [], []
+
+    def add(self, d: dict, key, obj, tensor: torch.Tensor | None = None) -> None:
+        self.dicts.append(d)
+        self.keys.append(key)
+        self.objs.append(obj)
+        if tensor is not None:
+            self.tensors.append(tensor)
+            self.ptrs.append(tensor.data_ptr())
+
+    def hold(self) -> bool:
+        return (all(map(operator.is_, map(dict.get, self.dicts, self.keys), self.objs))
+                and list(map(torch.Tensor.data_ptr, self.tensors)) == self.ptrs)
+
+
 class _Plan:
     """What the fused step reads from one model, gathered once (see the module docstring).
 
-    ``refs`` holds (dict, key, object, data_ptr) for every module, Parameter and attribute the
-    plan took: the plan is current while each ``dict[key] is object`` and each tensor still has
-    that storage. ``watch`` lists the modules and hook points whose hooks send a step to the
-    module path. Built for a model the step cannot run (an FP8 weight, a naive layer, ...), the
+    ``refs`` (``_Refs``) holds every module, Parameter and attribute the plan took: the plan is
+    current while each ``dict[key] is object`` and each tensor still has that storage.
+    ``hook_dicts`` are the forward (pre-)hook dicts of the modules and hook points whose hooks
+    send a step to the module path (checked by one ``any()``). Built for a model the step cannot run (an FP8 weight, a naive layer, ...), the
     plan is ``fit = False`` and stays so until a reference changes."""
 
     def __init__(self, model):
-        self.refs: list = []
+        self.refs = _Refs()
         self.watch: list = []
+        self.hook_dicts: list = []
         self.fit = False
         self.dtype = model.embed_tokens.weight.dtype
         try:
             self._build(model)
+            self.hook_dicts = self._hook_dicts(self.watch)
             self.fit = True
         except _Fallback:
             pass
@@ -73,19 +97,19 @@ class _Plan:
     # --- taking references ---------------------------------------------------------------
     def _mod(self, parent, name: str):
         child = parent._modules.get(name)
-        self.refs.append((parent._modules, name, child, None))
+        self.refs.add(parent._modules, name, child)
         if child is None:
             raise _Fallback
         return child
 
     def _attr(self, parent, name: str):
         v = parent.__dict__.get(name)
-        self.refs.append((parent.__dict__, name, v, None))
+        self.refs.add(parent.__dict__, name, v)
         return v
 
     def _param(self, mod, name: str = "weight") -> torch.Tensor:
         p = mod._parameters.get(name)
-        self.refs.append((mod._parameters, name, p, None if p is None else p.data_ptr()))
+        self.refs.add(mod._parameters, name, p, p)
         if p is None or p.dtype != self.dtype or not p.is_contiguous() or p.device.type != "cpu":
             raise _Fallback
         return p
@@ -111,24 +135,26 @@ class _Plan:
             self.watch.append(mod)
             for name, child in mod._modules.items():
                 if isinstance(child, HookPoint):
-                    self.refs.append((mod._modules, name, child, None))
+                    self.refs.add(mod._modules, name, child)
                     self.watch.append(child)
 
-    def current(self, refs=None) -> bool:
-        """Whether every reference in ``refs`` (default: the plan's own) still holds."""
-        for d, k, v, ptr in self.refs if refs is None else refs:
-            if d.get(k) is not v or (ptr is not None and v.data_ptr() != ptr):
-                return False
-        return True
+    def current(self) -> bool:
+        """Whether every reference the plan took still holds."""
+        return self.refs.hold()
 
     def check_slot(self, slot: dict) -> None:
         """An expert of the plan about to run: _Stale if it was replaced or changed, _Fallback if
         something is hooked on it."""
-        if not self.current(slot["refs"]):
+        if not slot["refs"].hold():
             raise _Stale
-        for mod in slot["mods"]:
-            if mod._forward_hooks or mod._forward_pre_hooks:
-                raise _Fallback
+        if any(slot["hook_dicts"]):
+            raise _Fallback
+
+    @staticmethod
+    def _hook_dicts(mods) -> list:
+        """The forward and forward-pre hook dicts of ``mods``: torch registers and removes hooks
+        in these dicts in place, so holding the dicts is holding the modules' hook state."""
+        return [d for mod in mods for d in (mod._forward_hooks, mod._forward_pre_hooks)]
 
     # --- the model --------------------------------------------------------------------------
     def _build(self, m) -> None:
@@ -210,7 +236,7 @@ class _Plan:
         step runs a few of a layer's experts: checking all of them every step would cost more
         than the rest of the plan)."""
         outer = self.refs
-        self.refs = []
+        self.refs = _Refs()
         try:
             mlp = self._mod(parent, name)
             if type(mlp) is not MLP:
@@ -223,7 +249,7 @@ class _Plan:
                 ws[key] = self._param(lin).data_ptr()
                 ws[key + "_mod"] = lin
             ws["inter"] = mlp.gate_proj.weight.shape[0]
-            ws["mods"] = (mlp, ws["g_mod"], ws["u_mod"], ws["d_mod"])
+            ws["hook_dicts"] = self._hook_dicts((mlp, ws["g_mod"], ws["u_mod"], ws["d_mod"]))
             ws["refs"] = self.refs
         finally:
             self.refs = outer
@@ -270,9 +296,8 @@ class DecodeStep:
         plan = _plan(m)
         if not plan.fit:
             raise _Fallback
-        for mod in plan.watch:
-            if mod._forward_hooks or mod._forward_pre_hooks:
-                raise _Fallback
+        if any(plan.hook_dicts):
+            raise _Fallback
         m.check_tokens(tokens, start)
         dt = plan.dtype
         gemv_c, norm_c, rope_c, moe_c = (cpu_decode.kernel(name, dt) for name in
