@@ -116,6 +116,8 @@ def library() -> ctypes.CDLL | None:
         "dsv3_route": [P, P, I, I, I, I, I, I, F, P, P],
         "dsv3_index_scores": [P, I64, P, P, P, I, I, I, I],
         "dsv3_latent_attn_f32": [P, I64, P, I64, P, I, I, I, F, P, I64, P, I],
+        "dsv3_mla_in": [I, P, P, I],             # one layer around the attention (model/decode_step.py)
+        "dsv3_mla_out": [I, P, P, I],
     })
     for name, args in signatures.items():
         fn = getattr(lib, name)

@@ -454,3 +454,30 @@ def test_fused_step_sees_replaced_modules_parameters_and_storage():
             after = both()
             assert ((after - before).norm() / before.norm()).item() > 1e-3          # the change mattered
             before = after
+
+
+@pytest.mark.parametrize("variant", ["greedy groups, no bias", "no q low-rank", "gate in bf16"])
+def test_fused_step_layer_calls_on_other_shapes(variant):
+    """dsv3_mla_in / dsv3_mla_out (one layer around the attention per call) on the shapes the
+    presets above do not take: V2's group-limited greedy gate without a bias, q without a low
+    rank (Moonlight), a gate whose weight is not fp32 (the gate module runs instead)."""
+    from dsv3lab.model.decode_step import try_decode
+    cfg = dsv3lab.ModelConfig.preset("tiny")
+    if variant == "greedy groups, no bias":
+        cfg = cfg.replace(topk_method="group_limited_greedy", norm_topk_prob=False, routed_scaling_factor=2.0)
+    elif variant == "no q low-rank":
+        cfg = cfg.replace(q_lora_rank=0)
+    m = dsv3lab.build(cfg, dtype=torch.float32).eval()
+    if variant == "gate in bf16":
+        for blk in m.layers:
+            if hasattr(blk.mlp, "gate"):
+                blk.mlp.gate.weight.data = blk.mlp.gate.weight.data.bfloat16()
+    x = torch.randint(0, cfg.vocab_size, (1, 20), generator=torch.Generator().manual_seed(14))
+    with torch.no_grad():
+        c = m.new_cache(1, 24)
+        m(x[:, :12], start=0, cache=c)
+        assert try_decode(m, x[:, 12:13], 12, c) is not None
+    fast = _decode(m, x, 8)
+    with dispatch.use_backend("torch"):
+        ref = _decode(m, x, 8)
+    assert ((fast - ref).norm() / ref.norm()).item() < 1e-5

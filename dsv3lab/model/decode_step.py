@@ -43,6 +43,9 @@ from dsv3lab.model.layers import MLP, HookPoint, RMSNorm, is_plain_linear
 from dsv3lab.model.moe import MoE
 
 
+_IN_SLOTS, _OUT_SLOTS = 23, 24      # dsv3_mla_in / dsv3_mla_out's slot counts (IN_NSLOTS, OUT_NSLOTS)
+
+
 class _Fallback(Exception):
     """Something in the model needs the module path (raised before the step returns)."""
 
@@ -114,6 +117,14 @@ class _Plan:
             raise _Fallback
         return p
 
+    def _tensor(self, d: dict, name: str) -> torch.Tensor | None:
+        """A parameter or buffer taken as a reference; None unless contiguous fp32 on the CPU."""
+        t = d.get(name)
+        self.refs.add(d, name, t, t)
+        if t is None or t.dtype != torch.float32 or not t.is_contiguous() or t.device.type != "cpu":
+            return None
+        return t
+
     def _linear(self, parent, name: str) -> torch.Tensor:
         lin = self._mod(parent, name)
         if not is_plain_linear(lin, self.dtype):
@@ -181,8 +192,41 @@ class _Plan:
         self.q_cat = e(1, 1, H, c + r)
         self.o = e(1, H * v)
         self.hf = e(1, D)
+        self.x = e(1, D)                                                    # the residual stream
         self.moe_h = e(max([ly["moe_width"] for ly in self.layers] + [1]))
         self.moe_y = torch.empty(D, dtype=torch.float32)
+        E, k = cfg.n_routed_experts, cfg.num_experts_per_tok
+        self.scores, self.x32 = torch.empty(max(E, 1)), torch.empty(D)     # the gate's, fp32
+        self.ids, self.weights = torch.empty(max(k, 1), dtype=torch.int64), torch.empty(max(k, 1))
+        for ly in self.layers:
+            self._layer_args(ly, cfg)
+
+    def _layer_args(self, ly: dict, cfg) -> None:
+        """The two per-layer calls' slot arrays (dsv3_mla_in / dsv3_mla_out in the C source),
+        every pointer that does not change between steps filled in here."""
+        D, H = cfg.hidden_size, cfg.num_attention_heads
+        n, r, c, v = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.kv_lora_rank, cfg.v_head_dim
+        ptr = lambda t: 0 if t is None else t.data_ptr()                  # noqa: E731
+        qlr = cfg.q_lora_rank or 0
+        a_in = [0] * _IN_SLOTS
+        a_in[0:12] = [ptr(self.x), ptr(ly["in_norm"][0]), ptr(self.h), ptr(ly.get("q_a")), ptr(self.qa),
+                      ptr(ly["q_a_norm"][0]) if qlr else 0, ptr(self.qa_n), ptr(ly["q_b"] if qlr else ly["q"]),
+                      ptr(self.q), ptr(ly["kv_a"]), ptr(self.kv), ptr(ly["kv_norm"][0])]
+        a_in[16:23] = [ptr(self.q_cat), D, qlr, H, n, r, c]
+        ly["in_args"] = (ctypes.c_int64 * _IN_SLOTS)(*a_in)
+        ly["in_eps"] = (ctypes.c_float * 3)(ly["in_norm"][1], ly["q_a_norm"][1] if qlr else 0.0, ly["kv_norm"][1])
+        a_out = [0] * _OUT_SLOTS
+        a_out[3:9] = [ptr(self.o), ptr(ly["o_proj"]), ptr(self.a), ptr(self.x), ptr(ly["post_norm"][0]), ptr(self.h2)]
+        a_out[11:24] = [ptr(self.scores), ptr(self.x32), ptr(self.ids), ptr(self.weights), D, H, v, c,
+                        cfg.n_routed_experts, cfg.n_group, cfg.topk_group, cfg.num_experts_per_tok,
+                        int(cfg.norm_topk_prob)]
+        ly["gate_ptrs"] = (0, 0)
+        if ly["ffn"] == "moe":
+            gw, bias = ly["gate_weight"], ly["gate_bias"]
+            if gw is not None and (bias is not None or not ly["gate"].has_bias):
+                ly["gate_ptrs"] = (gw.data_ptr(), ptr(bias))
+        ly["out_args"] = (ctypes.c_int64 * _OUT_SLOTS)(*a_out)
+        ly["out_f"] = (ctypes.c_float * 2)(ly["post_norm"][1], cfg.routed_scaling_factor)
 
     def _layer(self, blk, cfg) -> dict:
         ly = {"blk": blk}
@@ -217,6 +261,12 @@ class _Plan:
             routed = [self._expert(experts, str(e)) for e in range(len(experts))]
             shared = self._expert(mlp, "shared_experts") if mlp.shared_experts is not None else None
             ly.update(ffn="moe", mlp=mlp, gate=gate, routed=routed, shared=shared)
+            # the gate's product and choice run in C inside dsv3_mla_out when its weight (and
+            # bias) are contiguous fp32 on the CPU, as Gate builds them; else the gate module runs
+            gw = self._tensor(gate._parameters, "weight")
+            bias = self._tensor(gate._buffers, "e_score_correction_bias")
+            ly["gate_weight"] = gw if gw is not None and gw.shape == (cfg.n_routed_experts, cfg.hidden_size) else None
+            ly["gate_bias"] = bias if bias is not None and bias.numel() == cfg.n_routed_experts else None
             k = cfg.num_experts_per_tok
             widths = sorted(x["inter"] for x in routed)
             ly["moe_width"] = sum(widths[-k:]) + (shared["inter"] if shared else 0)
@@ -300,16 +350,13 @@ class DecodeStep:
             raise _Fallback
         m.check_tokens(tokens, start)
         dt = plan.dtype
-        gemv_c, norm_c, rope_c, moe_c = (cpu_decode.kernel(name, dt) for name in
-                                         ("dsv3_gemv", "dsv3_rmsnorm", "dsv3_rope", "dsv3_moe"))
+        gemv_c, norm_c, moe_c = (cpu_decode.kernel(name, dt) for name in ("dsv3_gemv", "dsv3_rmsnorm", "dsv3_moe"))
         nt = torch.get_num_threads()
-        H, n, r, c, v = cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.kv_lora_rank, cfg.v_head_dim
-        D = cfg.hidden_size
+        c, D = cfg.kv_lora_rank, cfg.hidden_size
         cache.check(1, start + 1)
         cos, sin = m.rope.get(start, start + 1, m.device)
         cs, sn = cos.reshape(-1).contiguous(), sin.reshape(-1).contiguous()
         cs_p, sn_p = cs.data_ptr(), sn.data_ptr()
-        x = plan.embed[tokens.reshape(-1)[0]].reshape(1, D).clone()      # [1, D]: the residual stream
 
         # the plan checked every weight's shape, dtype and layout when it was built, so these
         # call the C functions directly (the checked wrappers are kernels/cpu_decode.py's)
@@ -331,32 +378,22 @@ class DecodeStep:
             moe_c(xin.data_ptr(), D, k, *args[:4], args[4].data_ptr(), plan.moe_h.data_ptr(), plan.moe_y.data_ptr(), nt)
             return plan.moe_y
 
-        h, h2, qa, qa_n, q, kv, q_cat, o, a = (plan.h, plan.h2, plan.qa, plan.qa_n, plan.q, plan.kv, plan.q_cat,
-                                              plan.o, plan.a)
-        qh = q.view(H, n + r)
+        lib = cpu_decode.library()
+        f32 = int(dt == torch.float32)
+        x, h, h2, qa_n, q_cat = plan.x, plan.h, plan.h2, plan.qa_n, plan.q_cat
+        x.copy_(plan.embed[tokens.reshape(-1)[0]].view(1, D))                 # the residual stream
         for ly in plan.layers:
             attn, impl = ly["attn"], ly["impl"]
             if attn.absorb_prefill or ly["sparse"] and not impl.fast_decode_ok():
                 raise _Fallback
-            norm(ly["in_norm"], x, h)
-            if cfg.q_lora_rank:
-                gemv(ly["q_a"], h, qa)
-                norm(ly["q_a_norm"], qa, qa_n)
-                gemv(ly["q_b"], qa_n, q)
-            else:
-                gemv(ly["q"], h, q)
-            gemv(ly["kv_a"], h, kv)
             row = cache.layers[ly["layer"]][0, start]                      # [c + r] in the cache
             if row.dtype != dt:
                 raise _Fallback
-            norm_c(kv.data_ptr(), 0, ly["kv_norm"][0].data_ptr(), ly["kv_norm"][1], row.data_ptr(), 0, 1, c)
-            rope_c(kv.data_ptr() + c * kv.element_size(), 0, cs_p, sn_p, row.data_ptr() + c * row.element_size(),
-                   0, 1, r)                                                # c_kv, k_pe into the cache row
             w_uk_t, w_uv = impl.decode_weights(dt)
-            rope_c(qh.data_ptr() + n * qh.element_size(), n + r, cs_p, sn_p,
-                   q_cat.data_ptr() + c * q_cat.element_size(), c + r, H, r)          # q_pe into q_cat
-            gemv_c(w_uk_t.data_ptr(), w_uk_t.stride(1), w_uk_t.stride(0), qh.data_ptr(), 0, n + r,
-                   q_cat.data_ptr(), 0, c + r, H, 1, c, n, nt)              # q_lat into q_cat
+            a_in = ly["in_args"]
+            a_in[12], a_in[13], a_in[14], a_in[15] = row.data_ptr(), cs_p, sn_p, w_uk_t.data_ptr()
+            # norm, q and kv projections, c_kv and k_pe into the cache row, [q_nope W_UK^T ; q_pe]
+            lib.dsv3_mla_in(f32, a_in, ly["in_eps"], nt)
             latent = cache.layers[ly["layer"]][:1, :start + 1]
             if ly["sparse"]:                     # V3.2: the indexer's top-k rows, gathered (attn_sparse.py)
                 latent = impl.decode_gathered(h.view(1, 1, D), qa_n.view(1, 1, -1) if cfg.q_lora_rank else None,
@@ -364,22 +401,32 @@ class DecodeStep:
             o_lat = latent_attention(q_cat, latent, attn.scale, c, latent.shape[1] - 1)
             if o_lat.stride(-1) != 1:
                 o_lat = o_lat.contiguous()                                 # [1,1,H,c], rows stride(2) apart
-            gemv_c(w_uv.data_ptr(), w_uv.stride(1), w_uv.stride(0), o_lat.data_ptr(), 0, o_lat.stride(2),
-                   o.data_ptr(), 0, v, H, 1, v, c, nt)
-            x.add_(gemv(ly["o_proj"], o, a))
-            norm(ly["post_norm"], x, h2)
+            a_out = ly["out_args"]
+            a_out[0], a_out[1], a_out[2] = o_lat.data_ptr(), o_lat.stride(2), w_uv.data_ptr()
+            gate_in_c = False
             if ly["ffn"] == "moe":
-                mlp = ly["mlp"]
+                mlp, gate = ly["mlp"], ly["gate"]
                 if "dispatch" in mlp.__dict__:                             # expert parallelism installed
                     raise _Fallback
-                ids, w = ly["gate"](h2)              # its own C selection (forced routing, masks: its torch path)
-                slots = [ly["routed"][e] for e in ids[0].tolist()]
-                weights = w[0]
+                # forced routing and expert masks are the gate module's (its torch path)
+                gate_in_c = gate.__dict__.get("forced_routing") is None and gate.__dict__.get("expert_mask") is None
+            a_out[9], a_out[10] = ly["gate_ptrs"] if gate_in_c else (0, 0)
+            gate_in_c = gate_in_c and a_out[9] != 0
+            # W_UV, o_proj, the residual, the post-attention norm (and the gate's choice)
+            lib.dsv3_mla_out(f32, a_out, ly["out_f"], nt)
+            if ly["ffn"] == "moe":
+                if gate_in_c:
+                    ids, w = plan.ids.tolist(), plan.weights
+                else:
+                    ids_t, w_t = gate(h2)
+                    ids, w = ids_t[0].tolist(), w_t[0]
+                slots = [ly["routed"][e] for e in ids]
+                weights = w
                 if ly["shared"] is not None:
                     slots.append(ly["shared"])
                     weights = torch.cat([weights, weights.new_ones(1)])
-                for s in slots:
-                    plan.check_slot(s)
+                for sl in slots:
+                    plan.check_slot(sl)
                 y = ffn(h2, slots, weights.float().contiguous())
             else:
                 plan.check_slot(ly["dense"])

@@ -599,3 +599,73 @@ void dsv3_latent_attn_f32(const float *lat, int64_t ld, const int64_t *idx, int6
         }
     }
 }
+
+/* ---- one layer of a decode token in two calls (model/decode_step.py) --------------------------
+ *
+ * The fused decode step calls the kernels above some fifteen times per layer from Python; each
+ * ctypes call converts its arguments one by one, which costs several microseconds, and far more
+ * once the weights streamed since the last call have evicted the interpreter's data. These two
+ * run a layer's sequence around the attention as one call each, their pointers and sizes in one
+ * int64 array the plan fills once (and a few slots per step), with the same kernels and roundings
+ * as the separate calls. Element type: bf16, or fp32 when f32. */
+
+enum {  /* dsv3_mla_in's slots */
+    IN_X, IN_NORM_W, IN_H, IN_QA_W, IN_QA, IN_QA_NORM_W, IN_QA_N, IN_QB_W, IN_Q, IN_KVA_W, IN_KV, IN_KV_NORM_W,
+    IN_ROW, IN_COS, IN_SIN, IN_WUK, IN_QCAT, IN_D, IN_QLR, IN_H_HEADS, IN_NOPE, IN_ROPE, IN_C, IN_NSLOTS
+};
+
+/* h = norm(x); q = q_b(norm(q_a h)) (or q_proj h); kv = kv_a h; the cache row gets [norm(kv[:c]) ;
+   rope(kv[c:])]; q_cat[h] = [q_nope[h] W_UK^T[h] ; rope(q_pe[h])]. eps: the three norms' eps. */
+void dsv3_mla_in(int f32, const int64_t *a, const float *eps, int nt) {
+    size_t es = f32 ? 4 : 2;
+    int64_t D = a[IN_D], qlr = a[IN_QLR], H = a[IN_H_HEADS], n = a[IN_NOPE], r = a[IN_ROPE], c = a[IN_C];
+    char *q = (char *)a[IN_Q], *kv = (char *)a[IN_KV], *row = (char *)a[IN_ROW], *qcat = (char *)a[IN_QCAT];
+    const float *cs = (const float *)a[IN_COS], *sn = (const float *)a[IN_SIN];
+    rmsnorm_any(f32, (const void *)a[IN_X], 0, (const void *)a[IN_NORM_W], eps[0], (void *)a[IN_H], 0, 1, (int)D);
+    if (qlr) {
+        gemv_any(f32, (const void *)a[IN_QA_W], D, 0, (const void *)a[IN_H], 0, 0, (void *)a[IN_QA], 0, 0, 1, 1,
+                 (int)qlr, (int)D, nt);
+        rmsnorm_any(f32, (const void *)a[IN_QA], 0, (const void *)a[IN_QA_NORM_W], eps[1], (void *)a[IN_QA_N], 0, 1,
+                    (int)qlr);
+        gemv_any(f32, (const void *)a[IN_QB_W], qlr, 0, (const void *)a[IN_QA_N], 0, 0, q, 0, 0, 1, 1,
+                 (int)(H * (n + r)), (int)qlr, nt);
+    } else {
+        gemv_any(f32, (const void *)a[IN_QB_W], D, 0, (const void *)a[IN_H], 0, 0, q, 0, 0, 1, 1, (int)(H * (n + r)),
+                 (int)D, nt);
+    }
+    gemv_any(f32, (const void *)a[IN_KVA_W], D, 0, (const void *)a[IN_H], 0, 0, kv, 0, 0, 1, 1, (int)(c + r),
+             (int)D, nt);
+    rmsnorm_any(f32, kv, 0, (const void *)a[IN_KV_NORM_W], eps[2], row, 0, 1, (int)c);     /* c_kv */
+    rope_any(f32, kv + c * es, 0, cs, sn, row + c * es, 0, 1, (int)r);                      /* k_pe */
+    rope_any(f32, q + n * es, n + r, cs, sn, qcat + c * es, c + r, (int)H, (int)r);         /* q_pe */
+    const void *wuk = (const void *)a[IN_WUK];                                              /* [H, c, n] */
+    gemv_any(f32, wuk, n, c * n, q, 0, n + r, qcat, 0, c + r, (int)H, 1, (int)c, (int)n, nt);   /* q_lat */
+}
+
+enum {  /* dsv3_mla_out's slots */
+    OUT_OLAT, OUT_OLAT_LD, OUT_WUV, OUT_O, OUT_OPROJ_W, OUT_A, OUT_X, OUT_NORM_W, OUT_H2, OUT_GATE_W, OUT_BIAS,
+    OUT_SCORES, OUT_X32, OUT_IDS, OUT_WEIGHTS, OUT_D, OUT_H_HEADS, OUT_V, OUT_C, OUT_E, OUT_GROUPS, OUT_TOPK_GROUP,
+    OUT_K, OUT_NORM_TOPK, OUT_NSLOTS
+};
+
+/* o[h] = W_UV[h] o_lat[h]; x += o_proj o (rounded as the module's residual add); h2 = norm(x);
+   then, with a gate weight (fp32 [E, D]), the gate: scores = sigmoid(h2 W^T) in fp32 and the
+   expert choice (dsv3_route) into ids / weights. f: post-norm eps, routed scaling factor. */
+void dsv3_mla_out(int f32, const int64_t *a, const float *f, int nt) {
+    int64_t D = a[OUT_D], H = a[OUT_H_HEADS], v = a[OUT_V], c = a[OUT_C];
+    void *x = (void *)a[OUT_X], *att = (void *)a[OUT_A];
+    gemv_any(f32, (const void *)a[OUT_WUV], c, v * c, (const void *)a[OUT_OLAT], 0, a[OUT_OLAT_LD],
+             (void *)a[OUT_O], 0, v, (int)H, 1, (int)v, (int)c, nt);
+    gemv_any(f32, (const void *)a[OUT_OPROJ_W], H * v, 0, (const void *)a[OUT_O], 0, 0, att, 0, 0, 1, 1, (int)D,
+             (int)(H * v), nt);
+    for (int64_t i = 0; i < D; i++) put(f32, x, i, get(f32, x, i) + get(f32, att, i));
+    rmsnorm_any(f32, x, 0, (const void *)a[OUT_NORM_W], f[0], (void *)a[OUT_H2], 0, 1, (int)D);
+    if (!a[OUT_GATE_W]) return;
+    float *x32 = (float *)a[OUT_X32], *scores = (float *)a[OUT_SCORES];
+    for (int64_t i = 0; i < D; i++) x32[i] = get(f32, (const void *)a[OUT_H2], i);
+    int E = (int)a[OUT_E];
+    gemv_any(1, (const void *)a[OUT_GATE_W], D, 0, x32, 0, 0, scores, 0, 0, 1, 1, E, (int)D, nt);
+    for (int e = 0; e < E; e++) scores[e] = 1.0f / (1.0f + expf(-scores[e]));
+    dsv3_route(scores, (const float *)a[OUT_BIAS], 1, E, (int)a[OUT_GROUPS], (int)a[OUT_TOPK_GROUP], (int)a[OUT_K],
+               (int)a[OUT_NORM_TOPK], f[1], (int64_t *)a[OUT_IDS], (float *)a[OUT_WEIGHTS]);
+}
