@@ -3,11 +3,13 @@
 A decode step of a small model on a CPU is as much Python as arithmetic: the module tree makes
 ~650 ATen calls per step (views, casts, hook points, checks) around ~110 MB of weight reads.
 ``DecodeStep`` is the same computation as ``Transformer.forward`` for one token per sequence at
-batch 1, written as a flat list of kernel calls (``kernels/cpu/decode_bf16.c``, in bf16 or their
-fp32 twins): per layer RMSNorm, the q / kv projections, RoPE written straight into the cache row
-and into the query buffer, W_UK^T, the attention over the latent cache (torch's flash attention
-in bf16, the C kernel in fp32), W_UV, o_proj, the residual, and the FFN (the gate's own
-selection, then its experts in one call, or the dense SwiGLU as a one-expert MoE). Each kernel
+batch 1, written as a short list of kernel calls (``kernels/cpu/decode_bf16.c``, in bf16 or
+their fp32 twins). Per layer, one call before the attention (``dsv3_mla_in``: RMSNorm, the q /
+kv projections, c_kv and k_pe straight into the cache row, [q_nope W_UK^T ; q_pe] straight into
+the query buffer), the attention over the latent cache (torch's flash attention in bf16, the C
+kernel in fp32), one call after it (``dsv3_mla_out``: W_UV, o_proj, the residual, RMSNorm, the
+gate's product and expert choice), then the chosen experts in one call (a dense SwiGLU is a
+one-expert call). Each kernel
 rounds where the module rounds (in bf16; fp32 rounds nowhere), so the two agree to summation
 order (tests/test_cpu_decode.py compares them).
 
