@@ -26,7 +26,9 @@ def cmd_info(args) -> int:
     print(f"  activated params      {s['activated_params']:>20,}  ({s['activated_params'] / g:.1f}B, incl. embedding + head)")
     print(f"  MTP params            {s['mtp_params']:>20,}  ({s['mtp_params'] / g:.2f}B unique)")
     print(f"  checkpoint params     {s['checkpoint_params']:>20,}  (incl. MTP copies of embedding/head)")
-    print(f"  KV cache / token      {s['kv_cache_bytes_per_token']:>20,}  bytes (bf16 latent, absorbed MLA)")
+    mtp_kv = s["kv_cache_bytes_per_token_with_mtp"]
+    with_mtp = f"; {mtp_kv:,} with the MTP layers'" if mtp_kv != s["kv_cache_bytes_per_token"] else ""
+    print(f"  KV cache / token      {s['kv_cache_bytes_per_token']:>20,}  bytes (bf16 latent, absorbed MLA{with_mtp})")
     print(f"  KV cache / token      {s['kv_cache_bytes_per_token_naive']:>20,}  bytes (bf16, naive per-head K/V)")
     print(f"  forward FLOPs / token {s['forward_flops_per_token'] / g:>20.1f}  GFLOP at {args.context} context")
     print(f"  train FLOPs / token   {s['train_flops_per_token'] / g:>20.1f}  GFLOP (3x fwd, {s['train_seq_len']}-token sequences)")

@@ -71,6 +71,8 @@ def model_stats(cfg: ModelConfig | str, context: int = 4096, train_seq_len: int 
     c.update(
         name=cfg.name,
         kv_cache_bytes_per_token=kv_cache_bytes_per_token(cfg),
+        # what a server also caches for the MTP layers when it decodes speculatively (dsv3lab plan)
+        kv_cache_bytes_per_token_with_mtp=kv_cache_bytes_per_token(cfg, include_mtp=True),
         kv_cache_bytes_per_token_naive=kv_cache_bytes_per_token(cfg, mode="naive"),
         forward_flops_per_token=flops_per_token(cfg, context),
         forward_flops_context=context,

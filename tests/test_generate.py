@@ -108,6 +108,9 @@ def test_cli_info_json_671b():
     s = json.loads(r.stdout)
     assert s["total_params"] == 671_026_404_352 and s["activated_params"] == 37_552_282_624
     assert s["mtp_params"] == 11_610_068_224 and s["kv_cache_bytes_per_token"] == 70_272
+    assert s["kv_cache_bytes_per_token_with_mtp"] == 62 * 576 * 2                # 61 layers + the MTP layer
+    r = run_cli("info", "tiny")
+    assert "240  bytes (bf16 latent, absorbed MLA; 320 with the MTP layers')" in r.stdout    # 3 (+1) x 80 B
     r = run_cli("info", "no-such-model")
     assert r.returncode == 2 and "neither a preset" in r.stderr
 

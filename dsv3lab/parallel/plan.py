@@ -166,7 +166,8 @@ def format_plan(p: dict) -> str:
         f"  weights / rank         {p['weight_bytes_per_rank'] / G:10.2f} GB   (bf16 {p['weight_bytes_per_rank_bf16'] / G:.2f} GB, "
         f"fp8+scales {p['weight_bytes_per_rank_fp8'] / G:.2f} GB)",
         f"  KV cache / rank        {p['kv_cache_bytes_per_rank'] / G:10.2f} GB   = {p['kv_cache_tokens_per_rank']:,} tokens "
-        f"at {p['kv_cache_bytes_per_token']:,} B/token (latent, replicated over TP)",
+        f"at {p['kv_cache_bytes_per_token']:,} B/token (latent{', the MTP layers included' if p['mtp'] else ''}, "
+        "replicated over TP)",
         f"  requests at {p['context']:,} ctx  {p['concurrent_requests_per_dp_group']:,} per DP group, "
         f"{p['concurrent_requests_total']:,} in all ({p['kv_cache_tokens_total']:,} tokens)",
         f"  all-to-all / token     {p['a2a_bytes_per_token_per_moe_layer']:,.0f} B per MoE layer (bf16 both ways), "
