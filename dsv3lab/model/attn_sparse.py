@@ -39,8 +39,7 @@ from array import array
 
 import torch
 
-from dsv3lab.kernels import cpu_sparse
-from dsv3lab.kernels.dispatch import get_backend
+from dsv3lab.kernels import cpu_decode, cpu_sparse
 from dsv3lab.model.attention import AttnInput, keep_from_indices
 from dsv3lab.model.attn_absorbed import AbsorbedAttention, LatentCache, latent_attention
 from dsv3lab.model.indexer import KEY_FORMATS, Indexer, IndexerKeyCache, fires
@@ -145,9 +144,9 @@ class SparseAttention(AbsorbedAttention):
         if torch.is_grad_enabled() and latent.requires_grad:
             return torch.stack([latent[b].index_select(0, idx[b]) for b in range(B)])
         rows = _gather_buffer((B, k, W), latent.dtype, latent.device)
-        lib = (cpu_sparse.library() if latent.dtype == torch.bfloat16 and latent.device.type == "cpu"
-               and latent.stride(-1) == 1 and idx.stride(-1) == 1 and get_backend() == "auto"
-               and not torch._C._len_torch_dispatch_stack() else None)
+        # bf16 on the CPU, the kernel backend "auto", no dispatch mode watching: cpu_decode.enabled
+        lib = (cpu_sparse.library() if cpu_decode.enabled(latent) and latent.stride(-1) == 1 and idx.stride(-1) == 1
+               else None)
         if lib is not None:
             # the C gather (kernels/cpu/sparse_bf16.c), every line of the rows ahead prefetched; the
             # positions come from decode_select (in [0, start], unchecked here)

@@ -54,7 +54,6 @@ from torch import nn
 from torch.nn.modules import module as _mm
 
 from dsv3lab.kernels import cpu_decode, cpu_sparse
-from dsv3lab.kernels.dispatch import get_backend
 from dsv3lab.model.hadamard import hadamard
 from dsv3lab.model.layers import HookPoint, LayerNorm, Linear, linear
 from dsv3lab.model.rope import apply_rope_half
@@ -360,9 +359,8 @@ class Indexer(nn.Module):
         caches by the weights streamed since the last layer, and each attribute lookup costs
         microseconds. Submodules and weights are read from their dicts (no ``Module.__getattr__``),
         and the layout checks run once per set of weight and cache addresses and dtypes."""
-        if (torch.is_grad_enabled() or cache.key_format == "fp8" or get_backend() != "auto"
-                or torch._C._len_torch_dispatch_stack()):
-            return None                  # (a dispatch mode -- a flop counter, say -- sees torch ops only)
+        if torch.is_grad_enabled() or cache.key_format == "fp8" or not cpu_decode.enabled():
+            return None                  # (the backend, a dispatch mode -- a flop counter, say -- sees torch ops only)
         if _mm._global_forward_hooks or _mm._global_forward_pre_hooks:
             return None
         mods = self._modules
