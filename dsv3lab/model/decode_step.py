@@ -139,7 +139,7 @@ class _Plan:
         if type(mod) is not RMSNorm:
             raise _Fallback
         self.watch.append(mod)
-        return self._param(mod), float(mod.eps)
+        return self._param(mod), float(self._attr(mod, "eps"))        # eps a reference too
 
     def _watch(self, *mods) -> None:
         """Watch ``mods`` and the HookPoints that are their direct children (taken as references
