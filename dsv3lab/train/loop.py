@@ -11,7 +11,9 @@
      FP8 the report's fine-grained way or per tensor; ``fp8_linear.py``); master weights, grads
      and AdamW stay fp32.
   3. Aux-loss-free balancing, outside autograd (``dsv3lab.balance.bias_update``): every gate counts
-     the experts its top-k chose in this step's forward and moves its bias against that load.
+     the experts its top-k chose in this step's forward and moves its bias against that load;
+     from ``bias_freeze_step`` on the biases stay put (the report's gamma = 0 for the last 500B
+     tokens, sec. 4.2).
 
 MaxVio of a batch is (max_i load_i - mean load) / mean load, averaged over the MoE layers.
 Everything is seeded: the same ``TrainConfig`` and data give the same losses and weights, bit for
@@ -53,6 +55,7 @@ class TrainConfig:
     mtp_lambda: float = 0.3         # loss weight of the MTP depths, (lambda / D) * sum_k CE_k
     bias_gamma: float = 0.001       # aux-loss-free bias step; 0 turns balancing off
     bias_centred: bool = False      # False: the paper's form; True: subtract the mean step
+    bias_freeze_step: Optional[int] = None   # gamma = 0 from this step on (V3: after 14.3T of 14.8T tokens)
     aux_alpha: float = 0.0          # balance loss weight (V3: 1e-4 sequence-wise); 0 = off
     aux_kind: str = "sequence"      # "sequence": f, P per sequence; "batch": over the whole batch
     gemm_precision: str = "fp32"    # Linear GEMMs: "fp32", "bf16", "fp8", "fp8_tensor" (fp8_linear.py)
@@ -159,7 +162,7 @@ def train(cfg: ModelConfig | str, train_tokens: torch.Tensor, val_tokens: Option
                 gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
                 opt.step()
                 counts = rec.counts()
-                if tc.bias_gamma:
+                if tc.bias_gamma and (tc.bias_freeze_step is None or step < tc.bias_freeze_step):
                     for g, c in zip(gates, counts):
                         if g.has_bias:
                             bias_update(g, c, tc.bias_gamma, tc.bias_centred)
