@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import json
 import math
+import mmap
 import os
 import re
 import shutil
@@ -181,13 +182,15 @@ _FP8 = (torch.float8_e4m3fn, torch.float8_e5m2)
 
 
 class ShardReader:
-    """Lazy reads from a sharded checkpoint; each file opened once (memory-mapped). Counts what
+    """Lazy reads from a sharded checkpoint; each file opened once by safetensors (which checks
+    its header) and memory-mapped once (``ShardMap``: tensors are views, not copies). Counts what
     ``get`` returned (``bytes_read``, ``tensors_read``): what this process read."""
 
     def __init__(self, path: str):
         self.path = path
         self.weight_map = _index(path)
         self._handles = {}
+        self._maps: dict[str, ShardMap] = {}
         self.bytes_read = 0
         self.tensors_read = 0
 
@@ -221,22 +224,68 @@ class ShardReader:
             raise CheckpointError(f"{self.file(key)}: tensor {key!r} has unsupported dtype {name}")
         return _ST_DTYPES[name]
 
+    def mapping(self, key: str) -> "ShardMap":
+        """The memory mapping of ``key``'s shard (made on first use, one per shard)."""
+        h, fn = self.handle(key)          # safetensors has validated the header by now
+        if fn not in self._maps:
+            self._maps[fn] = ShardMap(os.path.join(self.path, fn))
+        return self._maps[fn]
+
     def get(self, key: str, rows: slice | None = None, cols: slice | None = None) -> torch.Tensor:
-        """The tensor, or only a row/column slice of it (read from disk: nothing else is)."""
+        """The tensor, or only a row/column slice of it: a view into the shard's memory mapping
+        (nothing is copied; a page is read from disk when first touched), or a copy from
+        safetensors where the data does not sit at a multiple of its element size."""
         h, fn = self.handle(key)
+        self._slice(key)                  # the index names a tensor its file does not hold
+        t = self.mapping(key).tensor(key, self.dtype(key))
         try:
-            if rows is None and cols is None:
-                t = h.get_tensor(key)
-            else:
-                sl = h.get_slice(key)
-                t = sl[rows or slice(None)] if len(sl.get_shape()) == 1 else \
-                    sl[rows or slice(None), cols or slice(None)]
+            if t is None:
+                if rows is None and cols is None:
+                    t = h.get_tensor(key)
+                else:
+                    sl = h.get_slice(key)
+                    t = sl[rows or slice(None)] if len(sl.get_shape()) == 1 else \
+                        sl[rows or slice(None), cols or slice(None)]
+            elif rows is not None or cols is not None:
+                t = t[rows or slice(None)] if t.dim() == 1 else t[rows or slice(None), cols or slice(None)]
         except Exception as e:
             raise CheckpointError(f"{os.path.join(self.path, fn)}: cannot read tensor {key!r} "
                                   f"({type(e).__name__}: {e}); the file may be truncated") from None
         self.bytes_read += t.numel() * t.element_size()
         self.tensors_read += 1
         return t
+
+
+class ShardMap:
+    """One safetensors file memory-mapped copy-on-write: tensors are views of the mapping, so
+    a weight kept as stored costs no memory of our own (the page cache holds it, and the OS
+    may drop its pages and read them again). Writing to such a tensor changes this process's
+    copy of the page, never the file. The header is read only after safetensors has validated
+    it (``ShardReader.handle``). Like every mmap, the file must not be truncated in place while
+    a model uses it (replacing it, as ``save`` does, is safe)."""
+
+    def __init__(self, file: str):
+        with open(file, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            self.header = json.loads(f.read(n))
+            self.data_start = 8 + n
+            self.mmap = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+        self.file = file
+        self.bytes = torch.frombuffer(self.mmap, dtype=torch.uint8)
+
+    def span(self, key: str) -> tuple[int, int]:
+        """(file offset, byte length) of a tensor's data."""
+        b, e = self.header[key]["data_offsets"]
+        return self.data_start + b, e - b
+
+    def tensor(self, key: str, dtype: torch.dtype) -> torch.Tensor | None:
+        """The tensor as a view of the mapping; None where its offset is not a multiple of its
+        element size (the format does not promise alignment; such a tensor is copied)."""
+        off, n = self.span(key)
+        size = torch.empty((), dtype=dtype).element_size()
+        if off % size:
+            return None
+        return self.bytes[off:off + n].view(dtype).view(self.header[key]["shape"])
 
 
 def read_config(path: str) -> ModelConfig:
@@ -387,19 +436,40 @@ def check_finite(reader: ShardReader, key: str, t: torch.Tensor) -> None:
         raise CheckpointError(f"{reader.file(key)}: tensor {key!r} holds NaN or infinite values")
 
 
+def _kept(t: torch.Tensor, device) -> torch.Tensor:
+    """``t`` as it came from the reader where it can stay there (a contiguous view of the mapped
+    shard, on the CPU), else a copy of our own."""
+    if torch.device(device).type == "cpu" and t.is_contiguous():
+        return t
+    return _own(t, device, t.dtype)
+
+
+FP8_MODES = ("dequant", "keep", "quantize")
+
+
 def read_planned(plan: list[TensorRead], reader: ShardReader, cfg: ModelConfig, device, fp8: str,
                  progress: bool = False, desc: str = "load") -> None:
-    """Read every planned tensor (only its window), dequantize or keep FP8, put it in place."""
-    from dsv3lab.fp8 import weight_dequant
+    """Read every planned tensor (only its window), put it in place.
+
+    fp8="dequant": FP8 weights dequantized into the model's dtype, every tensor copied into
+    memory of our own (64-byte aligned: a loaded model computes bit for bit as a built one).
+    fp8="keep": Linear weights stored FP8 stay e4m3 with their scales; every tensor whose stored
+    dtype is the one the model holds stays a view of the mapped shard (zero copy); the rest are
+    converted copies. fp8="quantize": as "keep", and the Linear weights that the official
+    checkpoints store in FP8 but this one stores in bf16/fp32 (V2-Lite, Moonlight) are
+    quantized here into the same format (e4m3, 128x128 ``weight_scale_inv``, ``dsv3lab.fp8``)."""
+    from dsv3lab.fp8 import weight_dequant, weight_quant
     block = cfg.fp8_block_size or 128
     items = plan
     if progress:
         from tqdm.auto import tqdm
         items = tqdm(plan, desc=desc, unit="tensor")
+    as_stored = fp8 in ("keep", "quantize")
     for r in items:
         rows, cols = r.window
         t = reader.get(r.key, rows=rows, cols=cols)
         check_finite(reader, r.key, t)
+        lin = isinstance(r.module, Linear) and r.attr == "weight"
         if r.fp8:
             # the scale blocks covering this window: floor(start/b) .. ceil(stop/b)
             r0, c0 = (rows.start if rows else 0), (cols.start if cols else 0)
@@ -408,12 +478,50 @@ def read_planned(plan: list[TensorRead], reader: ShardReader, cfg: ModelConfig, 
             s = reader.get(sk, rows=slice(r0 // block, math.ceil(r1 / block)),
                            cols=slice(c0 // block, math.ceil(c1 / block))).float()
             check_scales(reader, sk, s, cfg.scale_fmt, at=(r0 // block, c0 // block))
-            if fp8 == "keep" and isinstance(r.module, Linear):
-                r.module.weight = nn.Parameter(_own(t, device, t.dtype), requires_grad=False)
-                r.module.weight_scale_inv = _own(s, device, torch.float32)
+            if as_stored and lin:
+                r.module.weight = nn.Parameter(_kept(t, device), requires_grad=False)
+                r.module.weight_scale_inv = _kept(s, device)
                 continue
             t = weight_dequant(t, s, block, r.dtype, offset=(r0 % block, c0 % block))
+        elif fp8 == "quantize" and lin and is_fp8_key(r.key):
+            q, s = weight_quant(t, block, scale_fmt=cfg.scale_fmt)
+            r.module.weight = nn.Parameter(q.to(device), requires_grad=False)
+            r.module.weight_scale_inv = s.to(device)
+            continue
+        elif as_stored and t.dtype == r.dtype:
+            place(r.module, r.attr, _kept(t, device))
+            continue
         place(r.module, r.attr, _own(t, device, r.dtype))
+
+
+def rss_bytes() -> tuple[int, int]:
+    """(resident, peak resident) bytes of this process; (0, 0) where the OS does not say."""
+    try:
+        import resource
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        peak *= 1 if os.uname().sysname == "Darwin" else 1024
+    except (ImportError, AttributeError):
+        return 0, 0
+    try:
+        with open("/proc/self/statm") as f:
+            now = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:
+        now = 0
+    return now, peak
+
+
+def memory_of(model: nn.Module, reader: ShardReader | None = None) -> dict[str, int]:
+    """Bytes of the model's tensors that are views of ``reader``'s mapped shards (``mapped``: the
+    page cache holds them) and bytes in memory of our own (``own``)."""
+    maps = {m.bytes.untyped_storage().data_ptr() for m in (reader._maps.values() if reader else ())}
+    out, seen = {"mapped": 0, "own": 0}, set()
+    for t in list(model.parameters()) + list(model.buffers()):
+        if t is None or t.is_meta or (t.data_ptr(), t.numel()) in seen:
+            continue
+        seen.add((t.data_ptr(), t.numel()))     # tied weights count once
+        mapped = t.untyped_storage().data_ptr() in maps
+        out["mapped" if mapped else "own"] += t.numel() * t.element_size()
+    return out
 
 
 def load_checkpoint(path: str, dtype: torch.dtype | None = None, device=None, fp8: str = "dequant",
@@ -425,9 +533,11 @@ def load_checkpoint(path: str, dtype: torch.dtype | None = None, device=None, fp
     then carry ``shard``, the window of the full weight they hold; ``dsv3lab.parallel``);
     without it the model is whole: one process is the one-rank case. ``check_plan`` adds
     checks that only a ranked load has (FP8 kept across block-aligned splits)."""
+    import time
+    t0 = time.perf_counter()
     path = os.fspath(path)
-    if fp8 not in ("dequant", "keep"):
-        raise ValueError(f"fp8 must be 'dequant' or 'keep', got {fp8!r}")
+    if fp8 not in FP8_MODES:
+        raise ValueError(f"fp8 must be one of {FP8_MODES}, got {fp8!r}")
     cfg = read_config(path)
     reader = reader or ShardReader(path)
     cfg, dtype = resolve(path, cfg, reader, dtype)
@@ -448,19 +558,39 @@ def load_checkpoint(path: str, dtype: torch.dtype | None = None, device=None, fp
     left = [n for n, p in list(model.named_parameters()) + list(model.named_buffers()) if p.is_meta]
     if left:
         raise CheckpointError(f"{path}: {len(left)} tensor(s) left unloaded, e.g. {left[:3]}")
-    model._dsv3_load = dict(path=path, bytes_read=reader.bytes_read, tensors_read=reader.tensors_read)
+    rss, peak = rss_bytes()
+    model._dsv3_load = dict(path=path, fp8=fp8, bytes_read=reader.bytes_read, tensors_read=reader.tensors_read,
+                            seconds=time.perf_counter() - t0, rss=rss, peak_rss=peak, **memory_of(model, reader))
+    if progress:
+        import sys
+        print(load_summary(model._dsv3_load), file=sys.stderr)
     return model.set_attn_mode(attn_mode).eval()
 
 
+def load_summary(stats: dict) -> str:
+    """One line from ``model._dsv3_load``: time, bytes mapped and own, RSS now and at its peak."""
+    def gb(n):
+        return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
+    return (f"loaded {stats['path']} (fp8={stats['fp8']}) in {stats['seconds']:.2f} s: "
+            f"{gb(stats['mapped'])} mapped from the shards, {gb(stats['own'])} of our own; "
+            f"RSS {gb(stats['rss'])}, peak {gb(stats['peak_rss'])}")
+
+
 def load(path: str, dtype: torch.dtype | None = None, device=None, fp8: str = "dequant",
-         attn_mode: str | None = None, progress: bool = False) -> Transformer:
+         attn_mode: str | None = None, progress: bool = False, max_memory: float | None = None) -> Transformer:
     """Load a checkpoint directory in the official HF layout (one process, the whole model;
     ``dsv3lab.parallel.load_sharded`` is the same loader for one rank of many).
 
     dtype: compute dtype for every non-fp32 tensor (default: the dtype stored for the embedding).
     fp8: "dequant" turns FP8 weights into ``dtype`` once here (CPU default); "keep" leaves them
-    e4m3 with their ``weight_scale_inv`` for the FP8 GEMM kernels.
+    e4m3 with their ``weight_scale_inv``, memory-mapped from the shards (no copy), as is every
+    tensor stored in the dtype the model holds; "quantize" is "keep" plus the bf16/fp32 weights
+    the official releases store in FP8 quantized at load (V2-Lite, Moonlight: ~1 byte a weight).
+    ``model._dsv3_load`` holds the load's seconds, RSS and peak RSS, bytes mapped and own;
+    ``progress=True`` prints them.
     """
+    if max_memory is not None:
+        raise NotImplementedError("max_memory")  # paging: next
     return load_checkpoint(path, dtype=dtype, device=device, fp8=fp8, attn_mode=attn_mode, progress=progress)
 
 

@@ -45,6 +45,17 @@ def add_generate_args(p) -> None:
     p.add_argument("--stop", type=token_ids, default=None, help="stop token ids (default: eos)")
     p.add_argument("--dtype", default=None, help="float32 | bfloat16 (default: as stored)")
     p.add_argument("--speculative", action="store_true", help="draft with the MTP module (greedy)")
+    add_memory_args(p, fp8=False)    # --fp8 comes with the parallel flags (dsv3lab.parallel.launch)
+
+
+def add_memory_args(p, fp8: bool = True) -> None:
+    """How weights are held: ``--fp8`` as ``dsv3lab.load``'s ``fp8``, ``--max-memory`` its ``max_memory``."""
+    if fp8:
+        p.add_argument("--fp8", default="dequant", choices=("dequant", "keep", "quantize"),
+                       help="dequant: FP8 weights to the compute dtype (copied); keep: as stored, memory-mapped; "
+                            "quantize: keep, and bf16 releases quantized to FP8 at load")
+    p.add_argument("--max-memory", type=float, default=None, metavar="GB",
+                   help="page routed experts from the shards, holding at most GB of weights (with --fp8 keep|quantize)")
 
 
 def prompts_from_args(args, tok) -> list[list[int]]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 
-from dsv3lab.cli_args import add_generate_args, parse_dtype, print_generations, prompts_from_args
+from dsv3lab.cli_args import add_generate_args, add_memory_args, parse_dtype, print_generations, prompts_from_args
 from dsv3lab.resolve import resolve_config
 from dsv3lab.tokenizer import load_tokenizer
 
@@ -33,6 +33,13 @@ def cmd_info(args) -> int:
     print(f"  forward FLOPs / token {s['forward_flops_per_token'] / g:>20.1f}  GFLOP at {args.context} context")
     print(f"  train FLOPs / token   {s['train_flops_per_token'] / g:>20.1f}  GFLOP (3x fwd, {s['train_seq_len']}-token sequences)")
     print(f"  softmax scale         {s['softmax_scale']:>20.7f}")
+    if args.load:
+        import dsv3lab
+        from dsv3lab.checkpoint import load_summary
+        if not os.path.isdir(args.name):
+            raise SystemExit(f"dsv3lab info --load needs a checkpoint directory, got {args.name!r}")
+        model = dsv3lab.load(args.name, fp8=args.fp8, max_memory=args.max_memory)
+        print("  " + load_summary(model._dsv3_load))
     return 0
 
 
@@ -41,7 +48,9 @@ def cmd_generate(args) -> int:
         from dsv3lab.parallel import run_generate
         return run_generate(args)
     import dsv3lab
-    model = dsv3lab.load(args.dir, dtype=parse_dtype(args.dtype), progress=True)   # tqdm on stderr
+    model = dsv3lab.load(args.dir, dtype=parse_dtype(args.dtype), fp8=getattr(args, "fp8", "dequant"),
+                         max_memory=args.max_memory,
+                         progress=True)   # tqdm and the load's time and RSS on stderr
     tok = load_tokenizer(args.dir)
     prompts = prompts_from_args(args, tok)
     outs = model.generate(prompts, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
@@ -56,6 +65,8 @@ def add_commands(sub) -> None:
     p.add_argument("name", metavar="NAME_OR_DIR")
     p.add_argument("--json", action="store_true")
     p.add_argument("--context", type=int, default=4096, help="context for forward FLOPs per token")
+    p.add_argument("--load", action="store_true", help="load the checkpoint too: seconds, bytes mapped, peak RSS")
+    add_memory_args(p)
     p.set_defaults(func=cmd_info)
     p = sub.add_parser("generate", help="generate text or ids from a checkpoint (torchrun for many ranks)")
     add_generate_args(p)

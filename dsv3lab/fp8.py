@@ -144,9 +144,29 @@ def fp8_gemm_ref(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scal
     return out
 
 
+DEQUANT_BAND = 1 << 21     # weight elements dequantized at a time by ``fp8_linear`` (8 MB of fp32)
+
+
+def _dequant_band(q: torch.Tensor, scale_inv: torch.Tensor, b: int, dtype: torch.dtype) -> torch.Tensor:
+    """``weight_dequant`` of whole 128-row bands, by broadcasting each block's scale (no
+    [M, N] scale matrix) where the columns fill whole blocks too."""
+    M, N = q.shape
+    if M % b or N % b:
+        return weight_dequant(q, scale_inv, b, dtype)
+    w = q.float().view(M // b, b, N // b, b) * scale_inv.float()[:, None, :, None]
+    return w.view(M, N).to(dtype)
+
+
 def fp8_linear(x: torch.Tensor, w: torch.Tensor, scale_inv: torch.Tensor, block_size: int = 128) -> torch.Tensor:
-    """y = x @ dequant(w).T. On CUDA with the kernels enabled this is an FP8 GEMM
-    (``dsv3lab.kernels``); elsewhere the weight is dequantized for the call."""
+    """y = x @ dequant(w).T: every ``Linear`` whose weight is kept FP8 computes here.
+
+    First ``dsv3lab.kernels.dispatch.fp8_linear`` may take the call (an FP8 GEMM on a GPU; a
+    kernel that reads e4m3 in place belongs there too, returning None where it declines). Else
+    the weight is dequantized here a band of 128-row blocks at a time (``DEQUANT_BAND``
+    elements: the transient memory stays a few MB whatever the weight's size), each band into
+    ``x.dtype`` exactly as ``weight_dequant`` would, and multiplied by the CPU linear policy
+    (``dsv3lab.model.layers.linear``). Each output is one band's dot product, so the result is
+    the dequantized model's up to the order of the sums (decode and prefill alike)."""
     try:
         from dsv3lab.kernels import dispatch
         y = dispatch.fp8_linear(x, w, scale_inv, block_size)
@@ -154,4 +174,15 @@ def fp8_linear(x: torch.Tensor, w: torch.Tensor, scale_inv: torch.Tensor, block_
             return y
     except ImportError:
         pass
-    return F.linear(x, weight_dequant(w, scale_inv, block_size, x.dtype))
+    from dsv3lab.model.layers import linear
+    N, K = w.shape
+    b = block_size
+    rows = max(b, DEQUANT_BAND // max(K, 1) // b * b)
+    if rows >= N:
+        return linear(x, _dequant_band(w, scale_inv, b, x.dtype))
+    out = x.new_empty(*x.shape[:-1], N)
+    for r0 in range(0, N, rows):
+        r1 = min(N, r0 + rows)
+        band = _dequant_band(w[r0:r1], scale_inv[r0 // b:math.ceil(r1 / b)], b, x.dtype)
+        out[..., r0:r1] = linear(x, band)
+    return out

@@ -379,6 +379,21 @@ def test_load_and_sharded_load_give_the_same_errors(base, tmp_path):
             assert len(failed) == 2, f"{name}: every rank reads it, yet {got}"
 
 
+def test_every_fp8_mode_gives_the_same_errors(base, tmp_path):
+    """The memory-mapped modes (fp8="keep": weights as stored, views of the shards; "quantize")
+    reject every bad input with the error the copying loader ("dequant") gives."""
+    for name, (path, _) in _bad_cases(base, tmp_path).items():
+        want = load_or_error(path)
+        assert want[0] in ("CheckpointError", "ConfigError"), (name, want)
+        for mode in ("keep", "quantize"):
+            try:
+                dsv3lab.load(path, fp8=mode)
+                got = ("ok", "")
+            except (CheckpointError, ConfigError) as e:
+                got = (type(e).__name__, str(e))
+            assert got == want, f"{name}: fp8={mode!r} said {got}, dequant said {want}"
+
+
 # --- interrupted save ---------------------------------------------------------------------------
 
 _KILLED_SAVE = textwrap.dedent("""

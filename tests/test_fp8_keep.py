@@ -1,0 +1,125 @@
+"""Weights as stored: ``load(fp8="keep")`` maps the shards instead of copying them, FP8 Linear
+weights stay e4m3 and compute through ``dsv3lab.fp8.fp8_linear`` (dequantized a band of blocks at
+a time), and ``fp8="quantize"`` turns a bf16/fp32 release into the same format at load.
+
+Bounds stated here:
+- keep against dequant: the same dequantized weight values, multiplied in another order ->
+  fp32 logits within 1e-4 of the logits' scale, bf16 within 2^-6 (a few bf16 roundings);
+  greedy generation gives the same tokens.
+- quantize: each weight within e4m3's rounding of the stored one, |w - dq(q(w))| <= 2^-4 |w| +
+  2^-10 scale (half a unit in the last place of 3 mantissa bits, or half the smallest subnormal),
+  and exactly ``dsv3lab.fp8.weight_quant`` of it.
+"""
+
+import os
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import dsv3lab
+from dsv3lab import fp8 as F8
+from dsv3lab.checkpoint import load_summary
+from dsv3lab.model.layers import Linear
+
+
+def tiny(seed=0):
+    m = dsv3lab.build("tiny", seed=seed)
+    with torch.no_grad():
+        for layer in list(m.layers) + list(m.mtp):
+            if hasattr(layer.mlp, "gate"):
+                layer.mlp.gate.e_score_correction_bias.normal_(0, 0.1)
+    return m
+
+
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory):
+    d = tmp_path_factory.mktemp("keep")
+    m = tiny()
+    return dict(model=m, fp8=dsv3lab.save(m, d / "fp8", fp8=True), fp32=dsv3lab.save(m, d / "fp32"))
+
+
+def fp8_linears(model):
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, Linear) and m.weight.dtype == F8.E4M3]
+
+
+def test_keep_maps_the_shards_and_copies_nothing(ckpts):
+    model = dsv3lab.load(ckpts["fp8"], fp8="keep")
+    stats = model._dsv3_load
+    assert stats["own"] == 0 and stats["mapped"] > 0, stats
+    unique = {(p.data_ptr(), p.numel()): p for p in model.state_dict().values()}
+    assert stats["mapped"] == sum(p.numel() * p.element_size() for p in unique.values()), stats
+    lins = fp8_linears(model)
+    assert lins and all(lin.weight_scale_inv.dtype == torch.float32 for _, lin in lins)
+    # a view of the mapped file: its storage is the whole shard, not the weight
+    for _, lin in lins:
+        assert lin.weight.untyped_storage().nbytes() > lin.weight.numel()
+    for key in ("seconds", "rss", "peak_rss"):
+        assert stats[key] > 0, stats
+    assert "mapped from the shards" in load_summary(stats)
+
+
+def test_writing_a_kept_weight_leaves_the_file(ckpts, tmp_path):
+    import shutil
+    d = shutil.copytree(ckpts["fp8"], tmp_path / "c")
+    before = {f: (d / f).read_bytes() for f in os.listdir(d) if f.endswith(".safetensors")}
+    model = dsv3lab.load(d, fp8="keep")
+    _, lin = fp8_linears(model)[0]
+    with torch.no_grad():
+        lin.weight.view(torch.uint8).fill_(0)
+    assert (lin.weight.view(torch.uint8) == 0).all()
+    assert before == {f: (d / f).read_bytes() for f in before}
+    del model
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_keep_computes_as_the_dequantized_model(ckpts, dtype):
+    deq = dsv3lab.load(ckpts["fp8"], dtype=dtype, fp8="dequant")
+    kept = dsv3lab.load(ckpts["fp8"], dtype=dtype, fp8="keep")
+    assert fp8_linears(kept) and not fp8_linears(deq)
+    x = torch.randint(0, deq.cfg.vocab_size, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        a, b = deq(x).float(), kept(x).float()
+    tol = (1e-4 if dtype == torch.float32 else 2 ** -6) * a.abs().max().item()
+    assert (a - b).abs().max().item() <= tol
+    if dtype == torch.float32:              # decode through the cache: the same greedy tokens
+        prompts = [[1, 2, 3, 4], [5, 6]]
+        assert deq.generate(prompts, max_new_tokens=8) == kept.generate(prompts, max_new_tokens=8)
+
+
+def test_fp8_linear_bands_match_weight_dequant(monkeypatch):
+    monkeypatch.setattr(F8, "DEQUANT_BAND", 128 * 200)           # several bands, a ragged last one
+    g = torch.Generator().manual_seed(1)
+    for N, K in ((700, 200), (512, 256), (130, 129)):
+        q, s = F8.weight_quant(torch.randn(N, K, generator=g) * 0.05)
+        for M in (1, 5):
+            x = torch.randn(3, M, K, generator=g)
+            ref = torch.nn.functional.linear(x, F8.weight_dequant(q, s, 128, x.dtype))
+            torch.testing.assert_close(F8.fp8_linear(x, q, s), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_quantize_at_load_is_the_fp8_recipe(ckpts):
+    stored = {}
+    for f in os.listdir(ckpts["fp32"]):
+        if f.endswith(".safetensors"):
+            stored.update(load_file(os.path.join(ckpts["fp32"], f)))
+    model = dsv3lab.load(ckpts["fp32"], fp8="quantize")
+    lins = fp8_linears(model)
+    assert lins and model._dsv3_load["own"] > 0
+    from dsv3lab.checkpoint import hf_key, is_fp8_key
+    for name, lin in lins:
+        key = hf_key(model.cfg, name + ".weight")
+        assert is_fp8_key(key)
+        w = stored[key]
+        q, s = F8.weight_quant(w, 128)
+        assert torch.equal(lin.weight.view(torch.uint8), q.view(torch.uint8)) and torch.equal(lin.weight_scale_inv, s)
+        err = (F8.weight_dequant(q, s, 128) - w).abs()
+        scale = s.repeat_interleave(128, 0)[:w.shape[0]].repeat_interleave(128, 1)[:, :w.shape[1]]
+        assert (err <= 2 ** -4 * w.abs() + 2 ** -10 * scale + 1e-12).all(), name
+    # everything else as stored, mapped
+    assert not any(p.dtype == torch.float32 and "experts" in n and n.endswith("proj.weight")
+                   for n, p in model.named_parameters())
+    x = torch.tensor([[1, 2, 3, 4, 5]])
+    with torch.no_grad():
+        a, b = ckpts["model"](x), model(x)
+    assert (a - b).abs().max().item() <= 0.1 * a.abs().max().item()   # e4m3 weights: a loose sanity bound
