@@ -63,19 +63,19 @@ MODEL = dict(n_routed_experts=64, num_experts_per_tok=6, n_group=1, topk_group=1
 
 
 def config(quick: bool) -> dict:
-    """Full: 500 steps of 8 x 64 tokens of Python's docs and docstrings (MaxVio has plateaued
-    well before the end: the drift metric), all ~28K validation tokens, 5 gammas from a third of
-    the paper's 1e-3 up to 30x it (the lab's learning rate is ~14x the report's, and the bias
-    must keep up with the router's drift) and 3 alphas per aux loss from LFB's 1e-3 up. Quick:
-    one setting per scheme, 80 steps of 8 x 32 tokens of the reference manual only."""
+    """Full: 400 steps of 8 x 64 tokens of Python's docs and docstrings (MaxVio has plateaued
+    before the end: the drift metric), all ~28K validation tokens, 4 gammas from the paper's
+    1e-3 up to 30x it (the lab's learning rate is ~14x the report's, and the bias must keep up
+    with the router's drift) and 3 alphas per aux loss from LFB's 1e-3 up. Quick: one setting
+    per scheme, 60 steps of 8 x 32 tokens of the reference manual only."""
     if quick:
         return dict(preset="tiny", model=dict(MODEL), docstrings=False, max_docs=60, val_windows=64,
                     threads=1, gammas=[1e-2], seq_alphas=[1e-2], batch_alphas=[1e-2],
-                    train=dict(steps=80, batch_size=8, seq_len=32, lr=3e-3, warmup_steps=8))
+                    train=dict(steps=60, batch_size=8, seq_len=32, lr=3e-3, warmup_steps=6))
     return dict(preset="tiny", model=dict(MODEL), docstrings=True, val_windows=100_000, threads=1,
-                gammas=[3e-4, 1e-3, 3e-3, 1e-2, 3e-2], seq_alphas=[1e-3, 1e-2, 1e-1],
+                gammas=[1e-3, 3e-3, 1e-2, 3e-2], seq_alphas=[1e-3, 1e-2, 1e-1],
                 batch_alphas=[1e-3, 1e-2, 1e-1],
-                train=dict(steps=500, batch_size=8, seq_len=64, lr=3e-3, warmup_steps=25))
+                train=dict(steps=400, batch_size=8, seq_len=64, lr=3e-3, warmup_steps=20))
 
 
 def _num(x: float) -> str:
