@@ -113,6 +113,10 @@ def build(cfg: ModelConfig | str, device="cpu", dtype: torch.dtype | None = None
           attn_mode: str | None = None) -> Transformer:
     """A freshly initialised model (N(0, initializer_range) weights, unit norms, zero bias).
     ``device="meta"`` allocates nothing: the 671B preset builds in seconds for counting."""
+    from dsv3lab.family import build_other
+    other = build_other(cfg, device, dtype, seed)        # DeepSeek-V4 (dsv3lab/family.py)
+    if other is not None:
+        return other
     if isinstance(cfg, str):
         cfg = ModelConfig.preset(cfg)
     dtype = dtype or _default_dtype(device)
@@ -528,7 +532,8 @@ def load_checkpoint(path: str, dtype: torch.dtype | None = None, device=None, fp
                     attn_mode: str | None = None, progress: bool = False,
                     shard_model: Callable[[Transformer], None] | None = None,
                     check_plan: Callable[[list[TensorRead], ModelConfig], None] | None = None,
-                    reader: ShardReader | None = None) -> Transformer:
+                    reader: ShardReader | None = None, max_memory: float | None = None,
+                    prefetch: bool = True) -> Transformer:
     """The loader. ``shard_model`` turns the whole meta model into one rank's share (modules
     then carry ``shard``, the window of the full weight they hold; ``dsv3lab.parallel``);
     without it the model is whole: one process is the one-rank case. ``check_plan`` adds
@@ -553,8 +558,20 @@ def load_checkpoint(path: str, dtype: torch.dtype | None = None, device=None, fp
     plan = plan_reads(path, cfg, reader, model, full_shapes)
     if check_plan is not None:
         check_plan(plan, cfg)
+    paged = []
+    if max_memory is not None:        # routed experts: checked above from the headers, read when routed to
+        from dsv3lab.paging import ROUTED_RE
+        if shard_model is not None or (device is not None and torch.device(device).type != "cpu"):
+            raise ValueError("max_memory pages experts for one process on the CPU")
+        paged = [r for r in plan if ROUTED_RE.match(r.name)]
+        plan = [r for r in plan if not ROUTED_RE.match(r.name)]
     read_planned(plan, reader, cfg, device or "cpu", fp8, progress,
                  desc=f"load {os.path.basename(path.rstrip('/'))}")
+    if paged:
+        from dsv3lab.paging import page_experts
+        held = memory_of(model, reader)
+        page_experts(model, reader, cfg, paged, fp8, int(max_memory * 1e9), held["mapped"] + held["own"],
+                     prefetch=prefetch)
     left = [n for n, p in list(model.named_parameters()) + list(model.named_buffers()) if p.is_meta]
     if left:
         raise CheckpointError(f"{path}: {len(left)} tensor(s) left unloaded, e.g. {left[:3]}")
@@ -577,7 +594,8 @@ def load_summary(stats: dict) -> str:
 
 
 def load(path: str, dtype: torch.dtype | None = None, device=None, fp8: str = "dequant",
-         attn_mode: str | None = None, progress: bool = False, max_memory: float | None = None) -> Transformer:
+         attn_mode: str | None = None, progress: bool = False, max_memory: float | None = None,
+         prefetch: bool = True) -> Transformer:
     """Load a checkpoint directory in the official HF layout (one process, the whole model;
     ``dsv3lab.parallel.load_sharded`` is the same loader for one rank of many).
 
@@ -586,12 +604,19 @@ def load(path: str, dtype: torch.dtype | None = None, device=None, fp8: str = "d
     e4m3 with their ``weight_scale_inv``, memory-mapped from the shards (no copy), as is every
     tensor stored in the dtype the model holds; "quantize" is "keep" plus the bf16/fp32 weights
     the official releases store in FP8 quantized at load (V2-Lite, Moonlight: ~1 byte a weight).
+    max_memory: GB (1e9 bytes) of weights to hold at most: the dense part is loaded as above and
+    the routed experts are paged from the shards through an LRU of what is left, read when
+    routed to and prefetched from predicted routing unless ``prefetch=False``
+    (``dsv3lab.paging``; ``model.pager.stats()`` has the hit rate and bytes read).
     ``model._dsv3_load`` holds the load's seconds, RSS and peak RSS, bytes mapped and own;
     ``progress=True`` prints them.
     """
-    if max_memory is not None:
-        raise NotImplementedError("max_memory")  # paging: next
-    return load_checkpoint(path, dtype=dtype, device=device, fp8=fp8, attn_mode=attn_mode, progress=progress)
+    from dsv3lab.family import load_other
+    other = load_other(path, dtype, device)              # DeepSeek-V4 and the refused types (dsv3lab/family.py)
+    if other is not None:
+        return other
+    return load_checkpoint(path, dtype=dtype, device=device, fp8=fp8, attn_mode=attn_mode, progress=progress,
+                           max_memory=max_memory, prefetch=prefetch)
 
 
 # --------------------------------------------------------------------------------------------
