@@ -33,6 +33,7 @@ def cmd_info(args) -> int:
     print(f"  forward FLOPs / token {s['forward_flops_per_token'] / g:>20.1f}  GFLOP at {args.context} context")
     print(f"  train FLOPs / token   {s['train_flops_per_token'] / g:>20.1f}  GFLOP (3x fwd, {s['train_seq_len']}-token sequences)")
     print(f"  softmax scale         {s['softmax_scale']:>20.7f}")
+    print_cpu_kernels(measure=args.kernels)
     if args.load:
         import dsv3lab
         from dsv3lab.checkpoint import load_summary
@@ -41,6 +42,27 @@ def cmd_info(args) -> int:
         model = dsv3lab.load(args.name, fp8=args.fp8, max_memory=args.max_memory)
         print("  " + load_summary(model._dsv3_load))
     return 0
+
+
+def print_cpu_kernels(measure: bool) -> None:
+    """The C decode kernels on this CPU: the tier built, and which measured faster than torch
+    (kernels/cpu_calibrate.py); measured now when ``measure`` and not yet stored."""
+    import torch
+
+    from dsv3lab.bench import print_table
+    from dsv3lab.kernels import cpu_build, cpu_calibrate, cpu_decode
+    where = f"-march={cpu_build.march()} ({cpu_build.isa_summary()}), {torch.get_num_threads()} threads"
+    if not cpu_decode.available():
+        print(f"  C decode kernels      not built here ({where}): the torch calls run")
+        return
+    rows = cpu_calibrate.verdicts() if measure else cpu_calibrate.cached()
+    if not rows:
+        print(f"  C decode kernels      {where}; not yet timed against torch (dsv3lab info NAME --kernels)")
+        return
+    used = sum(v["use"] for v in rows.values())
+    print(f"  C decode kernels      {where}; {used} of {len(rows)} measured faster than torch's call and used")
+    if measure:
+        print_table(cpu_calibrate.table(rows))
 
 
 def cmd_generate(args) -> int:
@@ -65,6 +87,8 @@ def add_commands(sub) -> None:
     p.add_argument("name", metavar="NAME_OR_DIR")
     p.add_argument("--json", action="store_true")
     p.add_argument("--context", type=int, default=4096, help="context for forward FLOPs per token")
+    p.add_argument("--kernels", action="store_true",
+                   help="time the C decode kernels against torch on this CPU (once; cached) and show which run")
     p.add_argument("--load", action="store_true", help="load the checkpoint too: seconds, bytes mapped, peak RSS")
     add_memory_args(p)
     p.set_defaults(func=cmd_info)

@@ -17,90 +17,36 @@ model's fused decode step: ``kernel(name, dtype)``):
 The attention over the latent cache stays torch's fused flash attention: on a CPU with AMX its
 tile multiplies beat any AVX-512 loop written here (a fused C version measured 3x slower).
 
-The library is compiled once per source, compiler and CPU (``-O3 -march=native -fopenmp``: it
-uses AVX512-BF16 where the CPU has it, plain fp32 code where not) into
-``$DSV3LAB_CACHE`` (default ``~/.cache/dsv3lab``), written atomically so concurrent processes
-(pytest workers, torchrun ranks) can build it at the same time. Without a C compiler, or if the
-build fails, ``available()`` is False (a warning says why, once) and the engine runs its torch
-code. ``DSV3LAB_KERNELS=torch`` turns these kernels off like the Triton ones.
+The library is built on first use for the CPU at hand (``cpu_build.py``: ``-march=native``, or
+the tier ``DSV3LAB_CPU_MARCH`` names); without a C compiler, or if the build fails,
+``available()`` is False and the engine runs its torch code. Each kernel runs in the engine only
+where it measured faster than the torch call it replaces on this CPU (``cpu_calibrate.py``:
+``enabled(..., kernel=name)``). ``DSV3LAB_KERNELS=torch`` turns these kernels off like the Triton
+ones.
 """
 
 from __future__ import annotations
 
 import ctypes
 import functools
-import hashlib
-import os
-import shutil
-import subprocess
-import tempfile
-import warnings
-from pathlib import Path
 
 import torch
 
-SOURCES = Path(__file__).with_name("cpu")
-SOURCE = SOURCES / "decode_bf16.c"
-FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11"]
+from . import cpu_build
+
+SOURCE = cpu_build.SOURCES / "decode_bf16.c"
 MAX_ROWS = 8            # rows one gemv call takes (MAXM in the C source)
 MAX_SLOTS = 64          # experts one moe call takes
 
 
-def _cpu_id() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return line
-    except OSError:
-        pass
-    return ""
-
-
-def _cache_dir() -> Path:
-    return Path(os.environ.get("DSV3LAB_CACHE") or Path.home() / ".cache" / "dsv3lab")
-
-
-@functools.lru_cache(maxsize=None)
-def build(source: Path) -> ctypes.CDLL | None:
-    """The shared library of one C source under ``cpu/``, compiled once per source, compiler and
-    CPU; None (with one warning naming the reason) when it cannot be built. Callers set the
-    functions' ctypes signatures."""
-    cc = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
-    if cc is None:
-        warnings.warn(f"dsv3lab: no C compiler (gcc/cc) found for {source.name}; the torch code runs instead",
-                      stacklevel=2)
-        return None
-    # the source and every header beside it (cpu/bf16.h): a changed header is a new library
-    src = source.read_bytes() + b"".join(h.read_bytes() for h in sorted(source.parent.glob("*.h")))
-    key = hashlib.sha256(src + " ".join([cc, *FLAGS]).encode() + _cpu_id().encode()).hexdigest()[:16]
-    out = _cache_dir() / f"{source.stem}-{key}.so"
-    if not out.exists():
-        out.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
-        os.close(fd)
-        try:
-            try:
-                r = subprocess.run([cc, *FLAGS, str(source), "-o", tmp, "-lm"], capture_output=True, text=True)
-                err = r.stderr[-2000:] if r.returncode else None
-            except OSError as e:
-                err = str(e)
-            if err is not None:
-                warnings.warn(f"dsv3lab: building {source.name} with {cc} failed; the torch code runs instead:"
-                              f"\n{err}", stacklevel=2)
-                return None
-            os.replace(tmp, out)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-    import torch  # noqa: F401  -- torch's OpenMP runtime must be loaded first (see the C source)
-    return ctypes.CDLL(str(out))
-
-
-@functools.lru_cache(maxsize=None)
 def library() -> ctypes.CDLL | None:
-    """The bf16 decode library (``cpu/decode_bf16.c``) with its signatures set, or None."""
-    lib = build(SOURCE)
+    """The decode library (``cpu/decode_bf16.c``) for the current tier, signatures set, or None."""
+    return _library(cpu_build.march())
+
+
+@functools.lru_cache(maxsize=None)
+def _library(tier: str) -> ctypes.CDLL | None:
+    lib = cpu_build.build(SOURCE, tier)
     if lib is None:
         return None
     P, I64, I = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
@@ -139,11 +85,13 @@ def available() -> bool:
     return library() is not None
 
 
-def enabled(*tensors: torch.Tensor, dtype: torch.dtype | None = torch.bfloat16) -> bool:
+def enabled(*tensors: torch.Tensor, dtype: torch.dtype | None = torch.bfloat16, kernel: str | None = None) -> bool:
     """Whether the C kernels should run on these tensors: all on the CPU in ``dtype`` (None: any),
     none that autograd would differentiate, no torch dispatch mode active (a ``FlopCounterMode``
     or a tracer must see the torch ops), the kernel backend 'auto' (``dispatch.get_backend``),
-    and the library built."""
+    the library built, and -- with ``kernel`` named (one of ``cpu_calibrate.KERNELS``) -- that
+    kernel measured faster than its torch call on this CPU for this dtype (bf16 when ``dtype`` is
+    None)."""
     from .dispatch import get_backend
     if torch._C._len_torch_dispatch_stack():
         return False
@@ -152,7 +100,12 @@ def enabled(*tensors: torch.Tensor, dtype: torch.dtype | None = torch.bfloat16) 
         # the kernels have no backward: anything autograd would differentiate takes torch's path
         if (dtype is not None and t.dtype != dtype) or t.device.type != "cpu" or (grad and t.requires_grad):
             return False
-    return get_backend() == "auto" and available()
+    if get_backend() != "auto" or not available():
+        return False
+    if kernel is None:
+        return True
+    from .cpu_calibrate import wins
+    return wins(kernel, dtype or torch.bfloat16)
 
 
 def _rows_ok(t: torch.Tensor) -> bool:

@@ -11,6 +11,9 @@ import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# every C kernel on every CPU, whatever it measured against torch there (kernels/cpu_calibrate.py):
+# the tests check the C paths' arithmetic, which must hold where they lose as well as where they win
+os.environ.setdefault("DSV3LAB_CPU_KERNELS", "all")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

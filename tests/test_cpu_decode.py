@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 import dsv3lab
 import dsv3lab.probes
-from dsv3lab.kernels import cpu_decode, dispatch
+from dsv3lab.kernels import cpu_build, cpu_decode, dispatch
 from dsv3lab.model import moe as moe_mod
 from dsv3lab.model.rope import apply_rope
 
@@ -180,8 +180,8 @@ def test_autograd_never_takes_the_kernels():
 
 
 def _forget_builds():
-    cpu_decode.build.cache_clear()
-    cpu_decode.library.cache_clear()
+    cpu_build._build.cache_clear()
+    cpu_decode._library.cache_clear()
 
 
 def test_a_failed_build_falls_back_to_torch(monkeypatch, tmp_path):

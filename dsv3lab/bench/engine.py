@@ -160,13 +160,8 @@ def _hf(d, dtype):
 
 
 def _cpu_features() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = set(next((ln for ln in f if ln.startswith("flags")), "").split())
-    except OSError:
-        return "unknown"
-    found = [x for x in ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile") if x in flags]
-    return " ".join(found) or "none of avx2/avx512/amx"
+    from dsv3lab.kernels.cpu_build import isa_summary
+    return isa_summary()
 
 
 def _measure(engine, cfg, stats, x, args, dtype, prefill_lens, decode_ctx) -> list[dict]:

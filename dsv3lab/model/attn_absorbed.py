@@ -51,8 +51,9 @@ def latent_attention(q_cat: torch.Tensor, latent: torch.Tensor, scale: float, c:
         if o_lat is not None:
             return o_lat.view(B, 1, H, c)
         if (H % 4 == 0 and latent.stride(-1) == 1 and q_cat.is_contiguous()
-                and cpu_decode.enabled(q_cat, latent, dtype=torch.float32)):
-            # fp32 on a CPU: the C kernel's one pass (~1.5x torch's flash attention in fp32)
+                and cpu_decode.enabled(q_cat, latent, dtype=torch.float32, kernel="latent_attention")):
+            # fp32 on a CPU: the C kernel's one pass where it beats torch's flash attention (1.5x
+            # with AVX-512; measured per CPU, kernels/cpu_calibrate.py)
             o_lat = torch.empty(B, 1, H, c, dtype=torch.float32)
             for b in range(B):
                 cpu_decode.latent_attention(q_cat[b, 0], latent[b], scale, c, out=o_lat[b, 0])
@@ -175,7 +176,7 @@ class AbsorbedAttention(Attention):
         B, S, H, n = q_nope.shape
         c = mla.c
         if (keep is None and S == 1 and B <= cpu_decode.MAX_ROWS and not mla.hook_attn_probs.active
-                and cpu_decode.enabled(q_nope, q_pe, latent)):
+                and cpu_decode.enabled(q_nope, q_pe, latent, kernel="gemv")):
             return self.absorbed_decode_cpu(q_nope, q_pe, latent)
         w_uk, w_uv_t = self.absorbed_weights(q_nope.dtype)
         # per head: q_lat = q_nope W_UK, as one batched GEMM over heads

@@ -145,7 +145,7 @@ class SparseAttention(AbsorbedAttention):
             return torch.stack([latent[b].index_select(0, idx[b]) for b in range(B)])
         rows = _gather_buffer((B, k, W), latent.dtype, latent.device)
         # bf16 on the CPU, the kernel backend "auto", no dispatch mode watching: cpu_decode.enabled
-        lib = (cpu_sparse.library() if cpu_decode.enabled(latent) and latent.stride(-1) == 1 and idx.stride(-1) == 1
+        lib = (cpu_sparse.library() if cpu_decode.enabled(latent, kernel="gather") and latent.stride(-1) == 1 and idx.stride(-1) == 1
                else None)
         if lib is not None:
             # the C gather (kernels/cpu/sparse_bf16.c), every line of the rows ahead prefetched; the

@@ -38,7 +38,7 @@ import weakref
 import torch
 from torch.nn.modules import module as _torch_module
 
-from dsv3lab.kernels import cpu_decode
+from dsv3lab.kernels import cpu_calibrate, cpu_decode
 from dsv3lab.model.attn_absorbed import AbsorbedAttention, LatentCache, latent_attention
 from dsv3lab.model.attn_sparse import SparseAttention
 from dsv3lab.model.layers import MLP, HookPoint, RMSNorm, is_plain_linear
@@ -445,7 +445,9 @@ def try_decode(model, tokens: torch.Tensor, start: int, cache) -> torch.Tensor |
             or model.device.type != "cpu"
             or torch.is_grad_enabled() and any(p.requires_grad for p in model.lm_head.parameters())):
         return None
-    if not cpu_decode.enabled():           # the backend, a dispatch mode watching, the library
+    # the backend, a dispatch mode watching, the library; and the step's streaming kernels measured
+    # faster than torch's calls on this CPU for this dtype (kernels/cpu_calibrate.py)
+    if not (cpu_decode.enabled() and cpu_calibrate.wins("gemv", model.dtype) and cpu_calibrate.wins("moe", model.dtype)):
         return None
     if not isinstance(cache, LatentCache):
         return None

@@ -203,7 +203,7 @@ def decode_scores(q: torch.Tensor, w: torch.Tensor, keys: torch.Tensor) -> torch
     fp32 keys: the same in fp32. Nothing of size T x D is copied or converted."""
     B, T = keys.shape[0], keys.shape[1]
     qk, wf = q.to(keys.dtype), w.float()
-    if cpu_decode.enabled(keys, qk) and keys.stride(-1) == 1:
+    if cpu_decode.enabled(keys, qk, kernel="index_scores") and keys.stride(-1) == 1:
         # the C scorer (kernels/cpu/decode_bf16.c): every key row read once for all heads
         return torch.stack([cpu_decode.index_scores(keys[b], qk[b], wf[b]) for b in range(B)])
 
@@ -336,7 +336,7 @@ class Indexer(nn.Module):
         T = start + 1
         if self.index_topk >= T:                 # every key: no scores needed (dense MLA follows)
             return torch.arange(T, device=x.device).expand(x.shape[0], T)
-        if keys.dtype == torch.bfloat16 and cache.key_format != "fp8" and cpu_decode.enabled(keys, q):
+        if keys.dtype == torch.bfloat16 and cache.key_format != "fp8" and cpu_decode.enabled(keys, q, kernel="index_scores"):
             scores = decode_scores(q[:, 0], w[:, 0], keys)                  # the C scorer: no GEMM setup
         elif keys.dtype == torch.bfloat16 and cache.key_format != "fp8":
             keys = cache.read_bucketed(layer, x.shape[0], T, _KEY_BUCKET)
@@ -359,7 +359,7 @@ class Indexer(nn.Module):
         caches by the weights streamed since the last layer, and each attribute lookup costs
         microseconds. Submodules and weights are read from their dicts (no ``Module.__getattr__``),
         and the layout checks run once per set of weight and cache addresses and dtypes."""
-        if torch.is_grad_enabled() or cache.key_format == "fp8" or not cpu_decode.enabled():
+        if torch.is_grad_enabled() or cache.key_format == "fp8" or not cpu_decode.enabled(kernel="index_select"):
             return None                  # (the backend, a dispatch mode -- a flop counter, say -- sees torch ops only)
         if _mm._global_forward_hooks or _mm._global_forward_pre_hooks:
             return None
@@ -446,8 +446,9 @@ class Indexer(nn.Module):
             if k >= T or n >= 0:
                 continue
             buf = cache.layers[layer]
-            q = ws[oq:ow].view(torch.bfloat16).view(B, H, D)
-            w = ws[ow:osc].view(torch.float32).view(B, H)
+            # exact byte lengths: the slots are padded to 64 bytes, the views must not be
+            q = ws[oq:oq + 2 * B * H * D].view(torch.bfloat16).view(B, H, D)
+            w = ws[ow:ow + 4 * B * H].view(torch.float32).view(B, H)
             keys = buf[b, :min(cache.max_len, -(-T // _KEY_BUCKET) * _KEY_BUCKET)]   # read_bucketed, inline
             logits = linear(keys, q[b])                           # [T',H] bf16; rows past T are not read
             if n == -2:                           # torch's bf16 GEMM, then the C top-k

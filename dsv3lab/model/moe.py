@@ -95,7 +95,7 @@ class Gate(nn.Module):
         scores = self.hook_scores(scores)
         if (x.shape[0] <= cpu_decode.MAX_ROWS and cfg.scoring_func == "sigmoid" and self.forced_routing is None
                 and self.expert_mask is None and not self.hooks_after_scores()
-                and cpu_decode.enabled(scores, dtype=None)):
+                and cpu_decode.enabled(scores, dtype=None, kernel="route")):
             # a decode step: bias, group limit, top-k and weights in one C call, the same choice
             return cpu_decode.route(scores, self.e_score_correction_bias, G, cfg.topk_group, k,
                                     cfg.norm_topk_prob, cfg.routed_scaling_factor)
@@ -150,7 +150,7 @@ class MoE(nn.Module):
         shape = x.shape
         x = x.reshape(-1, shape[-1])
         topk_ids, topk_weights = self.gate(x)
-        if x.shape[0] == 1 and cpu_decode.enabled(x):
+        if x.shape[0] == 1 and cpu_decode.enabled(x, kernel="moe"):
             experts = self.decode_experts(topk_ids[0].tolist())
             if experts is not None:
                 return self.decode_cpu(x, experts, topk_weights[0]).view(shape)

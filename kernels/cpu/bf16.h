@@ -1,13 +1,17 @@
 /* bf16 helpers shared by the CPU kernels (decode_bf16.c, sparse_bf16.c): the storage type, its
  * conversions (round to nearest even, as torch's .to(torch.bfloat16)) and the one-row dot product.
- * Included, not linked: each library is one translation unit (kernels/cpu_decode.py builds them;
+ * Included, not linked: each library is one translation unit (kernels/cpu_build.py builds them;
  * a change here rebuilds both). */
 #ifndef DSV3_BF16_H
 #define DSV3_BF16_H
 
-#include <immintrin.h>
 #include <stdint.h>
 #include <string.h>
+#ifdef __AVX512F__
+#include <immintrin.h>       /* the AVX-512 paths' intrinsics (AVX512-BF16, the 4 x 4 score tree, AMX) */
+#endif
+
+#include "vec.h"
 
 typedef uint16_t bf16;
 
@@ -38,8 +42,8 @@ static inline float dot_bf16(const bf16 *w, int64_t ld, const bf16 *x, int K) {
 #ifdef __AVX512BF16__
     __m512 a0 = _mm512_setzero_ps(), a1 = a0;
     for (; k + 64 <= K; k += 64) {
-        _mm_prefetch((const char *)(w + PF * ld + k), _MM_HINT_T0);
-        _mm_prefetch((const char *)(w + PF * ld + k + 32), _MM_HINT_T0);
+        PREFETCH(w + PF * ld + k);
+        PREFETCH(w + PF * ld + k + 32);
         a0 = _mm512_dpbf16_ps(a0, (__m512bh)_mm512_loadu_si512((const void *)(w + k)),
                               (__m512bh)_mm512_loadu_si512((const void *)(x + k)));
         a1 = _mm512_dpbf16_ps(a1, (__m512bh)_mm512_loadu_si512((const void *)(w + k + 32)),
@@ -50,13 +54,16 @@ static inline float dot_bf16(const bf16 *w, int64_t ld, const bf16 *x, int K) {
                               (__m512bh)_mm512_loadu_si512((const void *)(x + k)));
     s = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
 #else
-    float acc[16] = {0};
-    for (; k + 16 <= K; k += 16)              /* 16 independent partial sums: vectorised */
-        for (int l = 0; l < 16; l++) acc[l] += bf2f(w[k + l]) * bf2f(x[k + l]);
-    for (int l = 0; l < 16; l++) s += acc[l];
+    vf a0 = vzero(), a1 = vzero();
+    for (; k + 2 * VL <= K; k += 2 * VL) {
+        PREFETCH(w + PF * ld + k);
+        a0 += vload_bf(w + k) * vload_bf(x + k);
+        a1 += vload_bf(w + k + VL) * vload_bf(x + k + VL);
+    }
+    for (; k + VL <= K; k += VL) a0 += vload_bf(w + k) * vload_bf(x + k);
+    s = vsum(a0 + a1);
 #endif
     for (; k < K; k++) s += bf2f(w[k]) * bf2f(x[k]);
-    (void)ld;
     return s;
 }
 

@@ -1,10 +1,12 @@
 /* bf16 decode kernels for the CPU: the memory-bound work of one decode step.
  *
  * A decode step multiplies one activation row by every weight it touches, so its speed is the
- * speed at which the weights stream from memory. torch's one-row bf16 GEMV reaches 15 % of this
- * CPU's copy bandwidth (docs/performance.md); these kernels stream each weight row once, with
- * AVX512-BF16 dot products (vdpbf16ps: bf16 products summed in fp32) where the CPU has them and a
- * plain fp32 loop the compiler vectorises where it does not.
+ * speed at which the weights stream from memory. torch's one-row bf16 GEMV reaches 15 % of the
+ * copy bandwidth on an AVX512-BF16 CPU (docs/performance.md); these kernels stream each weight
+ * row once, with AVX512-BF16 dot products (vdpbf16ps: bf16 products summed in fp32) where the
+ * CPU has them and portable fp32 vectors (vec.h: AVX-512, AVX2+FMA, SSE or NEON, whatever the
+ * library is built for) where it does not. Whether each kernel beats the torch call it replaces
+ * on the CPU at hand is measured when the library is built (kernels/cpu_calibrate.py).
  *
  *   dsv3_gemv          Y[b,m,:] = X[b,m,:] W[b]^T     (b: a batch of weights, e.g. heads; m <= 8)
  *   dsv3_moe           sum_s w_s * down_s(silu(gate_s x) * up_s x) over a token's chosen experts
@@ -19,7 +21,6 @@
  * Threads: OpenMP. Loaded after torch, this library binds to the OpenMP runtime torch already
  * loaded (same soname), so both share one pool; the caller passes torch.get_num_threads().
  */
-#include <immintrin.h>
 #include <math.h>
 #include <omp.h>
 #include <stdint.h>
@@ -44,16 +45,13 @@ static inline void dot_rows(const bf16 *w, const bf16 *x, int64_t ldx, int M, in
     }
     for (int m = 0; m < M; m++) out[m] = _mm512_reduce_add_ps(acc[m]);
 #else
-    for (int m = 0; m < M; m++) out[m] = 0.0f;
-    for (; k + 16 <= K; k += 16) {
-        for (int m = 0; m < M; m++) {
-            float part[16];
-            for (int j = 0; j < 16; j++) part[j] = bf2f(w[k + j]) * bf2f(x[m * ldx + k + j]);
-            float s = 0.0f;
-            for (int j = 0; j < 16; j++) s += part[j];
-            out[m] += s;
-        }
+    vf acc[MAXM];
+    for (int m = 0; m < M; m++) acc[m] = vzero();
+    for (; k + VL <= K; k += VL) {
+        vf wv = vload_bf(w + k);
+        for (int m = 0; m < M; m++) acc[m] += wv * vload_bf(x + m * ldx + k);
     }
+    for (int m = 0; m < M; m++) out[m] = vsum(acc[m]);
 #endif
     for (; k < K; k++)
         for (int m = 0; m < M; m++) out[m] += bf2f(w[k]) * bf2f(x[m * ldx + k]);
@@ -71,10 +69,10 @@ static inline void dot4(const bf16 *w, int64_t ld, const bf16 *x, int K, float *
         __m512bh xv = (__m512bh)_mm512_loadu_si512((const void *)(x + k));
         /* the rows PF ahead, into L1 now: rows are a few KB, too short for the hardware
            prefetcher to ramp up on each (measured: 6.7 -> 9.2 GB/s on one core) */
-        _mm_prefetch((const char *)(w + PF * ld + k), _MM_HINT_T0);
-        _mm_prefetch((const char *)(w + (PF + 1) * ld + k), _MM_HINT_T0);
-        _mm_prefetch((const char *)(w + (PF + 2) * ld + k), _MM_HINT_T0);
-        _mm_prefetch((const char *)(w + (PF + 3) * ld + k), _MM_HINT_T0);
+        PREFETCH(w + PF * ld + k);
+        PREFETCH(w + (PF + 1) * ld + k);
+        PREFETCH(w + (PF + 2) * ld + k);
+        PREFETCH(w + (PF + 3) * ld + k);
         a0 = _mm512_dpbf16_ps(a0, (__m512bh)_mm512_loadu_si512((const void *)(w + k)), xv);
         a1 = _mm512_dpbf16_ps(a1, (__m512bh)_mm512_loadu_si512((const void *)(w + ld + k)), xv);
         a2 = _mm512_dpbf16_ps(a2, (__m512bh)_mm512_loadu_si512((const void *)(w + 2 * ld + k)), xv);
@@ -85,64 +83,71 @@ static inline void dot4(const bf16 *w, int64_t ld, const bf16 *x, int K, float *
     out[2] = _mm512_reduce_add_ps(a2);
     out[3] = _mm512_reduce_add_ps(a3);
 #else
-    for (int j = 0; j < 4; j++) out[j] = 0.0f;
+    /* the activation widened once for the four rows; one prefetch per 64-byte line */
+    vf a0 = vzero(), a1 = a0, a2 = a0, a3 = a0;
+    for (; k + VL <= K; k += VL) {
+        if ((k * 2) % 64 == 0) {
+            PREFETCH(w + PF * ld + k);
+            PREFETCH(w + (PF + 1) * ld + k);
+            PREFETCH(w + (PF + 2) * ld + k);
+            PREFETCH(w + (PF + 3) * ld + k);
+        }
+        vf xv = vload_bf(x + k);
+        a0 += vload_bf(w + k) * xv;
+        a1 += vload_bf(w + ld + k) * xv;
+        a2 += vload_bf(w + 2 * ld + k) * xv;
+        a3 += vload_bf(w + 3 * ld + k) * xv;
+    }
+    out[0] = vsum(a0);
+    out[1] = vsum(a1);
+    out[2] = vsum(a2);
+    out[3] = vsum(a3);
 #endif
     for (int j = 0; j < 4; j++) {
         float s = 0.0f;
-        int kk = k;
-#ifndef __AVX512BF16__
-        dot_rows(w + j * ld, x, 0, 1, K, &s);
-        kk = K;
-#endif
-        for (; kk < K; kk++) s += bf2f(w[j * ld + kk]) * bf2f(x[kk]);
+        for (int kk = k; kk < K; kk++) s += bf2f(w[j * ld + kk]) * bf2f(x[kk]);
         out[j] += s;
     }
 }
 
 
-/* The fp32 model's dot products: fp32 weights and activations, fused multiply-adds (16 lanes). */
+/* The fp32 model's dot products: fp32 weights and activations, fused multiply-adds (vec.h:
+   VL lanes of whatever the library was built for). */
 static inline void dot_rows_f32(const float *w, const float *x, int64_t ldx, int M, int K, float *out) {
     int k = 0;
-#ifdef __AVX512F__
-    __m512 acc[MAXM];
-    for (int m = 0; m < M; m++) acc[m] = _mm512_setzero_ps();
-    for (; k + 16 <= K; k += 16) {
-        __m512 wv = _mm512_loadu_ps(w + k);
-        for (int m = 0; m < M; m++) acc[m] = _mm512_fmadd_ps(wv, _mm512_loadu_ps(x + m * ldx + k), acc[m]);
+    vf acc[MAXM];
+    for (int m = 0; m < M; m++) acc[m] = vzero();
+    for (; k + VL <= K; k += VL) {
+        vf wv = vload(w + k);
+        for (int m = 0; m < M; m++) acc[m] += wv * vload(x + m * ldx + k);
     }
-    for (int m = 0; m < M; m++) out[m] = _mm512_reduce_add_ps(acc[m]);
-#else
-    for (int m = 0; m < M; m++) out[m] = 0.0f;
-#endif
     for (int m = 0; m < M; m++) {
-        float s = 0.0f;
+        float s = vsum(acc[m]);
         for (int kk = k; kk < K; kk++) s += w[kk] * x[m * ldx + kk];
-        out[m] += s;
+        out[m] = s;
     }
 }
 
 static inline void dot4_f32(const float *w, int64_t ld, const float *x, int K, float *out) {
     int k = 0;
-#ifdef __AVX512F__
-    __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-    for (; k + 16 <= K; k += 16) {
-        __m512 xv = _mm512_loadu_ps(x + k);
-        _mm_prefetch((const char *)(w + PF * ld + k), _MM_HINT_T0);      /* as in dot4 */
-        _mm_prefetch((const char *)(w + (PF + 1) * ld + k), _MM_HINT_T0);
-        _mm_prefetch((const char *)(w + (PF + 2) * ld + k), _MM_HINT_T0);
-        _mm_prefetch((const char *)(w + (PF + 3) * ld + k), _MM_HINT_T0);
-        a0 = _mm512_fmadd_ps(_mm512_loadu_ps(w + k), xv, a0);
-        a1 = _mm512_fmadd_ps(_mm512_loadu_ps(w + ld + k), xv, a1);
-        a2 = _mm512_fmadd_ps(_mm512_loadu_ps(w + 2 * ld + k), xv, a2);
-        a3 = _mm512_fmadd_ps(_mm512_loadu_ps(w + 3 * ld + k), xv, a3);
+    vf a0 = vzero(), a1 = a0, a2 = a0, a3 = a0;
+    for (; k + VL <= K; k += VL) {
+        if ((k * 4) % 64 == 0) {                      /* as in dot4: one prefetch per line */
+            PREFETCH(w + PF * ld + k);
+            PREFETCH(w + (PF + 1) * ld + k);
+            PREFETCH(w + (PF + 2) * ld + k);
+            PREFETCH(w + (PF + 3) * ld + k);
+        }
+        vf xv = vload(x + k);
+        a0 += vload(w + k) * xv;
+        a1 += vload(w + ld + k) * xv;
+        a2 += vload(w + 2 * ld + k) * xv;
+        a3 += vload(w + 3 * ld + k) * xv;
     }
-    out[0] = _mm512_reduce_add_ps(a0);
-    out[1] = _mm512_reduce_add_ps(a1);
-    out[2] = _mm512_reduce_add_ps(a2);
-    out[3] = _mm512_reduce_add_ps(a3);
-#else
-    for (int j = 0; j < 4; j++) out[j] = 0.0f;
-#endif
+    out[0] = vsum(a0);
+    out[1] = vsum(a1);
+    out[2] = vsum(a2);
+    out[3] = vsum(a3);
     for (int j = 0; j < 4; j++) {
         float s = 0.0f;
         for (int kk = k; kk < K; kk++) s += w[j * ld + kk] * x[kk];
@@ -387,7 +392,7 @@ void dsv3_index_scores(const bf16 *keys, int64_t ldk, const bf16 *q, const float
 #pragma omp parallel for schedule(static) num_threads(nt)
     for (int t = 0; t < T; t++) {
         const bf16 *kr = keys + (int64_t)t * ldk;
-        if (t + 8 < T) _mm_prefetch((const char *)(kr + 8 * ldk), _MM_HINT_T0);
+        if (t + 8 < T) PREFETCH(kr + 8 * ldk);
         float acc = 0.0f;
         for (int h0 = 0; h0 < H; h0 += MAXM) {
             int m = H - h0 < MAXM ? H - h0 : MAXM;
@@ -413,32 +418,15 @@ void dsv3_index_scores(const bf16 *keys, int64_t ldk, const bf16 *q, const float
  * by log-sum-exp at the end (flash decoding). Rows are ``lat + row * ld`` for row = t, or
  * row = idx[t] (V3.2: only the indexer's selection, read in place).
  *
- * fp32 only: there it is ~1.5x torch's flash attention on this CPU. In bf16 torch's kernel
+ * fp32 only: there it is ~1.5x torch's flash attention on an AVX-512 CPU. In bf16 torch's kernel
  * multiplies on AMX tiles, which AVX-512 dot products (one port) do not reach: measured 0.7-0.85x
- * of it, so bf16 keeps torch's (docs/kernels.md#cpu-decode). */
+ * of it, so bf16 keeps torch's (docs/kernels.md#cpu-decode). The scores' 4 x 4 block keeps its
+ * AVX-512 shuffle tree (16 horizontal sums in 15 shuffles); every other loop is vec.h's. */
 
 #define ATT_BLK 128     /* rows whose scores are held at once: H x 128 fp32 = 8 KB at H = 16 */
+#define AH (VL == 16 ? 4 : 2)   /* heads a pass of the values loop (H is a multiple of 4) */
 
-#ifdef __AVX512F__
-/* exp(x) for fp32 lanes: 2^n * 2^f with n = round(x log2 e), f in [-1/2, 1/2], 2^f by a degree-6
-   polynomial (relative error ~2e-7); x is clamped at -87 (e^-87 ~ 1.6e-38: a probability that
-   no sum notices). */
-static inline __m512 exp512(__m512 x) {
-    const __m512 log2e = _mm512_set1_ps(1.44269504088896341f);
-    x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
-    __m512 t = _mm512_mul_ps(x, log2e);
-    __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m512 f = _mm512_sub_ps(t, n);                              /* 2^f = e^(f ln 2) */
-    __m512 y = _mm512_set1_ps(1.5403530393381609e-4f);
-    y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(1.3333558146428443e-3f));
-    y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(9.6181291076284772e-3f));
-    y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(5.5504108664821580e-2f));
-    y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(2.4022650695910071e-1f));
-    y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(6.9314718055994531e-1f));
-    y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(1.0f));
-    return _mm512_scalef_ps(y, n);
-}
-#endif
+/* the softmax's exp: vec.h's vexp_neg (its arguments are scores minus their running max) */
 
 /* Scores of 4 rows against 4 query rows (D wide, contiguous): out[i][j] = q[i] . row_j. */
 static inline void scores4x4(const float *q, int D, const float *const rows[4], float out[4][4]) {
@@ -473,8 +461,22 @@ static inline void scores4x4(const float *q, int D, const float *const rows[4], 
     for (int i = 0; i < 4; i++)
         for (int j = 0; j < 4; j++) out[i][j] = lanes[4 * j + i];    /* the tree leaves a 4 x 4 transpose */
 #else
-    for (int i = 0; i < 4; i++)
-        for (int j = 0; j < 4; j++) out[i][j] = 0.0f;
+    /* two query rows at a time: 8 accumulators, 4 key vectors and a query vector fit 16 registers */
+    for (int i0 = 0; i0 < 4; i0 += 2) {
+        vf a[2][4];
+        for (int i = 0; i < 2; i++)
+            for (int j = 0; j < 4; j++) a[i][j] = vzero();
+        for (k = 0; k + VL <= D; k += VL) {
+            vf kv[4];
+            for (int j = 0; j < 4; j++) kv[j] = vload(rows[j] + k);
+            for (int i = 0; i < 2; i++) {
+                vf qv = vload(q + (int64_t)(i0 + i) * D + k);
+                for (int j = 0; j < 4; j++) a[i][j] += qv * kv[j];
+            }
+        }
+        for (int i = 0; i < 2; i++)
+            for (int j = 0; j < 4; j++) out[i0 + i][j] = vsum(a[i][j]);
+    }
 #endif
     for (int i = 0; i < 4; i++)
         for (int j = 0; j < 4; j++) {
@@ -501,7 +503,7 @@ static void attn_part(const float *lat, int64_t ld, const int64_t *idx, int64_t 
             for (int j = 0; j < 4; j++) rows[j] = row_at(lat, ld, idx, b0 + (j0 + j < nb ? j0 + j : nb - 1));
             for (int j = 0; j < 4 && j0 + 4 + j < nb; j++) {         /* the next 4 rows, from memory */
                 const char *p = (const char *)row_at(lat, ld, idx, b0 + j0 + 4 + j);
-                for (int64_t byte = 0; byte < (int64_t)D * 4; byte += 64) _mm_prefetch(p + byte, _MM_HINT_T0);
+                for (int64_t byte = 0; byte < (int64_t)D * 4; byte += 64) PREFETCH(p + byte);
             }
             for (int h0 = 0; h0 < H; h0 += 4) {
                 float sc[4][4];
@@ -524,41 +526,39 @@ static void attn_part(const float *lat, int64_t ld, const int64_t *idx, int64_t 
             m[h] = mn;
             int j = 0;
             float sum = 0.0f;
-#ifdef __AVX512F__
-            __m512 vs = _mm512_setzero_ps(), vm = _mm512_set1_ps(mn);
-            for (; j + 16 <= nb; j += 16) {
-                __m512 p = exp512(_mm512_sub_ps(_mm512_loadu_ps(sh + j), vm));
-                _mm512_storeu_ps(sh + j, p);
-                vs = _mm512_add_ps(vs, p);
+            vf vs = vzero();
+            for (; j + VL <= nb; j += VL) {
+                vf p = vexp_neg(vload(sh + j) - mn);
+                vstore(sh + j, p);
+                vs += p;
             }
-            sum = _mm512_reduce_add_ps(vs);
-#endif
+            sum = vsum(vs);
             for (; j < nb; j++) { sh[j] = expf(sh[j] - mn); sum += sh[j]; }
             l[h] += sum;
         }
-        /* values: o[h][:] += p[h][j] * row_j[:c], 4 heads x 64 columns of accumulators a pass
-           (each value chunk loaded once for 4 heads; the block's rows are in L2 by now) */
-        for (int h0 = 0; h0 < H; h0 += 4) {
+        /* values: o[h][:] += p[h][j] * row_j[:c], AH heads x 4 vectors of columns a pass (each
+           value chunk loaded once for AH heads; the block's rows are in L2 by now). AH = 4 with
+           32 vector registers (AVX-512), 2 with 16 (AVX2, SSE, NEON): the accumulators stay in
+           registers. */
+        for (int h0 = 0; h0 < H; h0 += AH) {
             int i0 = 0;
-#ifdef __AVX512F__
-            for (; i0 + 64 <= c; i0 += 64) {
-                __m512 acc[4][4];
-                for (int i = 0; i < 4; i++)
-                    for (int u = 0; u < 4; u++) acc[i][u] = _mm512_loadu_ps(o + (int64_t)(h0 + i) * c + i0 + 16 * u);
+            for (; i0 + 4 * VL <= c; i0 += 4 * VL) {
+                vf acc[AH][4];
+                for (int i = 0; i < AH; i++)
+                    for (int u = 0; u < 4; u++) acc[i][u] = vload(o + (int64_t)(h0 + i) * c + i0 + VL * u);
                 for (int j = 0; j < nb; j++) {
                     const float *rw = row_at(lat, ld, idx, b0 + j) + i0;
-                    __m512 v[4];
-                    for (int u = 0; u < 4; u++) v[u] = _mm512_loadu_ps(rw + 16 * u);
-                    for (int i = 0; i < 4; i++) {
-                        __m512 p = _mm512_set1_ps(s[(int64_t)(h0 + i) * ATT_BLK + j]);
-                        for (int u = 0; u < 4; u++) acc[i][u] = _mm512_fmadd_ps(p, v[u], acc[i][u]);
+                    vf v[4];
+                    for (int u = 0; u < 4; u++) v[u] = vload(rw + VL * u);
+                    for (int i = 0; i < AH; i++) {
+                        vf p = vsplat(s[(int64_t)(h0 + i) * ATT_BLK + j]);
+                        for (int u = 0; u < 4; u++) acc[i][u] += p * v[u];
                     }
                 }
-                for (int i = 0; i < 4; i++)
-                    for (int u = 0; u < 4; u++) _mm512_storeu_ps(o + (int64_t)(h0 + i) * c + i0 + 16 * u, acc[i][u]);
+                for (int i = 0; i < AH; i++)
+                    for (int u = 0; u < 4; u++) vstore(o + (int64_t)(h0 + i) * c + i0 + VL * u, acc[i][u]);
             }
-#endif
-            for (int h = h0; h < h0 + 4; h++)
+            for (int h = h0; h < h0 + AH; h++)
                 for (int j = 0; j < nb; j++) {
                     const float *rw = row_at(lat, ld, idx, b0 + j);
                     float p = s[(int64_t)h * ATT_BLK + j];

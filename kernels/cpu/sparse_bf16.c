@@ -26,7 +26,6 @@
  * for cpu/decode_bf16.c), for the projections and the gather; the selection is one thread's work.
  */
 #define _GNU_SOURCE                          /* syscall(): AMX needs the kernel's permission */
-#include <immintrin.h>
 #include <math.h>
 #include <omp.h>
 #include <stdint.h>
@@ -111,25 +110,11 @@ static inline uint32_t order_key(float f) {
 static inline float weighted_relu_sum(const bf16 *l, const float *w, int H) {
     int h = 0;
     float s = 0.0f;
-#ifdef __AVX512F__
-    if (H >= 16) {
-        __m512 acc = _mm512_setzero_ps(), zero = _mm512_setzero_ps();
-        for (; h + 16 <= H; h += 16) {
-            __m512i u = _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const void *)(l + h))), 16);
-            acc = _mm512_fmadd_ps(_mm512_max_ps(zero, _mm512_castsi512_ps(u)), _mm512_loadu_ps(w + h), acc);
-        }
-        s = _mm512_reduce_add_ps(acc);
+    if (H >= VL) {
+        vf acc = vzero();
+        for (; h + VL <= H; h += VL) acc += vmax(vzero(), vload_bf(l + h)) * vload(w + h);
+        s = vsum(acc);
     }
-    if (h + 8 <= H) {
-        __m256i u = _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const void *)(l + h))), 16);
-        __m256 v = _mm256_mul_ps(_mm256_max_ps(_mm256_setzero_ps(), _mm256_castsi256_ps(u)), _mm256_loadu_ps(w + h));
-        __m128 q = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-        q = _mm_add_ps(q, _mm_movehl_ps(q, q));
-        q = _mm_add_ss(q, _mm_movehdup_ps(q));
-        s += _mm_cvtss_f32(q);
-        h += 8;
-    }
-#endif
     for (; h < H; h++) {
         float v = bf2f(l[h]);
         s += w[h] * (v < 0.0f ? 0.0f : v);
@@ -253,7 +238,7 @@ static void amx_block_scores(const bf16 *keys, int64_t ldk, int t0, int t1, cons
             } else if (t + 16 * KPF + 16 <= t1) {
                 const char *p = (const char *)(keys + (int64_t)(t + 16 * KPF) * ldk);
                 for (int i = 0; i < 16; i++)
-                    for (int b = 0; b < 2 * D; b += 64) _mm_prefetch(p + i * 2 * ldk + b, _MM_HINT_T0);
+                    for (int b = 0; b < 2 * D; b += 64) PREFETCH(p + i * 2 * ldk + b);
             }
             for (int nb = 0; nb < nblk; nb++) {
                 _tile_zero(0);
@@ -343,11 +328,11 @@ void dsv3_gather_sorted(const bf16 *src, int64_t lds, const int64_t *idx, int k,
         int nth = omp_get_num_threads(), me = omp_get_thread_num();
         int i0 = (int)((int64_t)k * me / nth), i1 = (int)((int64_t)k * (me + 1) / nth);
         for (int i = i0; i < i1 && i < i0 + GR; i++)
-            for (size_t b = 0; b < bytes; b += 64) _mm_prefetch((const char *)(src + idx[i] * lds) + b, _MM_HINT_T0);
+            for (size_t b = 0; b < bytes; b += 64) PREFETCH((const char *)(src + idx[i] * lds) + b);
         for (int i = i0; i < i1; i++) {
             if (i + GR < i1) {
                 const char *p = (const char *)(src + idx[i + GR] * lds);
-                for (size_t b = 0; b < bytes; b += 64) _mm_prefetch(p + b, _MM_HINT_T0);
+                for (size_t b = 0; b < bytes; b += 64) PREFETCH(p + b);
             }
             memcpy(dst + (int64_t)i * W, src + idx[i] * lds, bytes);
         }

@@ -1,0 +1,91 @@
+/* Portable fp32 vectors for the CPU kernels (GCC/Clang vector extensions): one source that the
+ * compiler turns into AVX-512 (16 lanes), AVX2/AVX (8 lanes) or SSE / NEON (4 lanes), whatever
+ * -march the library is built for (kernels/cpu_build.py). The ISA-specific intrinsics left in
+ * the kernels are the ones that pay beyond this: AVX512-BF16 dot products, AMX tiles.
+ *
+ * Why not plain loops: GCC does not vectorise a loop whose sum it would have to reorder (the
+ * dot products' fp32 sums) unless told to reassociate everything; here the lanes ARE the
+ * partial sums, written out, so the order of additions is fixed by the source on every tier
+ * (and differs between tiers only in the lane count). Fused multiply-adds where the target has
+ * them (-ffp-contract=fast, kernels/cpu_build.py). */
+#ifndef DSV3_VEC_H
+#define DSV3_VEC_H
+
+#include <stdint.h>
+#include <string.h>
+
+#if defined(__AVX512F__)
+#define VL 16
+#elif defined(__AVX__)
+#define VL 8
+#else
+#define VL 4
+#endif
+
+typedef float vf __attribute__((vector_size(VL * 4)));
+typedef int32_t vi __attribute__((vector_size(VL * 4)));
+typedef uint32_t vu __attribute__((vector_size(VL * 4)));
+typedef uint16_t vh __attribute__((vector_size(VL * 2)));
+
+/* unaligned loads and stores: memcpy of a vector's size is one vector move at -O2 and up */
+static inline vf vload(const float *p) { vf v; memcpy(&v, p, sizeof v); return v; }
+static inline void vstore(float *p, vf v) { memcpy(p, &v, sizeof v); }
+static inline vf vsplat(float x) { return (vf){0} + x; }
+static inline vf vzero(void) { return (vf){0}; }
+
+/* VL bf16 values widened to fp32 (a bf16 is the top half of an fp32: exact) */
+static inline vf vload_bf(const uint16_t *p) {
+    vh h;
+    memcpy(&h, p, sizeof h);
+    vu u = __builtin_convertvector(h, vu) << 16;
+    vf f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+
+/* the lanes' sum, pairwise (a tree, as the hardware reductions add) */
+static inline float vsum(vf v) {
+    float a[VL];
+    memcpy(a, &v, sizeof a);
+    for (int w = VL / 2; w >= 1; w /= 2)
+        for (int i = 0; i < w; i++) a[i] += a[i + w];
+    return a[0];
+}
+
+/* lanewise a > b ? a : b (C has no vector ?:): a NaN in b comes back (the comparison is false) */
+static inline vf vmax(vf a, vf b) {
+    vi m = (vi)(a > b), ai, bi;
+    memcpy(&ai, &a, sizeof ai);
+    memcpy(&bi, &b, sizeof bi);
+    vi r = (ai & m) | (bi & ~m);
+    vf y;
+    memcpy(&y, &r, sizeof y);
+    return y;
+}
+
+/* exp(x) for x <= 0 lanes (softmax: scores minus their max): 2^n * 2^f, n = round(x log2 e),
+   f in [-1/2, 1/2], 2^f by a degree-6 polynomial (relative error ~2e-7); x clamped at -87
+   (e^-87 ~ 1.6e-38: a probability no sum notices); a NaN stays NaN. n is rounded by the 1.5 * 2^23 trick, and
+   2^n built in the exponent bits (n >= -126 after the clamp). */
+static inline vf vexp_neg(vf x) {
+    x = vmax(vsplat(-87.0f), x);
+    vf t = x * 1.44269504088896341f;
+    vf n = (t + 12582912.0f) - 12582912.0f;
+    vf f = t - n;
+    vf y = vsplat(1.5403530393381609e-4f);
+    y = y * f + 1.3333558146428443e-3f;
+    y = y * f + 9.6181291076284772e-3f;
+    y = y * f + 5.5504108664821580e-2f;
+    y = y * f + 2.4022650695910071e-1f;
+    y = y * f + 6.9314718055994531e-1f;
+    y = y * f + 1.0f;
+    vi e = (__builtin_convertvector(n, vi) + 127) << 23;
+    vf p;
+    memcpy(&p, &e, sizeof p);
+    return y * p;
+}
+
+/* a prefetch that every target has (a no-op where the compiler knows none) */
+#define PREFETCH(p) __builtin_prefetch((const void *)(p), 0, 3)
+
+#endif

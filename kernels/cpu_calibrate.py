@@ -1,0 +1,288 @@
+"""Which C decode kernels beat the torch calls they replace on this CPU: measured, cached, obeyed.
+
+A C kernel is worth running only where it is faster than the torch call it stands in for, and
+that depends on the CPU: on an AVX512-BF16/AMX machine the C bf16 GEMV streams weights at ~2x
+``torch.mv``'s rate, on an AVX2-only one torch's own AVX2 GEMV can be as fast. So the first time
+the engine asks (``cpu_decode.enabled(..., kernel=name)``) for a library tier and thread count,
+each kernel is timed against its torch call on decode-sized operands -- the two arms
+alternating, ``ROUNDS`` rounds, medians, the weights cycled through copies larger than the
+last-level cache so that both stream from memory as in a decode step -- and the verdicts are
+written beside the library (``<library>.calibration.json``, atomically), so later processes
+read them. A kernel is used where its median time is below torch's.
+
+  DSV3LAB_CPU_KERNELS=measured   (default) each kernel where it measured faster
+  DSV3LAB_CPU_KERNELS=all        every kernel regardless (tests: the C paths must be exercised
+                                 on every CPU, whatever they measure there)
+
+``dsv3lab info`` and ``dsv3lab bench cpu`` print the verdicts (``table()``); ``calibrate(force=True)``
+measures again (a noisy first measurement, e.g. taken while the machine was busy, is replaced).
+The fused decode step (``model/decode_step.py``) runs its C calls only where ``gemv`` and ``moe``
+won for the model's dtype (its other calls replace Python-level op sequences: rmsnorm, rope and
+route won everywhere measured), and in fp32 takes the C latent attention only where that won.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import statistics
+import time
+import warnings
+
+import torch
+import torch.nn.functional as F
+
+from . import cpu_build, cpu_decode, cpu_sparse
+
+# (kernel, dtype) pairs measured; the engine names the kernel, the dtype is the tensors'
+KERNELS = {
+    "gemv": (torch.bfloat16, torch.float32),
+    "moe": (torch.bfloat16, torch.float32),
+    "rmsnorm": (torch.bfloat16, torch.float32),
+    "rope": (torch.bfloat16, torch.float32),
+    "route": (torch.float32,),
+    "index_scores": (torch.bfloat16,),
+    "latent_attention": (torch.float32,),
+    "index_select": (torch.bfloat16,),      # cpu_sparse: V3.2's top-k of the indexer's logits
+    "gather": (torch.bfloat16,),            # cpu_sparse: the selected latent rows
+}
+ROUNDS = 5
+STREAM_BYTES = 48 << 20          # copies of a weight cycled per timing: past a 32 MB L3
+MODES = ("measured", "all")
+
+
+def mode() -> str:
+    m = os.environ.get("DSV3LAB_CPU_KERNELS", "measured").strip().lower() or "measured"
+    if m not in MODES:
+        raise ValueError(f"DSV3LAB_CPU_KERNELS must be one of {MODES}, got {m!r}")
+    return m
+
+
+def key(kernel: str, dtype: torch.dtype) -> str:
+    return f"{kernel} {str(dtype).removeprefix('torch.')}"
+
+
+def wins(kernel: str, dtype: torch.dtype) -> bool:
+    """Whether the C ``kernel`` runs for ``dtype`` tensors on this CPU (module docstring)."""
+    if kernel not in KERNELS:
+        raise ValueError(f"unknown C kernel {kernel!r}; one of {sorted(KERNELS)}")
+    if mode() == "all":
+        return True
+    if kernel == "route":
+        dtype = torch.float32               # the router's scores are fp32 whatever the model's dtype
+    v = verdicts().get(key(kernel, dtype))
+    return bool(v and v["use"])
+
+
+def verdicts() -> dict:
+    """{"gemv bfloat16": {"c_us", "torch_us", "speedup", "use"}, ...} for the current tier and
+    thread count: read from the cache beside the library, measured (once) if absent; {} when the
+    library cannot be built."""
+    return _verdicts(cpu_build.march(), torch.get_num_threads())
+
+
+def _cache_file(tier: str):
+    cc = cpu_build.compiler()
+    if cc is None:
+        return None
+    return cpu_build.library_path(cpu_decode.SOURCE, tier, cc).with_suffix(".calibration.json")
+
+
+def _read(path) -> dict:
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return {}
+
+
+def _write(path, data: dict) -> None:
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=1, sort_keys=True)
+    os.replace(tmp, path)
+
+
+@functools.lru_cache(maxsize=None)
+def _verdicts(tier: str, threads: int) -> dict:
+    if cpu_decode.library() is None:
+        return {}
+    path = _cache_file(tier)
+    cached = _read(path).get(str(threads)) if path else None
+    if cached and set(cached) >= {key(k, d) for k, ds in KERNELS.items() for d in ds}:
+        return cached
+    return _measure(tier, threads, ROUNDS)
+
+
+def calibrate(force: bool = False, rounds: int = ROUNDS) -> dict:
+    """The verdicts at the current tier and thread count; with ``force``, measured again (and
+    stored beside the library) even when cached."""
+    tier, threads = cpu_build.march(), torch.get_num_threads()
+    if not force:
+        return _verdicts(tier, threads)
+    result = _measure(tier, threads, rounds)
+    _verdicts.cache_clear()
+    return result
+
+
+def _measure(tier: str, threads: int, rounds: int) -> dict:
+    """Every kernel against its torch call; the verdicts stored beside the library."""
+    if cpu_decode.library() is None:
+        return {}
+    warnings.warn(f"dsv3lab: timing the C decode kernels against torch on this CPU ({cpu_build.isa_summary()}, "
+                  f"-march={tier}, {threads} threads; once, cached beside the library)", stacklevel=3)
+    result = {}
+    with torch.no_grad():
+        for kernel, dtypes in KERNELS.items():
+            for dt in dtypes:
+                if kernel in ("index_select", "gather") and cpu_sparse.library() is None:
+                    result[key(kernel, dt)] = dict(c_us=float("nan"), torch_us=float("nan"), speedup=float("nan"),
+                                                   use=False)
+                    continue
+                c_fn, t_fn, items = _arms(kernel, dt)
+                c_t, t_t = _alternating(c_fn, t_fn, items, rounds)
+                result[key(kernel, dt)] = dict(c_us=c_t * 1e6, torch_us=t_t * 1e6, speedup=t_t / c_t,
+                                               use=bool(c_t < t_t))
+    path = _cache_file(tier)
+    if path is not None:
+        data = _read(path)
+        data[str(threads)] = result
+        data["cpu"] = cpu_build.isa_summary()
+        try:
+            _write(path, data)
+        except OSError:
+            pass                         # a read-only cache: the verdicts hold for this process
+    return result
+
+
+def cached() -> dict:
+    """The verdicts stored for the current tier and thread count, without measuring ({} if none)."""
+    path = _cache_file(cpu_build.march())
+    return (_read(path).get(str(torch.get_num_threads())) or {}) if path else {}
+
+
+def table(verdicts_: dict | None = None) -> list[dict]:
+    """The verdicts (default: ``verdicts()``) as rows for a printed table (``dsv3lab info
+    --kernels``, ``bench cpu``)."""
+    rows = verdicts() if verdicts_ is None else verdicts_
+    return [dict(kernel=k, C_us=v["c_us"], torch_us=v["torch_us"], speedup=v["speedup"],
+                 used="yes" if v["use"] or mode() == "all" else "no: torch's call")
+            for k, v in rows.items() if isinstance(v, dict)]
+
+
+# --- the two arms of each kernel: decode-sized operands, the torch call the engine makes otherwise
+
+def _copies(make, nbytes: int) -> list:
+    return [make() for _ in range(max(2, min(48, -(-STREAM_BYTES // max(1, nbytes)))))]
+
+
+def _arms(kernel: str, dt: torch.dtype):
+    g = torch.Generator().manual_seed(0)
+
+    def rand(*shape, s=1.0):
+        return (torch.randn(*shape, generator=g) * s).to(dt)
+
+    if kernel == "gemv":                     # a 2048 x 2048 projection of one token
+        N = K = 2048
+        x = rand(1, K)
+        torch_mv = (lambda w: torch.mv(w, x[0])) if dt == torch.bfloat16 else (lambda w: F.linear(x, w))
+        return (lambda w: cpu_decode.gemv(w, x)), torch_mv, _copies(lambda: rand(N, K, s=0.05), N * K * dt.itemsize)
+    if kernel == "moe":                      # one token through 6 experts of 1024 -> 512 -> 1024
+        K, inter, n = 1024, 512, 6
+        x = rand(K)
+        ws = torch.rand(n, generator=g)
+
+        def expert_set():
+            return [(rand(inter, K, s=0.05), rand(inter, K, s=0.05), rand(K, inter, s=0.05)) for _ in range(n)]
+
+        def c_moe(es):
+            return cpu_decode.moe(x, [e[0] for e in es], [e[1] for e in es], [e[2] for e in es], ws)
+
+        def torch_moe(es):
+            y = torch.zeros(K, dtype=torch.float32)
+            for s, (gw, uw, dw) in enumerate(es):
+                if dt == torch.bfloat16:
+                    h = F.silu(torch.mv(gw, x)) * torch.mv(uw, x)
+                    y += ws[s] * torch.mv(dw, h).float()
+                else:
+                    h = F.silu(F.linear(x, gw)) * F.linear(x, uw)
+                    y += ws[s] * F.linear(h, dw)
+            return y
+        return c_moe, torch_moe, _copies(expert_set, 3 * n * inter * K * dt.itemsize)
+    if kernel == "rmsnorm":                  # one token's hidden state
+        D = 2048
+        w = rand(D)
+        xs = [rand(1, D) for _ in range(8)]
+        return ((lambda x: cpu_decode.rmsnorm(x, w, 1e-6)),
+                (lambda x: w * F.rms_norm(x.float(), (D,), eps=1e-6).to(dt)), xs)
+    if kernel == "rope":                     # 16 heads x 64 rotary dims at one position
+        H, d = 16, 64
+        cos, sin = torch.rand(1, d // 2, generator=g), torch.rand(1, d // 2, generator=g)
+        xs = [rand(1, 1, H, d) for _ in range(8)]
+
+        def torch_rope(x):
+            xc = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)).contiguous())
+            return torch.view_as_real(xc * torch.complex(cos, sin)).flatten(-2).to(dt)
+        return (lambda x: cpu_decode.rope(x, cos, sin)), torch_rope, xs
+    if kernel == "route":                    # 256 experts in 8 groups, top-4 groups, top-8 experts
+        E, G, tg, k = 256, 8, 4, 8
+        bias = torch.randn(E, generator=g) * 0.01
+        xs = [torch.rand(1, E, generator=g) for _ in range(8)]
+
+        def torch_route(s):
+            choice = s + bias
+            groups = choice.view(-1, G, E // G).topk(2, dim=-1).values.sum(-1)
+            keep = groups.topk(tg, dim=-1).indices
+            mask = torch.zeros_like(groups, dtype=torch.bool).scatter_(1, keep, True)
+            choice = choice.masked_fill(~mask[:, :, None].expand(-1, G, E // G).reshape(-1, E), float("-inf"))
+            ids = choice.topk(k, dim=-1).indices
+            w = s.gather(1, ids)
+            return ids, w / (w.sum(-1, keepdim=True) + 1e-20) * 2.5
+        return (lambda s: cpu_decode.route(s, bias, G, tg, k, True, 2.5)), torch_route, xs
+    if kernel == "index_scores":             # V3.2's indexer: 16 heads x 128 against 4096 keys
+        T, H, D = 4096, 16, 128
+        q, w = rand(H, D), torch.rand(H, generator=g)
+        return ((lambda keys: cpu_decode.index_scores(keys, q, w)),
+                (lambda keys: torch.mv(F.linear(keys, q).float().clamp_min_(0), w)),
+                _copies(lambda: rand(T, D), T * D * 2))
+    if kernel == "latent_attention":         # one fp32 token, 16 heads, over 4096 latent rows of 576
+        T, H, D, c = 4096, 16, 576, 512
+        q = rand(1, 1, H, D, s=0.1)
+
+        def torch_attn(lat):
+            kv = lat[None, None]
+            return F.scaled_dot_product_attention(q, kv, kv[..., :c], scale=0.07)
+        return ((lambda lat: cpu_decode.latent_attention(q[0, 0], lat, 0.07, c)), torch_attn,
+                _copies(lambda: rand(T, D), T * D * dt.itemsize))
+    if kernel == "index_select":             # top-512 of 8192 keys' scores from [T, 64] logits
+        T, H, k = 8192, 64, 512
+        w = torch.rand(H, generator=g)
+        xs = [rand(T, H) for _ in range(4)]
+
+        def torch_select(logits):
+            scores = torch.mv(logits.float().clamp_min_(0), w)
+            return scores.topk(k).indices.sort().values
+        return (lambda logits: cpu_sparse.index_select(logits, w, k)), torch_select, xs
+    if kernel == "gather":                   # 2048 of 16384 latent rows of 576
+        T, W, k = 16384, 576, 2048
+        idx = torch.randperm(T, generator=g)[:k].sort().values
+        out = torch.empty(k, W, dtype=dt)
+        return ((lambda src: cpu_sparse.gather_sorted(src, idx, out)),
+                (lambda src: torch.index_select(src, 0, idx, out=out)), _copies(lambda: rand(T, W), T * W * 2))
+    raise ValueError(kernel)
+
+
+def _alternating(c_fn, t_fn, items, rounds: int) -> tuple[float, float]:
+    """Median seconds per call of each arm over ``rounds`` rounds, the arms alternating."""
+    for fn in (c_fn, t_fn):
+        for it in items[:2]:
+            fn(it)
+    times = {c_fn: [], t_fn: []}
+    for r in range(rounds):
+        for fn in ((c_fn, t_fn) if r % 2 == 0 else (t_fn, c_fn)):
+            t0 = time.perf_counter()
+            for it in items:
+                fn(it)
+            times[fn].append((time.perf_counter() - t0) / len(items))
+    return statistics.median(times[c_fn]), statistics.median(times[t_fn])

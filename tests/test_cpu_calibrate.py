@@ -1,0 +1,109 @@
+"""The C kernels run only where they measured faster than torch (kernels/cpu_calibrate.py).
+
+Timings are not asserted (they belong to benchmarks): what is tested is that the measurement
+covers every kernel, is stored beside the library and read back instead of measured again, that
+a verdict is obeyed by the engine both ways, and that bad settings are named.
+"""
+
+import pytest
+import torch
+
+import dsv3lab
+from dsv3lab.kernels import cpu_build, cpu_calibrate, cpu_decode
+from dsv3lab.model import decode_step
+
+needs_c = pytest.mark.skipif(not cpu_decode.available(), reason="the C kernels cannot be built here (no compiler)")
+
+
+@pytest.fixture
+def measured(monkeypatch, tmp_path):
+    """A fresh cache directory and the 'measured' mode (conftest sets 'all' for the other tests)."""
+    monkeypatch.setenv("DSV3LAB_CACHE", str(tmp_path))
+    monkeypatch.setenv("DSV3LAB_CPU_KERNELS", "measured")
+    monkeypatch.setattr(cpu_calibrate, "STREAM_BYTES", 1 << 20)       # small operands: a test, not a benchmark
+    cpu_build._build.cache_clear()
+    cpu_decode._library.cache_clear()
+    cpu_calibrate._verdicts.cache_clear()
+    yield tmp_path
+    cpu_build._build.cache_clear()
+    cpu_decode._library.cache_clear()
+    cpu_calibrate._verdicts.cache_clear()
+
+
+@needs_c
+def test_every_kernel_is_measured_stored_and_read_back(measured, monkeypatch):
+    with pytest.warns(UserWarning, match="timing the C decode kernels"):
+        first = cpu_calibrate.calibrate(force=True, rounds=1)
+    want = {cpu_calibrate.key(k, d) for k, ds in cpu_calibrate.KERNELS.items() for d in ds}
+    assert set(first) == want
+    for name, v in first.items():
+        if v["c_us"] == v["c_us"]:                              # NaN: the sparse library is missing
+            assert v["c_us"] > 0 and v["torch_us"] > 0, name
+            assert v["use"] == (v["c_us"] < v["torch_us"]), name
+            assert v["speedup"] == pytest.approx(v["torch_us"] / v["c_us"])
+    files = list(measured.glob("decode_bf16-*.calibration.json"))
+    assert len(files) == 1 and cpu_build.march() in files[0].name
+    # read back, not measured again
+    monkeypatch.setattr(cpu_calibrate, "_measure", lambda *a: pytest.fail("measured twice"))
+    cpu_calibrate._verdicts.cache_clear()
+    assert cpu_calibrate.verdicts() == first == cpu_calibrate.cached()
+    rows = cpu_calibrate.table()
+    assert len(rows) == len(want) and {r["used"] for r in rows} <= {"yes", "no: torch's call"}
+
+
+def _verdicts_all(use: bool) -> dict:
+    return {cpu_calibrate.key(k, d): dict(c_us=1.0, torch_us=1.0, speedup=1.0, use=use)
+            for k, ds in cpu_calibrate.KERNELS.items() for d in ds}
+
+
+@needs_c
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_a_losing_kernel_is_never_called_a_winning_one_is(measured, monkeypatch, dtype):
+    m = dsv3lab.build("tiny", seed=0, dtype=dtype).eval()
+    x = torch.randint(0, m.cfg.vocab_size, (1, 6), generator=torch.Generator().manual_seed(0))
+    calls = []
+    for name in ("gemv", "moe", "rmsnorm", "rope", "route", "latent_attention"):
+        real = getattr(cpu_decode, name)
+        monkeypatch.setattr(cpu_decode, name, lambda *a, _n=name, _f=real, **k: calls.append(_n) or _f(*a, **k))
+    fused = []
+    real_run = decode_step.DecodeStep.run
+    monkeypatch.setattr(decode_step.DecodeStep, "run", lambda self, *a: fused.append(1) or real_run(self, *a))
+
+    def decode(use: bool) -> torch.Tensor:
+        monkeypatch.setattr(cpu_calibrate, "verdicts", lambda: _verdicts_all(use))
+        calls.clear()
+        fused.clear()
+        with torch.no_grad():
+            cache = m.new_cache(1, 6)
+            m(x[:, :5], start=0, cache=cache)
+            return m(x[:, 5:], start=5, cache=cache).float()
+
+    off = decode(False)
+    assert calls == [] and fused == [], (calls, fused)      # torch's calls only, no fused step
+    on = decode(True)
+    assert fused, "the fused decode step did not run with every kernel winning"
+    # the same token either way: the two paths differ in summation order only
+    assert (on - off).abs().max() <= 0.05 * off.abs().max()
+
+
+def test_bad_settings_are_named(monkeypatch):
+    monkeypatch.setenv("DSV3LAB_CPU_KERNELS", "fastest")
+    with pytest.raises(ValueError, match="DSV3LAB_CPU_KERNELS"):
+        cpu_calibrate.wins("gemv", torch.bfloat16)
+    monkeypatch.setenv("DSV3LAB_CPU_KERNELS", "all")
+    with pytest.raises(ValueError, match="unknown C kernel 'gemm'"):
+        cpu_calibrate.wins("gemm", torch.bfloat16)
+    monkeypatch.setenv("DSV3LAB_CPU_MARCH", "native; rm -rf /")
+    with pytest.raises(ValueError, match="DSV3LAB_CPU_MARCH"):
+        cpu_build.march()
+
+
+def test_tiers_end_with_native_and_follow_the_cpu():
+    tiers = cpu_build.tiers()
+    assert tiers[-1] == "native"
+    flags = cpu_build.cpu_flags()
+    for level, need in cpu_build.X86_LEVELS.items():
+        if level in tiers:
+            assert all(f in flags for f in need), level
+    if "x86-64-v3" in tiers:
+        assert "x86-64-v2" in tiers           # levels are cumulative
