@@ -415,3 +415,291 @@ PRESETS: dict[str, ModelConfig] = {
                           beta_fast=32.0, beta_slow=1.0, mscale=1.0, mscale_all_dim=1.0),
         num_nextn_predict_layers=1, fp8_block_size=None, initializer_range=0.02),
 }
+
+
+# =============================================================================================
+# DeepSeek-V4: compressed attention, mHC, hash-routed MoE (docs/v4.md)
+# =============================================================================================
+
+V4_LAYER_TYPES = ("sliding_attention", "compressed_sparse_attention", "heavily_compressed_attention")
+V4_MLP_LAYER_TYPES = ("hash_moe", "moe")
+_RATIO_TO_LAYER_TYPE = {0: "sliding_attention", 1: "sliding_attention", 4: "compressed_sparse_attention",
+                        128: "heavily_compressed_attention"}
+
+
+@dataclass(frozen=True)
+class V4Config:
+    """Every DeepSeek-V4 hyper-parameter, named as transformers' ``DeepseekV4Config`` names it
+    (the official ``inference/model.py`` name in brackets). Defaults are V4-Flash's."""
+    # --- sizes -------------------------------------------------------------------------------
+    vocab_size: int = 129280
+    hidden_size: int = 4096             # [dim]
+    moe_intermediate_size: int = 2048   # [moe_inter_dim] one routed expert; the shared one too
+    num_hidden_layers: int = 43         # [n_layers]
+    num_attention_heads: int = 64       # [n_heads] query heads; ONE shared key/value head
+    head_dim: int = 512                 # [head_dim] width of the shared KV entry and of each head
+    qk_rope_head_dim: int = 64          # [rope_head_dim] the LAST dims of a head get RoPE
+    q_lora_rank: int = 1024             # [q_lora_rank]
+    o_groups: int = 8                   # [o_groups] heads split in groups for the output projection
+    o_lora_rank: int = 1024             # [o_lora_rank] each group's projected width
+    # --- attention per layer -----------------------------------------------------------------
+    sliding_window: int = 128           # [window_size] keys every query sees: itself and W-1 before
+    layer_types: tuple = ()             # per layer, one of V4_LAYER_TYPES ([compress_ratios] 0/4/128)
+    csa_rate: int = 4                   # m: tokens per compressed entry in CSA layers
+    hca_rate: int = 128                 # m': tokens per compressed entry in HCA layers
+    index_n_heads: int = 64             # CSA's lightning indexer over compressed entries
+    index_head_dim: int = 128
+    index_topk: int = 512               # compressed entries each query keeps in a CSA layer
+    rope_theta: float = 10000.0         # sliding-only layers: plain RoPE
+    compress_rope_theta: float = 160000.0   # CSA/HCA layers and their compressors: this base + YaRN
+    rope_scaling: Optional[dict] = field(default_factory=lambda: dict(
+        type="yarn", factor=16.0, original_max_position_embeddings=65536, beta_fast=32.0, beta_slow=1.0))
+    max_position_embeddings: int = 1048576
+    # --- mHC ---------------------------------------------------------------------------------
+    hc_mult: int = 4                    # [hc_mult] residual streams
+    hc_sinkhorn_iters: int = 20
+    hc_eps: float = 1e-6
+    # --- MoE (every layer) -------------------------------------------------------------------
+    n_routed_experts: int = 256
+    n_shared_experts: int = 1
+    num_experts_per_tok: int = 6
+    scoring_func: str = "sqrtsoftplus"  # [score_func] sqrtsoftplus | sigmoid | softmax
+    routed_scaling_factor: float = 1.5
+    mlp_layer_types: tuple = ()         # per layer "hash_moe" (tid2eid table) or "moe" ([n_hash_layers])
+    swiglu_limit: float = 10.0          # gate <= limit, |up| <= limit before SiLU(gate) * up
+    # --- misc --------------------------------------------------------------------------------
+    rms_norm_eps: float = 1e-6
+    num_nextn_predict_layers: int = 1   # in the release; not built here (transformers does not either)
+    bos_token_id: int = 0
+    eos_token_id: int = 1
+    initializer_range: float = 0.02
+    fp8_block_size: Optional[int] = 128
+    scale_fmt: Optional[str] = "ue8m0"
+    expert_dtype: Optional[str] = None  # "fp4": routed experts MXFP4 (e2m1 + ue8m0 per 32)
+    name: str = "v4-flash"
+
+    model_type = "deepseek_v4"
+
+    def __post_init__(self):
+        n = self.num_hidden_layers
+        if not self.layer_types:
+            # transformers' default: two HCA layers, then CSA/HCA alternating
+            object.__setattr__(self, "layer_types", tuple(
+                ["heavily_compressed_attention"] * min(n, 2)
+                + ["compressed_sparse_attention" if i % 2 else "heavily_compressed_attention"
+                   for i in range(max(n - 2, 0))]))
+        if not self.mlp_layer_types:
+            object.__setattr__(self, "mlp_layer_types", tuple(["hash_moe"] * min(n, 3) + ["moe"] * max(0, n - 3)))
+        object.__setattr__(self, "layer_types", tuple(self.layer_types))
+        object.__setattr__(self, "mlp_layer_types", tuple(self.mlp_layer_types))
+        self.validate()
+
+    def validate(self) -> None:
+        def need(cond, fld, msg):
+            if not cond:
+                raise ConfigError(f"V4Config.{fld}: {msg}")
+        n = self.num_hidden_layers
+        need(len(self.layer_types) == n, "layer_types", f"needs {n} entries, got {len(self.layer_types)}")
+        bad = [t for t in self.layer_types if t not in V4_LAYER_TYPES]
+        need(not bad, "layer_types", f"entries must be in {V4_LAYER_TYPES}, got {bad[:3]}")
+        need(len(self.mlp_layer_types) == n, "mlp_layer_types", f"needs {n} entries, got {len(self.mlp_layer_types)}")
+        bad = [t for t in self.mlp_layer_types if t not in V4_MLP_LAYER_TYPES]
+        need(not bad, "mlp_layer_types", f"entries must be in {V4_MLP_LAYER_TYPES}, got {bad[:3]}")
+        need(self.scoring_func in ("sqrtsoftplus", "sigmoid", "softmax"), "scoring_func",
+             f"must be sqrtsoftplus, sigmoid or softmax, got {self.scoring_func!r}")
+        need(self.qk_rope_head_dim % 2 == 0 and 0 < self.qk_rope_head_dim <= self.head_dim, "qk_rope_head_dim",
+             f"must be even and in (0, head_dim={self.head_dim}], got {self.qk_rope_head_dim}")
+        need(self.qk_rope_head_dim <= self.index_head_dim, "index_head_dim",
+             f"must hold the {self.qk_rope_head_dim} rotated dims, got {self.index_head_dim}")
+        need(self.num_attention_heads % self.o_groups == 0, "o_groups",
+             f"must divide num_attention_heads={self.num_attention_heads}, got {self.o_groups}")
+        need(1 <= self.num_experts_per_tok <= self.n_routed_experts, "num_experts_per_tok",
+             f"must be in [1, n_routed_experts={self.n_routed_experts}]")
+        need(self.sliding_window >= 1, "sliding_window", "must be >= 1")
+        need(self.csa_rate >= 1 and self.hca_rate >= 1, "csa_rate", "compression rates must be >= 1")
+        need(self.hc_mult >= 1 and self.hc_sinkhorn_iters >= 1, "hc_mult", "hc_mult and hc_sinkhorn_iters must be >= 1")
+        need(self.expert_dtype in (None, "fp4", "fp8", "bf16"), "expert_dtype",
+             f"must be None, 'fp4', 'fp8' or 'bf16', got {self.expert_dtype!r}")
+        need(self.n_shared_experts in (0, 1), "n_shared_experts",
+             f"V4 has one shared expert of moe_intermediate_size (or none), got {self.n_shared_experts}")
+
+    # --- derived -----------------------------------------------------------------------------
+    @property
+    def yarn(self) -> Optional[dict]:
+        rs = self.rope_scaling
+        if not rs or rs.get("type", rs.get("rope_type")) != "yarn":
+            return None
+        return dict(factor=float(rs.get("factor", 1.0)),
+                    original_max_position_embeddings=int(rs.get("original_max_position_embeddings", 4096)),
+                    beta_fast=float(rs.get("beta_fast") or 32), beta_slow=float(rs.get("beta_slow") or 1))
+
+    def compress_rate(self, layer: int) -> int:
+        """Tokens per compressed entry of a layer; 0 for a sliding-only layer."""
+        t = self.layer_types[layer]
+        return self.csa_rate if t == "compressed_sparse_attention" else \
+            self.hca_rate if t == "heavily_compressed_attention" else 0
+
+    @property
+    def has_moe(self) -> bool:
+        return True
+
+    def replace(self, **kw) -> "V4Config":
+        return dataclasses.replace(self, **kw)
+
+    def __hash__(self) -> int:
+        return hash(json.dumps(dataclasses.asdict(self), sort_keys=True))
+
+    @staticmethod
+    def preset(name: str) -> "V4Config":
+        if name not in V4_PRESETS:
+            raise ConfigError(f"unknown V4 preset {name!r}; known: {', '.join(sorted(V4_PRESETS))}")
+        return V4_PRESETS[name]
+
+    # --- HF config.json ----------------------------------------------------------------------
+    @classmethod
+    def from_hf(cls, path_or_dict: Any) -> "V4Config":
+        """A ``deepseek_v4`` config.json: transformers' form (``layer_types``, ``compress_rates``,
+        nested ``rope_parameters``) or the release's (``compress_ratios``, ``num_hash_layers``,
+        ``rope_scaling``)."""
+        d, src = _read_json(path_or_dict)
+        if d.get("model_type") != "deepseek_v4":
+            raise ConfigError(f"{src}: model_type must be 'deepseek_v4', got {d.get('model_type')!r}")
+        names = {f.name for f in fields(cls)}
+        kw = {k: v for k, v in d.items() if k in names and k not in (
+            "name", "layer_types", "mlp_layer_types", "rope_scaling", "fp8_block_size", "scale_fmt", "expert_dtype")}
+        n = int(d.get("num_hidden_layers", 43))
+        rates = d.get("compress_rates") or {}
+        kw["csa_rate"] = int(rates.get("compressed_sparse_attention", d.get("compress_rate_csa", 4)))
+        kw["hca_rate"] = int(rates.get("heavily_compressed_attention", d.get("compress_rate_hca", 128)))
+        if d.get("layer_types"):
+            kw["layer_types"] = tuple(d["layer_types"][:n])
+        elif d.get("compress_ratios"):
+            try:
+                kw["layer_types"] = tuple(_RATIO_TO_LAYER_TYPE[int(r)] for r in d["compress_ratios"][:n])
+            except KeyError as e:
+                raise ConfigError(f"{src}: compress_ratios holds {e.args[0]}; known: 0, 4, 128") from None
+        if d.get("mlp_layer_types"):
+            kw["mlp_layer_types"] = tuple(d["mlp_layer_types"][:n])
+        elif d.get("num_hash_layers") is not None:
+            h = int(d["num_hash_layers"])
+            kw["mlp_layer_types"] = tuple(["hash_moe"] * min(n, h) + ["moe"] * max(0, n - h))
+        if d.get("qk_rope_head_dim") is None and d.get("partial_rotary_factor"):
+            kw["qk_rope_head_dim"] = int(d.get("head_dim", 512) * d["partial_rotary_factor"])
+        rp = d.get("rope_parameters") or {}
+        rs = rp.get("compress") if isinstance(rp.get("compress"), dict) else (d.get("rope_scaling") or rp)
+        if isinstance(rp.get("main"), dict) and "rope_theta" in rp["main"]:
+            kw["rope_theta"] = rp["main"]["rope_theta"]
+        if isinstance(rp.get("compress"), dict) and "rope_theta" in rp["compress"]:
+            kw["compress_rope_theta"] = rp["compress"]["rope_theta"]
+        rtype = (rs or {}).get("rope_type", (rs or {}).get("type"))
+        kw["rope_scaling"] = None if rtype in (None, "default") else dict(
+            type=rtype, **{k: v for k, v in rs.items() if k in (
+                "factor", "original_max_position_embeddings", "beta_fast", "beta_slow")})
+        qc = d.get("quantization_config")
+        kw["fp8_block_size"] = kw["scale_fmt"] = None
+        if qc:
+            if qc.get("quant_method") != "fp8":
+                raise ConfigError(f"{src}: quantization_config.quant_method {qc.get('quant_method')!r} "
+                                  "is not supported (only 'fp8')")
+            kw["fp8_block_size"] = int(qc.get("weight_block_size", [128, 128])[0])
+            kw["scale_fmt"] = qc.get("scale_fmt")
+            kw["expert_dtype"] = qc.get("expert_dtype", d.get("expert_dtype"))
+        for k in ("eos_token_id", "bos_token_id"):
+            if isinstance(kw.get(k), list):
+                kw[k] = kw[k][0]
+            if kw.get(k) is None:
+                kw.pop(k, None)
+        for k in ("rope_theta", "compress_rope_theta", "hc_eps", "routed_scaling_factor", "swiglu_limit",
+                  "rms_norm_eps", "initializer_range"):
+            if k in kw:
+                kw[k] = float(kw[k])
+        kw["name"] = os.path.basename(os.path.dirname(src)) if src != "dict" else "hf"
+        try:
+            return cls(**kw)
+        except (ConfigError, TypeError) as e:
+            raise ConfigError(f"{src}: {e}") from None
+
+    def to_hf(self) -> dict:
+        """transformers' ``DeepseekV4Config`` dict (what ``DeepseekV4ForCausalLM`` reads)."""
+        d = {f.name: getattr(self, f.name) for f in fields(self)}
+        for k in ("name", "fp8_block_size", "scale_fmt", "expert_dtype", "csa_rate", "hca_rate",
+                  "rope_scaling", "qk_rope_head_dim"):
+            d.pop(k)
+        d["layer_types"], d["mlp_layer_types"] = list(self.layer_types), list(self.mlp_layer_types)
+        d["compress_rates"] = {"compressed_sparse_attention": self.csa_rate,
+                               "heavily_compressed_attention": self.hca_rate}
+        d["partial_rotary_factor"] = self.qk_rope_head_dim / self.head_dim
+        compress = dict(rope_type="default")
+        if self.rope_scaling:
+            compress = {k: v for k, v in self.rope_scaling.items() if k != "type"}
+            compress.update(rope_type=self.rope_scaling.get("type", "yarn"), attention_factor=1.0)
+        compress.update(rope_theta=self.compress_rope_theta, partial_rotary_factor=d["partial_rotary_factor"])
+        d["rope_parameters"] = {"main": dict(rope_type="default", rope_theta=self.rope_theta,
+                                             partial_rotary_factor=d["partial_rotary_factor"]),
+                                "compress": compress}
+        d.update(model_type="deepseek_v4", architectures=["DeepseekV4ForCausalLM"], num_key_value_heads=1,
+                 hidden_act="silu", tie_word_embeddings=False, torch_dtype="bfloat16")
+        if self.fp8_block_size:
+            d["quantization_config"] = dict(quant_method="fp8", fmt="e4m3", activation_scheme="dynamic",
+                                            weight_block_size=[self.fp8_block_size] * 2)
+            if self.scale_fmt:
+                d["quantization_config"]["scale_fmt"] = self.scale_fmt
+            if self.expert_dtype:
+                d["quantization_config"]["expert_dtype"] = self.expert_dtype
+        return d
+
+
+def _read_json(path_or_dict: Any) -> tuple[dict, str]:
+    if isinstance(path_or_dict, (str, os.PathLike)):
+        p = os.fspath(path_or_dict)
+        if os.path.isdir(p):
+            p = os.path.join(p, "config.json")
+        if not os.path.exists(p):
+            raise ConfigError(f"{p}: no config.json")
+        try:
+            with open(p) as f:
+                return json.load(f), p
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{p}: not valid JSON ({e})") from None
+    return dict(path_or_dict), "dict"
+
+
+def hf_model_type(path_or_dict: Any) -> Optional[str]:
+    """The ``model_type`` of a checkpoint directory / config.json / dict (None when absent)."""
+    try:
+        return _read_json(path_or_dict)[0].get("model_type")
+    except ConfigError:
+        return None
+
+
+_FLASH_LAYERS = tuple(["sliding_attention"] * 2 + ["compressed_sparse_attention" if i % 2 == 0
+                                                   else "heavily_compressed_attention" for i in range(41)])
+_PRO_LAYERS = tuple(["heavily_compressed_attention"] * 2 + ["compressed_sparse_attention" if i % 2
+                                                            else "heavily_compressed_attention" for i in range(59)])
+
+V4_PRESETS: dict[str, V4Config] = {
+    # V4-Flash (284B total, 13B activated, model card): the published Flash(-Base) config.json as
+    # echoed by serving engines: 43 layers of width 4096, 64 heads of 512, q rank 1024, 8 output
+    # groups of 1024, compress_ratios [0, 0, 4, 128, 4, ...] (two sliding-only layers, then CSA and
+    # HCA alternating), 256 experts of 2048 + 1 shared, top-6, 3 hash layers, YaRN 16 over 65536.
+    "v4-flash": V4Config(name="v4-flash", layer_types=_FLASH_LAYERS),
+    # V4-Pro (1.6T total, 49B activated): 61 layers of width 7168, 128 heads, q rank 1536, 16
+    # output groups, 384 experts of 3072 + 1 shared, top-6 (third-party copies of config.json:
+    # unverified). The layer schedule is transformers' default, described as V4-Pro's: two HCA
+    # layers, then HCA/CSA alternating (unverified); index_topk 1024 (unverified).
+    "v4-pro": V4Config(name="v4-pro", hidden_size=7168, num_hidden_layers=61, num_attention_heads=128,
+                       q_lora_rank=1536, o_groups=16, n_routed_experts=384, moe_intermediate_size=3072,
+                       index_topk=1024, layer_types=_PRO_LAYERS),
+    # the lab's V4: every layer type, both routers, mHC with 2 streams, at toy width
+    "v4-tiny": V4Config(
+        name="v4-tiny", vocab_size=512, hidden_size=64, moe_intermediate_size=32, num_hidden_layers=4,
+        num_attention_heads=4, head_dim=32, qk_rope_head_dim=8, q_lora_rank=24, o_groups=2, o_lora_rank=16,
+        sliding_window=8, csa_rate=4, hca_rate=8, index_n_heads=8, index_head_dim=16, index_topk=3,
+        layer_types=("sliding_attention", "compressed_sparse_attention", "heavily_compressed_attention",
+                     "compressed_sparse_attention"),
+        mlp_layer_types=("hash_moe", "moe", "moe", "moe"), hc_mult=2, n_routed_experts=8,
+        num_experts_per_tok=2, max_position_embeddings=2048,
+        rope_scaling=dict(type="yarn", factor=4.0, original_max_position_embeddings=256, beta_fast=32.0,
+                          beta_slow=1.0),
+        fp8_block_size=None, scale_fmt=None, num_nextn_predict_layers=0),
+}

@@ -1,0 +1,167 @@
+"""The DeepSeek-V4 transformer: embedding into mHC streams, blocks, hyper head, final norm, head.
+
+  X_0   = n copies of embed(tokens)                                    [B,S,n,D]
+  block: post, comb, a_in = attn_hc(X);   X = post (x) attn(attn_norm(a_in)) + comb^T X
+         post, comb, f_in = ffn_hc(X);    X = post (x) moe(ffn_norm(f_in), tokens) + comb^T X
+  logits = lm_head(norm(hc_head(X)))
+
+Every block is MoE (learned or hash-routed); attention is sliding-only, CSA or HCA per
+``cfg.layer_types`` (v4_attention.py). Module names follow transformers' ``DeepseekV4ForCausalLM``
+(less the ``model.`` prefix; experts one module each, as in V3); the official checkpoint names
+(``layers.N.attn.wq_a``, ``ffn.experts.E.w1``, ``hc_attn_fn`` ...) map onto them in
+``dsv3lab/checkpoint_v4.py``. The MTP layer of the release is not built (nor by transformers).
+
+``model(tokens)`` gives logits for every position; ``cache=model.new_cache(B, max_len)`` with
+``start=`` feeds positions in order (prefill, then decode); ``model.generate`` is the lab's.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from dsv3lab.model.layers import HookPoint, Linear
+from dsv3lab.model.v4_attention import V4Attention, V4LayerCache
+from dsv3lab.model.v4_layers import RMSNormF32, RotaryPair
+from dsv3lab.model.v4_mhc import HyperConnection, HyperHead
+from dsv3lab.model.v4_moe import V4MoE
+
+
+class V4Block(nn.Module):
+    def __init__(self, cfg, layer: int, dtype=None, device=None):
+        super().__init__()
+        self.layer = layer
+        self.attn_hc = HyperConnection(cfg, device)
+        self.input_layernorm = RMSNormF32(cfg.hidden_size, cfg.rms_norm_eps, device)
+        self.self_attn = V4Attention(cfg, layer, dtype, device)
+        self.ffn_hc = HyperConnection(cfg, device)
+        self.post_attention_layernorm = RMSNormF32(cfg.hidden_size, cfg.rms_norm_eps, device)
+        self.mlp = V4MoE(cfg, layer, dtype, device)
+        self.hook_streams_pre = HookPoint("[B,S,n,D] mHC streams into the block")
+        self.hook_attn_in = HookPoint("[B,S,D] collapsed streams into attention (before attn_norm)")
+        self.hook_attn_out = HookPoint("[B,S,D] attention output")
+        self.hook_streams_mid = HookPoint("[B,S,n,D] streams after attention")
+        self.hook_mlp_in = HookPoint("[B,S,D] collapsed streams into the MoE (before ffn_norm)")
+        self.hook_mlp_out = HookPoint("[B,S,D] MoE output")
+        self.hook_streams_post = HookPoint("[B,S,n,D] streams out of the block")
+
+    def forward(self, X, tokens, rope, start=0, cache=None):
+        X = self.hook_streams_pre(X)
+        post, comb, a_in = self.attn_hc(X)
+        a = self.hook_attn_out(self.self_attn(self.input_layernorm(self.hook_attn_in(a_in)), rope, start, cache))
+        X = self.hook_streams_mid(HyperConnection.merge(post, comb, a, X))
+        post, comb, f_in = self.ffn_hc(X)
+        m = self.hook_mlp_out(self.mlp(self.post_attention_layernorm(self.hook_mlp_in(f_in)), tokens))
+        return self.hook_streams_post(HyperConnection.merge(post, comb, m, X))
+
+
+class V4Cache:
+    """Per layer a ``V4LayerCache`` (window rows + compressor state) for ``batch`` sequences."""
+
+    mode = "v4"
+
+    def __init__(self, model: "V4Transformer", batch: int, max_len: int, dtype, device):
+        self.batch, self.max_len = batch, max_len
+        self.layers = [V4LayerCache(blk.self_attn, batch, max_len, dtype, device) for blk in model.layers]
+
+    def tensors(self):
+        for c in self.layers:
+            yield from c.tensors()
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors())
+
+    def check(self, batch: int, end: int) -> None:
+        if end > self.max_len:
+            raise ValueError(f"cache holds {self.max_len} positions per sequence; asked for {end}")
+        if batch > self.batch:
+            raise ValueError(f"cache holds {self.batch} sequences; the input has {batch}")
+
+
+class V4Transformer(nn.Module):
+    def __init__(self, cfg, dtype=None, device=None):
+        super().__init__()
+        self.cfg = cfg
+        D, V = cfg.hidden_size, cfg.vocab_size
+        self.embed_tokens = nn.Embedding(V, D, dtype=dtype, device=device)
+        self.layers = nn.ModuleList([V4Block(cfg, i, dtype, device) for i in range(cfg.num_hidden_layers)])
+        self.hc_head = HyperHead(cfg, device)
+        self.norm = RMSNormF32(D, cfg.rms_norm_eps, device)
+        self.lm_head = Linear(D, V, dtype, device)
+        self.mtp = nn.ModuleList()              # the release's MTP layer is not built
+        self.rope = RotaryPair(cfg)
+        self.hook_embed = HookPoint("[B,S,D] token embeddings")
+        self.hook_final = HookPoint("[B,S,D] after the hyper head, before the final norm")
+        self.hook_logits = HookPoint("[B,S,V] logits")
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed_tokens.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed_tokens.weight.dtype
+
+    @property
+    def attn_mode(self) -> str:
+        return "v4"
+
+    def set_attn_mode(self, mode: str | None = None, absorb_prefill=None) -> "V4Transformer":
+        if mode not in (None, "v4"):
+            raise ValueError(f"a V4 model has one attention implementation ('v4'), got {mode!r}")
+        return self
+
+    def new_cache(self, batch: int, max_len: int, mode: str | None = None, dtype=None) -> V4Cache:
+        self.set_attn_mode(mode)
+        if max_len > self.cfg.max_position_embeddings:
+            raise ValueError(f"max_len {max_len} exceeds max_position_embeddings {self.cfg.max_position_embeddings}")
+        return V4Cache(self, batch, max_len, dtype or self.dtype, self.device)
+
+    def check_tokens(self, tokens: torch.Tensor, start: int = 0) -> None:
+        if tokens.dim() != 2:
+            raise ValueError(f"tokens must be [batch, seq], got shape {tuple(tokens.shape)}")
+        if tokens.dtype not in (torch.int64, torch.int32):
+            raise ValueError(f"tokens must be integer ids, got {tokens.dtype}")
+        if tokens.numel():
+            lo, hi = int(tokens.min()), int(tokens.max())
+            if lo < 0 or hi >= self.cfg.vocab_size:
+                bad = lo if lo < 0 else hi
+                raise ValueError(f"token id {bad} is outside the vocabulary [0, {self.cfg.vocab_size})")
+        if start + tokens.shape[1] > self.cfg.max_position_embeddings:
+            raise ValueError(f"sequence of {start + tokens.shape[1]} positions exceeds the model's context "
+                             f"(max_position_embeddings={self.cfg.max_position_embeddings})")
+
+    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.embed_tokens(tokens)
+
+    def streams(self, tokens: torch.Tensor, start: int = 0, cache: V4Cache | None = None) -> torch.Tensor:
+        """The mHC streams after the last block [B,S,n,D]."""
+        self.check_tokens(tokens, start)
+        if cache is not None:
+            cache.check(tokens.shape[0], start + tokens.shape[1])
+        e = self.hook_embed(self.embed(tokens))
+        X = e.unsqueeze(2).expand(-1, -1, self.cfg.hc_mult, -1).contiguous()
+        for i, blk in enumerate(self.layers):
+            X = blk(X, tokens, self.rope.at, start, cache.layers[i] if cache is not None else None)
+        return X
+
+    def hidden(self, tokens: torch.Tensor, start: int = 0, cache: V4Cache | None = None) -> torch.Tensor:
+        """The collapsed hidden state before the final norm [B,S,D]."""
+        return self.hook_final(self.hc_head(self.streams(tokens, start, cache)))
+
+    def head(self, h: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(self.norm(h))
+
+    def forward(self, tokens: torch.Tensor, start: int = 0, cache: V4Cache | None = None,
+                last_only: bool = False, return_hidden: bool = False):
+        """tokens [B,S] -> logits [B,S,V] (or [B,1,V] with last_only)."""
+        h = self.hidden(tokens, start, cache)
+        logits = self.hook_logits(self.head(h[:, -1:] if last_only else h))
+        return (logits, h) if return_hidden else logits
+
+    @torch.no_grad()
+    def generate(self, *args, **kw):
+        if kw.get("speculative"):
+            raise ValueError("speculative decoding needs the MTP layer, which V4 models here do not build")
+        from dsv3lab.generate import generate
+        return generate(self, *args, **kw)
