@@ -3,6 +3,7 @@ the simulated FP8 Linear (forward and both backward GEMMs) against a reference b
 from dsv3lab.fp8's quantizers, GEMM-precision switching, the loop's balance losses on a case
 worked by hand, the bias update's sign, the result schema, and quick runs of each experiment."""
 
+import dataclasses
 import json
 import math
 import re
@@ -142,15 +143,82 @@ def test_loop_balance_losses_by_hand():
 
 
 def test_balancing_arms_change_only_balancing():
-    from dsv3lab.experiments.balancing import ARMS, arm_settings
-    cfg = dict(gamma=0.01, alpha=0.03)
-    got = {a: arm_settings(cfg, a) for a in ARMS}
-    assert got["aux_free"]["bias_gamma"] == 0.01 and got["aux_free"]["aux_alpha"] == 0
-    assert got["seq_aux"] == dict(bias_gamma=0.0, aux_alpha=0.03, aux_kind="sequence")
-    assert got["batch_aux"] == dict(bias_gamma=0.0, aux_alpha=0.03, aux_kind="batch")
+    from dsv3lab.experiments.balancing import ARMS, arm_settings, config, freeze_step, parse_arm
+    cfg = config(False)
+    arms = ARMS(cfg)
+    assert arms[-1] == "none" and len(arms) == len(set(arms)) == len(cfg["gammas"]) + len(cfg["seq_alphas"]) + \
+        len(cfg["batch_alphas"]) + 1
+    assert all("." not in a for a in arms)            # arm names go into "<arm>.<metric>" keys
+    got = {a: arm_settings(cfg, a) for a in arms}
+    steps = cfg["train"]["steps"]
+    assert got["aux_free_g1e-3"] == dict(bias_gamma=0.001, bias_freeze_step=freeze_step(steps), aux_alpha=0.0)
+    assert got["seq_aux_a1e-2"] == dict(bias_gamma=0.0, aux_alpha=0.01, aux_kind="sequence")
+    assert got["batch_aux_a1e-1"] == dict(bias_gamma=0.0, aux_alpha=0.1, aux_kind="batch")
     assert got["none"] == dict(bias_gamma=0.0, aux_alpha=0.0)
-    with pytest.raises(ValueError, match="unknown balancing arm"):
-        arm_settings(cfg, "magic")
+    assert parse_arm("aux_free_g3e-4") == ("aux_free", 3e-4)
+    # the report's schedule: gamma for 14.3T of 14.8T tokens, then 0
+    assert freeze_step(400) == round(400 * 14.3 / 14.8) == 386 and freeze_step(1) == 0
+    for bad in ("magic", "aux_free_gx", "seq_aux_1e-2", "none_a1"):
+        with pytest.raises(ValueError, match="unknown balancing arm"):
+            arm_settings(cfg, bad)
+
+
+def _fake_balancing(metrics, arms):
+    return dict(name="balancing", arms=arms, seeds=[0, 1], metrics={
+        k: dict(per_seed=v, mean=sum(v) / len(v), std=0.0, min=min(v), max=max(v), n=len(v)) for k, v in metrics.items()})
+
+
+def test_best_arms_by_hand():
+    """The lowest mean MaxVio_global per scheme; with loss_tol, only among settings whose paired
+    val-loss cost against none is at most loss_tol."""
+    from dsv3lab.experiments.balancing import best_arms, sweep_rows
+    arms = ["aux_free_g1e-3", "aux_free_g1e-2", "seq_aux_a1e-3", "seq_aux_a1e-1", "none"]
+    m = {"none.val_loss": [3.00, 3.10], "none.maxvio_global": [5.0, 5.0],
+         "aux_free_g1e-3.val_loss": [3.00, 3.10], "aux_free_g1e-3.maxvio_global": [0.5, 0.7],
+         "aux_free_g1e-2.val_loss": [3.01, 3.11], "aux_free_g1e-2.maxvio_global": [0.2, 0.2],
+         "seq_aux_a1e-3.val_loss": [3.00, 3.10], "seq_aux_a1e-3.maxvio_global": [1.0, 1.2],
+         "seq_aux_a1e-1.val_loss": [3.05, 3.15], "seq_aux_a1e-1.maxvio_global": [0.1, 0.1]}
+    for k in list(m):
+        if k.endswith("val_loss"):
+            m[k.replace("val_loss", "maxvio_batch")] = [1.0, 1.0]
+            m[k.replace("val_loss", "train_maxvio_drift")] = [0.0, 0.0]
+    res = _fake_balancing(m, arms)
+    assert best_arms(res) == {"aux_free": "aux_free_g1e-2", "seq_aux": "seq_aux_a1e-1", "none": "none"}
+    # the most balanced aux loss costs 0.05 nats/token: excluded under a 0.02 tolerance
+    assert best_arms(res, loss_tol=0.02) == {"aux_free": "aux_free_g1e-2", "seq_aux": "seq_aux_a1e-3", "none": "none"}
+    assert best_arms(res, loss_tol=-1.0)["aux_free"] == "aux_free_g1e-2"     # nothing qualifies: all kept
+    rows = {(r["scheme"], r["gamma / alpha"]): r for r in sweep_rows(res)}
+    assert rows[("seq_aux", 0.1)]["loss cost vs none"] == pytest.approx(0.05) and rows[("seq_aux", 0.1)]["best"]
+    assert not rows[("aux_free", 0.001)]["best"] and rows[("aux_free", 0.01)]["MaxVio_global"] == pytest.approx(0.2)
+
+
+def test_uniform_floor():
+    from dsv3lab.experiments.balancing import uniform_floor
+    assert uniform_floor(100, 8, 8, draws=5) == 0.0            # every token on every expert
+    small, big = uniform_floor(512, 64, 6), uniform_floor(28_000, 64, 6, draws=50)
+    # sampling noise of n Bernoulli(k/E) counts: about 2.4 standard deviations over the mean for
+    # the largest of 64 experts, sqrt((1 - k/E) / (n k / E)) each
+    for n, got in ((512, small), (28_000, big)):
+        sd = math.sqrt((1 - 6 / 64) / (n * 6 / 64))
+        assert 1.8 * sd < got < 3.0 * sd, (n, got, sd)
+
+
+def test_bias_freezes_at_freeze_step():
+    """gamma = 0 from bias_freeze_step on: with lr 0, three steps frozen after the first leave
+    the biases at the first step's update, and a run without the freeze keeps moving them."""
+    tokens = torch.randint(2, CFG.vocab_size, (3000,), generator=torch.Generator().manual_seed(0))
+    seen = []
+    tc = TrainConfig(steps=3, batch_size=2, seq_len=32, lr=0.0, warmup_steps=1, bias_gamma=0.02, threads=1,
+                     bias_freeze_step=1)
+    model = dsv3lab.build(CFG, seed=0)
+    dsv3lab.train.train(CFG, tokens, None, tc, model=model, progress=False,
+                        on_step=lambda s, row, counts: seen.append([c.clone().float() for c in counts]))
+    for g, c in zip(dsv3lab.train.moe_gates(model), seen[0]):
+        torch.testing.assert_close(g.e_score_correction_bias, -0.02 * torch.sign(c - c.mean()))
+    free = dsv3lab.build(CFG, seed=0)
+    dsv3lab.train.train(CFG, tokens, None, dataclasses.replace(tc, bias_freeze_step=None), model=free, progress=False)
+    assert any(not torch.equal(a.e_score_correction_bias, b.e_score_correction_bias)
+               for a, b in zip(dsv3lab.train.moe_gates(model), dsv3lab.train.moe_gates(free)))
 
 
 def test_bias_update_sign_in_training():
@@ -235,8 +303,14 @@ def test_quick_runs_share_seeds_across_arms(quick_results):
     identical across balancing arms and across the MTP arms (the main model's init does not
     depend on whether an MTP layer is built after it); different seeds differ."""
     _, res = quick_results
-    bal = res["balancing"]["series"]
-    first = {a: [c[0] for c in bal[f"{a}.loss"]["per_seed"]] for a in res["balancing"]["arms"]}
+    # balancing stores 5-step means (the bias moves after step 0), so its first step is re-run here
+    from dsv3lab.experiments import balancing as B
+    from dsv3lab.experiments.training import model_config, token_streams, train_config
+    cfg = {**res["balancing"]["config"], "train": {**res["balancing"]["config"]["train"], "steps": 1}}
+    _, train_ids, _ = token_streams(CFG.vocab_size, cfg["docstrings"], cfg["max_docs"])
+    first = {a: [dsv3lab.train.train(model_config(cfg), train_ids, None, train_config(cfg, s, **B.arm_settings(cfg, a)),
+                                     progress=False)[1][0]["loss"] for s in res["balancing"]["seeds"]]
+             for a in res["balancing"]["arms"]}
     assert all(v == first["none"] for v in first.values())
     assert len(set(first["none"])) == 3
     mtp = res["mtp"]["series"]
@@ -256,7 +330,10 @@ def test_quick_derived_metrics_by_hand(quick_results):
     assert 0 <= m["mtp.acceptance_rate"]["mean"] <= 1
     assert 1 <= m["mtp.tokens_per_step"]["mean"] <= 2
     bal = res["balancing"]["metrics"]
-    assert all(0 <= bal[f"{a}.maxvio_global"]["mean"] <= CFG.n_routed_experts / CFG.num_experts_per_tok - 1
+    from dsv3lab.experiments.training import model_config
+    mc = model_config(res["balancing"]["config"])
+    assert (mc.n_routed_experts, mc.num_experts_per_tok) == (64, 6)          # LFB's expert count
+    assert all(0 <= bal[f"{a}.maxvio_global"]["mean"] <= mc.n_routed_experts / mc.num_experts_per_tok - 1
                for a in res["balancing"]["arms"])
 
 

@@ -201,11 +201,14 @@ def test_measured_rows_read_recorded_results(tmp_path, monkeypatch):
     for r in rows:
         assert r["kind"] == "measured" and r["status"] == "unavailable" and "not recorded" in r["note"]
     res = {
-        "balancing": _fake_result("balancing", {
-            "seq_aux.maxvio_global": [0.70, 0.74, 0.72], "aux_free.maxvio_global": [0.10, 0.20, 0.30],
-            "batch_aux.maxvio_global": [0.3, 0.3, 0.3], "none.maxvio_global": [1.0, 1.2, 1.4],
-            "aux_free.val_loss": [3.0, 3.1, 3.2], "seq_aux.val_loss": [3.1, 3.1, 3.1],
-            "batch_aux.val_loss": [3.2, 3.2, 3.2]}),
+        "balancing": dict(_fake_result("balancing", {
+            "seq_aux_a1e-2.maxvio_global": [0.70, 0.74, 0.72], "aux_free_g1e-2.maxvio_global": [0.10, 0.20, 0.30],
+            "aux_free_g1e-3.maxvio_global": [0.9, 0.9, 0.9], "batch_aux_a1e-2.maxvio_global": [0.3, 0.3, 0.3],
+            "none.maxvio_global": [1.0, 1.2, 1.4], "aux_free_g1e-2.val_loss": [3.0, 3.1, 3.2],
+            "aux_free_g1e-3.val_loss": [3.1, 3.1, 3.1], "seq_aux_a1e-2.val_loss": [3.1, 3.1, 3.1],
+            "batch_aux_a1e-2.val_loss": [3.1, 3.1, 3.1], "none.val_loss": [3.1, 3.1, 3.1]}),
+            arms=["aux_free_g1e-3", "aux_free_g1e-2", "seq_aux_a1e-2", "batch_aux_a1e-2", "none"],
+            config=dict(train=dict(steps=400), gammas=[1e-3, 1e-2], seq_alphas=[1e-2], batch_alphas=[1e-2])),
         "mtp": _fake_result("mtp", {"mtp.acceptance_rate": [0.86, 0.88, 0.90], "mtp.tokens_per_step": [1.3, 1.4, 1.5],
                                     "val_loss_delta": [-0.01, 0.0, 0.02]}),
         "fp8_training": _fake_result("fp8_training", {
@@ -220,10 +223,14 @@ def test_measured_rows_read_recorded_results(tmp_path, monkeypatch):
     assert rows["maxvio_aux_loss"]["lab"] == pytest.approx(0.72) and rows["maxvio_aux_loss"]["status"] == "match"
     assert rows["maxvio_aux_free"]["lab"] == pytest.approx(0.2) and rows["maxvio_aux_free"]["status"] == "differs"
     assert rows["maxvio_aux_free"]["spread"]["n"] == 3
+    assert "gamma 0.01 for steps 0-385, then 0: the best of [0.001, 0.01]" in rows["maxvio_aux_free"]["note"]
+    assert "aux_free_g1e-2" in rows["maxvio_aux_free"]["method"]
     assert rows["maxvio_batch_wise_aux"]["status"] == "unreported"
+    assert rows["maxvio_aux_free_minus_aux_loss"]["lab"] == pytest.approx(0.2 - 0.72)
+    assert rows["maxvio_aux_free_minus_aux_loss"]["status"] == "match"             # the direction
     assert rows["val_loss_delta_aux_free_vs_seq_aux"]["lab"] == pytest.approx(0.0)
     assert rows["val_loss_delta_aux_free_vs_seq_aux"]["spread"]["per_seed"] == pytest.approx([-0.1, 0.0, 0.1])
-    assert rows["val_loss_delta_batch_aux_vs_seq_aux"]["status"] == "differs"
+    assert rows["val_loss_delta_batch_aux_vs_seq_aux"]["status"] == "match"
     assert rows["mtp_acceptance_rate"]["lab"] == pytest.approx(0.88) and rows["mtp_acceptance_rate"]["status"] == "match"
     assert rows["mtp_speedup"]["lab"] == pytest.approx(1.4) and rows["mtp_speedup"]["status"] == "differs"
     assert rows["mtp_ablation_val_loss_delta"]["status"] == "differs"      # mean +0.0033 > 0

@@ -25,7 +25,7 @@ def _figure(w: float, h: float):
 def sweep(result: dict, floor: Optional[float] = None):
     """Left: validation MaxVio_global against the setting (log x; gamma for aux_free, alpha for the
     losses), mean over seeds with the seed min-max as error bars, the best setting ringed. Right:
-    the paired val-loss cost against no balancing, LOSS_TOL dashed."""
+    the paired val-loss cost against no balancing."""
     fig = _figure(11, 4)
     ax, ax2 = fig.subplots(1, 2)
     best = B.best_arms(result)
@@ -60,7 +60,6 @@ def sweep(result: dict, floor: Optional[float] = None):
     ax.set_title(f"the sweep, {len(result['seeds'])} seeds (ringed: best setting)", fontsize=9)
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=7)
-    ax2.axhline(B.LOSS_TOL, color="k", ls="--", lw=0.9, label=f"LOSS_TOL {B.LOSS_TOL}")
     ax2.axhline(0, color="k", lw=0.6)
     ax2.set_xscale("log")
     ax2.set_xlabel("gamma or alpha")
