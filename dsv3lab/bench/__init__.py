@@ -11,7 +11,7 @@ import importlib
 
 from dsv3lab.atomic import write_json_atomic  # noqa: F401 -- re-exported for the bench targets
 
-TARGETS = ["engine", "parallel", "kernels", "cpu", "hooks", "sparse", "peers"]
+TARGETS = ["engine", "parallel", "kernels", "cpu", "hooks", "sparse", "peers", "released"]
 
 
 def add_commands(sub) -> None:

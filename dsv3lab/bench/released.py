@@ -1,0 +1,273 @@
+"""Released-size checkpoints on this machine: load, memory, prefill, decode, paged experts.
+
+Writes random checkpoints with the exact shapes of Moonlight-16B-A3B (FP8 e4m3 with 128x128
+``weight_scale_inv``, as V3 ships) and DeepSeek-V2-Lite (bf16, as it ships; quantized to the same
+FP8 format at load) in the official layout (nothing is downloaded), ``--layers N`` cutting each to
+its first N layers. For each, in a fresh process (peak RSS is the process's own):
+  load      ``dsv3lab.load(fp8="keep"|"quantize")``: seconds, peak RSS, bytes mapped and own;
+  prefill   one forward over ``--prefill`` tokens, tokens/s;
+  decode    one token against a cache of ``--context`` tokens, tokens/s, against the bandwidth
+            limit measured in the same process: read bandwidth / activated bytes per token as
+            held (attention, dense and shared FFNs, k routed experts per MoE layer, the gate and
+            the head; one embedding row);
+  paged     ``max_memory`` = the dense part (embedding and head included) + ``--page-fraction``
+            of the routed experts, decode
+            tokens/s, hit rate and bytes read per token, with and without prefetch.
+Random weights make routing near-uniform, the worst case for an expert cache: a real model's
+routing repeats more.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import multiprocessing as mp
+import os
+import platform
+import statistics
+import tempfile
+import time
+
+import torch
+
+from dsv3lab.bench import print_table, write_json_atomic
+
+MODELS = {"moonlight": ("moonlight-16b", True), "v2-lite": ("v2-lite-16b", False)}
+
+
+def add_args(p) -> None:
+    p.add_argument("--models", default="moonlight,v2-lite", help="moonlight, v2-lite")
+    p.add_argument("--layers", type=int, default=None, help="cut to the first N layers (default: all)")
+    p.add_argument("--dir", default=None, help="where the checkpoints go (default: a temp dir; reused if present)")
+    p.add_argument("--prefill", type=int, default=1024)
+    p.add_argument("--context", type=int, default=1024, help="cache length for decode")
+    p.add_argument("--decode-steps", type=int, default=8)
+    p.add_argument("--page-fraction", type=float, default=0.25, help="routed experts held when paged")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--no-paged", action="store_true")
+
+
+def config_of(name: str, layers: int | None):
+    from dsv3lab.config import ModelConfig
+    cfg = ModelConfig.preset(MODELS[name][0]).replace(num_nextn_predict_layers=0)
+    if layers is not None:
+        cfg = cfg.replace(num_hidden_layers=layers)
+    return cfg
+
+
+def _fp8_random(shape, g) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random e4m3 codes with |value| <= 30 (exponent field <= 11, never NaN) and a constant
+    scale: quick to make at any size, and a sane weight distribution after scaling."""
+    n = math.prod(shape)
+    codes = torch.randint(0, 0x60, (n,), dtype=torch.uint8, generator=g)
+    codes |= torch.randint(0, 2, (n,), dtype=torch.uint8, generator=g) << 7
+    b = 128
+    s = torch.full((math.ceil(shape[0] / b), math.ceil(shape[1] / b)), 0.02 / 8)
+    return codes.view(torch.float8_e4m3fn).view(shape), s
+
+
+def write_random(cfg, path: str, fp8: bool, seed: int = 0, shard_bytes: int = 1 << 30) -> str:
+    """A random checkpoint of ``cfg`` in the official layout, one shard in memory at a time."""
+    from safetensors.torch import save_file
+    from dsv3lab.checkpoint import hf_key, is_fp32_key, is_fp8_key
+    from dsv3lab.model.transformer import Transformer
+    if os.path.exists(os.path.join(path, "model.safetensors.index.json")):
+        return path
+    tmp = path + ".tmp"
+    os.makedirs(tmp, exist_ok=True)
+    g = torch.Generator().manual_seed(seed)
+    meta = Transformer(cfg, torch.bfloat16, "meta")
+    entries = [(hf_key(cfg, n), tuple(t.shape)) for n, t in list(meta.named_parameters()) + list(meta.named_buffers())
+               if not n.endswith("weight_scale_inv")]
+    weight_map, shard, size, total, i = {}, {}, 0, 0, 0
+
+    def flush():
+        nonlocal shard, size, i
+        if shard:
+            i += 1
+            fn = f"model-{i:05d}.safetensors"
+            save_file(shard, os.path.join(tmp, fn), metadata={"format": "pt"})
+            weight_map.update({k: fn for k in shard})
+            shard, size = {}, 0
+
+    for key, shape in entries:
+        if key.endswith("norm.weight"):
+            ts = {key: torch.ones(shape, dtype=torch.bfloat16)}
+        elif is_fp32_key(key):
+            ts = {key: torch.randn(shape, generator=g) * (0.01 if key.endswith("bias") else cfg.initializer_range)}
+        elif fp8 and is_fp8_key(key):
+            q, s = _fp8_random(shape, g)
+            ts = {key: q, key + "_scale_inv": s}
+        else:
+            ts = {key: (torch.randn(shape, generator=g, dtype=torch.bfloat16) * cfg.initializer_range)}
+        for k, t in ts.items():
+            shard[k] = t
+            size += t.numel() * t.element_size()
+            total += t.numel() * t.element_size()
+        if size >= shard_bytes:
+            flush()
+    flush()
+    n = len(set(weight_map.values()))
+    for j in range(1, n + 1):                 # the official names: model-0000j-of-0000n
+        os.rename(os.path.join(tmp, f"model-{j:05d}.safetensors"), os.path.join(tmp, f"model-{j:05d}-of-{n:05d}.safetensors"))
+    weight_map = {k: v.replace(".safetensors", f"-of-{n:05d}.safetensors") for k, v in weight_map.items()}
+    with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:
+        json.dump({"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}, f, indent=1)
+    hf = cfg.replace(fp8_block_size=128 if fp8 else None).to_hf()
+    hf["torch_dtype"] = "bfloat16"
+    with open(os.path.join(tmp, "config.json"), "w") as f:
+        json.dump(hf, f, indent=1)
+    os.rename(tmp, path)
+    return path
+
+
+def read_bandwidth(repeat: int = 5) -> float:
+    """Bytes/s of a plain reduction over 512 MB (what decode does with its weights: read once)."""
+    x = torch.ones(128 << 20, dtype=torch.float32)
+    x.sum()
+    ts = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        x.sum()
+        ts.append(time.perf_counter() - t0)
+    return x.numel() * 4 / min(ts)
+
+
+def activated_bytes(model) -> dict:
+    """Bytes a decode token reads as the model holds its weights: everything but the routed
+    experts and the embedding, plus k routed experts per MoE layer and one embedding row."""
+    cfg = model.cfg
+    seen, dense, routed = set(), 0, 0
+    for n, t in list(model.named_parameters()) + list(model.named_buffers()):
+        if t is None or (t.data_ptr(), t.numel()) in seen:
+            continue
+        seen.add((t.data_ptr(), t.numel()))
+        b = t.numel() * t.element_size()
+        if ".experts." in n:
+            routed += b
+        elif n.startswith("embed_tokens"):
+            dense += b // t.shape[0]
+        else:
+            dense += b
+    moe_layers = cfg.num_hidden_layers - cfg.first_k_dense_replace
+    per_expert = routed / max(moe_layers * cfg.n_routed_experts, 1)
+    return dict(dense=dense, routed_total=routed, per_token=dense + moe_layers * cfg.num_experts_per_tok * per_expert)
+
+
+def _decode_rate(m, ctx: int, steps: int, x) -> float:
+    c = m.new_cache(1, ctx + steps + 2)
+    m(x[:, :ctx], start=0, cache=c, last_only=True)
+    tok = x[:, ctx:ctx + 1]
+    m(tok, start=ctx, cache=c, last_only=True)
+    ts = []
+    for i in range(steps):
+        t0 = time.perf_counter()
+        m(tok, start=ctx + 1 + i, cache=c, last_only=True)
+        ts.append(time.perf_counter() - t0)
+    return 1 / statistics.median(ts)
+
+
+def _child(q, *a):
+    try:
+        q.put(_measure(*a))
+    except BaseException as e:          # noqa: BLE001 - the parent re-raises it
+        import traceback
+        q.put({"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()})
+
+
+def _measure(path, fp8, args_d, paged) -> dict:
+    """One measurement in a fresh process: load, prefill, decode (or paged decode)."""
+    import dsv3lab
+    from dsv3lab.checkpoint import rss_bytes
+    if args_d["threads"]:
+        torch.set_num_threads(args_d["threads"])
+    out = {}
+    with torch.no_grad():
+        bw = read_bandwidth()
+        if paged is None:
+            m = dsv3lab.load(path, fp8=fp8)
+            s = m._dsv3_load
+            out.update(load_s=s["seconds"], load_peak_rss_GB=s["peak_rss"] / 1e9, mapped_GB=s["mapped"] / 1e9,
+                       own_GB=s["own"] / 1e9, held_GB=(s["mapped"] + s["own"]) / 1e9)
+            act = activated_bytes(m)
+            out.update(dense_GB=act["dense"] / 1e9, routed_GB=act["routed_total"] / 1e9,
+                       act_GB_per_tok=act["per_token"] / 1e9, read_GBps=bw / 1e9,
+                       limit_tok_s=bw / act["per_token"])
+            x = torch.randint(0, m.cfg.vocab_size, (1, max(args_d["prefill"], args_d["context"]) + 4),
+                              generator=torch.Generator().manual_seed(0))
+            n = args_d["prefill"]
+            m(x[:, :16], last_only=True)
+            t0 = time.perf_counter()
+            m(x[:, :n], last_only=True)
+            out["prefill_tok_s"] = n / (time.perf_counter() - t0)
+            out["decode_tok_s"] = _decode_rate(m, args_d["context"], args_d["decode_steps"], x)
+            out["pct_of_limit"] = 100 * out["decode_tok_s"] / out["limit_tok_s"]
+        else:
+            cap, prefetch = paged
+            m = dsv3lab.load(path, fp8=fp8, max_memory=cap / 1e9, prefetch=prefetch)
+            x = torch.randint(0, m.cfg.vocab_size, (1, args_d["context"] + 4),
+                              generator=torch.Generator().manual_seed(0))
+            ctx = min(args_d["context"], 64)
+            c = m.new_cache(1, ctx + args_d["decode_steps"] + 2)
+            m(x[:, :ctx], start=0, cache=c, last_only=True)
+            m.pager.reset_stats()
+            t0 = time.perf_counter()
+            for i in range(args_d["decode_steps"]):
+                m(x[:, ctx + i:ctx + i + 1], start=ctx + i, cache=c, last_only=True)
+            dt = time.perf_counter() - t0
+            st = m.pager.stats()
+            out.update(cap_GB=cap / 1e9, prefetch=prefetch, decode_tok_s=args_d["decode_steps"] / dt,
+                       hit_rate=st["hit_rate"], MB_read_per_tok=st["bytes_read"] / 1e6 / args_d["decode_steps"],
+                       resident_experts=st["resident_experts"])
+            m.pager.close()
+        out["peak_rss_GB"] = rss_bytes()[1] / 1e9
+    return out
+
+
+def _in_child(*a) -> dict:
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    p = ctx.Process(target=_child, args=(q, *a))
+    p.start()
+    out = q.get()
+    p.join()
+    if "error" in out:
+        raise RuntimeError(f"bench child failed: {out['error']}\n{out['traceback']}")
+    return out
+
+
+def run(args) -> int:
+    root = args.dir or os.path.join(tempfile.gettempdir(), "dsv3lab-released")
+    args_d = dict(threads=args.threads, prefill=args.prefill, context=args.context, decode_steps=args.decode_steps)
+    rows = []
+    for name in args.models.split(","):
+        cfg = config_of(name, args.layers)
+        fp8_stored = MODELS[name][1]
+        path = os.path.join(root, f"{name}-L{cfg.num_hidden_layers}")
+        t0 = time.perf_counter()
+        write_random(cfg, path, fp8=fp8_stored)
+        disk = sum(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path) if f.endswith(".safetensors"))
+        mode = "keep" if fp8_stored else "quantize"
+        r = dict(model=name, layers=cfg.num_hidden_layers, stored="fp8" if fp8_stored else "bf16", fp8=mode,
+                 disk_GB=disk / 1e9, write_s=time.perf_counter() - t0)
+        r.update(_in_child(path, mode, args_d, None))
+        rows.append(r)
+        if not args.no_paged:
+            cap = (r["held_GB"] - (1 - args.page_fraction) * r["routed_GB"]) * 1e9
+            for prefetch in (False, True):
+                p = dict(model=name, layers=cfg.num_hidden_layers, fp8=mode, mode="paged")
+                p.update(_in_child(path, mode, args_d, (cap, prefetch)))
+                rows.append(p)
+    print_table([r for r in rows if r.get("mode") != "paged"],
+                ["model", "layers", "stored", "fp8", "disk_GB", "load_s", "load_peak_rss_GB", "mapped_GB", "own_GB",
+                 "prefill_tok_s", "decode_tok_s", "limit_tok_s", "pct_of_limit", "read_GBps", "act_GB_per_tok"])
+    paged = [r for r in rows if r.get("mode") == "paged"]
+    if paged:
+        print()
+        print_table(paged, ["model", "layers", "cap_GB", "prefetch", "decode_tok_s", "hit_rate", "MB_read_per_tok",
+                            "resident_experts", "peak_rss_GB"])
+    out = args.out or os.path.join("results", "bench-released.json")
+    write_json_atomic(out, dict(machine=dict(cpu=platform.processor() or platform.machine(),
+                                             threads=args.threads or torch.get_num_threads()),
+                                args=vars(args) | {"func": None}, rows=rows))
+    return 0

@@ -1,0 +1,57 @@
+"""``dsv3lab bench released``: the random checkpoints are in the official layout (the keys ``save``
+writes, FP8 where the release is FP8), load kept and quantized, and the bench runs end to end on
+a tiny preset standing in for the released shapes (the full shapes are a benchmark, not a test)."""
+
+import json
+import os
+from types import SimpleNamespace
+
+import torch
+
+import dsv3lab
+from dsv3lab.bench import released
+from dsv3lab.config import ModelConfig
+
+
+def keys_of(d):
+    return set(json.load(open(os.path.join(d, "model.safetensors.index.json")))["weight_map"])
+
+
+def test_random_checkpoints_have_the_official_layout(tmp_path):
+    cfg = ModelConfig.preset("tiny").replace(num_nextn_predict_layers=0)
+    fp8 = released.write_random(cfg, str(tmp_path / "fp8"), fp8=True, shard_bytes=100_000)
+    bf16 = released.write_random(cfg, str(tmp_path / "bf16"), fp8=False)
+    ref = dsv3lab.save(dsv3lab.build(cfg), tmp_path / "ref", fp8=True)
+    assert keys_of(fp8) == keys_of(ref)
+    assert keys_of(bf16) == {k for k in keys_of(ref) if not k.endswith("_scale_inv")}
+    assert len([f for f in os.listdir(fp8) if f.endswith(".safetensors")]) > 1
+    kept = dsv3lab.load(fp8, fp8="keep")
+    assert kept._dsv3_load["own"] == 0
+    quant = dsv3lab.load(bf16, fp8="quantize")
+    for m in (kept, quant):
+        assert any(p.dtype == torch.float8_e4m3fn for p in m.parameters())
+        logits = m(torch.tensor([[1, 2, 3]]))
+        assert torch.isfinite(logits).all()
+
+
+def test_released_shapes():
+    from dsv3lab.stats import model_stats
+    for name, preset in (("moonlight", "moonlight-16b"), ("v2-lite", "v2-lite-16b")):
+        cfg = released.config_of(name, 2)
+        assert cfg.num_hidden_layers == 2 and cfg.num_nextn_predict_layers == 0
+        full = released.config_of(name, None)
+        assert model_stats(full)["total_params"] == model_stats(ModelConfig.preset(preset).replace(
+            num_nextn_predict_layers=0))["total_params"]
+
+
+def test_bench_runs_on_a_stand_in(tmp_path, monkeypatch):
+    monkeypatch.setitem(released.MODELS, "tiny", ("tiny", True))
+    args = SimpleNamespace(models="tiny", layers=None, dir=str(tmp_path), prefill=8, context=8, decode_steps=2,
+                           page_fraction=0.5, threads=1, no_paged=False, out=str(tmp_path / "out.json"))
+    assert released.run(args) == 0
+    rows = json.load(open(tmp_path / "out.json"))["rows"]
+    main = rows[0]
+    assert main["own_GB"] == 0 and main["decode_tok_s"] > 0 and main["limit_tok_s"] > 0
+    paged = [r for r in rows if r.get("mode") == "paged"]
+    assert [r["prefetch"] for r in paged] == [False, True]
+    assert all(0 <= r["hit_rate"] <= 1 and r["decode_tok_s"] > 0 for r in paged)
