@@ -24,9 +24,13 @@ Loading is one loop for one process and for one rank of many (docs/checkpoints.m
   check  from the index and the file headers alone, before any tensor is read: missing,
          unexpected and orphaned tensors (whole model, every rank alike), then each needed
          tensor's shape and FP8 scale grid;
-  read   each tensor's window only (safetensors slices the memory-mapped file), dequantized by
-         ``dsv3lab.fp8.weight_dequant`` or kept FP8, copied into memory of our own.
-``load`` is the one-rank case; ``dsv3lab.parallel.load_sharded`` is the ranked entry.
+  read   each tensor's window only, a view of the shard's memory mapping (``ShardMap``), then by
+         ``fp8``: "dequant" dequantizes (``dsv3lab.fp8.weight_dequant``) and copies every tensor
+         into memory of our own; "keep" leaves FP8 weights and every tensor already in the model's
+         dtype as views of the mapping (zero copy); "quantize" also turns bf16 weights the releases
+         store in FP8 into e4m3 + scales.
+``load`` is the one-rank case; ``dsv3lab.parallel.load_sharded`` is the ranked entry. With
+``max_memory`` the routed experts are not read here but paged from the shards (``dsv3lab.paging``).
 """
 
 from __future__ import annotations

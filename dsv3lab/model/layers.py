@@ -101,8 +101,9 @@ def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 class Linear(nn.Module):
     """y = x @ W.T without bias. ``weight`` may be FP8 (e4m3) with a block ``weight_scale_inv``.
 
-    FP8 weights are dequantized on the fly by ``dsv3lab.fp8.linear`` (or run as FP8 GEMMs on a
-    GPU when the kernels are enabled); the loader normally dequantizes once on CPU instead.
+    FP8 weights (``load(fp8="keep"|"quantize")``) compute through ``dsv3lab.fp8.fp8_linear``:
+    an FP8 kernel where ``dsv3lab.kernels.dispatch.fp8_linear`` takes the call, else blocks
+    dequantized a band at a time. ``load(fp8="dequant")`` (the default) dequantizes once instead.
     """
 
     def __init__(self, in_features: int, out_features: int, dtype=None, device=None):
