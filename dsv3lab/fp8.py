@@ -26,6 +26,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from dsv3lab.kernels.fp8_grid import check_scale_shape, scale_grid  # noqa: F401  (one definition, below both)
+
 FP8_MAX = 448.0
 E4M3 = torch.float8_e4m3fn
 
@@ -69,24 +71,6 @@ def weight_quant(w: torch.Tensor, block_size: int = 128, scale_fmt: str | None =
     safe = torch.where(scale_inv > 0, scale_inv, torch.ones_like(scale_inv))
     q = (blocks / safe[:, None, :, None]).clamp(-FP8_MAX, FP8_MAX).to(E4M3)
     return q.view(mb * b, nb * b)[:M, :N].contiguous(), scale_inv.contiguous()
-
-
-def scale_grid(M: int, N: int, b: int = 128, offset: tuple[int, int] = (0, 0)) -> tuple[int, int]:
-    """The weight_scale_inv shape covering a [M, N] weight (or window starting ``offset`` into
-    its first block) in b x b blocks: [ceil((r + M)/b), ceil((c + N)/b)]."""
-    r, c = offset
-    return math.ceil((r + M) / b), math.ceil((c + N) / b)
-
-
-def check_scale_shape(M: int, N: int, scale_inv, b: int = 128, who: str = "",
-                      offset: tuple[int, int] = (0, 0)) -> None:
-    """A [M, N] weight in b x b blocks needs a [ceil(M/b), ceil(N/b)] weight_scale_inv.
-    ``scale_inv`` may be a tensor or its shape (the loader checks headers before reading)."""
-    want = scale_grid(M, N, b, offset)
-    got = tuple(scale_inv.shape) if hasattr(scale_inv, "shape") else tuple(scale_inv)
-    if got != want:
-        raise ValueError(f"{who}weight_scale_inv has shape {list(got)}; a [{M}, {N}] weight "
-                         f"in {b}x{b} blocks needs {list(want)}")
 
 
 def weight_dequant(q: torch.Tensor, scale_inv: torch.Tensor, block_size: int = 128,

@@ -1,13 +1,23 @@
-"""Triton kernels, each beside its torch reference; imported as ``dsv3lab.kernels``.
+"""The engine's kernels, imported as ``dsv3lab.kernels``: Triton for GPUs, C for CPUs.
 
-  act_quant, weight_quant, weight_dequant   FP8 block quantization           (quant.py)
-  fp8_gemm                                  block-scaled FP8 GEMM a @ b.T    (gemm.py)
+Triton (GPU; on a CPU only under TRITON_INTERPRET=1, for tests), each beside a torch reference:
+  act_quant, weight_quant, weight_dequant   FP8 block quantization           (quant.py; reference:
+                                                                              dsv3lab/fp8.py)
+  fp8_gemm                                  block-scaled FP8 GEMM a @ b.T    (gemm.py; reference:
+                                                                              dsv3lab.fp8.fp8_gemm_ref)
   group_tokens, grouped_gemm                MoE token grouping + expert GEMM (moe_group.py)
   mla_decode                                absorbed-MLA decode attention    (mla_attention.py)
   dispatch                                  which path the engine takes      (dispatch.py)
+C (CPU decode; sources in cpu/, compiled on first use for the CPU at hand, called through ctypes):
+  cpu_build       building cpu/*.c for an ISA tier (DSV3LAB_CPU_MARCH)
+  cpu_decode      GEMV, MoE token, RMSNorm, RoPE, routing, latent attention (cpu/decode_bf16.c)
+  cpu_sparse      V3.2's indexer selection and row gather (cpu/sparse_bf16.c)
+  cpu_calibrate   which of them beat the torch call they replace on this CPU
+  fp8_grid        the FP8 block-scale grid (shared with dsv3lab/fp8.py)
 
-Importing this package is cheap and works without triton: the kernel modules (which import
-triton) load on first attribute access. ``dispatch`` never needs triton to answer "use torch".
+Importing this package is cheap and works without triton or a C compiler: the kernel modules
+load on first use. ``dispatch`` never needs triton to answer "use torch". Nothing here imports
+the rest of dsv3lab (the model calls down into the kernels, never the other way).
 """
 
 from __future__ import annotations
@@ -16,8 +26,7 @@ import importlib
 
 _WHERE = {
     "act_quant": "quant", "weight_quant": "quant", "weight_dequant": "quant",
-    "act_quant_ref": "quant", "weight_quant_ref": "quant", "weight_dequant_ref": "quant",
-    "fp8_gemm": "gemm", "fp8_gemm_ref": "gemm",
+    "fp8_gemm": "gemm",
     "group_tokens": "moe_group", "group_tokens_ref": "moe_group", "TokenGroups": "moe_group",
     "grouped_gemm": "moe_group", "grouped_gemm_ref": "moe_group",
     "mla_decode": "mla_attention", "mla_decode_ref": "mla_attention",

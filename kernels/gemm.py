@@ -21,8 +21,6 @@ import torch
 import triton
 import triton.language as tl
 
-from dsv3lab.fp8 import fp8_gemm_ref  # noqa: F401  (the reference, side by side)
-
 from ._common import check_device, interpreting, next_pow2
 from ._jit import store_rounded
 

@@ -21,12 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
-from dsv3lab.fp8 import act_quant as act_quant_ref  # noqa: F401  (the references, side by side)
-from dsv3lab.fp8 import weight_dequant as weight_dequant_ref  # noqa: F401
-from dsv3lab.fp8 import weight_quant as weight_quant_ref  # noqa: F401
-from dsv3lab.fp8 import check_scale_shape
-
 from ._common import FP8_MAX, check_device, interpreting
+from .fp8_grid import check_scale_shape
 from ._jit import pow2_ceil, round_to_e4m3, store_rounded
 
 E4M3 = torch.float8_e4m3fn

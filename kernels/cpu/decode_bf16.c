@@ -57,7 +57,11 @@ static inline void dot_rows(const bf16 *w, const bf16 *x, int64_t ldx, int M, in
         for (int m = 0; m < M; m++) out[m] += bf2f(w[k]) * bf2f(x[m * ldx + k]);
 }
 
-/* PF (bf16.h): rows prefetched ahead; past a matrix's end a prefetch reads nothing and never faults */
+/* PF (bf16.h): rows prefetched ahead; past a matrix's end a prefetch reads nothing and never faults.
+   PFV: the same for the portable paths (0: none) */
+#ifndef PFV
+#define PFV 4
+#endif
 
 /* Four weight rows (ld apart) against one activation row: four independent accumulator chains
    and four memory streams in flight, which one row at a time does not keep. */
@@ -86,11 +90,11 @@ static inline void dot4(const bf16 *w, int64_t ld, const bf16 *x, int K, float *
     /* the activation widened once for the four rows; one prefetch per 64-byte line */
     vf a0 = vzero(), a1 = a0, a2 = a0, a3 = a0;
     for (; k + VL <= K; k += VL) {
-        if ((k * 2) % 64 == 0) {
-            PREFETCH(w + PF * ld + k);
-            PREFETCH(w + (PF + 1) * ld + k);
-            PREFETCH(w + (PF + 2) * ld + k);
-            PREFETCH(w + (PF + 3) * ld + k);
+        if (PFV && (k * 2) % 64 == 0) {
+            PREFETCH(w + PFV * ld + k);
+            PREFETCH(w + (PFV + 1) * ld + k);
+            PREFETCH(w + (PFV + 2) * ld + k);
+            PREFETCH(w + (PFV + 3) * ld + k);
         }
         vf xv = vload_bf(x + k);
         a0 += vload_bf(w + k) * xv;
@@ -132,11 +136,11 @@ static inline void dot4_f32(const float *w, int64_t ld, const float *x, int K, f
     int k = 0;
     vf a0 = vzero(), a1 = a0, a2 = a0, a3 = a0;
     for (; k + VL <= K; k += VL) {
-        if ((k * 4) % 64 == 0) {                      /* as in dot4: one prefetch per line */
-            PREFETCH(w + PF * ld + k);
-            PREFETCH(w + (PF + 1) * ld + k);
-            PREFETCH(w + (PF + 2) * ld + k);
-            PREFETCH(w + (PF + 3) * ld + k);
+        if (PFV && (k * 4) % 64 == 0) {               /* as in dot4: one prefetch per line */
+            PREFETCH(w + PFV * ld + k);
+            PREFETCH(w + (PFV + 1) * ld + k);
+            PREFETCH(w + (PFV + 2) * ld + k);
+            PREFETCH(w + (PFV + 3) * ld + k);
         }
         vf xv = vload(x + k);
         a0 += vload(w + k) * xv;
@@ -474,8 +478,14 @@ static inline void scores4x4(const float *q, int D, const float *const rows[4], 
                 for (int j = 0; j < 4; j++) a[i][j] += qv * kv[j];
             }
         }
+        /* the 8 sums (VL = 8: one tree; VL = 4: two) */
+        float r[8];
+        for (int n = 0; n < 8; n += VL) {
+            vf t = vsums(&a[0][0] + n);
+            memcpy(r + n, &t, sizeof t);
+        }
         for (int i = 0; i < 2; i++)
-            for (int j = 0; j < 4; j++) out[i0 + i][j] = vsum(a[i][j]);
+            for (int j = 0; j < 4; j++) out[i0 + i][j] = r[4 * i + j];
     }
 #endif
     for (int i = 0; i < 4; i++)

@@ -52,6 +52,29 @@ static inline float vsum(vf v) {
     return a[0];
 }
 
+/* The sums of VL vectors at once, as one vector (r[n] = sum of v[n]'s lanes): a tree of
+   pairwise lane additions (shuffles and adds, ~1.5 per vector) in place of VL separate
+   horizontal sums (VL - 1 scalar adds each). For the attention's score blocks, where a
+   horizontal sum comes every few dozen fused multiply-adds. VL = 4 or 8 (AVX-512 keeps its
+   intrinsic tree, cpu/decode_bf16.c). */
+#if VL == 8
+static inline vf vpairs(vf a, vf b) {      /* [a0+a1, a2+a3, b0+b1, b2+b3, a4+a5, a6+a7, b4+b5, b6+b7] */
+    return __builtin_shufflevector(a, b, 0, 2, 8, 10, 4, 6, 12, 14)
+         + __builtin_shufflevector(a, b, 1, 3, 9, 11, 5, 7, 13, 15);
+}
+static inline vf vsums(const vf *v) {
+    vf q0 = vpairs(vpairs(v[0], v[1]), vpairs(v[2], v[3]));    /* v0..v3: low half + high half */
+    vf q1 = vpairs(vpairs(v[4], v[5]), vpairs(v[6], v[7]));
+    return __builtin_shufflevector(q0, q1, 0, 1, 2, 3, 8, 9, 10, 11)
+         + __builtin_shufflevector(q0, q1, 4, 5, 6, 7, 12, 13, 14, 15);
+}
+#elif VL == 4
+static inline vf vpairs(vf a, vf b) {      /* [a0+a1, a2+a3, b0+b1, b2+b3] */
+    return __builtin_shufflevector(a, b, 0, 2, 4, 6) + __builtin_shufflevector(a, b, 1, 3, 5, 7);
+}
+static inline vf vsums(const vf *v) { return vpairs(vpairs(v[0], v[1]), vpairs(v[2], v[3])); }
+#endif
+
 /* lanewise a > b ? a : b (C has no vector ?:): a NaN in b comes back (the comparison is false) */
 static inline vf vmax(vf a, vf b) {
     vi m = (vi)(a > b), ai, bi;
