@@ -233,6 +233,9 @@ class ModelConfig:
         else:
             d = dict(path_or_dict)
         mt = d.get("model_type")
+        why = refusal(d)
+        if why is not None:
+            raise UnsupportedModelType(f"{src}: model_type {mt!r} is not supported: {why}")
         if mt not in MODEL_TYPES:
             raise ConfigError(f"{src}: model_type must be one of {', '.join(repr(m) for m in MODEL_TYPES)}, "
                               f"got {mt!r}")
@@ -320,8 +323,68 @@ class ModelConfig:
         return d
 
 
-# model_type values from_hf reads; all are this architecture (docs/checkpoints.md, family table)
-MODEL_TYPES = ("deepseek_v3", "deepseek_v32", "kimi_k2", "deepseek_v2")
+# model_type values from_hf reads; all are this architecture (docs/checkpoints.md, docs/family.md).
+# sarvam_mla: transformers builds it as DeepseekV3ForCausalLM (its config subclasses V3's)
+MODEL_TYPES = ("deepseek_v3", "deepseek_v32", "kimi_k2", "deepseek_v2", "sarvam_mla")
+
+
+class UnsupportedModelType(ConfigError):
+    """A model type of the MLA / DeepSeekMoE family that the lab does not run; the message says why."""
+
+
+# model types of the family (MLA or DeepSeekMoE in transformers 5.24) that the lab refuses, and why
+# (docs/family.md is generated from this by tests/test_family_table.py). deepseek_v4 is not here:
+# it has its own engine (dsv3lab/family.py sends it there).
+UNSUPPORTED_MODEL_TYPES = {
+    "axk1": "A.X K1: V3's MLA and MoE with GLM-4-MoE-Lite's block (a per-layer mlp_layer_types "
+            "schedule, a router without score-correction bias); not mapped onto ModelConfig yet",
+    "axk2": "A.X K2: V3.2-style DSA with a fused query/gate projection (gated attention output) and "
+            "gated RMSNorm; not in the engine",
+    "bailing_hybrid": "Ling hybrid: MLA layers interleaved with gated delta-rule linear-attention layers; "
+                      "linear attention is not in the engine",
+    "deepseek_v41": "DeepSeek-V4.1: Engram n-gram tables, compressors shared across layers and two-level "
+                    "top-k are not implemented (and not in transformers 5.24)",
+    "dots3_note_text": "dots3: DSA with GLM-DSA's indexer (interleaved RoPE) in its own attention block; "
+                       "not in the engine",
+    "glm4_moe_lite": "GLM-4.7-Flash: V3's MLA and router with a per-layer mlp_layer_types schedule; not "
+                     "mapped onto ModelConfig yet",
+    "glm5_next_text": "GLM-5-Next: GLM-MoE-DSA attention with linear-attention layers and mHC "
+                      "hyper-connections; not in the engine",
+    "glm_moe_dsa": "GLM-5: V3.2's DSA with shared-indexer layers (indexer_types 'shared' reuse the "
+                   "previous full layer's top-k), interleaved indexer RoPE and mlp_layer_types; the "
+                   "shared-layer indexer is not implemented yet",
+    "hy_v4": "Hunyuan V4: DSA attention inside mHC hyper-connections; not in the engine",
+    "hy_v4_vl_text": "Hunyuan V4 (text of the VL model): DSA attention inside mHC hyper-connections; not in the engine",
+    "kimi_linear": "Kimi Linear: KDA linear-attention layers (gated delta rule) beside NoPE MLA layers; "
+                   "linear attention is not in the engine",
+    "longcat_flash": "LongCat-Flash: zero-computation experts and two attentions per block (shortcut-"
+                     "connected MoE); not in the engine",
+    "minicpm3": "MiniCPM3: MLA attention with a dense Llama MLP (no MoE) and scaled embeddings; not "
+                "the V3 block",
+    "mistral4": "Mistral Small 4: a softmax router with top-2-sum groups and no bias, position-"
+                "dependent query scaling (llama_4_scaling_beta) and optional half-split RoPE; not in "
+                "the engine yet",
+    "mistral_large4_text": "Mistral Large 4: GLM-MoE-DSA's text model (see glm_moe_dsa)",
+    "youtu": "Youtu-LLM: MLA attention with a dense MLP (no MoE); not the V3 block",
+}
+
+
+def refusal(d: dict) -> Optional[str]:
+    """Why the lab refuses a config.json of the family, or None (not of the family, or supported).
+    Listed types have their reason; the rest of the family is recognised by its fields: a wrapper
+    around a text model, or DeepSeekMoE-style routing (n_routed_experts) without MLA (no kv_lora_rank)."""
+    mt = d.get("model_type")
+    if mt in MODEL_TYPES or mt == "deepseek_v4":
+        return None
+    if mt in UNSUPPORTED_MODEL_TYPES:
+        return UNSUPPORTED_MODEL_TYPES[mt]
+    tc = d.get("text_config")
+    if isinstance(tc, dict) and ("kv_lora_rank" in tc or "n_routed_experts" in tc):
+        return (f"a multimodal wrapper (text model {tc.get('model_type')!r} under language_model / "
+                "text_config); only text checkpoints of the family load")
+    if "n_routed_experts" in d and "kv_lora_rank" not in d:
+        return "DeepSeekMoE-style routing (n_routed_experts) without MLA (no kv_lora_rank): not the V3 architecture"
+    return None
 
 
 def _official(name, **kw) -> ModelConfig:

@@ -2,30 +2,16 @@
 ``dsv3lab.build`` send them (docs/family.md has the table of every model type).
 
 ``deepseek_v4`` has its own engine (``dsv3lab/model/v4_*.py``, ``dsv3lab/checkpoint_v4.py``).
-Model types of the MLA / DeepSeekMoE family that the lab does not run are refused here with the
-reason, by name (``UnsupportedModelType``), never loaded as something else.
+Model types of the MLA / DeepSeekMoE family that the lab does not run are refused by
+``ModelConfig.from_hf`` with the reason (``UnsupportedModelType``, ``config.UNSUPPORTED_MODEL_TYPES``),
+the same error for ``load`` and for a ranked load, never loaded as something else.
 """
 
 from __future__ import annotations
 
 from typing import Optional
 
-from dsv3lab.config import ConfigError, V4_PRESETS, V4Config, hf_model_type
-
-
-class UnsupportedModelType(ConfigError):
-    """A checkpoint of the family whose architecture the lab does not run (the message says why)."""
-
-
-# model_type -> why the lab does not load it (docs/family.md)
-UNSUPPORTED = {
-    "deepseek_v41": "DeepSeek-V4.1's Engram n-gram tables, shared compressors and two-level top-k are not "
-                    "implemented (and not in transformers 5.24)",
-    "kimi_linear": "Kimi Linear's KDA linear-attention layers (gated delta rule) are not implemented; "
-                   "only its MLA layers would load",
-    "longcat_flash": "LongCat-Flash's zero-computation experts and its two-attention block (shortcut MoE) "
-                     "are not implemented",
-}
+from dsv3lab.config import UNSUPPORTED_MODEL_TYPES, UnsupportedModelType, V4_PRESETS, V4Config, hf_model_type  # noqa: F401
 
 
 def is_v4(cfg_or_name) -> bool:
@@ -49,6 +35,4 @@ def load_other(path, dtype=None, device=None):
     if mt == "deepseek_v4":
         from dsv3lab.checkpoint_v4 import load_v4
         return load_v4(path, dtype=dtype, device=device)
-    if mt in UNSUPPORTED:
-        raise UnsupportedModelType(f"{path}: model_type {mt!r} is not supported: {UNSUPPORTED[mt]}")
-    return None
+    return None        # the V3 loader; ModelConfig.from_hf refuses the rest of the family by name
