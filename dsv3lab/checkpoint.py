@@ -286,6 +286,19 @@ class ShardMap:
         b, e = self.header[key]["data_offsets"]
         return self.data_start + b, e - b
 
+    def release(self, key: str) -> None:
+        """Drop the pages that lie wholly inside ``key``'s data from this process (they were
+        read and copied; the file is untouched, a later read maps them again). Without this a
+        converted or dequantized weight would stay resident twice: as the copy and as pages of
+        the mapping, which the OS counts in the process's RSS until it needs the memory."""
+        if not hasattr(self.mmap, "madvise"):
+            return
+        off, n = self.span(key)
+        page = mmap.PAGESIZE
+        start, stop = -(-off // page) * page, (off + n) // page * page
+        if stop > start:
+            self.mmap.madvise(mmap.MADV_DONTNEED, start, stop - start)
+
     def tensor(self, key: str, dtype: torch.dtype) -> torch.Tensor | None:
         """The tensor as a view of the mapping; None where its offset is not a multiple of its
         element size (the format does not promise alignment; such a tensor is copied)."""
@@ -473,6 +486,13 @@ def read_planned(plan: list[TensorRead], reader: ShardReader, cfg: ModelConfig, 
         from tqdm.auto import tqdm
         items = tqdm(plan, desc=desc, unit="tensor")
     as_stored = fp8 in ("keep", "quantize")
+    kept = set()
+
+    def release(*keys):            # read and copied: its pages of the mapping may go
+        for k in keys:
+            if k not in kept and k in reader.weight_map:
+                reader.mapping(k).release(k)
+
     for r in items:
         rows, cols = r.window
         t = reader.get(r.key, rows=rows, cols=cols)
@@ -487,19 +507,31 @@ def read_planned(plan: list[TensorRead], reader: ShardReader, cfg: ModelConfig, 
                            cols=slice(c0 // block, math.ceil(c1 / block))).float()
             check_scales(reader, sk, s, cfg.scale_fmt, at=(r0 // block, c0 // block))
             if as_stored and lin:
-                r.module.weight = nn.Parameter(_kept(t, device), requires_grad=False)
+                w = _kept(t, device)
+                r.module.weight = nn.Parameter(w, requires_grad=False)
                 r.module.weight_scale_inv = _kept(s, device)
+                kept.update((r.key, sk))
+                if w is not t:
+                    release(r.key)
                 continue
             t = weight_dequant(t, s, block, r.dtype, offset=(r0 % block, c0 % block))
+            release(r.key)
         elif fp8 == "quantize" and lin and is_fp8_key(r.key):
             q, s = weight_quant(t, block, scale_fmt=cfg.scale_fmt)
             r.module.weight = nn.Parameter(q.to(device), requires_grad=False)
             r.module.weight_scale_inv = s.to(device)
+            release(r.key)
             continue
         elif as_stored and t.dtype == r.dtype:
-            place(r.module, r.attr, _kept(t, device))
+            w = _kept(t, device)
+            place(r.module, r.attr, w)
+            if w is t:
+                kept.add(r.key)
+            else:
+                release(r.key)
             continue
         place(r.module, r.attr, _own(t, device, r.dtype))
+        release(r.key)
 
 
 def rss_bytes() -> tuple[int, int]:
