@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import re
 
 import torch
 
@@ -69,6 +70,19 @@ def _library(tier: str) -> ctypes.CDLL | None:
         fn = getattr(lib, name)
         fn.argtypes, fn.restype = args, None
     return lib
+
+
+@functools.lru_cache(maxsize=None)
+def slots(prefix: str) -> dict[str, int]:
+    """The argument slots of a packed C call by name, read from its enum in the C source -- the
+    one definition, which Python fills by the same names: ``slots("IN")`` (``dsv3_mla_in``) ->
+    {"X": 0, "NORM_W": 1, ..., "NSLOTS": 23}."""
+    text = re.sub(r"/\*.*?\*/", "", SOURCE.read_text(), flags=re.S)
+    for body in re.findall(r"enum\s*\{([^}]*)\}", text):
+        names = [n.strip() for n in body.split(",") if n.strip()]
+        if names and all(n.startswith(prefix + "_") for n in names):
+            return {n[len(prefix) + 1:]: i for i, n in enumerate(names)}
+    raise ValueError(f"no enum of {prefix}_ slots in {SOURCE.name}")
 
 
 KERNEL_DTYPES = (torch.bfloat16, torch.float32)     # gemv, moe, rmsnorm and rope take either

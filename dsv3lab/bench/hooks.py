@@ -19,8 +19,10 @@ import torch
 
 
 class _Bypass:
-    """Stands in for a HookPoint: a plain callable, not a module, never hooked."""
+    """Stands in for a HookPoint: a plain callable, not a module, never hooked (empty hook
+    dicts, so ``layers.hooked`` reads it as it reads an idle HookPoint)."""
     active = False
+    _forward_hooks = _forward_pre_hooks = {}
 
     def __call__(self, x):
         return x

@@ -42,7 +42,8 @@ import torch
 from dsv3lab.kernels import cpu_decode, cpu_sparse
 from dsv3lab.model.attention import AttnInput, keep_from_indices
 from dsv3lab.model.attn_absorbed import AbsorbedAttention, LatentCache, latent_attention
-from dsv3lab.model.indexer import KEY_FORMATS, Indexer, IndexerKeyCache, fires
+from dsv3lab.model.indexer import KEY_FORMATS, Indexer, IndexerKeyCache
+from dsv3lab.model.layers import hooked
 
 # gathered latent values held at once in a prefill chunk (batch x queries x k x (c + r))
 _GATHER_CHUNK_ELEMS = 1 << 23
@@ -128,7 +129,7 @@ class SparseAttention(AbsorbedAttention):
         MLA's [B,H,S,T] probabilities, the dense-probability probe."""
         mods = self.mla._modules                 # by dict: called every layer of every decode step
         ix = mods["indexer"]
-        return ix.fast_decode_ok and not fires(mods["hook_attn_probs"], ix._modules["hook_dense_probs"])
+        return ix.fast_decode_ok and not hooked(mods["hook_attn_probs"], ix._modules["hook_dense_probs"])
 
     def decode_gathered(self, x, q_latent, cos, sin, start: int, cache: SparseCache, slot: int,
                         latent: torch.Tensor) -> torch.Tensor:

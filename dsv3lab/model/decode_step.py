@@ -36,16 +36,27 @@ import operator
 import weakref
 
 import torch
-from torch.nn.modules import module as _torch_module
 
 from dsv3lab.kernels import cpu_calibrate, cpu_decode
 from dsv3lab.model.attn_absorbed import AbsorbedAttention, LatentCache, latent_attention
 from dsv3lab.model.attn_sparse import SparseAttention
-from dsv3lab.model.layers import MLP, HookPoint, RMSNorm, is_plain_linear
+from dsv3lab.model.layers import MLP, HookPoint, RMSNorm, hooked, is_plain_linear, sharded
 from dsv3lab.model.moe import MoE
 
 
-_IN_SLOTS, _OUT_SLOTS = 23, 24      # dsv3_mla_in / dsv3_mla_out's slot counts (IN_NSLOTS, OUT_NSLOTS)
+# dsv3_mla_in / dsv3_mla_out's argument slots by name, from the C enums (cpu_decode.slots)
+IN, OUT = cpu_decode.slots("IN"), cpu_decode.slots("OUT")
+_IN_ROW, _IN_COS, _IN_SIN, _IN_WUK = IN["ROW"], IN["COS"], IN["SIN"], IN["WUK"]       # set every step
+_OUT_OLAT, _OUT_OLAT_LD, _OUT_WUV = OUT["OLAT"], OUT["OLAT_LD"], OUT["WUV"]
+_OUT_GATE_W, _OUT_BIAS = OUT["GATE_W"], OUT["BIAS"]
+
+
+def _slot_array(slots: dict[str, int], **values) -> ctypes.Array:
+    """A C call's int64 argument array with the named slots filled (the rest 0)."""
+    a = (ctypes.c_int64 * slots["NSLOTS"])()
+    for name, v in values.items():
+        a[slots[name]] = v
+    return a
 
 
 class _Fallback(Exception):
@@ -210,24 +221,23 @@ class _Plan:
         n, r, c, v = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.kv_lora_rank, cfg.v_head_dim
         ptr = lambda t: 0 if t is None else t.data_ptr()                  # noqa: E731
         qlr = cfg.q_lora_rank or 0
-        a_in = [0] * _IN_SLOTS
-        a_in[0:12] = [ptr(self.x), ptr(ly["in_norm"][0]), ptr(self.h), ptr(ly.get("q_a")), ptr(self.qa),
-                      ptr(ly["q_a_norm"][0]) if qlr else 0, ptr(self.qa_n), ptr(ly["q_b"] if qlr else ly["q"]),
-                      ptr(self.q), ptr(ly["kv_a"]), ptr(self.kv), ptr(ly["kv_norm"][0])]
-        a_in[16:23] = [ptr(self.q_cat), D, qlr, H, n, r, c]
-        ly["in_args"] = (ctypes.c_int64 * _IN_SLOTS)(*a_in)
+        ly["in_args"] = _slot_array(
+            IN, X=ptr(self.x), NORM_W=ptr(ly["in_norm"][0]), H=ptr(self.h), QA_W=ptr(ly.get("q_a")), QA=ptr(self.qa),
+            QA_NORM_W=ptr(ly["q_a_norm"][0]) if qlr else 0, QA_N=ptr(self.qa_n),
+            QB_W=ptr(ly["q_b"] if qlr else ly["q"]), Q=ptr(self.q), KVA_W=ptr(ly["kv_a"]), KV=ptr(self.kv),
+            KV_NORM_W=ptr(ly["kv_norm"][0]), QCAT=ptr(self.q_cat), D=D, QLR=qlr, H_HEADS=H, NOPE=n, ROPE=r, C=c)
         ly["in_eps"] = (ctypes.c_float * 3)(ly["in_norm"][1], ly["q_a_norm"][1] if qlr else 0.0, ly["kv_norm"][1])
-        a_out = [0] * _OUT_SLOTS
-        a_out[3:9] = [ptr(self.o), ptr(ly["o_proj"]), ptr(self.a), ptr(self.x), ptr(ly["post_norm"][0]), ptr(self.h2)]
-        a_out[11:24] = [ptr(self.scores), ptr(self.x32), ptr(self.ids), ptr(self.weights), D, H, v, c,
-                        cfg.n_routed_experts, cfg.n_group, cfg.topk_group, cfg.num_experts_per_tok,
-                        int(cfg.norm_topk_prob)]
+        ly["out_args"] = _slot_array(
+            OUT, O=ptr(self.o), OPROJ_W=ptr(ly["o_proj"]), A=ptr(self.a), X=ptr(self.x),
+            NORM_W=ptr(ly["post_norm"][0]), H2=ptr(self.h2), SCORES=ptr(self.scores), X32=ptr(self.x32),
+            IDS=ptr(self.ids), WEIGHTS=ptr(self.weights), D=D, H_HEADS=H, V=v, C=c, E=cfg.n_routed_experts,
+            GROUPS=cfg.n_group, TOPK_GROUP=cfg.topk_group, K=cfg.num_experts_per_tok,
+            NORM_TOPK=int(cfg.norm_topk_prob))
         ly["gate_ptrs"] = (0, 0)
         if ly["ffn"] == "moe":
             gw, bias = ly["gate_weight"], ly["gate_bias"]
             if gw is not None and (bias is not None or not ly["gate"].has_bias):
                 ly["gate_ptrs"] = (gw.data_ptr(), ptr(bias))
-        ly["out_args"] = (ctypes.c_int64 * _OUT_SLOTS)(*a_out)
         ly["out_f"] = (ctypes.c_float * 2)(ly["post_norm"][1], cfg.routed_scaling_factor)
 
     def _layer(self, blk, cfg) -> dict:
@@ -342,8 +352,7 @@ class DecodeStep:
 
     def _run(self, tokens: torch.Tensor, start: int, cache) -> torch.Tensor:
         m, cfg = self.model, self.cfg
-        if (_torch_module._global_forward_hooks or _torch_module._global_forward_pre_hooks
-                or getattr(m, "_dsv3_parallel", None) is not None):
+        if hooked() or sharded(m):
             raise _Fallback
         plan = _plan(m)
         if not plan.fit:
@@ -393,7 +402,7 @@ class DecodeStep:
                 raise _Fallback
             w_uk_t, w_uv = impl.decode_weights(dt)
             a_in = ly["in_args"]
-            a_in[12], a_in[13], a_in[14], a_in[15] = row.data_ptr(), cs_p, sn_p, w_uk_t.data_ptr()
+            a_in[_IN_ROW], a_in[_IN_COS], a_in[_IN_SIN], a_in[_IN_WUK] = row.data_ptr(), cs_p, sn_p, w_uk_t.data_ptr()
             # norm, q and kv projections, c_kv and k_pe into the cache row, [q_nope W_UK^T ; q_pe]
             lib.dsv3_mla_in(f32, a_in, ly["in_eps"], nt)
             latent = cache.layers[ly["layer"]][:1, :start + 1]
@@ -404,16 +413,16 @@ class DecodeStep:
             if o_lat.stride(-1) != 1:
                 o_lat = o_lat.contiguous()                                 # [1,1,H,c], rows stride(2) apart
             a_out = ly["out_args"]
-            a_out[0], a_out[1], a_out[2] = o_lat.data_ptr(), o_lat.stride(2), w_uv.data_ptr()
+            a_out[_OUT_OLAT], a_out[_OUT_OLAT_LD], a_out[_OUT_WUV] = o_lat.data_ptr(), o_lat.stride(2), w_uv.data_ptr()
             gate_in_c = False
             if ly["ffn"] == "moe":
                 mlp, gate = ly["mlp"], ly["gate"]
-                if "dispatch" in mlp.__dict__:                             # expert parallelism installed
+                if sharded(mlp):                                           # expert parallelism installed
                     raise _Fallback
                 # forced routing and expert masks are the gate module's (its torch path)
                 gate_in_c = gate.__dict__.get("forced_routing") is None and gate.__dict__.get("expert_mask") is None
-            a_out[9], a_out[10] = ly["gate_ptrs"] if gate_in_c else (0, 0)
-            gate_in_c = gate_in_c and a_out[9] != 0
+            a_out[_OUT_GATE_W], a_out[_OUT_BIAS] = ly["gate_ptrs"] if gate_in_c else (0, 0)
+            gate_in_c = gate_in_c and a_out[_OUT_GATE_W] != 0
             # W_UV, o_proj, the residual, the post-attention norm (and the gate's choice)
             lib.dsv3_mla_out(f32, a_out, ly["out_f"], nt)
             if ly["ffn"] == "moe":

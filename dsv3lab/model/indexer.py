@@ -51,11 +51,10 @@ from array import array
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.modules import module as _mm
 
 from dsv3lab.kernels import cpu_decode, cpu_sparse
 from dsv3lab.model.hadamard import hadamard
-from dsv3lab.model.layers import HookPoint, LayerNorm, Linear, linear
+from dsv3lab.model.layers import HookPoint, LayerNorm, Linear, hooked, linear
 from dsv3lab.model.rope import apply_rope_half
 
 KEY_FORMATS = ("model", "bf16", "fp8")
@@ -234,14 +233,6 @@ def decode_topk(scores: torch.Tensor, index_topk: int) -> torch.Tensor:
     return idx
 
 
-def fires(*points: nn.Module) -> bool:
-    """Whether a forward hook would run on any of these modules (their own hooks or global ones):
-    the fast paths, which skip some hook points, are taken only when none would."""
-    if _mm._global_forward_hooks or _mm._global_forward_pre_hooks:
-        return True
-    return any(p._forward_hooks or p._forward_pre_hooks for p in points)
-
-
 def select_topk(scores: torch.Tensor, index_topk: int) -> torch.Tensor:
     """Top-min(index_topk, T) key positions per query [B,S,k] (int64); -1 where the query sees
     fewer than k keys (its remaining top-k entries would be masked, -inf, positions)."""
@@ -320,7 +311,7 @@ class Indexer(nn.Module):
         """``decode_select`` may stand in for ``forward``: nothing would see the scores, the
         selection or the module's own call."""
         mods = self._modules                     # by dict: called every layer of every decode step
-        return not fires(self, mods["hook_scores"], mods["hook_topk_indices"])
+        return not hooked(self, mods["hook_scores"], mods["hook_topk_indices"])
 
     def decode_select(self, x: torch.Tensor, q_latent: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                       start: int, cache: IndexerKeyCache, layer: int = 0) -> torch.Tensor:
@@ -361,12 +352,10 @@ class Indexer(nn.Module):
         and the layout checks run once per set of weight and cache addresses and dtypes."""
         if torch.is_grad_enabled() or cache.key_format == "fp8" or not cpu_decode.enabled(kernel="index_select"):
             return None                  # (the backend, a dispatch mode -- a flop counter, say -- sees torch ops only)
-        if _mm._global_forward_hooks or _mm._global_forward_pre_hooks:
-            return None
         mods = self._modules
-        for name in ("wq_b", "wk", "k_norm", "weights_proj", "hook_q", "hook_k", "hook_weights"):
-            if mods[name]._forward_hooks or mods[name]._forward_pre_hooks:
-                return None
+        if hooked(*(mods[name] for name in ("wq_b", "wk", "k_norm", "weights_proj", "hook_q", "hook_k",
+                                            "hook_weights"))):
+            return None
         buf = cache.layers[layer]
         ts = (buf, mods["wq_b"]._parameters["weight"], mods["wk"]._parameters["weight"],
               mods["k_norm"]._parameters["weight"], mods["k_norm"]._parameters["bias"],

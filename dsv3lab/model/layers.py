@@ -12,6 +12,33 @@ from torch.nn.modules import module as _mm
 from dsv3lab.kernels import cpu_build, cpu_decode
 
 
+def hooked(*modules: nn.Module) -> bool:
+    """Whether a probe watches any of ``modules`` (a forward or forward-pre hook on it) or every
+    module (a global forward hook): the one test of "is anything hooked here". Code that skips
+    modules -- the C kernels, the fused decode step -- takes the module path when it is True."""
+    if _mm._global_forward_hooks or _mm._global_forward_pre_hooks:
+        return True
+    for m in modules:
+        if m._forward_hooks or m._forward_pre_hooks:
+            return True
+    return False
+
+
+SHARDED = "_dsv3_sharded"
+
+
+def mark_sharded(*modules: nn.Module) -> None:
+    """Marks modules whose computation a parallel layout changed (``dsv3lab.parallel.apply``:
+    the model, an MoE with an expert-parallel dispatch)."""
+    for m in modules:
+        m.__dict__[SHARDED] = True
+
+
+def sharded(module: nn.Module) -> bool:
+    """Whether a parallel layout changed this module (the one test; fused paths step aside)."""
+    return module.__dict__.get(SHARDED, False)
+
+
 class HookPoint(nn.Module):
     """Identity module with a stable dotted name (TransformerLens style).
 
@@ -28,8 +55,7 @@ class HookPoint(nn.Module):
 
     def __call__(self, x):
         # fast path: with nothing attached (here or globally) skip nn.Module's dispatch
-        if (self._forward_hooks or self._forward_pre_hooks or _mm._global_forward_hooks
-                or _mm._global_forward_pre_hooks):
+        if hooked(self):
             return super().__call__(x)
         return x
 

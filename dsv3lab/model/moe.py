@@ -40,11 +40,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.modules import module as _torch_module
 
 from dsv3lab.config import ModelConfig
 from dsv3lab.kernels import cpu_decode
-from dsv3lab.model.layers import MLP, HookPoint, is_plain_linear
+from dsv3lab.model.layers import MLP, HookPoint, hooked, is_plain_linear, sharded
 
 
 class Gate(nn.Module):
@@ -70,9 +69,7 @@ class Gate(nn.Module):
 
     def hooks_after_scores(self) -> bool:
         """Whether a probe watches a step of the selection itself (then the torch path runs it)."""
-        return (self.hook_biased_scores.active or self.hook_group_mask.active or self.hook_topk_ids.active
-                or self.hook_topk_weights.active or bool(_torch_module._global_forward_hooks)
-                or bool(_torch_module._global_forward_pre_hooks))
+        return hooked(self.hook_biased_scores, self.hook_group_mask, self.hook_topk_ids, self.hook_topk_weights)
 
     def weights_of(self, scores: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
         """Routing weights of the chosen experts [T,k] fp32: their unbiased scores, normalised
@@ -165,9 +162,8 @@ class MoE(nn.Module):
         fused CPU kernel may run them, else None: every one a plain local MLP in ``dtype`` with nothing
         hooked on it or on this MoE (a probe needs the per-expert path), and no parallel
         dispatch installed on this module."""
-        if ("dispatch" in self.__dict__ or self.hook_expert_counts.active or self.hook_routed_out.active
-                or self.hook_shared_out.active or self.hook_expert_out.active
-                or _torch_module._global_forward_hooks or _torch_module._global_forward_pre_hooks):
+        if sharded(self) or hooked(self.hook_expert_counts, self.hook_routed_out, self.hook_shared_out,
+                                   self.hook_expert_out):
             return None
         mlps = [self.experts[e] for e in ids]
         if self.shared_experts is not None:
@@ -175,10 +171,10 @@ class MoE(nn.Module):
         if len(mlps) > cpu_decode.MAX_SLOTS:
             return None
         for m in mlps:
-            if type(m) is not MLP or m._forward_hooks or m._forward_pre_hooks:
+            if type(m) is not MLP or hooked(m, m.gate_proj, m.up_proj, m.down_proj):
                 return None
             for lin in (m.gate_proj, m.up_proj, m.down_proj):
-                if not is_plain_linear(lin, dtype) or lin._forward_hooks or lin._forward_pre_hooks:
+                if not is_plain_linear(lin, dtype):
                     return None
         return mlps
 
@@ -211,7 +207,7 @@ class MoE(nn.Module):
                 outs.append(self.experts[e](xs[lo:hi]))
             lo = hi
         ys = torch.cat(outs) if outs else xs[:0]
-        if self.hook_expert_out.active or _torch_module._global_forward_hooks:
+        if hooked(self.hook_expert_out):
             # per-expert outputs for probes: [T,k,D] in slot order, then the same combine
             per_slot = torch.empty(T * k, x.shape[-1], dtype=ys.dtype, device=x.device)
             per_slot[order] = ys

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from dsv3lab.model.layers import MLP, Linear
+from dsv3lab.model.layers import MLP, Linear, mark_sharded
 from dsv3lab.model.mla import MLA
 from dsv3lab.model.moe import MoE
 from dsv3lab.parallel.context import ParallelContext
@@ -160,11 +160,13 @@ def apply_layout(model, ctx: ParallelContext | Layout, rank: int | None = None,
                 _shard_mlp(mlp.shared_experts, ctx, block)
             disp = ExpertParallelDispatch(mlp, ctx, blk.layer, replicas, fp8=ctx.layout.fp8_dispatch)
             mlp.dispatch = disp          # instance attribute: shadows MoE.dispatch for this module
+            mark_sharded(mlp)
             state.dispatchers[blk.layer] = disp
         elif tp > 1:
             _shard_mlp(mlp, ctx, block)
     state.sync_header()
     model._dsv3_parallel = state
+    mark_sharded(model)
     return model
 
 
