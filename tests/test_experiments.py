@@ -357,3 +357,16 @@ def test_run_a_subset_of_arms_with_overrides(tmp_path):
     assert list(tmp_path.iterdir()) == []                       # quick runs are not recorded
     with pytest.raises(ValueError, match="no arm"):
         X.run("fp8_training", quick=True, arms=("fp16",))
+
+
+def test_bias_sim_balances_better_with_larger_batches():
+    """The router-only simulation: the bias update evens a skewed router out, and counting on
+    larger batches (less sampling noise in the sign) leaves less imbalance; uniform routing on
+    the same tokens is the floor under both."""
+    from dsv3lab.balance.bias_sim import best_per_batch, simulate
+    small = simulate(64, 3e-3, steps=150, n_experts=16, top_k=2, eval_tokens=8192, seed=0)
+    large = simulate(4096, 3e-3, steps=150, n_experts=16, top_k=2, eval_tokens=8192, seed=0)
+    assert small["maxvio_zero_bias"] > 2.0                          # the router is skewed
+    assert small["floor"] < large["maxvio_global"] < small["maxvio_global"] < 0.5 * small["maxvio_zero_bias"]
+    rows = [dict(batch_tokens=64, gamma=1e-3, maxvio_global=0.3), dict(batch_tokens=64, gamma=1e-2, maxvio_global=0.2)]
+    assert best_per_batch(rows)[64]["gamma"] == 1e-2

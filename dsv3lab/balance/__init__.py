@@ -1,6 +1,7 @@
 """Load balancing: EPLB-style expert placement with redundant experts (``eplb``) and the figures
 of the 02_load_balancing notebook (``figures``), and the aux-loss-free bias update used in
-training (``bias_update``). The balance metrics and losses (MaxVio, balancedness, load per GPU,
+training (``bias_update``), with a router-only simulation of how balanced it can get per batch
+size (``bias_sim``). The balance metrics and losses (MaxVio, balancedness, load per GPU,
 the sequence- and batch-wise losses) have their one home in ``dsv3lab.probes.metrics``."""
 
 from dsv3lab.balance.bias_update import bias_update
