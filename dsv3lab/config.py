@@ -74,6 +74,10 @@ class ModelConfig:
     index_n_heads: int = 0              # [index_n_heads] H_I indexer heads
     index_head_dim: int = 0             # [index_head_dim] D_I per indexer head (rope part first)
     index_topk: int = 0                 # [index_topk] keys each query may attend to
+    # --- Mistral 4 (mistral4): queries at position t scaled by 1 + beta ln(1 + floor(t / len)),
+    # rope_parameters.llama_4_scaling_beta and its original_max_position_embeddings; 0 = off
+    attn_scale_beta: float = 0.0
+    attn_scale_len: int = 0
     name: str = "v3-671b"               # label only
 
     # ----------------------------------------------------------------------------------------
@@ -131,6 +135,9 @@ class ModelConfig:
             need(self.index_head_dim >= self.qk_rope_head_dim, "index_head_dim",
                  f"must hold the qk_rope_head_dim={self.qk_rope_head_dim} rotated dims, got {self.index_head_dim}")
             need(self.q_lora_rank > 0, "q_lora_rank", "the indexer reads the q latent: needs q_lora_rank > 0")
+        need(self.attn_scale_beta >= 0, "attn_scale_beta", f"must be >= 0, got {self.attn_scale_beta}")
+        need(not self.attn_scale_beta or self.attn_scale_len > 0, "attn_scale_len",
+             f"must be > 0 when attn_scale_beta is set, got {self.attn_scale_len}")
         if self.has_moe:
             need(self.n_routed_experts > 0, "n_routed_experts", "must be > 0 when any layer is MoE")
             need(1 <= self.num_experts_per_tok <= self.n_routed_experts, "num_experts_per_tok",
@@ -241,7 +248,7 @@ class ModelConfig:
                               f"got {mt!r}")
         names = {f.name for f in fields(cls)}
         kw = {k: v for k, v in d.items() if k in names and k not in ("rope_scaling", "name", "scale_fmt")
-              and not k.startswith("index_")}
+              and not k.startswith(("index_", "attn_scale_"))}
         if mt == "deepseek_v32":
             # transformers' DeepseekV32Config defaults (the official 671B values) when a field is absent
             for k, default in (("index_n_heads", 64), ("index_head_dim", 128), ("index_topk", 2048)):
@@ -263,6 +270,24 @@ class ModelConfig:
         if d.get("num_nextn_predict_layers") is None and "num_mtp_layers" in d:
             kw["num_nextn_predict_layers"] = d["num_mtp_layers"]
         kw.setdefault("num_nextn_predict_layers", 0)
+        if mt == "mistral4":
+            # Mistral 4: V3's MLA and MoE with a softmax router without bias (top-k over all experts
+            # in one group), and llama-4 query scaling (docs/family.md)
+            rp = d.get("rope_parameters") or d.get("rope_scaling") or {}
+            if d.get("rope_interleave") is False:
+                raise UnsupportedModelType(f"{src}: mistral4 with rope_interleave=false (half-split RoPE on "
+                                           "MLA) is not supported")
+            if (d.get("n_group") or 1) > 1:
+                raise UnsupportedModelType(f"{src}: mistral4 with n_group > 1 (groups scored by their top-2 "
+                                           "softmax scores, no bias) is not supported")
+            kw.update(scoring_func="softmax", topk_method="greedy",
+                      norm_topk_prob=bool(d.get("norm_topk_prob", True)),
+                      attn_scale_beta=float(rp.get("llama_4_scaling_beta") or 0.0),
+                      attn_scale_len=int(rp.get("original_max_position_embeddings") or 0))
+            if kw.get("rope_scaling"):
+                kw["rope_scaling"] = {k: v for k, v in kw["rope_scaling"].items() if k in (
+                    "type", "factor", "original_max_position_embeddings", "beta_fast", "beta_slow", "mscale",
+                    "mscale_all_dim")}
         if mt == "deepseek_v2":
             kw.setdefault("scoring_func", d.get("scoring_func", "softmax"))
             kw.setdefault("topk_method", d.get("topk_method", "greedy"))
@@ -305,6 +330,7 @@ class ModelConfig:
         if not self.has_indexer:
             for k in ("index_n_heads", "index_head_dim", "index_topk"):
                 d.pop(k)
+        beta, blen = d.pop("attn_scale_beta"), d.pop("attn_scale_len")
         d["q_lora_rank"] = self.q_lora_rank or None
         d["rope_scaling"] = dict(self.rope_scaling) if self.rope_scaling else None
         # kimi_k2 configs are read as the architecture they are and written as deepseek_v3, the
@@ -320,12 +346,20 @@ class ModelConfig:
                                             weight_block_size=[self.fp8_block_size, self.fp8_block_size])
             if self.scale_fmt:
                 d["quantization_config"]["scale_fmt"] = self.scale_fmt
+        if beta:
+            rp = dict(rope_type=(self.rope_scaling or {}).get("type", "default"), rope_theta=self.rope_theta,
+                      **{k: v for k, v in (self.rope_scaling or {}).items() if k != "type"})
+            rp.update(llama_4_scaling_beta=beta, original_max_position_embeddings=blen)
+            d.update(model_type="mistral4", architectures=["Mistral4ForCausalLM"], rope_parameters=rp,
+                     rope_interleave=True)
+            d.pop("rope_scaling")
         return d
 
 
 # model_type values from_hf reads; all are this architecture (docs/checkpoints.md, docs/family.md).
-# sarvam_mla: transformers builds it as DeepseekV3ForCausalLM (its config subclasses V3's)
-MODEL_TYPES = ("deepseek_v3", "deepseek_v32", "kimi_k2", "deepseek_v2", "sarvam_mla")
+# sarvam_mla: transformers builds it as DeepseekV3ForCausalLM (its config subclasses V3's); mistral4:
+# V3 plus query scaling (attn_scale_beta), a softmax router without bias in one group
+MODEL_TYPES = ("deepseek_v3", "deepseek_v32", "kimi_k2", "deepseek_v2", "sarvam_mla", "mistral4")
 
 
 class UnsupportedModelType(ConfigError):
@@ -361,9 +395,6 @@ UNSUPPORTED_MODEL_TYPES = {
                      "connected MoE); not in the engine",
     "minicpm3": "MiniCPM3: MLA attention with a dense Llama MLP (no MoE) and scaled embeddings; not "
                 "the V3 block",
-    "mistral4": "Mistral Small 4: a softmax router with top-2-sum groups and no bias, position-"
-                "dependent query scaling (llama_4_scaling_beta) and optional half-split RoPE; not in "
-                "the engine yet",
     "mistral_large4_text": "Mistral Large 4: GLM-MoE-DSA's text model (see glm_moe_dsa)",
     "youtu": "Youtu-LLM: MLA attention with a dense MLP (no MoE); not the V3 block",
 }

@@ -35,4 +35,12 @@ def load_other(path, dtype=None, device=None):
     if mt == "deepseek_v4":
         from dsv3lab.checkpoint_v4 import load_v4
         return load_v4(path, dtype=dtype, device=device)
+    from dsv3lab.checkpoint import ShardReader, load_checkpoint
+    from dsv3lab.fused_experts import FusedExpertsReader, has_fused_experts
+    try:
+        keys = ShardReader(os.fspath(path)).keys()
+    except Exception:
+        return None     # the V3 loader names what is wrong with the directory
+    if has_fused_experts(keys):     # experts saved fused (transformers' mistral4): per-expert views
+        return load_checkpoint(os.fspath(path), dtype=dtype, device=device, reader=FusedExpertsReader(os.fspath(path)))
     return None        # the V3 loader; ModelConfig.from_hf refuses the rest of the family by name

@@ -31,10 +31,17 @@ SMALL = dict(vocab_size=160, hidden_size=64, intermediate_size=96, moe_intermedi
              index_n_heads=16, index_head_dim=16, index_topk=8, initializer_range=0.05, tie_word_embeddings=False,
              num_nextn_predict_layers=0, rope_scaling=None)
 # V2-236B routes group-limited; (with "greedy" transformers ignores n_group, the lab does not)
-OVERRIDES = {"deepseek_v2": dict(topk_method="group_limited_greedy")}
+OVERRIDES = {"deepseek_v2": dict(topk_method="group_limited_greedy"),
+             # llama-4 query scaling from position 8 on, so the test's positions are scaled
+             "mistral4": dict(head_dim=24, n_group=1, topk_group=1, rope_parameters=dict(
+                 rope_type="yarn", rope_theta=10000.0, factor=4.0, original_max_position_embeddings=8, beta_fast=32.0,
+                 beta_slow=1.0, mscale=1.0, mscale_all_dim=1.0, llama_4_scaling_beta=0.1,
+                 partial_rotary_factor=8 / 24))}
 HOW = {"deepseek_v2": "V3 engine (softmax gate, V2 routing)", "deepseek_v3": "V3 engine",
        "deepseek_v32": "V3 engine, sparse attention (DSA)", "sarvam_mla": "V3 engine (a V3 config subclass)",
-       "deepseek_v4": "V4 engine ([v4.md](v4.md))"}
+       "deepseek_v4": "V4 engine ([v4.md](v4.md))",
+       "mistral4": "V3 engine with llama-4 query scaling (`attn_scale_beta`), softmax router without bias; "
+                   "n_group > 1 and rope_interleave=false refused; fused experts read as per-expert views"}
 
 
 def family():
@@ -64,9 +71,13 @@ def parity(mt, tmp_path):
         hf_cfg = CONFIG_MAPPING[mt](**dict(V4SMALL, **CASES["all-types"]))
     else:
         base = CONFIG_MAPPING[mt]()
-        hf_cfg = CONFIG_MAPPING[mt](**{k: v for k, v in SMALL.items() if hasattr(base, k)}, **OVERRIDES.get(mt, {}))
+        kw = {k: v for k, v in SMALL.items() if hasattr(base, k)}
+        kw.update(OVERRIDES.get(mt, {}))
+        hf_cfg = CONFIG_MAPPING[mt](**kw)
     hf_cfg._attn_implementation = "eager"
-    m = AutoModelForCausalLM.from_config(hf_cfg).float().eval()
+    # Mistral4ForCausalLM is not registered with AutoModelForCausalLM in 5.24
+    cls = getattr(transformers, "Mistral4ForCausalLM") if mt == "mistral4" else AutoModelForCausalLM
+    m = (cls.from_config(hf_cfg) if cls is AutoModelForCausalLM else cls(hf_cfg)).float().eval()
     with torch.no_grad():
         for n, p in m.named_parameters():
             if n.endswith("norm.weight"):

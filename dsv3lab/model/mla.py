@@ -37,6 +37,17 @@ ATTENTION: dict[str, type[Attention]] = {
 __all__ = ["MLA", "ATTENTION", "attention_class", "LatentCache", "KVCache"]
 
 
+class QueryScaledRMSNorm(RMSNorm):
+    """The q latent's RMSNorm in a model whose queries are scaled by position (Mistral 4,
+    ``cfg.attn_scale_beta``): the same arithmetic as RMSNorm. Its own type makes the fused CPU
+    decode step (``dsv3lab.fast``), which does not apply the scaling and takes only plain
+    RMSNorms, leave these layers to the module path."""
+
+
+class QueryScaledLinear(Linear):
+    """``q_proj`` of a position-scaled model without q low rank (as ``QueryScaledRMSNorm``)."""
+
+
 def attention_class(name: str) -> type[Attention]:
     try:
         return ATTENTION[name]
@@ -54,12 +65,14 @@ class MLA(nn.Module):
         self.scale = cfg.softmax_scale
         self.absorb_prefill = False     # compute prefill chunks in the latent space too (absorbed)
         D = cfg.hidden_size
+        scaled = cfg.attn_scale_beta > 0            # Mistral 4's query scaling (forward)
         if cfg.q_lora_rank:
             self.q_a_proj = Linear(D, cfg.q_lora_rank, dtype, device)
-            self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, cfg.rms_norm_eps, dtype, device)
+            self.q_a_layernorm = (QueryScaledRMSNorm if scaled else RMSNorm)(cfg.q_lora_rank, cfg.rms_norm_eps,
+                                                                             dtype, device)
             self.q_b_proj = Linear(cfg.q_lora_rank, H * cfg.qk_head_dim, dtype, device)
         else:
-            self.q_proj = Linear(D, H * cfg.qk_head_dim, dtype, device)
+            self.q_proj = (QueryScaledLinear if scaled else Linear)(D, H * cfg.qk_head_dim, dtype, device)
         self.kv_a_proj_with_mqa = Linear(D, self.c + self.r, dtype, device)
         self.kv_a_layernorm = RMSNorm(self.c, cfg.rms_norm_eps, dtype, device)
         self.kv_b_proj = Linear(self.c, H * (self.n + self.v), dtype, device)
@@ -108,6 +121,11 @@ class MLA(nn.Module):
         else:
             q = self.q_proj(x)
         q = q.view(B, S, H, n + self.r)
+        if self.cfg.attn_scale_beta:
+            # Mistral 4 (llama-4 scaling): queries at position t times 1 + beta ln(1 + floor(t / len))
+            t = torch.arange(start, start + S, device=q.device, dtype=torch.float32)
+            scale = 1 + self.cfg.attn_scale_beta * torch.log(1 + torch.floor(t / self.cfg.attn_scale_len))
+            q = q * scale.to(q.dtype)[None, :, None, None]
         q_nope = self.hook_q_nope(q[..., :n])
         q_pe = self.hook_q_pe(apply_rope(q[..., n:], cos[:, None], sin[:, None]))
         kv = self.kv_a_proj_with_mqa(x)
