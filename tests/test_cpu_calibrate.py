@@ -10,7 +10,7 @@ import torch
 
 import dsv3lab
 from dsv3lab.kernels import cpu_build, cpu_calibrate, cpu_decode
-from dsv3lab.model import decode_step
+from dsv3lab.fast import step as decode_step
 
 needs_c = pytest.mark.skipif(not cpu_decode.available(), reason="the C kernels cannot be built here (no compiler)")
 

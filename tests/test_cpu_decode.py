@@ -239,7 +239,7 @@ def test_split_cache_attention_equals_one_pass(T):
 
 
 def test_fused_decode_step_runs_only_when_nothing_is_hooked():
-    from dsv3lab.model.decode_step import try_decode
+    from dsv3lab.fast.step import try_decode
     m = dsv3lab.build("lab", dtype=torch.bfloat16).eval()
     x = torch.randint(0, m.cfg.vocab_size, (1, 20), generator=torch.Generator().manual_seed(7))
     with torch.no_grad():
@@ -282,7 +282,7 @@ def test_fused_decode_step_runs_only_when_nothing_is_hooked():
 def test_fused_decode_step_with_sparse_attention():
     """V3.2 (index_topk below the context): the fused step selects with the indexer and attends
     over the gathered rows, as the module path does."""
-    from dsv3lab.model.decode_step import try_decode
+    from dsv3lab.fast.step import try_decode
     cfg = dsv3lab.ModelConfig.preset("tiny").replace(index_n_heads=8, index_head_dim=32, index_topk=8,
                                                      num_nextn_predict_layers=0, name="tiny-v32")
     m = dsv3lab.build(cfg, dtype=torch.bfloat16).eval()
@@ -396,7 +396,7 @@ def test_fp32_latent_attention_rejects_what_it_cannot_take():
 
 @pytest.mark.parametrize("preset", ["tiny", "lab"])
 def test_fp32_fused_decode_step_equals_the_module_path(preset):
-    from dsv3lab.model.decode_step import try_decode
+    from dsv3lab.fast.step import try_decode
     m = dsv3lab.build(preset, dtype=torch.float32).eval()
     x = torch.randint(0, m.cfg.vocab_size, (1, 24), generator=torch.Generator().manual_seed(11))
     with torch.no_grad():
@@ -414,7 +414,7 @@ def test_fused_step_sees_replaced_modules_parameters_and_storage():
     """The fused step's plan caches references (decode_step._Plan): every way of changing a
     model between steps must reach the next step, checked against the module path."""
     from torch import nn
-    from dsv3lab.model.decode_step import try_decode
+    from dsv3lab.fast.step import try_decode
     from dsv3lab.model.layers import MLP
     m = dsv3lab.build("tiny", dtype=torch.float32).eval()
     x = torch.randint(0, m.cfg.vocab_size, (1, 12), generator=torch.Generator().manual_seed(12))
@@ -461,7 +461,7 @@ def test_fused_step_layer_calls_on_other_shapes(variant):
     """dsv3_mla_in / dsv3_mla_out (one layer around the attention per call) on the shapes the
     presets above do not take: V2's group-limited greedy gate without a bias, q without a low
     rank (Moonlight), a gate whose weight is not fp32 (the gate module runs instead)."""
-    from dsv3lab.model.decode_step import try_decode
+    from dsv3lab.fast.step import try_decode
     cfg = dsv3lab.ModelConfig.preset("tiny")
     if variant == "greedy groups, no bias":
         cfg = cfg.replace(topk_method="group_limited_greedy", norm_topk_prob=False, routed_scaling_factor=2.0)

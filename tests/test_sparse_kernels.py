@@ -1,6 +1,6 @@
 """The V3.2 indexer's CPU decode kernels (kernels/cpu/sparse_bf16.c via dsv3lab.kernels.cpu_sparse)
 against torch references written out here, and the fused decode selection that uses them
-(``Indexer.decode_select_fused``) against the torch decode path it stands in for.
+(``dsv3lab/fast/sparse.py``'s ``select_fused``) against the torch decode path it stands in for.
 
 Float results are compared with tolerances (the kernels sum in another order); selections exactly
 where no score is near the k-th one, and exactly with exact ties (integer-valued scores, which every
@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 import dsv3lab
+from dsv3lab.fast import sparse as fast_sparse
 from dsv3lab.kernels import cpu_sparse
 from dsv3lab.model.attn_sparse import set_key_format
 from dsv3lab.model.indexer import Indexer, IndexerKeyCache, decode_topk, select_topk
@@ -184,8 +185,9 @@ def test_index_qkw_matches_the_torch_projection():
 
 
 def _decode_run(ix, fused: bool, B=2, S=120, P=30, seed=5):
-    """Prefill P tokens through forward, then decode_select each later position; with fused False
-    the fused path is turned off (the torch decode path). Returns the selections and the cache."""
+    """Prefill P tokens through forward, then select each later position: with fused, by the fast
+    path's ``select`` (C where it may run), else by the model's ``decode_select`` (the torch
+    reference). Returns the selections, the cache and the count of C selections."""
     g = torch.Generator().manual_seed(seed)
     dt = ix.wk.weight.dtype
     x = torch.randn(B, S, 256, generator=g).to(dt)
@@ -194,22 +196,22 @@ def _decode_run(ix, fused: bool, B=2, S=120, P=30, seed=5):
     cos, sin = ang.cos(), ang.sin()
     cache = IndexerKeyCache(ix.head_dim, 1, B, S + 8, "bf16", torch.bfloat16, "cpu")
     calls = [0]
-    orig = ix.decode_select_fused
+    orig = fast_sparse.select_fused
 
     def counted(*a):
         calls[0] += 1
         return orig(*a)
-    ix.decode_select_fused = counted
-    if not fused:
-        ix.fused_plan = lambda *a: None
+    fast_sparse.select_fused = counted
     sels = []
-    with torch.no_grad():
-        ix(x[:, :P], ql[:, :P], cos[:P], sin[:P], 0, cache, 0)
-        for t in range(P, S):
-            s = slice(t, t + 1)
-            sels.append(ix.decode_select(x[:, s], ql[:, s], cos[s], sin[s], t, cache, 0))
-    del ix.decode_select_fused
-    ix.__dict__.pop("fused_plan", None)
+    try:
+        with torch.no_grad():
+            ix(x[:, :P], ql[:, :P], cos[:P], sin[:P], 0, cache, 0)
+            for t in range(P, S):
+                s = slice(t, t + 1)
+                select = fast_sparse.select if fused else type(ix).decode_select
+                sels.append(select(ix, x[:, s], ql[:, s], cos[s], sin[s], t, cache, 0))
+    finally:
+        fast_sparse.select_fused = orig
     return sels, cache, calls[0]
 
 
@@ -263,8 +265,9 @@ def test_fused_decode_select_steps_aside_for_a_flop_counter():
     assert n == 0 and fc.get_total_flops() > 0              # the torch path ran, and was counted
 
 
-def test_fused_decode_runs_in_the_bf16_model_and_keeps_its_logits():
-    """The whole model's decode with the fused selection against the same model with it off."""
+def test_fused_decode_runs_in_the_bf16_model_and_keeps_its_logits(monkeypatch):
+    """The whole model's decode (batch 1: the fused step) with the C selection against the same
+    model with it off."""
     cfg = dsv3lab.ModelConfig.preset("tiny").replace(index_n_heads=8, index_head_dim=32, index_topk=6,
                                                      num_nextn_predict_layers=0, name="tiny-v32")
     m = set_key_format(dsv3lab.build(cfg, seed=0, dtype=torch.bfloat16).eval(), "bf16")
@@ -274,15 +277,20 @@ def test_fused_decode_runs_in_the_bf16_model_and_keeps_its_logits():
             ix = blk.self_attn.indexer
             for p in (ix.wq_b.weight, ix.wk.weight, ix.weights_proj.weight):
                 p.copy_(torch.randn(p.shape, generator=g) * 0.3)
-    x = torch.randint(0, cfg.vocab_size, (2, 30), generator=g)
+    x = torch.randint(0, cfg.vocab_size, (1, 30), generator=g)
+    calls = []
+    orig = fast_sparse.select_fused
+    monkeypatch.setattr(fast_sparse, "select_fused", lambda *a: calls.append(1) or orig(*a))
 
     def run():
-        cache = m.new_cache(2, 30)
+        cache = m.new_cache(1, 30)
         with torch.no_grad():
             m(x[:, :20], cache=cache)
             return torch.cat([m(x[:, t:t + 1], start=t, cache=cache) for t in range(20, 30)], 1).float()
     fused = run()
-    for blk in m.layers:
-        blk.self_attn.indexer.fused_plan = lambda *a: None
+    assert calls, "the C selection did not run"
+    monkeypatch.setattr(fast_sparse, "selection_layout", lambda *a: None)
+    calls.clear()
     plain = run()
+    assert not calls
     assert ((fused - plain).abs().max() / plain.abs().max()).item() < 1e-2

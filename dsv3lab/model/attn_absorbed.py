@@ -17,7 +17,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from dsv3lab.kernels import cpu_decode
 from dsv3lab.model.attention import Attention, AttnInput, Cache, allowed, expand_kv, sdpa
 
 
@@ -50,14 +49,6 @@ def latent_attention(q_cat: torch.Tensor, latent: torch.Tensor, scale: float, c:
         o_lat = dispatch.mla_decode(q_cat.view(B, H, -1), latent, scale, c)   # [B,H,c] or None
         if o_lat is not None:
             return o_lat.view(B, 1, H, c)
-        if (H % 4 == 0 and latent.stride(-1) == 1 and q_cat.is_contiguous()
-                and cpu_decode.enabled(q_cat, latent, dtype=torch.float32, kernel="latent_attention")):
-            # fp32 on a CPU: the C kernel's one pass where it beats torch's flash attention (1.5x
-            # with AVX-512; measured per CPU, kernels/cpu_calibrate.py)
-            o_lat = torch.empty(B, 1, H, c, dtype=torch.float32)
-            for b in range(B):
-                cpu_decode.latent_attention(q_cat[b, 0], latent[b], scale, c, out=o_lat[b, 0])
-            return o_lat
         # one fused pass over the cache (torch's flash attention): the latent is a single
         # key/value head and the H heads are its H query rows (MQA), so every cache row is read
         # once for all heads, with an online softmax, instead of by two matmuls with a
@@ -154,19 +145,6 @@ class AbsorbedAttention(Attention):
             self._absorbed_key = key
         return self._absorbed
 
-    def decode_weights(self, dtype=torch.bfloat16) -> tuple[torch.Tensor, torch.Tensor]:
-        """W_UK^T as [H, c, n] and W_UV as [H, v, c], contiguous, in ``dtype``: the layouts in
-        which both per-head products are rows-times-vector (dot products along contiguous
-        memory) for the CPU decode kernel. Cached like ``absorbed_weights``."""
-        mla = self.mla
-        w = mla.kv_b_proj.weight
-        key = (w.data_ptr(), w._version, w.device, mla.n_heads, dtype)
-        if getattr(self, "_decode_key", None) != key:
-            kvb = mla.kv_b_weight().to(dtype)
-            self._decode = (kvb[:, :mla.n].transpose(1, 2).contiguous(), kvb[:, mla.n:].contiguous())
-            self._decode_key = key
-        return self._decode
-
     def w_uv_t(self, dtype) -> torch.Tensor:
         """W_UV^T [H, c, v] (see ``absorbed_weights``)."""
         return self.absorbed_weights(dtype)[1]
@@ -175,9 +153,6 @@ class AbsorbedAttention(Attention):
         mla = self.mla
         B, S, H, n = q_nope.shape
         c = mla.c
-        if (keep is None and S == 1 and B <= cpu_decode.MAX_ROWS and not mla.hook_attn_probs.active
-                and cpu_decode.enabled(q_nope, q_pe, latent, kernel="gemv")):
-            return self.absorbed_decode_cpu(q_nope, q_pe, latent)
         w_uk, w_uv_t = self.absorbed_weights(q_nope.dtype)
         # per head: q_lat = q_nope W_UK, as one batched GEMM over heads
         q_lat = torch.bmm(q_nope.permute(2, 0, 1, 3).reshape(H, B * S, n), w_uk)
@@ -186,23 +161,6 @@ class AbsorbedAttention(Attention):
         o_lat = latent_attention(q_cat, latent, mla.scale, c, start, keep, mla.hook_attn_probs)
         o = torch.bmm(o_lat.permute(2, 0, 1, 3).reshape(H, B * S, c), w_uv_t.to(o_lat.dtype))
         return o.view(H, B, S, -1).permute(1, 2, 0, 3)                     # [B,S,H,v]
-
-    def absorbed_decode_cpu(self, q_nope, q_pe, latent) -> torch.Tensor:
-        """The same arithmetic as ``absorbed`` for one token per sequence in bf16 on a CPU, in
-        three C kernels and no intermediate copies: q_lat goes straight into its half of q_cat,
-        the per-head outputs straight into [B,1,H,v]."""
-        mla = self.mla
-        B, _, H, n = q_nope.shape
-        c, r = mla.c, q_pe.shape[-1]
-        w_uk_t, w_uv = self.decode_weights()
-        q_cat = torch.empty(B, H, c + r, dtype=torch.bfloat16)
-        # batch = heads, rows = sequences: q_nope [B,1,H,n] seen as [H, B, n] without a copy
-        cpu_decode.gemv(w_uk_t, q_nope.reshape(B, H, n).transpose(0, 1), out=q_cat[..., :c].transpose(0, 1))
-        q_cat[..., c:] = q_pe.reshape(B, H, r)
-        o_lat = latent_attention(q_cat.view(B, 1, H, c + r), latent, mla.scale, c, 0)    # [B,1,H,c]
-        o = torch.empty(B, 1, H, mla.v, dtype=torch.bfloat16)
-        cpu_decode.gemv(w_uv, o_lat.reshape(B, H, c).transpose(0, 1), out=o.view(B, H, -1).transpose(0, 1))
-        return o
 
     def expanded(self, q_nope, q_pe, latent, start, keep=None) -> torch.Tensor:
         mla = self.mla

@@ -17,8 +17,8 @@ Per layer, for the S new queries at positions [start, start + S) (V3.2 report, s
 Decode (one new token per sequence) has a fast path, taken unless something is hooked on the
 indexer's scores or selection, on MLA's probabilities, or on the dense-probability probe: the
 indexer's ``decode_select`` (one product against its key cache, an unsorted top-k), then the k
-selected latent rows copied (in position order, by the prefetching C gather of
-kernels/cpu/sparse_bf16.c, or ``index_select``) into one contiguous [B,k,c+r] buffer, shared by
+selected latent rows copied (``index_select``; the CPU fast path's C gather in
+dsv3lab/fast/sparse.py) into one contiguous [B,k,c+r] buffer, shared by
 all layers and reused every step, and the absorbed implementation's own one-token decode
 (``AbsorbedAttention.absorbed``: W_UK, the fused latent attention, W_UV) run on those rows as if
 they were the whole cache. Per layer and step it reads the indexer cache (T x D_I) and k rows of
@@ -35,11 +35,9 @@ With ``hook_attn_probs`` hooked the probabilities come back dense, [B,H,S,T], ze
 from __future__ import annotations
 
 import threading
-from array import array
 
 import torch
 
-from dsv3lab.kernels import cpu_decode, cpu_sparse
 from dsv3lab.model.attention import AttnInput, keep_from_indices
 from dsv3lab.model.attn_absorbed import AbsorbedAttention, LatentCache, latent_attention
 from dsv3lab.model.indexer import KEY_FORMATS, Indexer, IndexerKeyCache
@@ -141,22 +139,14 @@ class SparseAttention(AbsorbedAttention):
         B, k = idx.shape
         if k >= start + 1:
             return latent
-        W = latent.shape[-1]
         if torch.is_grad_enabled() and latent.requires_grad:
             return torch.stack([latent[b].index_select(0, idx[b]) for b in range(B)])
-        rows = _gather_buffer((B, k, W), latent.dtype, latent.device)
-        # bf16 on the CPU, the kernel backend "auto", no dispatch mode watching: cpu_decode.enabled
-        lib = (cpu_sparse.library() if cpu_decode.enabled(latent, kernel="gather") and latent.stride(-1) == 1 and idx.stride(-1) == 1
-               else None)
-        if lib is not None:
-            # the C gather (kernels/cpu/sparse_bf16.c), every line of the rows ahead prefetched; the
-            # positions come from decode_select (in [0, start], unchecked here)
-            nt, ls, ip = torch.get_num_threads(), latent.stride(0), idx.data_ptr()
-            for b in range(B):        # arguments packed in one array (a ctypes argument costs microseconds)
-                args = array("q", (latent.data_ptr() + 2 * b * ls, latent.stride(1), ip + 8 * b * idx.stride(0),
-                                   k, W, rows.data_ptr() + 2 * b * k * W, nt))
-                lib.dsv3_gather_packed(args.buffer_info()[0])
-            return rows
+        return self.gather_rows(latent, idx)
+
+    def gather_rows(self, latent: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """latent [B,T,W] rows idx [B,k] -> one contiguous [B,k,W] buffer (reused between steps)."""
+        B, k = idx.shape
+        rows = _gather_buffer((B, k, latent.shape[-1]), latent.dtype, latent.device)
         for b in range(B):
             torch.index_select(latent[b], 0, idx[b], out=rows[b])
         return rows

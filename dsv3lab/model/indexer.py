@@ -22,11 +22,8 @@ Two entry points: ``forward`` (any S; fires every hook point, returns [B,S,k] in
 on the scores or the selection): one [T,D] x [D,H] product per sequence straight from the key
 cache, ReLU, the head-weighted sum, an unsorted top-k -- no [B,S,T] -inf mask, no future-key
 masking (a decode query sees every cached key), no sort. Both select the same key set, ties
-included (``select_topk``'s rule). In a bf16 model on the CPU with bf16 keys, ``decode_select``
-runs as one C call per sequence (``decode_select_fused``, kernels/cpu/sparse_bf16.c): the
-projections, LayerNorm, RoPE and head weights of the token, then the scores by AMX tile products
-straight from the cache and an exact radix top-k; the same arithmetic, a few microseconds of
-Python instead of some twenty torch ops (docs/sparse-attention.md, "Speed").
+included (``select_topk``'s rule). The CPU decode fast path (``dsv3lab/fast/sparse.py``) runs the
+same selection as one C call per sequence in a bf16 model; this module is its reference.
 
 Key formats (``Indexer.key_format``; the cache follows it):
   "model"  keys kept in the model's dtype, no rotation: the arithmetic transformers uses.
@@ -45,14 +42,11 @@ keys' scores are closer than the quantization error (near-ties; ``tests/test_dsa
 
 from __future__ import annotations
 
-import threading
-from array import array
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dsv3lab.kernels import cpu_decode, cpu_sparse
 from dsv3lab.model.hadamard import hadamard
 from dsv3lab.model.layers import HookPoint, LayerNorm, Linear, hooked, linear
 from dsv3lab.model.rope import apply_rope_half
@@ -66,19 +60,6 @@ _KEY_CHUNK = 4096          # fp32 key rows scored at a time
 # per _KEY_BUCKET steps, not every step, and the oneDNN GEMM set up for a new shape (~1 ms at 8K
 # keys, more than the product) is reused in between
 _KEY_BUCKET = 256
-
-
-# the fused decode selection's scratch bytes, per thread (concurrent decodes in one process must
-# not share it), kept between calls: a fresh allocation of this size (~100 KB at 8K keys) is an
-# mmap whose pages fault in on every call
-_WORKSPACE = threading.local()
-
-
-def _workspace(nbytes: int) -> torch.Tensor:
-    buf = getattr(_WORKSPACE, "buf", None)
-    if buf is None or buf.numel() < nbytes:
-        buf = _WORKSPACE.buf = torch.empty(max(nbytes, 1 << 20), dtype=torch.uint8)
-    return buf
 
 
 def fp8_block(head_dim: int) -> int:
@@ -202,9 +183,6 @@ def decode_scores(q: torch.Tensor, w: torch.Tensor, keys: torch.Tensor) -> torch
     fp32 keys: the same in fp32. Nothing of size T x D is copied or converted."""
     B, T = keys.shape[0], keys.shape[1]
     qk, wf = q.to(keys.dtype), w.float()
-    if cpu_decode.enabled(keys, qk, kernel="index_scores") and keys.stride(-1) == 1:
-        # the C scorer (kernels/cpu/decode_bf16.c): every key row read once for all heads
-        return torch.stack([cpu_decode.index_scores(keys[b], qk[b], wf[b]) for b in range(B)])
 
     def one(b: int, out=None) -> torch.Tensor:
         logits = linear(keys[b], qk[b]) if keys.dtype == torch.bfloat16 else torch.mm(keys[b], qk[b].T)
@@ -280,7 +258,6 @@ class Indexer(nn.Module):
         self.hook_topk_indices = HookPoint("[B,S,k] int64 selected key positions, k = min(index_topk, T); -1 = none")
         # fired by the sparse attention, not here: what the selection is measured against
         self.hook_dense_probs = HookPoint("[B,H,S,T] MLA's dense softmax over every visible key (computed only when hooked)")
-        self._fused_layout = None      # (what fused_plan checked once, its verdict: a plan or False)
 
     @property
     def rotate(self) -> bool:
@@ -320,16 +297,11 @@ class Indexer(nn.Module):
         and sort, and without firing ``hook_scores``/``hook_topk_indices`` (see ``fast_decode_ok``)."""
         if x.shape[1] != 1:
             raise ValueError(f"decode_select takes one query per sequence, got x of shape {tuple(x.shape)}")
-        plan = self.fused_plan(x, q_latent, cos, cache, layer)
-        if plan is not None:
-            return self.decode_select_fused(plan, x, q_latent, cos, sin, start, cache, layer)
         q, w, keys = self.scoring_inputs(x, q_latent, cos, sin, start, cache, layer)
         T = start + 1
         if self.index_topk >= T:                 # every key: no scores needed (dense MLA follows)
             return torch.arange(T, device=x.device).expand(x.shape[0], T)
-        if keys.dtype == torch.bfloat16 and cache.key_format != "fp8" and cpu_decode.enabled(keys, q, kernel="index_scores"):
-            scores = decode_scores(q[:, 0], w[:, 0], keys)                  # the C scorer: no GEMM setup
-        elif keys.dtype == torch.bfloat16 and cache.key_format != "fp8":
+        if keys.dtype == torch.bfloat16 and cache.key_format != "fp8":
             keys = cache.read_bucketed(layer, x.shape[0], T, _KEY_BUCKET)
             scores = decode_scores(q[:, 0], w[:, 0], keys)[:, :T]            # rows past T dropped
         elif keys.dtype in (torch.bfloat16, torch.float32):
@@ -337,117 +309,6 @@ class Indexer(nn.Module):
         else:
             scores = index_scores(q, w, keys, start)[:, 0]
         return decode_topk(scores, self.index_topk)
-
-    def fused_plan(self, x, q_latent, cos, cache: IndexerKeyCache, layer: int):
-        """Where ``decode_select_fused`` may run, what it needs -- the addresses of the weights and
-        of this layer's key cache and the LayerNorm's eps -- else None. It runs for a bf16 model on
-        the CPU with the sparse kernels built and no autograd, bf16 keys stored as they are scored
-        (format "bf16", or "model" in a bf16 model), plain bf16 projections, and nothing hooked on
-        what it skips (the projections, the LayerNorm, the q/k/weight hook points), and no torch
-        dispatch mode active (``FlopCounterMode`` and the like must see the work as torch ops).
-
-        Cheap on purpose: in a decode step the interpreter's own data has been pushed out of the
-        caches by the weights streamed since the last layer, and each attribute lookup costs
-        microseconds. Submodules and weights are read from their dicts (no ``Module.__getattr__``),
-        and the layout checks run once per set of weight and cache addresses and dtypes."""
-        if torch.is_grad_enabled() or cache.key_format == "fp8" or not cpu_decode.enabled(kernel="index_select"):
-            return None                  # (the backend, a dispatch mode -- a flop counter, say -- sees torch ops only)
-        mods = self._modules
-        if hooked(*(mods[name] for name in ("wq_b", "wk", "k_norm", "weights_proj", "hook_q", "hook_k",
-                                            "hook_weights"))):
-            return None
-        buf = cache.layers[layer]
-        ts = (buf, mods["wq_b"]._parameters["weight"], mods["wk"]._parameters["weight"],
-              mods["k_norm"]._parameters["weight"], mods["k_norm"]._parameters["bias"],
-              mods["weights_proj"]._parameters["weight"])
-        # the modules themselves too: a wrapper swapped in around the same weight must be seen
-        key = (tuple(t.data_ptr() for t in ts) + tuple(t.dtype for t in ts)
-               + (buf.shape, cache.key_format, mods["wq_b"], mods["wk"], mods["k_norm"], mods["weights_proj"]))
-        if self._fused_layout is None or self._fused_layout[0] != key:
-            if self._fused_layout_ok(cache, buf):
-                H, D = self.n_heads, self.head_dim
-                floats = array("d", (self.k_norm.eps, H ** -0.5 * D ** -0.5))     # kept alive by the plan
-                self._fused_layout = (key, (*key[:6], floats, floats.buffer_info()[0]))
-            else:
-                self._fused_layout = (key, False)
-        plan = self._fused_layout[1]
-        if (not plan or x.dtype != torch.bfloat16 or q_latent.dtype != torch.bfloat16
-                or x.stride(-1) != 1 or q_latent.stride(-1) != 1
-                or cos.dtype != torch.float32 or cos.numel() * 2 != self.rope_dim or not cos.is_contiguous()
-                or cpu_sparse.library() is None):
-            return None
-        return plan
-
-    def _fused_layout_ok(self, cache: IndexerKeyCache, buf: torch.Tensor) -> bool:
-        bf = torch.bfloat16
-        return (cache.key_format == self.key_format and buf.dtype == bf and buf.is_contiguous()
-                and type(self.k_norm) is LayerNorm and type(self.weights_proj) is Linear
-                and buf.device.type == "cpu" and self.head_dim <= cpu_sparse.MAX_DIM and self.rope_dim % 2 == 0
-                and all(type(p) is Linear and p.weight.dtype == bf and p.weight.is_contiguous()
-                        and p.weight.device.type == "cpu" for p in (self.wq_b, self.wk))
-                and self.k_norm.weight.dtype == self.k_norm.bias.dtype == bf
-                and self.k_norm.weight.is_contiguous() and self.k_norm.bias.is_contiguous()
-                and self.weights_proj.weight.dtype == torch.float32 and self.weights_proj.weight.is_contiguous()
-                and self.weights_proj.weight.device.type == "cpu")
-
-    def decode_select_fused(self, plan, x, q_latent, cos, sin, start: int, cache: IndexerKeyCache,
-                            layer: int) -> torch.Tensor:
-        """``decode_select`` in one C call per sequence (where ``fused_plan`` gives a plan;
-        kernels/cpu/sparse_bf16.c, ``dsv3_index_decode``): the query's and key's projections,
-        LayerNorm and RoPE and the head weights, the key written straight into the cache, then the
-        scores straight from the key cache by AMX tile products and an exact top-k. On a CPU
-        without AMX, torch's bf16 GEMM for the [T,D] x [D,H] product (in row counts rounded up to
-        _KEY_BUCKET, so its setup is reused) and the C top-k of its products follow the call. The arithmetic and roundings of
-        ``project`` + ``decode_scores`` + ``decode_topk`` up to the order of fp32 additions; the
-        selection comes back in increasing position order, with select_topk's tie rule."""
-        lib = cpu_sparse.library()
-        B = x.shape[0]
-        if not (0 <= start < cache.max_len and B <= cache.batch):      # the C writes the key row at start
-            raise ValueError(f"decode_select: position {start} of {B} sequences does not fit the indexer cache "
-                             f"({cache.batch} sequences x {cache.max_len} positions)")
-        bp, wq, wk, lnw, lnb, wp, _, fp = plan
-        H, D, r = self.n_heads, self.head_dim, self.rope_dim
-        hidden, qlr = x.shape[-1], q_latent.shape[-1]
-        nt, T = torch.get_num_threads(), start + 1
-        k = min(self.index_topk, T)
-        # one workspace for the call (q, w, the projections' scratch, the top-k's): offsets, not tensors
-        def up(n):
-            return -(-n // 64) * 64                  # 64-byte aligned offsets
-        oq = 0
-        ow = up(2 * B * H * D)
-        osc = ow + up(4 * B * H)
-        owk = osc + up(2 * (H * D + D))
-        ws = _workspace(owk + 12 * T)
-        wsp = ws.data_ptr()
-        xp, xs, qp, qs = x.data_ptr(), 2 * x.stride(0), q_latent.data_ptr(), 2 * q_latent.stride(0)
-        cp, sp = cos.data_ptr(), sin.data_ptr()
-        row = 2 * cache.max_len * D                                     # bytes per sequence in the cache
-        out = torch.empty(B, k, dtype=torch.int64) if k < T else None
-        op, wk0 = (out.data_ptr() if k < T else 0), wsp + owk
-        for b in range(B):
-            qb, wb, ob = wsp + oq + 2 * b * H * D, wsp + ow + 4 * b * H, op + 8 * b * k
-            # the projections, then the scores by AMX tiles straight from the cache and the top-k
-            # (-2: no AMX here, or a shape the tiles do not take), in one call; its arguments
-            # packed in one array (see the C: a ctypes argument costs microseconds in a step)
-            args = array("q", (xp + b * xs, hidden, qp + b * qs, qlr, wq, wk, lnw, lnb, cp, sp, wp, H, D, r,
-                               wsp + osc, qb, bp + b * row + 2 * start * D, wb, nt, bp + b * row, D, T, k, wk0, ob))
-            n = lib.dsv3_index_decode(args.buffer_info()[0], fp)
-            if k >= T or n >= 0:
-                continue
-            buf = cache.layers[layer]
-            # exact byte lengths: the slots are padded to 64 bytes, the views must not be
-            q = ws[oq:oq + 2 * B * H * D].view(torch.bfloat16).view(B, H, D)
-            w = ws[ow:ow + 4 * B * H].view(torch.float32).view(B, H)
-            keys = buf[b, :min(cache.max_len, -(-T // _KEY_BUCKET) * _KEY_BUCKET)]   # read_bucketed, inline
-            logits = linear(keys, q[b])                           # [T',H] bf16; rows past T are not read
-            if n == -2:                           # torch's bf16 GEMM, then the C top-k
-                n = lib.dsv3_index_select(logits.data_ptr(), H, T, H, wb, k, wk0, wk0 + 4 * T, wk0 + 8 * T, ob)
-            if n < 0:                             # a NaN score: torch's scores and top-k decide
-                scores = torch.mv(logits[:T].float().clamp_min_(0), w[b])
-                out[b] = decode_topk(scores[None], self.index_topk)[0]
-        if k >= T:                               # every key: no scores needed (dense MLA follows)
-            return torch.arange(T, device=x.device).expand(B, T)
-        return out
 
     def scoring_inputs(self, x, q_latent, cos, sin, start, cache, layer):
         """Queries [B,S,H,D], head weights [B,S,H] and the keys [B,start+S,D] to score against

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules import module as _mm
 
-from dsv3lab.kernels import cpu_build, cpu_decode
+from dsv3lab.kernels import cpu_build
 
 
 def hooked(*modules: nn.Module) -> bool:
@@ -76,8 +76,6 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim, dtype=dtype, device=device))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.numel() <= cpu_decode.MAX_ROWS * x.shape[-1] and cpu_decode.enabled(x, self.weight, kernel="rmsnorm"):
-            return cpu_decode.rmsnorm(x, self.weight, self.eps)     # a decode step: one call
         y = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
         return self.weight * y
 
@@ -110,11 +108,8 @@ def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     bit where a kernel's summation order differs (tests/test_cpu_bf16.py bounds both)."""
     if (x.dtype == torch.bfloat16 and w.dtype == torch.bfloat16 and x.device.type == "cpu"
             and x.numel() == x.shape[-1]):
-        # one row (a decode step), either policy: a memory-bound GEMV. The C kernel where it
-        # streams the weight faster than torch.mv on this CPU (~2x with AVX512-BF16), torch.mv
-        # otherwise, at ~1.3x F.linear's one-row GEMM (docs/kernels.md#cpu-decode)
-        if cpu_decode.enabled(x, w, kernel="gemv") and w.stride(-1) == 1 and w.stride(0) == w.shape[1]:
-            return cpu_decode.gemv(w, x.reshape(1, -1)).view(*x.shape[:-1], w.shape[0])
+        # one row (a decode step), either policy: a memory-bound GEMV, torch.mv at ~1.3x F.linear's
+        # one-row GEMM (the fused decode step, dsv3lab/fast/, has its own C GEMV)
         return torch.mv(w, x.reshape(-1)).view(*x.shape[:-1], w.shape[0])
     if (x.dtype == torch.bfloat16 and not _NATIVE_BF16 and x.device.type == "cpu"
             and x.numel() >= UPCAST_MIN_ROWS * x.shape[-1]):

@@ -14,9 +14,8 @@ Output: sum_i weights_i * Expert_i(x) + Shared(x).
 Dispatch groups the T*k (token, expert) pairs by expert with one argsort, runs each expert once on
 its contiguous slice, and scatters back with index_add -- no per-token Python loop. Expert
 parallelism (``dsv3lab.parallel``) replaces ``MoE.dispatch`` from outside; the model keeps the
-plain single-process version. One bf16 token on a CPU with nothing hooked (a decode step) takes
-the C kernels instead (``kernels/cpu_decode.py``, docs/kernels.md#cpu-decode): the selection
-after the sigmoid in one call, the chosen experts and the shared one in another.
+plain single-process version. (The CPU decode fast path, ``dsv3lab/fast/``, runs the same
+selection and experts of one token in C, reading this module from outside.)
 
 Seams for interpretability (``dsv3lab.interp``), all off by default and tested only by an
 ``is None`` / ``active`` check on the fast path:
@@ -42,8 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dsv3lab.config import ModelConfig
-from dsv3lab.kernels import cpu_decode
-from dsv3lab.model.layers import MLP, HookPoint, hooked, is_plain_linear, sharded
+from dsv3lab.model.layers import MLP, HookPoint, hooked
 
 
 class Gate(nn.Module):
@@ -67,10 +65,6 @@ class Gate(nn.Module):
         self.forced_routing = None
         self.expert_mask = None
 
-    def hooks_after_scores(self) -> bool:
-        """Whether a probe watches a step of the selection itself (then the torch path runs it)."""
-        return hooked(self.hook_biased_scores, self.hook_group_mask, self.hook_topk_ids, self.hook_topk_weights)
-
     def weights_of(self, scores: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
         """Routing weights of the chosen experts [T,k] fp32: their unbiased scores, normalised
         (sigmoid, norm_topk_prob) and scaled by routed_scaling_factor."""
@@ -90,12 +84,6 @@ class Gate(nn.Module):
         else:
             scores = logits.softmax(dim=-1)
         scores = self.hook_scores(scores)
-        if (x.shape[0] <= cpu_decode.MAX_ROWS and cfg.scoring_func == "sigmoid" and self.forced_routing is None
-                and self.expert_mask is None and not self.hooks_after_scores()
-                and cpu_decode.enabled(scores, dtype=None, kernel="route")):
-            # a decode step: bias, group limit, top-k and weights in one C call, the same choice
-            return cpu_decode.route(scores, self.e_score_correction_bias, G, cfg.topk_group, k,
-                                    cfg.norm_topk_prob, cfg.routed_scaling_factor)
         if self.forced_routing is not None:
             topk_ids, weights = self.forced_routing(scores)
             topk_ids = topk_ids.to(scores.device, torch.int64)
@@ -147,46 +135,11 @@ class MoE(nn.Module):
         shape = x.shape
         x = x.reshape(-1, shape[-1])
         topk_ids, topk_weights = self.gate(x)
-        if x.shape[0] == 1 and cpu_decode.enabled(x, kernel="moe"):
-            experts = self.decode_experts(topk_ids[0].tolist())
-            if experts is not None:
-                return self.decode_cpu(x, experts, topk_weights[0]).view(shape)
         routed = self.hook_routed_out(self.dispatch(x, topk_ids, topk_weights))
         out = routed
         if self.shared_experts is not None:
             out = out + self.hook_shared_out(self.shared_experts(x))
         return out.view(shape)
-
-    def decode_experts(self, ids: list[int], dtype=torch.bfloat16) -> list[MLP] | None:
-        """The MLPs one decode token runs (its routed experts, then the shared one) when the
-        fused CPU kernel may run them, else None: every one a plain local MLP in ``dtype`` with nothing
-        hooked on it or on this MoE (a probe needs the per-expert path), and no parallel
-        dispatch installed on this module."""
-        if sharded(self) or hooked(self.hook_expert_counts, self.hook_routed_out, self.hook_shared_out,
-                                   self.hook_expert_out):
-            return None
-        mlps = [self.experts[e] for e in ids]
-        if self.shared_experts is not None:
-            mlps.append(self.shared_experts)
-        if len(mlps) > cpu_decode.MAX_SLOTS:
-            return None
-        for m in mlps:
-            if type(m) is not MLP or hooked(m, m.gate_proj, m.up_proj, m.down_proj):
-                return None
-            for lin in (m.gate_proj, m.up_proj, m.down_proj):
-                if not is_plain_linear(lin, dtype):
-                    return None
-        return mlps
-
-    def decode_cpu(self, x: torch.Tensor, mlps: list[MLP], weights: torch.Tensor) -> torch.Tensor:
-        """One token [1,D] through ``mlps`` (from ``decode_experts``) in one C kernel call: every
-        chosen expert's weights are read in place, gate/up rows in one parallel pass, down rows of
-        all experts in a second; routing weights [k] fp32, the shared expert's weight 1."""
-        if len(mlps) > weights.numel():
-            weights = torch.cat([weights.float(), weights.new_ones(len(mlps) - weights.numel(), dtype=torch.float32)])
-        y = cpu_decode.moe(x.reshape(-1), [m.gate_proj.weight for m in mlps], [m.up_proj.weight for m in mlps],
-                           [m.down_proj.weight for m in mlps], weights)
-        return y.to(x.dtype)
 
     def dispatch(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
         """sum_i w_i * Expert_{id_i}(x) for every token, experts run on contiguous token groups."""

@@ -22,7 +22,6 @@ import math
 import torch
 
 from dsv3lab.config import ModelConfig
-from dsv3lab.kernels import cpu_decode
 
 
 def _mscale(scale: float, m: float = 1.0) -> float:
@@ -77,8 +76,6 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
     ``cos``/``sin`` must broadcast against x[..., 0::2]; callers insert the head axis.
     """
-    if cos.numel() * 2 == x.shape[-1] and cpu_decode.enabled(x, kernel="rope"):
-        return cpu_decode.rope(x, cos, sin)        # one position (a decode step) in bf16: one call
     # pairs as complex numbers times cos + i sin: (x0 cos - x1 sin) + i (x1 cos + x0 sin), the
     # same products as written out, in fewer ops (8 instead of 12; it runs twice per layer and step)
     xf = x.float()

@@ -15,7 +15,6 @@ import torch
 from torch import nn
 
 from dsv3lab.config import ModelConfig
-from dsv3lab.model.decode_step import try_decode
 from dsv3lab.model.layers import MLP, HookPoint, Linear, RMSNorm
 from dsv3lab.model.mla import MLA, attention_class
 from dsv3lab.model.moe import MoE
@@ -172,7 +171,11 @@ class Transformer(nn.Module):
                 return_hidden: bool = False):
         """tokens [B,S] -> logits [B,S,V] (or [B,1,V] with last_only)."""
         if cache is not None and not return_hidden and tokens.shape[-1] == 1:
-            logits = try_decode(self, tokens, start, cache)    # bf16 or fp32 on a CPU, nothing hooked
+            # the one seam to the CPU decode fast path, which reads this model from outside
+            # (dsv3lab/fast/): it returns None unless it computes exactly what the code below would
+            # (bf16 or fp32 on a CPU, batch 1, nothing hooked); imported here because it imports us
+            from dsv3lab.fast import decode
+            logits = decode(self, tokens, start, cache)
             if logits is not None:
                 return logits
         h = self.hidden(tokens, start, cache)

@@ -37,6 +37,7 @@ import weakref
 
 import torch
 
+from dsv3lab.fast import sparse
 from dsv3lab.kernels import cpu_calibrate, cpu_decode
 from dsv3lab.model.attn_absorbed import AbsorbedAttention, LatentCache, latent_attention
 from dsv3lab.model.attn_sparse import SparseAttention
@@ -57,6 +58,24 @@ def _slot_array(slots: dict[str, int], **values) -> ctypes.Array:
     for name, v in values.items():
         a[slots[name]] = v
     return a
+
+
+_DECODE_WEIGHTS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def decode_weights(impl: AbsorbedAttention, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """W_UK^T as [H, c, n] and W_UV as [H, v, c], contiguous, in ``dtype``: the layouts in which
+    both per-head products are rows-times-vector (dot products along contiguous memory) for the
+    C GEMV. Kept per attention module until kv_b's weight changes (its storage or version)."""
+    mla = impl.mla
+    w = mla.kv_b_proj.weight
+    key = (w.data_ptr(), w._version, w.device, mla.n_heads, dtype)
+    held = _DECODE_WEIGHTS.get(impl)
+    if held is None or held[0] != key:
+        kvb = mla.kv_b_weight().to(dtype)
+        held = _DECODE_WEIGHTS[impl] = (key, (kvb[:, :mla.n].transpose(1, 2).contiguous(),
+                                              kvb[:, mla.n:].contiguous()))
+    return held[1]
 
 
 class _Fallback(Exception):
@@ -204,6 +223,7 @@ class _Plan:
         self.kv = e(1, c + r)
         self.q_cat = e(1, 1, H, c + r)
         self.o = e(1, H * v)
+        self.o_lat = e(1, 1, H, c)                                       # the fp32 C attention's output
         self.hf = e(1, D)
         self.x = e(1, D)                                                    # the residual stream
         self.moe_h = e(max([ly["moe_width"] for ly in self.layers] + [1]))
@@ -391,6 +411,9 @@ class DecodeStep:
 
         lib = cpu_decode.library()
         f32 = int(dt == torch.float32)
+        # fp32: the C latent attention where it measured faster than torch's flash attention here
+        f32_attn = bool(f32) and cfg.num_attention_heads % 4 == 0 and cpu_calibrate.wins("latent_attention", dt)
+        o_lat_buf = plan.o_lat if f32_attn else None
         x, h, h2, qa_n, q_cat = plan.x, plan.h, plan.h2, plan.qa_n, plan.q_cat
         x.copy_(plan.embed[tokens.reshape(-1)[0]].view(1, D))                 # the residual stream
         for ly in plan.layers:
@@ -400,16 +423,20 @@ class DecodeStep:
             row = cache.layers[ly["layer"]][0, start]                      # [c + r] in the cache
             if row.dtype != dt:
                 raise _Fallback
-            w_uk_t, w_uv = impl.decode_weights(dt)
+            w_uk_t, w_uv = decode_weights(impl, dt)
             a_in = ly["in_args"]
             a_in[_IN_ROW], a_in[_IN_COS], a_in[_IN_SIN], a_in[_IN_WUK] = row.data_ptr(), cs_p, sn_p, w_uk_t.data_ptr()
             # norm, q and kv projections, c_kv and k_pe into the cache row, [q_nope W_UK^T ; q_pe]
             lib.dsv3_mla_in(f32, a_in, ly["in_eps"], nt)
             latent = cache.layers[ly["layer"]][:1, :start + 1]
             if ly["sparse"]:                     # V3.2: the indexer's top-k rows, gathered (attn_sparse.py)
-                latent = impl.decode_gathered(h.view(1, 1, D), qa_n.view(1, 1, -1) if cfg.q_lora_rank else None,
-                                              cos, sin, start, cache, ly["layer"], latent)
-            o_lat = latent_attention(q_cat, latent, attn.scale, c, latent.shape[1] - 1)
+                latent = sparse.gathered(impl, h.view(1, 1, D), qa_n.view(1, 1, -1) if cfg.q_lora_rank else None,
+                                         cos, sin, start, cache, ly["layer"], latent)
+            if f32_attn and latent.stride(-1) == 1:      # the C kernel where it beats torch's (calibrated)
+                o_lat = cpu_decode.latent_attention(q_cat[0, 0], latent[0], attn.scale, c, out=o_lat_buf[0, 0])
+                o_lat = o_lat_buf
+            else:
+                o_lat = latent_attention(q_cat, latent, attn.scale, c, latent.shape[1] - 1)
             if o_lat.stride(-1) != 1:
                 o_lat = o_lat.contiguous()                                 # [1,1,H,c], rows stride(2) apart
             a_out = ly["out_args"]
