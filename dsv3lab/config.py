@@ -637,6 +637,21 @@ class V4Config:
     def has_moe(self) -> bool:
         return True
 
+    # what V3's instruments (traces, replay, ablation) ask of a config: V4 routes without expert
+    # groups, every layer is MoE, the chosen weights are renormalised, learned layers have a bias
+    n_group = 1
+    topk_group = 1
+    first_k_dense_replace = 0
+    norm_topk_prob = True
+    topk_method = "noaux_tc"
+
+    @property
+    def n_moe_layers(self) -> int:
+        return self.num_hidden_layers
+
+    def is_moe_layer(self, layer: int) -> bool:
+        return True
+
     def replace(self, **kw) -> "V4Config":
         return dataclasses.replace(self, **kw)
 

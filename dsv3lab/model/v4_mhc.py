@@ -21,7 +21,7 @@ The model starts with n copies of the embedding and ends with a ``HyperHead``: o
 (sigmoid + eps, no Sinkhorn) that collapses the streams before the final norm.
 
 Hook points (shapes beside them) expose each block's pre/post/comb and the streams themselves
-(``V4Block.hook_streams_*`` in v4_transformer.py).
+(``V4Block.hook_resid_*`` in v4_transformer.py).
 """
 
 from __future__ import annotations

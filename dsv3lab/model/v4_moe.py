@@ -68,6 +68,9 @@ class V4Gate(nn.Module):
         if self.hashed:
             if token_ids is None:
                 raise ValueError("a hash-routed V4 layer needs the token ids (tid2eid[token])")
+            if self.expert_mask is not None:
+                raise ValueError("reroute ablation on a hash-routed layer: its experts come from the token "
+                                 "table (tid2eid), not from a choice; ablate it with mode='zero'")
             ids = self.tid2eid[token_ids.reshape(-1)].long()
         else:
             choice = self.hook_biased_scores(scores + self.e_score_correction_bias.float())

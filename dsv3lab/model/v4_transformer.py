@@ -37,22 +37,22 @@ class V4Block(nn.Module):
         self.ffn_hc = HyperConnection(cfg, device)
         self.post_attention_layernorm = RMSNormF32(cfg.hidden_size, cfg.rms_norm_eps, device)
         self.mlp = V4MoE(cfg, layer, dtype, device)
-        self.hook_streams_pre = HookPoint("[B,S,n,D] mHC streams into the block")
+        self.hook_resid_pre = HookPoint("[B,S,n,D] mHC streams into the block (V4's residual)")
         self.hook_attn_in = HookPoint("[B,S,D] collapsed streams into attention (before attn_norm)")
         self.hook_attn_out = HookPoint("[B,S,D] attention output")
-        self.hook_streams_mid = HookPoint("[B,S,n,D] streams after attention")
+        self.hook_resid_mid = HookPoint("[B,S,n,D] streams after attention")
         self.hook_mlp_in = HookPoint("[B,S,D] collapsed streams into the MoE (before ffn_norm)")
         self.hook_mlp_out = HookPoint("[B,S,D] MoE output")
-        self.hook_streams_post = HookPoint("[B,S,n,D] streams out of the block")
+        self.hook_resid_post = HookPoint("[B,S,n,D] streams out of the block")
 
     def forward(self, X, tokens, rope, start=0, cache=None):
-        X = self.hook_streams_pre(X)
+        X = self.hook_resid_pre(X)
         post, comb, a_in = self.attn_hc(X)
         a = self.hook_attn_out(self.self_attn(self.input_layernorm(self.hook_attn_in(a_in)), rope, start, cache))
-        X = self.hook_streams_mid(HyperConnection.merge(post, comb, a, X))
+        X = self.hook_resid_mid(HyperConnection.merge(post, comb, a, X))
         post, comb, f_in = self.ffn_hc(X)
         m = self.hook_mlp_out(self.mlp(self.post_attention_layernorm(self.hook_mlp_in(f_in)), tokens))
-        return self.hook_streams_post(HyperConnection.merge(post, comb, m, X))
+        return self.hook_resid_post(HyperConnection.merge(post, comb, m, X))
 
 
 class V4Cache:
@@ -150,6 +150,10 @@ class V4Transformer(nn.Module):
         return self.hook_final(self.hc_head(self.streams(tokens, start, cache)))
 
     def head(self, h: torch.Tensor) -> torch.Tensor:
+        """Logits of a hidden state [B,S,D], or of mHC streams [B,S,n,D] (collapsed by the hyper
+        head first: the logit lens reads each block's ``hook_resid_post`` this way)."""
+        if h.dim() == 4:
+            h = self.hc_head(h)
         return self.lm_head(self.norm(h))
 
     def forward(self, tokens: torch.Tensor, start: int = 0, cache: V4Cache | None = None,
