@@ -45,6 +45,7 @@ def _library(tier: str) -> ctypes.CDLL | None:
     lib.dsv3_index_qkw.restype = None
     lib.dsv3_index_select.argtypes = [P, I64, I, I, P, I, P, P, P, P]
     lib.dsv3_index_select.restype = I
+    lib.dsv3_topk_scores.argtypes, lib.dsv3_topk_scores.restype = [P, I, I, P, P, P], I
     lib.dsv3_index_topk.argtypes = [P, I64, I, P, I, I, P, I, P, P, P, P, I]
     lib.dsv3_index_topk.restype = I
     lib.dsv3_amx_available.argtypes, lib.dsv3_amx_available.restype = [], I

@@ -215,8 +215,13 @@ def _decode_run(ix, fused: bool, B=2, S=120, P=30, seed=5):
     return sels, cache, calls[0]
 
 
-@pytest.mark.parametrize("D", [64, 48])        # 48: not a multiple of 32, the AMX tiles decline (torch GEMM + C top-k)
-def test_fused_decode_select_matches_the_torch_decode_path(D):
+# 48: not a multiple of 32, the AMX tiles decline (without AMX always): then the C scorer and top-k,
+# or torch's GEMM and the C top-k where the C scorer lost to torch on this CPU (c_scores False)
+@pytest.mark.parametrize("D,c_scores", [(64, True), (48, True), (48, False)])
+def test_fused_decode_select_matches_the_torch_decode_path(D, c_scores, monkeypatch):
+    from dsv3lab.kernels import cpu_calibrate
+    real = cpu_calibrate.wins
+    monkeypatch.setattr(cpu_calibrate, "wins", lambda k, dt: (c_scores if k == "index_scores" else real(k, dt)))
     ix = _indexer(D=D)
     fused, c1, n1 = _decode_run(ix, True)
     plain, c0, n0 = _decode_run(ix, False)

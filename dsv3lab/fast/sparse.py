@@ -24,7 +24,7 @@ from array import array
 
 import torch
 
-from dsv3lab.kernels import cpu_decode, cpu_sparse
+from dsv3lab.kernels import cpu_calibrate, cpu_decode, cpu_sparse
 from dsv3lab.model.attn_sparse import SparseAttention, _gather_buffer
 from dsv3lab.model.indexer import _KEY_BUCKET, Indexer, IndexerKeyCache, decode_topk
 from dsv3lab.model.layers import LayerNorm, Linear, hooked, linear
@@ -134,6 +134,8 @@ def select_fused(ix: Indexer, layout, x, q_latent, cos, sin, start: int, cache: 
     row = 2 * cache.max_len * D                                     # bytes per sequence in the cache
     out = torch.empty(B, k, dtype=torch.int64) if k < T else None
     op, wk0 = (out.data_ptr() if k < T else 0), wsp + owk
+    # where the AMX tiles decline (-2), the C scorer where it beat torch's GEMM here
+    c_scores = cpu_calibrate.wins("index_scores", torch.bfloat16)
     for b in range(B):
         qb, wb, ob = wsp + oq + 2 * b * H * D, wsp + ow + 4 * b * H, op + 8 * b * k
         # the projections, then the scores by AMX tiles straight from the cache and the top-k
@@ -144,13 +146,18 @@ def select_fused(ix: Indexer, layout, x, q_latent, cos, sin, start: int, cache: 
         n = lib.dsv3_index_decode(args.buffer_info()[0], fp)
         if k >= T or n >= 0:
             continue
+        if n == -2 and c_scores:              # no AMX: the C scorer (each key row once for all heads), C top-k
+            cpu_decode.library().dsv3_index_scores(bp + b * row, D, qb, wb, wk0, T, H, D, nt)
+            n = lib.dsv3_topk_scores(wk0, T, k, wk0 + 4 * T, wk0 + 8 * T, ob)
+            if n >= 0:
+                continue
         buf = cache.layers[layer]
         # exact byte lengths: the slots are padded to 64 bytes, the views must not be
         q = ws[oq:oq + 2 * B * H * D].view(torch.bfloat16).view(B, H, D)
         w = ws[ow:ow + 4 * B * H].view(torch.float32).view(B, H)
         keys = buf[b, :min(cache.max_len, -(-T // _KEY_BUCKET) * _KEY_BUCKET)]   # read_bucketed, inline
         logits = linear(keys, q[b])                           # [T',H] bf16; rows past T are not read
-        if n == -2:                           # torch's bf16 GEMM, then the C top-k
+        if n == -2:                           # no AMX: torch's bf16 GEMM, then the C top-k
             n = lib.dsv3_index_select(logits.data_ptr(), H, T, H, wb, k, wk0, wk0 + 4 * T, wk0 + 8 * T, ob)
         if n < 0:                             # a NaN score: torch's scores and top-k decide
             scores = torch.mv(logits[:T].float().clamp_min_(0), w[b])

@@ -184,6 +184,11 @@ static int topk_of_scores(const float *scores, int T, int k, uint32_t *keys, uin
     return n;
 }
 
+/* topk_of_scores for scores computed elsewhere (decode_bf16.c's dsv3_index_scores, where no AMX) */
+int dsv3_topk_scores(const float *scores, int T, int k, uint32_t *keys, uint32_t *cand, int64_t *idx) {
+    return topk_of_scores(scores, T, k, keys, cand, idx);
+}
+
 /* scores[t] = sum_h w[h] * max(0, logits[t*ldl + h]) for t < T (logits: the bf16 q.k products of a
  * GEMM), then their top k as topk_of_scores (same return). */
 int dsv3_index_select(const bf16 *logits, int64_t ldl, int T, int H, const float *w, int k,
