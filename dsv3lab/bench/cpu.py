@@ -9,6 +9,11 @@ cache, so every figure streams from memory, as a decode step does. The measureme
 ``bench/measure.py``: rounds with the two arms alternating, a copy's bandwidth (read + write)
 before each round and after the last, medians with min-max, and a figure above the copy bandwidth
 flagged invalid. Results in ``results/bench-cpu.json``.
+
+First the kernels are timed against their torch calls again (``kernels/cpu_calibrate.py``, the
+verdicts the engine obeys, stored beside the library: a bench run on a quiet machine is the
+measurement to keep); each row then says whether the engine uses the C kernel on this CPU, and
+the run names any row where a kernel in use measured slower than torch.
 """
 
 from __future__ import annotations
@@ -84,7 +89,12 @@ def run(args) -> int:
     from dsv3lab.kernels import cpu_decode
     if not cpu_decode.available():
         raise SystemExit("bench cpu: the C decode kernels could not be built here (see the warning above)")
+    from dsv3lab.kernels import cpu_build, cpu_calibrate
     torch.set_num_threads(args.threads)
+    print(f"bench cpu: timing the C kernels against torch for the engine's choice (-march={cpu_build.march()}, "
+          f"{args.threads} threads)")
+    verdicts = cpu_calibrate.calibrate(force=True)
+    print_table(cpu_calibrate.table(verdicts))
     cfg = dsv3lab.ModelConfig.preset(args.preset)
     g = torch.Generator().manual_seed(0)
     figures = []                                  # (what, dtype, bytes per call, {arm: fn, items})
@@ -133,12 +143,14 @@ def run(args) -> int:
     for what in dict.fromkeys(r["what"] for r in rows):
         got = {r["engine"]: r for r in rows if r["what"] == what}
         ours, peer = got.get("C"), got["torch"]
+        dt = torch.float32 if what.endswith("float32") else torch.bfloat16
+        used = ours is not None and cpu_calibrate.wins("gemv" if what.startswith("gemv") else "latent_attention", dt)
         table.append(dict(what=what, C_GB_s=ours["value"] if ours else float("nan"),
                           C_range=f"{ours['lo']:.1f}-{ours['hi']:.1f}" if ours else "",
                           torch_GB_s=peer["value"], torch_range=f"{peer['lo']:.1f}-{peer['hi']:.1f}",
                           ratio=ours["value"] / peer["value"] if ours else float("nan"),
                           pct_of_copy=ours["pct_of_limit"] if ours else peer["pct_of_limit"],
-                          valid=all(r["valid"] for r in got.values())))
+                          valid=all(r["valid"] for r in got.values()), used="C" if used else "torch"))
     print(f"bench cpu: preset {cfg.name}, {args.threads} threads, {args.rounds} rounds (arms alternating); "
           f"CPU features: {_cpu_features()}; copy {limit['copy_GB_s']:.1f} GB/s read+write "
           f"(median of {len(lims)}: {min(x['copy_GB_s'] for x in lims):.1f}-{max(x['copy_GB_s'] for x in lims):.1f})")
@@ -146,10 +158,13 @@ def run(args) -> int:
     invalid = [t["what"] for t in table if not t["valid"]]
     if invalid:
         print(f"invalid (above the copy bandwidth measured in this run): {', '.join(invalid)}")
+    slower = [t["what"] for t in table if t["used"] == "C" and t["ratio"] < 1]
+    print("every C kernel in use is faster than its torch call here" if not slower else
+          f"in use but slower than torch here: {', '.join(slower)} (the calibration's shape won; this one lost)")
     ratios = [t["ratio"] for t in table if t["ratio"] == t["ratio"]]
     out = args.out or "results/bench-cpu.json"
     write_json_atomic(out, dict(preset=cfg.name, threads=args.threads, rounds=args.rounds, cpu_features=_cpu_features(),
-                                limits=limit, rows=table, raw=rows,
+                                limits=limit, rows=table, raw=rows, calibration=verdicts, slower_in_use=slower,
                                 median_ratio=statistics.median(ratios) if ratios else None))
     print(f"wrote {out}")
     return 0
