@@ -131,7 +131,9 @@ def _decode(m, x, steps):
     return torch.cat(out, dim=1)
 
 
-@pytest.mark.parametrize("preset,batch", [("tiny", 1), ("tiny", 2), ("lab", 1)])
+# batch 1: the fused step (dsv3lab/fast/) runs the kernels; a batch of 2 runs the module path, which
+# has none (the reference model holds no fast-path branch)
+@pytest.mark.parametrize("preset,batch", [("tiny", 1), ("lab", 1)])
 def test_decode_with_kernels_is_as_close_to_fp32_as_without(preset, batch):
     m, mf = _bf16_and_fp32(preset)
     x = torch.randint(0, m.cfg.vocab_size, (batch, 40), generator=torch.Generator().manual_seed(4))
