@@ -123,3 +123,46 @@ def test_quantize_at_load_is_the_fp8_recipe(ckpts):
     with torch.no_grad():
         a, b = ckpts["model"](x), model(x)
     assert (a - b).abs().max().item() <= 0.1 * a.abs().max().item()   # e4m3 weights: a loose sanity bound
+
+
+_RSS_CHILD = """
+import os, sys, json, torch, dsv3lab
+from dsv3lab.checkpoint import rss_bytes
+path, mode, warm = sys.argv[1], sys.argv[2], sys.argv[3]
+def hwm():                            # the process's peak RSS (VmHWM), bytes
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+dsv3lab.load(warm, fp8=mode)          # the first load imports and builds what loading needs
+base = rss_bytes()[0]
+with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")                      # resets VmHWM to the current RSS
+m = dsv3lab.load(path, fp8=mode)
+print(json.dumps(dict(base=base, peak=hwm(), mapped=m._dsv3_load["mapped"], own=m._dsv3_load["own"])))
+"""
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="needs Linux's VmHWM reset")
+def test_peak_rss_of_a_kept_load_is_the_file_once(tmp_path):
+    """A ~60 MB FP8 checkpoint: loading it kept raises the process's peak RSS by about the file
+    (its pages, touched once by the finiteness check), where dequantizing to bf16 takes ~2x."""
+    import json
+    import subprocess
+    import sys
+    from dsv3lab.bench.released import write_random
+    from dsv3lab.config import ModelConfig
+    cfg = ModelConfig.preset("tiny").replace(num_nextn_predict_layers=0, hidden_size=512, moe_intermediate_size=512,
+                                             intermediate_size=1024, n_routed_experts=32, vocab_size=4096)
+    path = write_random(cfg, str(tmp_path / "fp8"), fp8=True)
+    size = sum(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path) if f.endswith(".safetensors"))
+    assert size > 50e6
+    warm = dsv3lab.save(dsv3lab.build("tiny"), tmp_path / "warm", fp8=True)
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    r = {}
+    for mode in ("keep", "dequant"):
+        out = subprocess.run([sys.executable, "-c", _RSS_CHILD, path, mode, str(warm)], capture_output=True,
+                             text=True, env=env, check=True).stdout
+        r[mode] = json.loads(out.strip().splitlines()[-1])
+    assert r["keep"]["own"] == 0 and r["keep"]["mapped"] > 0.9 * size
+    assert r["keep"]["peak"] - r["keep"]["base"] < 1.1 * size + 10e6, (r, size)
+    assert r["dequant"]["peak"] - r["dequant"]["base"] > 1.5 * size, (r, size)

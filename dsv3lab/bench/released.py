@@ -229,7 +229,14 @@ def _in_child(*a) -> dict:
     q = ctx.Queue()
     p = ctx.Process(target=_child, args=(q, *a))
     p.start()
-    out = q.get()
+    import queue
+    while True:                       # a child that dies before it can report is an error too
+        try:
+            out = q.get(timeout=2)
+            break
+        except queue.Empty:
+            if not p.is_alive():
+                raise RuntimeError(f"bench child exited with code {p.exitcode} before reporting") from None
     p.join()
     if "error" in out:
         raise RuntimeError(f"bench child failed: {out['error']}\n{out['traceback']}")
@@ -252,12 +259,14 @@ def run(args) -> int:
                  disk_GB=disk / 1e9, write_s=time.perf_counter() - t0)
         r.update(_in_child(path, mode, args_d, None))
         rows.append(r)
+        _save(args, rows)
         if not args.no_paged:
             cap = (r["held_GB"] - (1 - args.page_fraction) * r["routed_GB"]) * 1e9
             for prefetch in (False, True):
                 p = dict(model=name, layers=cfg.num_hidden_layers, fp8=mode, mode="paged")
                 p.update(_in_child(path, mode, args_d, (cap, prefetch)))
                 rows.append(p)
+                _save(args, rows)
     print_table([r for r in rows if r.get("mode") != "paged"],
                 ["model", "layers", "stored", "fp8", "disk_GB", "load_s", "load_peak_rss_GB", "mapped_GB", "own_GB",
                  "prefill_tok_s", "decode_tok_s", "limit_tok_s", "pct_of_limit", "read_GBps", "act_GB_per_tok"])
@@ -266,8 +275,24 @@ def run(args) -> int:
         print()
         print_table(paged, ["model", "layers", "cap_GB", "prefetch", "decode_tok_s", "hit_rate", "MB_read_per_tok",
                             "resident_experts", "peak_rss_GB"])
-    out = args.out or os.path.join("results", "bench-released.json")
-    write_json_atomic(out, dict(machine=dict(cpu=platform.processor() or platform.machine(),
-                                             threads=args.threads or torch.get_num_threads()),
-                                args=vars(args) | {"func": None}, rows=rows))
+    _save(args, rows)
     return 0
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _save(args, rows) -> None:
+    """The rows so far (written after each measurement: a long run keeps what it measured)."""
+    out = args.out or os.path.join("results", "bench-released.json")
+    write_json_atomic(out, dict(machine=dict(cpu=_cpu_name(), cores=os.cpu_count(),
+                                             threads=args.threads or torch.get_num_threads()),
+                                args={k: v for k, v in vars(args).items() if k != "func"}, rows=rows))
