@@ -4,7 +4,8 @@ Writes random checkpoints with the exact shapes of Moonlight-16B-A3B (FP8 e4m3 w
 ``weight_scale_inv``, as V3 ships) and DeepSeek-V2-Lite (bf16, as it ships; quantized to the same
 FP8 format at load) in the official layout (nothing is downloaded), ``--layers N`` cutting each to
 its first N layers. For each, in a fresh process (peak RSS is the process's own):
-  load      ``dsv3lab.load(fp8="keep"|"quantize")``: seconds, peak RSS, bytes mapped and own;
+  load      ``dsv3lab.load(fp8="keep"|"quantize")``: seconds, RSS before, peak RSS (the process's
+            peak reset just before the load, on Linux), bytes mapped and own;
   prefill   one forward over ``--prefill`` tokens, tokens/s;
   decode    one token against a cache of ``--context`` tokens, tokens/s, against the bandwidth
             limit measured in the same process: read bandwidth / activated bytes per token as
@@ -167,6 +168,15 @@ def _decode_rate(m, ctx: int, steps: int, x) -> float:
     return 1 / statistics.median(ts)
 
 
+def _reset_peak_rss() -> None:
+    """Linux: set the process's peak RSS (VmHWM) to its current RSS."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
 def _child(q, *a):
     try:
         q.put(_measure(*a))
@@ -184,6 +194,8 @@ def _measure(path, fp8, args_d, paged) -> dict:
     out = {}
     with torch.no_grad():
         bw = read_bandwidth()
+        _reset_peak_rss()                # the peaks below are this load's and what follows it
+        out["rss_before_load_GB"] = rss_bytes()[0] / 1e9
         if paged is None:
             m = dsv3lab.load(path, fp8=fp8)
             s = m._dsv3_load
@@ -268,7 +280,8 @@ def run(args) -> int:
                 rows.append(p)
                 _save(args, rows)
     print_table([r for r in rows if r.get("mode") != "paged"],
-                ["model", "layers", "stored", "fp8", "disk_GB", "load_s", "load_peak_rss_GB", "mapped_GB", "own_GB",
+                ["model", "layers", "stored", "fp8", "disk_GB", "load_s", "rss_before_load_GB", "load_peak_rss_GB",
+                 "mapped_GB", "own_GB",
                  "prefill_tok_s", "decode_tok_s", "limit_tok_s", "pct_of_limit", "read_GBps", "act_GB_per_tok"])
     paged = [r for r in rows if r.get("mode") == "paged"]
     if paged:
