@@ -270,6 +270,16 @@ class ModelConfig:
         if d.get("num_nextn_predict_layers") is None and "num_mtp_layers" in d:
             kw["num_nextn_predict_layers"] = d["num_mtp_layers"]
         kw.setdefault("num_nextn_predict_layers", 0)
+        if d.get("rope_interleave") is False:
+            raise UnsupportedModelType(f"{src}: rope_interleave=false (half-split RoPE on MLA) is not supported")
+        if d.get("mlp_layer_types"):
+            # GLM-4-MoE-Lite's and A.X K1's per-layer schedule: dense layers first, then MoE
+            types = list(d["mlp_layer_types"])
+            k = types.count("dense")
+            if types != ["dense"] * k + ["sparse"] * (len(types) - k) or len(types) != d.get("num_hidden_layers"):
+                raise UnsupportedModelType(f"{src}: mlp_layer_types other than dense layers first, then sparse, "
+                                           "are not supported")
+            kw["first_k_dense_replace"] = k
         if mt == "mistral4":
             # Mistral 4: V3's MLA and MoE with a softmax router without bias (top-k over all experts
             # in one group), and llama-4 query scaling (docs/family.md)
@@ -358,8 +368,9 @@ class ModelConfig:
 
 # model_type values from_hf reads; all are this architecture (docs/checkpoints.md, docs/family.md).
 # sarvam_mla: transformers builds it as DeepseekV3ForCausalLM (its config subclasses V3's); mistral4:
-# V3 plus query scaling (attn_scale_beta), a softmax router without bias in one group
-MODEL_TYPES = ("deepseek_v3", "deepseek_v32", "kimi_k2", "deepseek_v2", "sarvam_mla", "mistral4")
+# V3 plus query scaling (attn_scale_beta), a softmax router without bias in one group; glm4_moe_lite
+# (GLM-4.7-Flash): V3's MLA and router with the dense/MoE schedule as mlp_layer_types
+MODEL_TYPES = ("deepseek_v3", "deepseek_v32", "kimi_k2", "deepseek_v2", "sarvam_mla", "mistral4", "glm4_moe_lite")
 
 
 class UnsupportedModelType(ConfigError):
@@ -370,8 +381,8 @@ class UnsupportedModelType(ConfigError):
 # (docs/family.md is generated from this by tests/test_family_table.py). deepseek_v4 is not here:
 # it has its own engine (dsv3lab/family.py sends it there).
 UNSUPPORTED_MODEL_TYPES = {
-    "axk1": "A.X K1: V3's MLA and MoE with GLM-4-MoE-Lite's block (a per-layer mlp_layer_types "
-            "schedule, a router without score-correction bias); not mapped onto ModelConfig yet",
+    "axk1": "A.X K1: V3's block plus an RMSNorm on every MoE layer's output (post_mlp_layernorm); "
+            "not in the engine",
     "axk2": "A.X K2: V3.2-style DSA with a fused query/gate projection (gated attention output) and "
             "gated RMSNorm; not in the engine",
     "bailing_hybrid": "Ling hybrid: MLA layers interleaved with gated delta-rule linear-attention layers; "
@@ -380,8 +391,6 @@ UNSUPPORTED_MODEL_TYPES = {
                     "top-k are not implemented (and not in transformers 5.24)",
     "dots3_note_text": "dots3: DSA with GLM-DSA's indexer (interleaved RoPE) in its own attention block; "
                        "not in the engine",
-    "glm4_moe_lite": "GLM-4.7-Flash: V3's MLA and router with a per-layer mlp_layer_types schedule; not "
-                     "mapped onto ModelConfig yet",
     "glm5_next_text": "GLM-5-Next: GLM-MoE-DSA attention with linear-attention layers and mHC "
                       "hyper-connections; not in the engine",
     "glm_moe_dsa": "GLM-5: V3.2's DSA with shared-indexer layers (indexer_types 'shared' reuse the "

@@ -32,6 +32,7 @@ SMALL = dict(vocab_size=160, hidden_size=64, intermediate_size=96, moe_intermedi
              num_nextn_predict_layers=0, rope_scaling=None)
 # V2-236B routes group-limited; (with "greedy" transformers ignores n_group, the lab does not)
 OVERRIDES = {"deepseek_v2": dict(topk_method="group_limited_greedy"),
+             "glm4_moe_lite": dict(mlp_layer_types=["dense", "sparse", "sparse"]),
              # llama-4 query scaling from position 8 on, so the test's positions are scaled
              "mistral4": dict(head_dim=24, n_group=1, topk_group=1, rope_parameters=dict(
                  rope_type="yarn", rope_theta=10000.0, factor=4.0, original_max_position_embeddings=8, beta_fast=32.0,
@@ -40,6 +41,7 @@ OVERRIDES = {"deepseek_v2": dict(topk_method="group_limited_greedy"),
 HOW = {"deepseek_v2": "V3 engine (softmax gate, V2 routing)", "deepseek_v3": "V3 engine",
        "deepseek_v32": "V3 engine, sparse attention (DSA)", "sarvam_mla": "V3 engine (a V3 config subclass)",
        "deepseek_v4": "V4 engine ([v4.md](v4.md))",
+       "glm4_moe_lite": "V3 engine (mlp_layer_types dense-then-sparse read as first_k_dense_replace)",
        "mistral4": "V3 engine with llama-4 query scaling (`attn_scale_beta`), softmax router without bias; "
                    "n_group > 1 and rope_interleave=false refused; fused experts read as per-expert views"}
 
