@@ -195,3 +195,16 @@ def test_v4_softmax_router():
     sel = s.gather(1, ids)
     assert torch.allclose(w, sel / sel.sum(-1, keepdim=True) * cfg.routed_scaling_factor)
     assert torch.allclose(score(torch.tensor([0.0]), "sqrtsoftplus"), torch.tensor([0.6931472]).sqrt())
+
+
+def test_v4_bf16_runs_and_caches_like_its_forward():
+    m32 = dsv3lab.build("v4-tiny", seed=0)
+    m16 = dsv3lab.build("v4-tiny", seed=0, dtype=torch.bfloat16)
+    x = torch.randint(0, 512, (2, 30), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        full, ref = m16(x), m32(x)
+        cache = m16.new_cache(2, 30)
+        steps = [m16(x[:, :7], start=0, cache=cache)] + [m16(x[:, t:t + 1], start=t, cache=cache) for t in range(7, 30)]
+    assert full.dtype == torch.bfloat16
+    assert (torch.cat(steps, 1).float() - full.float()).abs().max().item() < 1e-2
+    assert ((full.float() - ref).abs().max() / ref.abs().max()).item() < 0.1
