@@ -43,7 +43,7 @@ KERNELS = {
     "rope": (torch.bfloat16, torch.float32),
     "route": (torch.float32,),
     "index_scores": (torch.bfloat16,),
-    "latent_attention": (torch.float32,),
+    "latent_attention": (torch.bfloat16, torch.float32),
     "index_select": (torch.bfloat16,),      # cpu_sparse: V3.2's top-k of the indexer's logits
     "gather": (torch.bfloat16,),            # cpu_sparse: the selected latent rows
 }
@@ -246,13 +246,22 @@ def _arms(kernel: str, dt: torch.dtype):
         return ((lambda keys: cpu_decode.index_scores(keys, q, w)),
                 (lambda keys: torch.mv(F.linear(keys, q).float().clamp_min_(0), w)),
                 _copies(lambda: rand(T, D), T * D * 2))
-    if kernel == "latent_attention":         # one fp32 token, 16 heads, over 4096 latent rows of 576
+    if kernel == "latent_attention":         # one token, 16 heads, over 4096 latent rows of 576
         T, H, D, c = 4096, 16, 576, 512
         q = rand(1, 1, H, D, s=0.1)
+        n = torch.get_num_threads()
+        flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 
         def torch_attn(lat):
-            kv = lat[None, None]
-            return F.scaled_dot_product_attention(q, kv, kv[..., :c], scale=0.07)
+            # the engine's torch path (model/attn_absorbed.py): one flash-attention pass with the
+            # whole rows as values, the cache split into one piece per thread merged by log-sum-exp
+            # when the threads have >= 1024 rows each (torch's pass runs one query block on one thread)
+            if n == 1 or T < 1024 * n:
+                kv = lat[None, None]
+                return F.scaled_dot_product_attention(q, kv, kv, scale=0.07)[..., :c]
+            kv = lat.view(n, 1, T // n, D)
+            o, lse = flash(q.expand(n, 1, H, D), kv, kv, 0.0, False, scale=0.07)
+            return (o[..., :c].float() * lse.softmax(dim=0)[..., None]).sum(0).to(dt)
         return ((lambda lat: cpu_decode.latent_attention(q[0, 0], lat, 0.07, c)), torch_attn,
                 _copies(lambda: rand(T, D), T * D * dt.itemsize))
     if kernel == "index_select":             # top-512 of 8192 keys' scores from [T, 64] logits

@@ -11,7 +11,7 @@ model's fused decode step: ``kernel(name, dtype)``):
   rmsnorm(x, w, eps), rope(x, cos, sin)   the small per-token ops, one call instead of 5-8
   route(scores, bias, ...)        the gate's group-limited top-k and weights, one call instead of 15
   index_scores(keys, q, w)        V3.2's indexer scores of one query against its key cache
-  latent_attention(q, latent, ...)   fp32 only: one token's attention over the latent cache
+  latent_attention(q, latent, ...)   one token's attention over the latent cache (bf16 or fp32)
 (V3.2's fused decode selection and row gather are ``cpu_sparse.py``'s, ``cpu/sparse_bf16.c``.)
 
 The attention over the latent cache stays torch's fused flash attention: on a CPU with AMX its
@@ -63,6 +63,7 @@ def _library(tier: str) -> ctypes.CDLL | None:
         "dsv3_route": [P, P, I, I, I, I, I, I, F, P, P],
         "dsv3_index_scores": [P, I64, P, P, P, I, I, I, I],
         "dsv3_latent_attn_f32": [P, I64, P, I64, P, I, I, I, F, P, I64, P, I],
+        "dsv3_latent_attn": [I, P, I64, P, I64, P, I, I, I, F, P, I64, P, I],
         "dsv3_mla_in": [I, P, P, I],             # one layer around the attention (model/decode_step.py)
         "dsv3_mla_out": [I, P, P, I],
     })
@@ -212,19 +213,27 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
 ATT_BLK = 128           # rows whose scores one thread holds at once (the C source's ATT_BLK)
 
 
+def attention_work(H: int, D: int, c: int, threads: int) -> int:
+    """fp32 scratch values ``latent_attention`` needs with ``threads`` threads."""
+    return threads * (H * (c + 2 + ATT_BLK) + ATT_BLK * D)
+
+
 def latent_attention(q: torch.Tensor, latent: torch.Tensor, scale: float, c: int, idx: torch.Tensor | None = None,
-                     out: torch.Tensor | None = None) -> torch.Tensor:
-    """One fp32 query token's MLA attention in the latent space: q [H, D] (H a multiple of 4,
-    contiguous) over the rows of latent [T, D] (unit stride along D), or only over rows ``idx``
-    [k] int64 when given (read in place, any order) -> o [H, c] = softmax(scale q . rows^T)
-    rows[:, :c], fp32. ``out`` [H, c] with unit stride along c receives it in place. (fp32 only:
-    in bf16 torch's flash attention is faster here, see the C source.)"""
+                     out: torch.Tensor | None = None, work: torch.Tensor | None = None) -> torch.Tensor:
+    """One query token's MLA attention in the latent space: q [H, D] (H a multiple of 4) over the
+    rows of latent [T, D] (unit stride along D), or only over rows ``idx`` [k] int64 when given
+    (read in place, any order) -> o [H, c] = softmax(scale q . rows^T) rows[:, :c] in latent's
+    dtype (bf16 or fp32; fp32 arithmetic, a bf16 output rounded once). ``out`` [H, c] with unit
+    stride along c receives it in place; ``work`` (fp32, ``attention_work`` values or more) is its
+    scratch, kept by a caller that attends every step (a fresh one of ~0.3 MB a thread is an mmap
+    whose pages fault in on every call)."""
     H, D = q.shape
     T, W = latent.shape
-    if (W != D or H % 4 or not q.is_contiguous() or latent.stride(-1) != 1 or not 0 < c <= D
-            or q.dtype != torch.float32 or latent.dtype != torch.float32):
+    if (W != D or H % 4 or latent.stride(-1) != 1 or not 0 < c <= D or latent.dtype not in KERNEL_DTYPES
+            or q.dtype not in KERNEL_DTYPES):
         raise ValueError(f"latent_attention: q {tuple(q.shape)} {q.dtype} and latent {tuple(latent.shape)} "
-                         f"{latent.dtype} do not fit (fp32, H a multiple of 4, c = {c} <= D)")
+                         f"{latent.dtype} do not fit (bf16 or fp32, H a multiple of 4, c = {c} <= D)")
+    q = q.float().contiguous()                       # exact for a bf16 q
     n = T
     if idx is not None:
         idx = idx.contiguous()
@@ -233,13 +242,19 @@ def latent_attention(q: torch.Tensor, latent: torch.Tensor, scale: float, c: int
             raise ValueError(f"latent_attention: idx must be int64 positions in [0, {T})")
     if n == 0:
         raise ValueError("latent_attention: no rows to attend to")
-    y = torch.empty(H, c, dtype=torch.float32) if out is None else out
-    if tuple(y.shape) != (H, c) or y.dtype != torch.float32 or y.stride(-1) != 1:
-        raise ValueError(f"latent_attention: out {tuple(y.shape)} {y.dtype} is not an fp32 {(H, c)} with unit stride")
+    dt = latent.dtype
+    y = torch.empty(H, c, dtype=dt) if out is None else out
+    if tuple(y.shape) != (H, c) or y.dtype != dt or y.stride(-1) != 1:
+        raise ValueError(f"latent_attention: out {tuple(y.shape)} {y.dtype} is not a {dt} {(H, c)} with unit stride")
     nt = torch.get_num_threads()
-    work = torch.empty(nt * H * (c + 2 + ATT_BLK), dtype=torch.float32)
-    library().dsv3_latent_attn_f32(latent.data_ptr(), latent.stride(0), None if idx is None else idx.data_ptr(), n,
-                                   q.data_ptr(), H, D, c, float(scale), y.data_ptr(), y.stride(0), work.data_ptr(), nt)
+    need = attention_work(H, D, c, nt)
+    if work is None:
+        work = torch.empty(need, dtype=torch.float32)
+    elif work.dtype != torch.float32 or work.numel() < need or not work.is_contiguous():
+        raise ValueError(f"latent_attention: work must be {need} contiguous fp32 values, got {work.numel()} {work.dtype}")
+    library().dsv3_latent_attn(int(dt == torch.bfloat16), latent.data_ptr(), latent.stride(0),
+                               None if idx is None else idx.data_ptr(), n, q.data_ptr(), H, D, c, float(scale),
+                               y.data_ptr(), y.stride(0), work.data_ptr(), nt)
     return y
 
 

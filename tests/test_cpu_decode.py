@@ -295,20 +295,27 @@ def test_fused_decode_step_with_sparse_attention():
             for p in (ix.wq_b.weight, ix.wk.weight, ix.weights_proj.weight):
                 p.copy_(torch.randn(p.shape, generator=g) * 0.3)
     x = torch.randint(0, cfg.vocab_size, (1, 30), generator=g)
+    mf = dsv3lab.build(cfg, dtype=torch.float32).eval()                  # the same weights in fp32
+    mf.load_state_dict({k: v.float() for k, v in m.state_dict().items()})
     with torch.no_grad():
         outs = {}
-        for be in ("auto", "torch"):
+        for name, model, be in (("fused", m, "auto"), ("module", m, "torch"), ("fp32", mf, "torch")):
             with dispatch.use_backend(be):
-                c = m.new_cache(1, 32)
-                m(x[:, :24], start=0, cache=c)
+                c = model.new_cache(1, 32)
+                model(x[:, :24], start=0, cache=c)
                 steps = []
                 for i in range(24, 30):
-                    if be == "auto":
-                        assert try_decode(m, x[:, i:i + 1], i, c) is not None    # the fused step runs
-                    steps.append(m(x[:, i:i + 1], start=i, cache=c).float())
-                outs[be] = torch.cat(steps, 1)
-    rel = ((outs["auto"] - outs["torch"]).norm() / outs["torch"].norm()).item()
-    assert rel < 0.03, rel
+                    if name == "fused":
+                        assert try_decode(model, x[:, i:i + 1], i, c) is not None    # the fused step runs
+                    steps.append(model(x[:, i:i + 1], start=i, cache=c).float())
+                outs[name] = torch.cat(steps, 1)
+    # both are bf16 engines that round in different places (the C attention rounds once, torch's
+    # bf16 flash attention more often), so a later layer's near-tied selection may go either way:
+    # each is held to the fp32 model with the same weights, the fused step no further than the
+    # module path
+    err = {k: ((outs[k] - outs["fp32"]).norm() / outs["fp32"].norm()).item() for k in ("fused", "module")}
+    assert err["fused"] <= 1.25 * err["module"] + 1e-3, err
+    assert err["fused"] < 0.15, err
 
 
 def test_index_scores():
@@ -386,12 +393,37 @@ def test_fp32_latent_attention_against_float64(H, T, D, c, threads):
     torch.testing.assert_close(picked.double(), _attention_ref(q, lat[idx], 0.3, c), rtol=1e-4, atol=1e-5)
 
 
-def test_fp32_latent_attention_rejects_what_it_cannot_take():
+@pytest.mark.parametrize("H,T,D,c,threads", [(16, 1024, 576, 512, 2), (4, 3, 56, 40, 1), (8, 777, 80, 64, 2)])
+def test_bf16_latent_attention_against_float64(H, T, D, c, threads):
+    """bf16 rows and query (a bf16 model's cache), fp32 arithmetic, the output rounded to bf16
+    once: within one bf16 rounding (2^-8 relative) of the float64 attention of the same bf16
+    values, plus fp32 summation error; the same tails as the fp32 test."""
+    g = torch.Generator().manual_seed(H * T + 1)
+    q = torch.randn(H, D, generator=g).bfloat16()
+    lat = (torch.randn(T + 3, D + 8, generator=g) * 0.7).bfloat16()[:T, :D]
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        got = cpu_decode.latent_attention(q, lat, 0.3, c)
+        idx = torch.randperm(T, generator=g)[:max(1, T // 3)]
+        picked = cpu_decode.latent_attention(q, lat, 0.3, c, idx=idx)
+    finally:
+        torch.set_num_threads(saved)
+    assert got.dtype == picked.dtype == torch.bfloat16
+    for y, ref in ((got, _attention_ref(q.float(), lat.float(), 0.3, c)),
+                   (picked, _attention_ref(q.float(), lat[idx].float(), 0.3, c))):
+        err = (y.double() - ref).abs()
+        assert (err <= 2 ** -8 * ref.abs() + 1e-4).all(), err.max().item()
+
+
+def test_latent_attention_rejects_what_it_cannot_take():
     q, lat = torch.zeros(6, 64), torch.zeros(10, 64)
     with pytest.raises(ValueError, match="multiple of 4"):
         cpu_decode.latent_attention(q, lat, 1.0, 32)
-    with pytest.raises(ValueError, match="fp32"):
-        cpu_decode.latent_attention(torch.zeros(4, 64).bfloat16(), lat.bfloat16(), 1.0, 32)
+    with pytest.raises(ValueError, match="bf16 or fp32"):
+        cpu_decode.latent_attention(torch.zeros(4, 64).half(), lat.half(), 1.0, 32)
+    with pytest.raises(ValueError, match="out .* is not a torch.bfloat16"):
+        cpu_decode.latent_attention(torch.zeros(4, 64), lat.bfloat16(), 1.0, 32, out=torch.zeros(4, 32))
     with pytest.raises(ValueError, match="idx"):
         cpu_decode.latent_attention(torch.zeros(4, 64), lat, 1.0, 32, idx=torch.tensor([10]))
 

@@ -223,7 +223,8 @@ class _Plan:
         self.kv = e(1, c + r)
         self.q_cat = e(1, 1, H, c + r)
         self.o = e(1, H * v)
-        self.o_lat = e(1, 1, H, c)                                       # the fp32 C attention's output
+        self.o_lat = e(1, 1, H, c)                                       # the C attention's output
+        self.att_work = torch.empty(0)                                   # and its scratch (sized per thread count)
         self.hf = e(1, D)
         self.x = e(1, D)                                                    # the residual stream
         self.moe_h = e(max([ly["moe_width"] for ly in self.layers] + [1]))
@@ -411,9 +412,14 @@ class DecodeStep:
 
         lib = cpu_decode.library()
         f32 = int(dt == torch.float32)
-        # fp32: the C latent attention where it measured faster than torch's flash attention here
-        f32_attn = bool(f32) and cfg.num_attention_heads % 4 == 0 and cpu_calibrate.wins("latent_attention", dt)
-        o_lat_buf = plan.o_lat if f32_attn else None
+        # the C latent attention where it measured faster than torch's flash attention here (fp32
+        # on every CPU measured; bf16 where there is no AMX for torch's kernel)
+        c_attn = cfg.num_attention_heads % 4 == 0 and cpu_calibrate.wins("latent_attention", dt)
+        o_lat_buf = plan.o_lat
+        if c_attn and plan.att_work.numel() < cpu_decode.attention_work(cfg.num_attention_heads, c + cfg.qk_rope_head_dim,
+                                                                         c, nt):
+            plan.att_work = torch.empty(cpu_decode.attention_work(cfg.num_attention_heads, c + cfg.qk_rope_head_dim,
+                                                                  c, nt))
         x, h, h2, qa_n, q_cat = plan.x, plan.h, plan.h2, plan.qa_n, plan.q_cat
         x.copy_(plan.embed[tokens.reshape(-1)[0]].view(1, D))                 # the residual stream
         for ly in plan.layers:
@@ -432,8 +438,8 @@ class DecodeStep:
             if ly["sparse"]:                     # V3.2: the indexer's top-k rows, gathered (attn_sparse.py)
                 latent = sparse.gathered(impl, h.view(1, 1, D), qa_n.view(1, 1, -1) if cfg.q_lora_rank else None,
                                          cos, sin, start, cache, ly["layer"], latent)
-            if f32_attn and latent.stride(-1) == 1:      # the C kernel where it beats torch's (calibrated)
-                o_lat = cpu_decode.latent_attention(q_cat[0, 0], latent[0], attn.scale, c, out=o_lat_buf[0, 0])
+            if c_attn and latent.stride(-1) == 1:
+                cpu_decode.latent_attention(q_cat[0, 0], latent[0], attn.scale, c, out=o_lat_buf[0, 0], work=plan.att_work)
                 o_lat = o_lat_buf
             else:
                 o_lat = latent_attention(q_cat, latent, attn.scale, c, latent.shape[1] - 1)

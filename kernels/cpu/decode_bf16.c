@@ -422,10 +422,12 @@ void dsv3_index_scores(const bf16 *keys, int64_t ldk, const bf16 *q, const float
  * by log-sum-exp at the end (flash decoding). Rows are ``lat + row * ld`` for row = t, or
  * row = idx[t] (V3.2: only the indexer's selection, read in place).
  *
- * fp32 only: there it is ~1.5x torch's flash attention on an AVX-512 CPU. In bf16 torch's kernel
- * multiplies on AMX tiles, which AVX-512 dot products (one port) do not reach: measured 0.7-0.85x
- * of it, so bf16 keeps torch's (docs/kernels.md#cpu-decode). The scores' 4 x 4 block keeps its
- * AVX-512 shuffle tree (16 horizontal sums in 15 shuffles); every other loop is vec.h's. */
+ * fp32 rows, or bf16 rows widened as they load (fp32 arithmetic either way). In fp32 it is ~1.5x
+ * torch's flash attention on an AVX-512 CPU. In bf16 torch's kernel multiplies on AMX tiles where
+ * the CPU has them, which these loops do not reach (0.7-0.85x of it there); without AMX torch's
+ * bf16 attention is no faster than its fp32 one, and this kernel can win. Which runs is measured
+ * per CPU (kernels/cpu_calibrate.py). The scores' 4 x 4 block keeps its AVX-512 shuffle tree
+ * (16 horizontal sums in 15 shuffles); every other loop is vec.h's. */
 
 #define ATT_BLK 128     /* rows whose scores are held at once: H x 128 fp32 = 8 KB at H = 16 */
 #define AH (VL == 16 ? 4 : 2)   /* heads a pass of the values loop (H is a multiple of 4) */
@@ -433,7 +435,25 @@ void dsv3_index_scores(const bf16 *keys, int64_t ldk, const bf16 *q, const float
 /* the softmax's exp: vec.h's vexp_neg (its arguments are scores minus their running max) */
 
 /* Scores of 4 rows against 4 query rows (D wide, contiguous): out[i][j] = q[i] . row_j. */
-static inline void scores4x4(const float *q, int D, const float *const rows[4], float out[4][4]) {
+/* The cache rows are bf16 (a bf16 model's cache) or fp32, widened to fp32 lanes as they load: the
+   arithmetic is fp32 either way. bf is a constant at each call of the always-inlined functions,
+   so each element type gets its own loops. */
+static inline vf vrow(int bf, const void *r, int64_t k) {
+    return bf ? vload_bf((const bf16 *)r + k) : vload((const float *)r + k);
+}
+static inline float row1(int bf, const void *r, int64_t k) {
+    return bf ? bf2f(((const bf16 *)r)[k]) : ((const float *)r)[k];
+}
+#ifdef __AVX512F__
+static inline __m512 row512(int bf, const void *r, int64_t k) {
+    if (!bf) return _mm512_loadu_ps((const float *)r + k);
+    __m256i h = _mm256_loadu_si256((const void *)((const bf16 *)r + k));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+#endif
+
+static inline __attribute__((always_inline)) void scores4x4(int bf, const float *q, int D, const void *const rows[4],
+                                                              float out[4][4]) {
     int k = 0;
 #ifdef __AVX512F__
     __m512 a[4][4];
@@ -441,7 +461,7 @@ static inline void scores4x4(const float *q, int D, const float *const rows[4], 
         for (int j = 0; j < 4; j++) a[i][j] = _mm512_setzero_ps();
     for (; k + 16 <= D; k += 16) {
         __m512 kv[4];
-        for (int j = 0; j < 4; j++) kv[j] = _mm512_loadu_ps(rows[j] + k);
+        for (int j = 0; j < 4; j++) kv[j] = row512(bf, rows[j], k);
         for (int i = 0; i < 4; i++) {
             __m512 qv = _mm512_loadu_ps(q + (int64_t)i * D + k);
             for (int j = 0; j < 4; j++) a[i][j] = _mm512_fmadd_ps(qv, kv[j], a[i][j]);
@@ -472,7 +492,7 @@ static inline void scores4x4(const float *q, int D, const float *const rows[4], 
             for (int j = 0; j < 4; j++) a[i][j] = vzero();
         for (k = 0; k + VL <= D; k += VL) {
             vf kv[4];
-            for (int j = 0; j < 4; j++) kv[j] = vload(rows[j] + k);
+            for (int j = 0; j < 4; j++) kv[j] = vrow(bf, rows[j], k);
             for (int i = 0; i < 2; i++) {
                 vf qv = vload(q + (int64_t)(i0 + i) * D + k);
                 for (int j = 0; j < 4; j++) a[i][j] += qv * kv[j];
@@ -491,33 +511,55 @@ static inline void scores4x4(const float *q, int D, const float *const rows[4], 
     for (int i = 0; i < 4; i++)
         for (int j = 0; j < 4; j++) {
             float s = 0.0f;
-            for (int kk = k; kk < D; kk++) s += q[(int64_t)i * D + kk] * rows[j][kk];
+            for (int kk = k; kk < D; kk++) s += q[(int64_t)i * D + kk] * row1(bf, rows[j], kk);
             out[i][j] += s;
         }
 }
 
-static inline const float *row_at(const float *lat, int64_t ld, const int64_t *idx, int64_t t) {
-    return lat + (idx ? idx[t] : t) * ld;
+static inline const void *row_at(int bf, const void *lat, int64_t ld, const int64_t *idx, int64_t t) {
+    return (const char *)lat + (idx ? idx[t] : t) * ld * (bf ? 2 : 4);
 }
 
 /* One thread's part: rows [t0, t1) -> m[h], l[h], o[h][c] (unnormalised). s: H x ATT_BLK. */
-static void attn_part(const float *lat, int64_t ld, const int64_t *idx, int64_t t0, int64_t t1, const float *q,
-                      int H, int D, int c, float scale, float *m, float *l, float *o, float *s) {
+static inline __attribute__((always_inline)) void attn_part(int bf, const void *lat, int64_t ld, const int64_t *idx,
+                                                              int64_t t0, int64_t t1, const float *q, int H, int D,
+                                                              int c, float scale, float *m, float *l, float *o,
+                                                              float *s, float *conv) {
     for (int h = 0; h < H; h++) { m[h] = -INFINITY; l[h] = 0.0f; }
     memset(o, 0, sizeof(float) * (size_t)H * c);
     for (int64_t b0 = t0; b0 < t1; b0 += ATT_BLK) {
         int nb = (int)(t1 - b0 < ATT_BLK ? t1 - b0 : ATT_BLK);
+        /* the block's rows: in place (fp32), or widened once into conv (bf16: every row is read by
+           the scores and again by the values pass, AH heads at a time; widening each time it is
+           loaded cost more than the bytes it saves) */
+        const void *L = lat;
+        int64_t LD = ld, B0 = b0;
+        const int64_t *IX = idx;
+        if (bf) {
+            for (int j = 0; j < nb; j++) {
+                if (j + 4 < nb) {
+                    const char *p = (const char *)row_at(1, lat, ld, idx, b0 + j + 4);
+                    for (int64_t byte = 0; byte < (int64_t)D * 2; byte += 64) PREFETCH(p + byte);
+                }
+                const bf16 *r = (const bf16 *)row_at(1, lat, ld, idx, b0 + j);
+                float *d = conv + (int64_t)j * D;
+                int k = 0;
+                for (; k + VL <= D; k += VL) vstore(d + k, vload_bf(r + k));
+                for (; k < D; k++) d[k] = bf2f(r[k]);
+            }
+            L = conv, LD = D, B0 = 0, IX = NULL;
+        }
         /* scores, 4 rows x 4 heads at a time (past the block's end the last row stands in) */
         for (int j0 = 0; j0 < nb; j0 += 4) {
-            const float *rows[4];
-            for (int j = 0; j < 4; j++) rows[j] = row_at(lat, ld, idx, b0 + (j0 + j < nb ? j0 + j : nb - 1));
-            for (int j = 0; j < 4 && j0 + 4 + j < nb; j++) {         /* the next 4 rows, from memory */
-                const char *p = (const char *)row_at(lat, ld, idx, b0 + j0 + 4 + j);
+            const void *rows[4];
+            for (int j = 0; j < 4; j++) rows[j] = row_at(0, L, LD, IX, B0 + (j0 + j < nb ? j0 + j : nb - 1));
+            for (int j = 0; j < 4 && !bf && j0 + 4 + j < nb; j++) {  /* the next 4 rows, from memory */
+                const char *p = (const char *)row_at(0, L, LD, IX, B0 + j0 + 4 + j);
                 for (int64_t byte = 0; byte < (int64_t)D * 4; byte += 64) PREFETCH(p + byte);
             }
             for (int h0 = 0; h0 < H; h0 += 4) {
                 float sc[4][4];
-                scores4x4(q + (int64_t)h0 * D, D, rows, sc);
+                scores4x4(0, q + (int64_t)h0 * D, D, rows, sc);
                 for (int i = 0; i < 4; i++)
                     for (int j = 0; j < 4 && j0 + j < nb; j++) s[(int64_t)(h0 + i) * ATT_BLK + j0 + j] = sc[i][j] * scale;
             }
@@ -557,9 +599,9 @@ static void attn_part(const float *lat, int64_t ld, const int64_t *idx, int64_t 
                 for (int i = 0; i < AH; i++)
                     for (int u = 0; u < 4; u++) acc[i][u] = vload(o + (int64_t)(h0 + i) * c + i0 + VL * u);
                 for (int j = 0; j < nb; j++) {
-                    const float *rw = row_at(lat, ld, idx, b0 + j) + i0;
+                    const void *rw = row_at(0, L, LD, IX, B0 + j);
                     vf v[4];
-                    for (int u = 0; u < 4; u++) v[u] = vload(rw + VL * u);
+                    for (int u = 0; u < 4; u++) v[u] = vrow(0, rw, i0 + VL * u);
                     for (int i = 0; i < AH; i++) {
                         vf p = vsplat(s[(int64_t)(h0 + i) * ATT_BLK + j]);
                         for (int u = 0; u < 4; u++) acc[i][u] += p * v[u];
@@ -570,27 +612,41 @@ static void attn_part(const float *lat, int64_t ld, const int64_t *idx, int64_t 
             }
             for (int h = h0; h < h0 + AH; h++)
                 for (int j = 0; j < nb; j++) {
-                    const float *rw = row_at(lat, ld, idx, b0 + j);
+                    const void *rw = row_at(0, L, LD, IX, B0 + j);
                     float p = s[(int64_t)h * ATT_BLK + j];
-                    for (int i = i0; i < c; i++) o[(int64_t)h * c + i] += p * rw[i];
+                    for (int i = i0; i < c; i++) o[(int64_t)h * c + i] += p * row1(0, rw, i);
                 }
         }
     }
 }
 
-/* out[h][:c] (ldo apart) = softmax_t(scale q[h] . row_t) row_t[:c] over T rows (see above); q is
-   H x D contiguous, H a multiple of 4. work: nt * (H * (c + 2 + ATT_BLK)) floats. */
-void dsv3_latent_attn_f32(const float *lat, int64_t ld, const int64_t *idx, int64_t T, const float *q, int H, int D,
-                          int c, float scale, float *out, int64_t ldo, float *work, int nt) {
+/* One thread's part for each row type, specialised (attn_part is inlined with bf constant). */
+static void attn_part_f32(const void *lat, int64_t ld, const int64_t *idx, int64_t t0, int64_t t1, const float *q,
+                          int H, int D, int c, float scale, float *m, float *l, float *o, float *s, float *conv) {
+    attn_part(0, lat, ld, idx, t0, t1, q, H, D, c, scale, m, l, o, s, conv);
+}
+static void attn_part_bf16(const void *lat, int64_t ld, const int64_t *idx, int64_t t0, int64_t t1, const float *q,
+                           int H, int D, int c, float scale, float *m, float *l, float *o, float *s, float *conv) {
+    attn_part(1, lat, ld, idx, t0, t1, q, H, D, c, scale, m, l, o, s, conv);
+}
+
+/* out[h][:c] (ldo apart) = softmax_t(scale q[h] . row_t) row_t[:c] over T rows (see above): rows
+   bf16 (bf) or fp32, q fp32 H x D contiguous, H a multiple of 4, out bf16 (rounded once) with bf,
+   fp32 without. work: nt * (H * (c + 2 + ATT_BLK) + ATT_BLK * D) floats (the last part: bf16's
+   widened block). */
+void dsv3_latent_attn(int bf, const void *lat, int64_t ld, const int64_t *idx, int64_t T, const float *q, int H,
+                      int D, int c, float scale, void *out, int64_t ldo, float *work, int nt) {
     if (nt > T / 256) nt = T / 256 > 1 ? (int)(T / 256) : 1;        /* a piece is worth a thread */
     if (nt > 64) nt = 64;                                            /* the merge's weights */
-    int64_t per_thread = (int64_t)H * (c + 2 + ATT_BLK);
+    int64_t per_thread = (int64_t)H * (c + 2 + ATT_BLK) + (int64_t)ATT_BLK * D;
 #pragma omp parallel num_threads(nt)
     {
         int id = omp_get_thread_num(), n = omp_get_num_threads();
         float *w = work + id * per_thread;
         int64_t t0 = T * id / n, t1 = T * (id + 1) / n;
-        attn_part(lat, ld, idx, t0, t1, q, H, D, c, scale, w, w + H, w + 2 * H, w + 2 * H + (int64_t)H * c);
+        float *sc = w + 2 * H + (int64_t)H * c;
+        (bf ? attn_part_bf16 : attn_part_f32)(lat, ld, idx, t0, t1, q, H, D, c, scale, w, w + H, w + 2 * H, sc,
+                                              sc + (int64_t)H * ATT_BLK);
 #pragma omp barrier
 #pragma omp for schedule(static)
         for (int h = 0; h < H; h++) {
@@ -604,10 +660,15 @@ void dsv3_latent_attn_f32(const float *lat, int64_t ld, const int64_t *idx, int6
             for (int i = 0; i < c; i++) {
                 float acc = 0.0f;
                 for (int p = 0; p < n; p++) acc += wt[p] * work[p * per_thread + 2 * H + (int64_t)h * c + i];
-                out[(int64_t)h * ldo + i] = acc / den;
+                put(!bf, out, (int64_t)h * ldo + i, acc / den);
             }
         }
     }
+}
+
+void dsv3_latent_attn_f32(const float *lat, int64_t ld, const int64_t *idx, int64_t T, const float *q, int H, int D,
+                          int c, float scale, float *out, int64_t ldo, float *work, int nt) {
+    dsv3_latent_attn(0, lat, ld, idx, T, q, H, D, c, scale, out, ldo, work, nt);
 }
 
 /* ---- one layer of a decode token in two calls (model/decode_step.py) --------------------------
