@@ -1,5 +1,5 @@
 """``kernels/`` as shipped: it installs as ``dsv3lab.kernels`` with every C source and header a
-non-editable install needs to compile, and it never imports the rest of dsv3lab (the model calls
+non-editable install needs to compile (and the wheel holds every dsv3lab subpackage), and it never imports the rest of dsv3lab (the model calls
 down into the kernels; an import back up would be a cycle hidden by the package-dir remap)."""
 
 import ast
@@ -49,6 +49,10 @@ def test_the_wheel_ships_every_c_source_and_header_and_they_compile(tmp_path):
         names = set(z.namelist())
         shipped = {n.rsplit("/", 1)[1] for n in names if n.startswith("dsv3lab/kernels/cpu/")}
         assert shipped >= {p.name for p in (KERNELS / "cpu").iterdir() if p.suffix in (".c", ".h")}
+        # every subpackage of dsv3lab too (pyproject lists them by hand)
+        packages = {str(p.parent.relative_to(ROOT)) for p in (ROOT / "dsv3lab").rglob("__init__.py")
+                    if "__pycache__" not in p.parts}
+        assert {f"{p}/__init__.py" for p in packages} <= names, sorted({f"{p}/__init__.py" for p in packages} - names)
         z.extractall(tmp_path / "site")
     cc = cpu_build.compiler()
     if cc is None:
