@@ -42,6 +42,7 @@ KERNELS = {
     "rmsnorm": (torch.bfloat16, torch.float32),
     "rope": (torch.bfloat16, torch.float32),
     "route": (torch.float32,),
+    "gemv_fp8": (torch.bfloat16, torch.float32),    # the activation's dtype; weights e4m3 as stored
     "index_scores": (torch.bfloat16,),
     "latent_attention": (torch.bfloat16, torch.float32),
     "index_select": (torch.bfloat16,),      # cpu_sparse: V3.2's top-k of the indexer's logits
@@ -188,6 +189,20 @@ def _arms(kernel: str, dt: torch.dtype):
         x = rand(1, K)
         torch_mv = (lambda w: torch.mv(w, x[0])) if dt == torch.bfloat16 else (lambda w: F.linear(x, w))
         return (lambda w: cpu_decode.gemv(w, x)), torch_mv, _copies(lambda: rand(N, K, s=0.05), N * K * dt.itemsize)
+    if kernel == "gemv_fp8":                 # a 2048 x 2048 e4m3 projection of one token, 128x128 scales
+        N = K = 2048
+        x = rand(1, K)
+
+        def make():
+            w = (torch.randn(N, K, generator=g) * 0.05).to(torch.float8_e4m3fn)
+            return w, torch.rand(N // 128, K // 128, generator=g) + 0.5
+
+        def torch_fp8(ws):
+            # the torch path (dsv3lab/fp8.py): the blocks dequantized into x's dtype, then the GEMV
+            w, s = ws
+            deq = (w.float().view(N // 128, 128, K // 128, 128) * s[:, None, :, None]).view(N, K).to(dt)
+            return torch.mv(deq, x[0]) if dt == torch.bfloat16 else F.linear(x, deq)
+        return (lambda ws: cpu_decode.gemv_fp8(ws[0], ws[1], x, dt)), torch_fp8, _copies(make, N * K)
     if kernel == "moe":                      # one token through 6 experts of 1024 -> 512 -> 1024
         K, inter, n = 1024, 512, 6
         x = rand(K)

@@ -11,6 +11,7 @@ model's fused decode step: ``kernel(name, dtype)``):
   rmsnorm(x, w, eps), rope(x, cos, sin)   the small per-token ops, one call instead of 5-8
   route(scores, bias, ...)        the gate's group-limited top-k and weights, one call instead of 15
   index_scores(keys, q, w)        V3.2's indexer scores of one query against its key cache
+  gemv_fp8(w, scale_inv, x)       x @ dequant(w).T for an FP8 weight kept as stored (e4m3, 128x128 scales)
   latent_attention(q, latent, ...)   one token's attention over the latent cache (bf16 or fp32)
 (V3.2's fused decode selection and row gather are ``cpu_sparse.py``'s, ``cpu/sparse_bf16.c``.)
 
@@ -64,6 +65,7 @@ def _library(tier: str) -> ctypes.CDLL | None:
         "dsv3_index_scores": [P, I64, P, P, P, I, I, I, I],
         "dsv3_latent_attn_f32": [P, I64, P, I64, P, I, I, I, F, P, I64, P, I],
         "dsv3_latent_attn": [I, P, I64, P, I64, P, I, I, I, F, P, I64, P, I],
+        "dsv3_gemv_fp8": [P, I64, P, I64, P, P, I, I, I, I],
         "dsv3_mla_in": [I, P, P, I],             # one layer around the attention (model/decode_step.py)
         "dsv3_mla_out": [I, P, P, I],
     })
@@ -154,6 +156,27 @@ def gemv(w: torch.Tensor, x: torch.Tensor, out: torch.Tensor | None = None) -> t
     else:
         fn(w.data_ptr(), w.stride(1), w.stride(0), x.data_ptr(), x.stride(1), x.stride(0),
            y.data_ptr(), y.stride(1), y.stride(0), nb, M, N, K, torch.get_num_threads())
+    return y
+
+
+FP8_BLOCK = 128         # the block of one weight_scale_inv entry (the official layout)
+
+
+def gemv_fp8(w: torch.Tensor, scale_inv: torch.Tensor, x: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+    """x [K] (bf16 or fp32) @ dequant(w).T for w e4m3 [N, K] (unit stride along K) with fp32
+    ``weight_scale_inv`` [ceil(N/128), ceil(K/128)] -> [N] in ``out_dtype`` (bf16: each dequantized
+    weight rounded to bf16 first, as the torch path dequantizes into bf16; fp32: nothing rounded)."""
+    N, K = w.shape
+    nb, kb = -(-N // FP8_BLOCK), -(-K // FP8_BLOCK)
+    if (w.dtype != torch.float8_e4m3fn or w.stride(-1) != 1 or x.numel() != K or out_dtype not in KERNEL_DTYPES
+            or tuple(scale_inv.shape) != (nb, kb) or scale_inv.dtype != torch.float32 or scale_inv.stride(-1) != 1):
+        raise ValueError(f"gemv_fp8: w {tuple(w.shape)} {w.dtype}, weight_scale_inv {tuple(scale_inv.shape)} "
+                         f"{scale_inv.dtype}, x {tuple(x.shape)} do not fit (e4m3 with [{nb}, {kb}] fp32 scales, "
+                         f"x of {K} values)")
+    xf = x.reshape(-1).float().contiguous()
+    y = torch.empty(N, dtype=out_dtype)
+    library().dsv3_gemv_fp8(w.data_ptr(), w.stride(0), scale_inv.data_ptr(), scale_inv.stride(0), xf.data_ptr(),
+                            y.data_ptr(), int(out_dtype == torch.bfloat16), N, K, torch.get_num_threads())
     return y
 
 

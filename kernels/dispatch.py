@@ -72,10 +72,19 @@ def use_triton(*tensors: torch.Tensor) -> bool:
 
 def fp8_linear(x: torch.Tensor, w: torch.Tensor, scale_inv: torch.Tensor, block_size: int = 128,
                scale_fmt: str | None = None) -> torch.Tensor | None:
-    """x [..., K] @ dequant(w [N, K], scale_inv).T as act_quant + fp8_gemm, or None (torch path)."""
+    """x [..., K] @ dequant(w [N, K], scale_inv).T as act_quant + fp8_gemm on a GPU, or one row on
+    a CPU by the C GEMV that reads e4m3 as stored (``cpu_decode.gemv_fp8``, where it beat the torch
+    path on this CPU), or None (torch path)."""
     K = x.shape[-1]
-    if (w.dtype != torch.float8_e4m3fn or block_size != 128 or K % 128 or w.dim() != 2
+    if (w.dtype != torch.float8_e4m3fn or block_size != 128 or w.dim() != 2
             or w.shape[1] != K or x.dtype not in (torch.bfloat16, torch.float16, torch.float32)):
+        return None
+    if (x.device.type == "cpu" and x.numel() == K and x.dtype in (torch.bfloat16, torch.float32)
+            and scale_inv is not None and scale_inv.dtype == torch.float32 and w.stride(-1) == 1):
+        from . import cpu_decode
+        if cpu_decode.enabled(x, dtype=x.dtype, kernel="gemv_fp8") and not (torch.is_grad_enabled() and w.requires_grad):
+            return cpu_decode.gemv_fp8(w, scale_inv, x, x.dtype).view(*x.shape[:-1], w.shape[0])
+    if K % 128:
         return None
     if not use_triton(x, w, scale_inv):
         return None

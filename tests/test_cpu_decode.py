@@ -501,3 +501,32 @@ def test_fused_step_layer_calls_on_other_shapes(variant):
     with dispatch.use_backend("torch"):
         ref = _decode(m, x, 8)
     assert ((fast - ref).norm() / ref.norm()).item() < 1e-5
+
+
+@pytest.mark.parametrize("N,K", [(256, 384), (130, 200), (7, 129), (1, 1)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fp8_gemv_reads_e4m3_as_stored(N, K, dtype):
+    """x @ dequant(w).T from e4m3 + 128x128 scales: fp32 within fp32 summation error of the
+    float64 product of the dequantized weight; bf16 within one output rounding of the float64
+    product of the bf16-dequantized weight (the torch path's weight). Tails: N not of 4 or 128,
+    K not of the vector width or 128."""
+    from dsv3lab import fp8
+    g = torch.Generator().manual_seed(N + K)
+    q, s = fp8.weight_quant(torch.randn(N, K, generator=g) * 0.05)
+    x = torch.randn(K, generator=g).to(dtype)
+    y = cpu_decode.gemv_fp8(q, s, x, dtype)
+    ref = fp8.weight_dequant(q, s, dtype=dtype).double() @ x.double()
+    scale = fp8.weight_dequant(q, s, dtype=dtype).double().abs() @ x.double().abs()
+    bound = (2 ** -8 * ref.abs() if dtype == torch.bfloat16 else 0) + 2 * K * 2 ** -24 * scale
+    assert y.dtype == dtype and ((y.double() - ref).abs() <= bound + 1e-30).all()
+
+
+def test_fp8_gemv_rejects_what_it_cannot_take():
+    from dsv3lab import fp8
+    q, s = fp8.weight_quant(torch.randn(256, 256))
+    with pytest.raises(ValueError, match=r"\[2, 2\] fp32 scales"):
+        cpu_decode.gemv_fp8(q, s[:1], torch.randn(256), torch.float32)
+    with pytest.raises(ValueError, match="x of 256 values"):
+        cpu_decode.gemv_fp8(q, s, torch.randn(255), torch.float32)
+    with pytest.raises(ValueError, match="e4m3"):
+        cpu_decode.gemv_fp8(q.float(), s, torch.randn(256), torch.float32)

@@ -221,6 +221,57 @@ void dsv3_gemv_f32(const float *W, int64_t ldw, int64_t sw, const float *X, int6
     gemv_any(1, W, ldw, sw, X, ldx, sx, Y, ldy, sy, nb, M, N, K, nt);
 }
 
+/* ---- FP8 weights read as stored (e4m3 + one fp32 scale per 128 x 128 block) --------------------
+ *
+ * y[n] = sum_k dequant(W)[n][k] x[k] for one activation row x (fp32: a bf16 one is widened
+ * exactly by the caller), dequant(W) = e4m3 * weight_scale_inv[n/128][k/128]. Each weight byte
+ * is read once from memory and widened in registers (vec.h's vload_e4m3): 1 byte a weight where a
+ * dequantized bf16 copy streams 2. With rnd (a bf16 model) each dequantized weight is rounded to
+ * bf16 first, as torch's path (dsv3lab/fp8.py: the block dequantized into x's dtype, then the
+ * GEMV) rounds it, and each output once; without (fp32) nothing is rounded. Rows four at a time
+ * (four never straddle a 128-row block), threads over rows. */
+static inline float e4m3_to_f32(uint8_t b) {
+    uint32_t mag = (uint32_t)(b & 0x7F) << 20;
+    float m;
+    memcpy(&m, &mag, 4);
+    m *= 0x1p120f;
+    return (b & 0x80) ? -m : m;
+}
+
+void dsv3_gemv_fp8(const uint8_t *W, int64_t ldw, const float *S, int64_t lds, const float *x, void *Y, int rnd,
+                   int N, int K, int nt) {
+#pragma omp parallel for schedule(static) num_threads(nt)
+    for (int64_t r = 0; r < N; r += 4) {
+        int rows = N - r < 4 ? (int)(N - r) : 4;
+        const float *srow = S + (r / 128) * lds;
+        float out[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+        for (int k0 = 0; k0 < K; k0 += 128) {
+            int k1 = K - k0 < 128 ? K : k0 + 128;
+            float sc = srow[k0 / 128];
+            vf a[4] = {vzero(), vzero(), vzero(), vzero()};
+            int k = k0;
+            for (; k + VL <= k1; k += VL) {
+                vf xv = vload(x + k);
+                for (int j = 0; j < rows; j++) {
+                    const uint8_t *wr = W + (r + j) * ldw + k;
+                    if (PFV && k % 64 == 0) PREFETCH(wr + PFV * 4 * ldw);
+                    vf w = vload_e4m3(wr) * sc;
+                    a[j] += (rnd ? vround_bf(w) : w) * xv;
+                }
+            }
+            for (int j = 0; j < rows; j++) {
+                float t = vsum(a[j]);
+                for (int kk = k; kk < k1; kk++) {
+                    float w = e4m3_to_f32(W[(r + j) * ldw + kk]) * sc;
+                    t += (rnd ? round_bf(w) : w) * x[kk];
+                }
+                out[j] += t;
+            }
+        }
+        for (int j = 0; j < rows; j++) put(!rnd, Y, r + j, out[j]);
+    }
+}
+
 /* One token's MoE: nslot experts (routed and shared alike), expert s with gate/up weights
    g[s], u[s] [I_s, K] and down weight d[s] [K, I_s] (row-major, contiguous), weight ws[s].
    h (scratch, sum I_s values of the element type) holds silu(gate x) * up x per expert, rounded

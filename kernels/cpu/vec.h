@@ -27,6 +27,8 @@ typedef int32_t vi __attribute__((vector_size(VL * 4)));
 typedef uint32_t vu __attribute__((vector_size(VL * 4)));
 typedef uint16_t vh __attribute__((vector_size(VL * 2)));
 
+typedef uint8_t vb __attribute__((vector_size(VL)));
+
 /* unaligned loads and stores: memcpy of a vector's size is one vector move at -O2 and up */
 static inline vf vload(const float *p) { vf v; memcpy(&v, p, sizeof v); return v; }
 static inline void vstore(float *p, vf v) { memcpy(p, &v, sizeof v); }
@@ -41,6 +43,34 @@ static inline vf vload_bf(const uint16_t *p) {
     vf f;
     memcpy(&f, &u, sizeof f);
     return f;
+}
+
+/* VL e4m3 (OCP "fn": bias 7, no infinities) bytes widened to fp32 exactly: the 7 magnitude bits
+   placed under an fp32's exponent field and the float multiplied by 2^(127 - 7), which takes
+   normals and subnormals alike to their value; the sign bit moved to the top. (0x7f, e4m3fn's
+   NaN, becomes 480: a stored weight is never NaN, the loader checks.) */
+static inline vf vload_e4m3(const uint8_t *p) {
+    vb b;
+    memcpy(&b, p, sizeof b);
+    vu u = __builtin_convertvector(b, vu);
+    vu mag = (u & 0x7F) << 20, sign = (u & 0x80) << 24;
+    vf m, sg;
+    memcpy(&m, &mag, sizeof m);
+    m = m * 0x1p120f;
+    vu bits;
+    memcpy(&bits, &m, sizeof bits);
+    bits |= sign;
+    memcpy(&sg, &bits, sizeof sg);
+    return sg;
+}
+
+/* fp32 lanes rounded to bf16 precision (nearest even), kept as fp32: what .to(bfloat16) keeps */
+static inline vf vround_bf(vf x) {
+    vu u;
+    memcpy(&u, &x, sizeof u);
+    u = (u + 0x7FFFu + ((u >> 16) & 1u)) & 0xFFFF0000u;
+    memcpy(&x, &u, sizeof x);
+    return x;
 }
 
 /* the lanes' sum, pairwise (a tree, as the hardware reductions add) */
