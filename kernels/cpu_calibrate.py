@@ -16,7 +16,7 @@ read them. A kernel is used where its median time is below torch's.
 
 ``dsv3lab info`` and ``dsv3lab bench cpu`` print the verdicts (``table()``); ``calibrate(force=True)``
 measures again (a noisy first measurement, e.g. taken while the machine was busy, is replaced).
-The fused decode step (``model/decode_step.py``) runs its C calls only where ``gemv`` and ``moe``
+The fused decode step (``dsv3lab/fast/step.py``) runs its C calls only where ``gemv`` and ``moe``
 won for the model's dtype (its other calls replace Python-level op sequences: rmsnorm, rope and
 route won everywhere measured), and in fp32 takes the C latent attention only where that won.
 """

@@ -11,7 +11,7 @@
   gather_sorted(src, idx, out)   out[i] = src[idx[i]] with every line of the rows ahead prefetched
 
 These functions check their arguments and name what does not fit; the decode fast path
-(``Indexer.decode_select_fused``, ``SparseAttention.decode_gathered``) checks its layout once per
+(``dsv3lab/fast/sparse.py``: ``select_fused``, ``gathered``) checks its layout once per
 set of weights and calls ``library()`` directly. Built and gated like the other CPU kernels
 (``cpu_build.build``, ``cpu_decode.enabled``): ``library()`` is None without a compiler or when the build
 fails, and callers then run their torch code.

@@ -722,7 +722,7 @@ void dsv3_latent_attn_f32(const float *lat, int64_t ld, const int64_t *idx, int6
     dsv3_latent_attn(0, lat, ld, idx, T, q, H, D, c, scale, out, ldo, work, nt);
 }
 
-/* ---- one layer of a decode token in two calls (model/decode_step.py) --------------------------
+/* ---- one layer of a decode token in two calls (dsv3lab/fast/step.py) -------------------------
  *
  * The fused decode step calls the kernels above some fifteen times per layer from Python; each
  * ctypes call converts its arguments one by one, which costs several microseconds, and far more
