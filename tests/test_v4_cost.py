@@ -27,3 +27,22 @@ def test_per_token_at_one_million_against_v32():
     r = v4_cost.against_v32("v4-pro")
     assert r["v32"] == 78324 and 0.12 < r["ratio"] < 0.125      # card: 10% (its storage is FP8)
     assert v4_cost.kv_bytes("v4-flash", 1 << 20)["total"] / (1 << 20) == pytest.approx(6880, rel=1e-3)
+
+
+@pytest.mark.parametrize("t", [0, 3, 9, 17, 40])
+def test_attention_flops_equal_a_counted_decode_step(t):
+    model = dsv3lab.build("v4-tiny")
+    x = torch.randint(0, 512, (1, t + 1), generator=torch.Generator().manual_seed(t))
+    cache = model.new_cache(1, t + 1)
+    with torch.no_grad():
+        if t:
+            model(x[:, :t], start=0, cache=cache)
+    got = v4_cost.measured_attention_flops(model, x[:, t:], start=t, cache=cache)
+    assert got == v4_cost.attention_flops("v4-tiny", t)["total"]
+
+
+def test_per_token_flops_at_one_million_against_v32():
+    """V4-Pro at 1M tokens: 25.7% of V3.2's forward FLOPs per token (card: 27%)."""
+    r = v4_cost.per_token_flops("v4-pro", 1 << 20)
+    assert 0.25 < r["ratio"] < 0.27
+    assert v4_cost.per_token_flops("v4-flash", 1 << 20)["ratio"] < r["ratio"]

@@ -99,12 +99,19 @@ class V4Attention(nn.Module):
             rows, row_pos = kv, pos
         see = (row_pos[None, :] <= pos[:, None]) & (row_pos[None, :] > pos[:, None] - W)      # [S,R]
         see = see[None].expand(B, -1, -1)
-        keys = rows
+        extra = extra_ok = None                      # compressed keys: [B,n,d] for all, or [B,S,k,d] gathered
         if self.compressor is not None:
             state = cache.comp if cache is not None else CompressedState(self.compressor, B, S, x.dtype, x.device)
-            entries, keep = self.compressor(x, q_latent, pos, state, rope)
-            keys = torch.cat([rows, entries.to(rows.dtype)], dim=1)
-            see = torch.cat([see, keep], dim=-1)
+            entries, chosen = self.compressor(x, q_latent, pos, state, rope)
+            entries = entries.to(kv.dtype)
+            if chosen.dtype == torch.bool:           # HCA: every closed window, masked per query
+                extra, extra_ok = entries, chosen
+            else:                                    # CSA: only the indexer's top-k, gathered
+                extra_ok = chosen >= 0
+                g = chosen.clamp(min=0)
+                self.last_entries, self.last_chosen = entries.shape[1], g
+                extra = torch.gather(entries[:, None].expand(B, S, -1, -1), 2,
+                                     g[..., None].expand(-1, -1, -1, entries.shape[-1]))
         if cache is not None:
             tail = rows[:, -cache.window.shape[1]:] if cache.window.shape[1] else rows[:, :0]
             n = tail.shape[1]
@@ -113,22 +120,48 @@ class V4Attention(nn.Module):
             cache.filled = min(cache.window.shape[1], cache.filled + S)
             cache.length = start + S
 
-        o = self.attend(q, keys, see)                                                # [B,S,H,d]
+        o = self.attend(q, rows, see, extra, extra_ok)                               # [B,S,H,d]
         o = self.hook_out(rope_tail(o, cos[:, None], -sin[:, None]))
         o = self.o_a_proj(o.reshape(B, S, self.cfg.o_groups, -1)).flatten(2)
         return self.o_b_proj(o)
 
-    def attend(self, q: torch.Tensor, keys: torch.Tensor, see: torch.Tensor) -> torch.Tensor:
-        """q [B,S,H,d], keys = values [B,T,d], see [B,S,T] -> [B,S,H,d], with the per-head sink."""
+    def attend(self, q, rows, see, extra=None, extra_ok=None) -> torch.Tensor:
+        """q [B,S,H,d] over window rows [B,R,d] (``see`` [B,S,R]) and compressed keys: all
+        entries [B,n,d] with ``extra_ok`` [B,S,n] (HCA) or each query's gathered ones [B,S,k,d]
+        with ``extra_ok`` [B,S,k] (CSA); keys are their own values; one softmax with the sink."""
         B, S, H, d = q.shape
-        logits = torch.einsum("bshd,btd->bhst", q.float(), keys.float()) * d ** -0.5
-        logits = logits.masked_fill(~see[:, None], float("-inf"))
-        sink = self.sinks.float().view(1, H, 1, 1).expand(B, H, S, 1)
-        full = torch.cat([logits, sink], dim=-1)
+        # matmuls, not einsums: torch's flop counter (probes/v4_cost.py) then sees every product
+        qh, scale = q.float().transpose(1, 2), d ** -0.5                       # [B,H,S,d]
+        rows_f = rows.float()[:, None]                                          # [B,1,R,d]
+        parts = [(qh @ rows_f.transpose(-1, -2)).masked_fill(~see[:, None], float("-inf")) * scale]
+        if extra is not None:
+            ef = extra.float()
+            if ef.dim() == 4:                        # per query: [B,S,H,d] @ [B,S,d,k] -> [B,H,S,k]
+                lc = (q.float() @ ef.transpose(-1, -2)).transpose(1, 2)
+            else:
+                lc = qh @ ef[:, None].transpose(-1, -2)
+            parts.append(lc.masked_fill(~extra_ok[:, None], float("-inf")) * scale)
+        parts.append(self.sinks.float().view(1, H, 1, 1).expand(B, H, S, 1))
+        full = torch.cat(parts, dim=-1)
         probs = (full - full.amax(dim=-1, keepdim=True)).softmax(dim=-1)
         if self.hook_sink_share.active:
             self.hook_sink_share(probs[..., -1])
-        p = probs[..., :-1]
+        R = rows.shape[1]
+        p_rows, p_extra = probs[..., :R], probs[..., R:-1]
         if self.hook_attn_probs.active:
-            p = self.hook_attn_probs(p)
-        return torch.einsum("bhst,btd->bshd", p, keys.float()).to(q.dtype)
+            dense = p_extra
+            if extra is not None and extra.dim() == 4:      # scatter the gathered columns back over entries
+                n = self.last_entries
+                dense = p_extra.new_zeros(B, H, S, n + 1).scatter_add_(
+                    -1, torch.where(extra_ok, self.last_chosen, n)[:, None].expand(-1, H, -1, -1), p_extra)[..., :n]
+            p = self.hook_attn_probs(torch.cat([p_rows, dense], dim=-1))
+            p_rows, p_extra = p[..., :R], p[..., R:]
+            if extra is not None and extra.dim() == 4:      # a replaced view is read back at the selection
+                p_extra = torch.gather(p_extra, -1, self.last_chosen[:, None].expand(-1, H, -1, -1)) * extra_ok[:, None]
+        o = p_rows @ rows_f                                                     # [B,H,S,d]
+        if extra is not None:
+            if ef.dim() == 4:
+                o = o + (p_extra.transpose(1, 2) @ ef).transpose(1, 2)
+            else:
+                o = o + p_extra @ ef[:, None]
+        return o.transpose(1, 2).to(q.dtype)

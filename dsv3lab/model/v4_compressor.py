@@ -128,7 +128,7 @@ class Indexer(WindowPool):
         cos, sin = rope("compress", positions)
         q = self.q_b_proj(q_latent).view(B, S, self.n_heads, -1)
         q = rope_tail(q, cos[:, None], sin[:, None])
-        scores = torch.einsum("bshd,bnd->bshn", q.float(), keys.float()).relu() * q.shape[-1] ** -0.5
+        scores = (q.float() @ keys.float()[:, None].transpose(-1, -2)).relu() * q.shape[-1] ** -0.5   # [B,S,H,n]
         w = self.weights_proj(x).float() * self.n_heads ** -0.5
         scores = (scores * w[..., None]).sum(dim=2)                             # [B,S,n]
         n = keys.shape[1]
@@ -155,17 +155,15 @@ class Compressor(WindowPool):
         self.hook_entries = HookPoint("[B,n,d] compressed KV entries so far (what the cache holds)")
 
     def forward(self, x, q_latent, positions, state: "CompressedState", rope):
-        """-> entries [B,n,d], keep [B,S,n] bool (which entries each query attends to)."""
+        """-> entries [B,n,d] and what each query attends to: HCA ``keep`` [B,S,n] bool over all
+        entries; CSA the indexer's ``idx`` [B,S,k] (-1 = unused slot)."""
         entries = self.hook_entries(self.pool(x, state.kv, rope))
         n = entries.shape[1]
         if self.indexer is None:
             vis = visible_entries(positions, self.rate)
             keep = torch.arange(n, device=x.device)[None, :] < vis[:, None]      # [S,n]
             return entries, keep[None].expand(x.shape[0], -1, -1)
-        idx = self.indexer(x, q_latent, positions, state.index, rope)
-        keep = torch.zeros(x.shape[0], x.shape[1], n + 1, dtype=torch.bool, device=x.device)
-        keep.scatter_(-1, torch.where(idx < 0, n, idx), True)
-        return entries, keep[..., :n]
+        return entries, self.indexer(x, q_latent, positions, state.index, rope)
 
 
 class CompressedState:

@@ -69,3 +69,88 @@ def against_v32(cfg, context: int = 1 << 20, dtype_bytes: int = 2) -> dict:
     v4 = kv_bytes(cfg, context, dtype_bytes)["total"] / context
     v32 = dsa_cost.kv_bytes_per_token("v3.2-671b")["total"]
     return dict(v4=v4, v32=v32, ratio=v4 / v32)
+
+
+# --- attention FLOPs of a decode step ---------------------------------------------------------
+# A query at position t (T = t + 1 tokens seen) in one layer, matmul FLOPs (2 per multiply-add,
+# what torch's flop counter counts), the projections left out (they cost the same at any context):
+#
+#   window      4 H d min(W, T)                     scores and the weighted sum over the rows
+#   HCA         4 H d floor(T / m')                 every closed window's entry
+#   CSA         4 H d min(k, floor(T / m))          only the indexer's top-k entries (gathered)
+#               + 2 H_I D_I floor(T / m)             the indexer's scores over every entry
+#
+# so a sliding layer costs O(W), HCA O(T / 128) and CSA O(k) + O(T / 4) on the indexer's few
+# narrow heads; V3.2 pays O(k) core and O(T) indexer per layer, V3 O(T) core.
+
+def attention_flops(cfg, t: int) -> dict:
+    """Core attention FLOPs of one decode step at position ``t``, per layer type and in total."""
+    cfg = _cfg(cfg)
+    H, d, W, T = cfg.num_attention_heads, cfg.head_dim, cfg.sliding_window, t + 1
+    out = dict(window=0.0, compressed=0.0, indexer=0.0)
+    for i, kind in enumerate(cfg.layer_types):
+        out["window"] += 4.0 * H * d * min(W, T)
+        m = cfg.compress_rate(i)
+        if not m:
+            continue
+        n = T // m
+        if kind == "compressed_sparse_attention":
+            out["compressed"] += 4.0 * H * d * min(cfg.index_topk, n)
+            out["indexer"] += 2.0 * cfg.index_n_heads * cfg.index_head_dim * n
+        else:
+            out["compressed"] += 4.0 * H * d * n
+    out["total"] = sum(out.values())
+    return out
+
+
+_PROJECTIONS = ("q_a_proj", "q_b_proj", "kv_proj", "o_a_proj", "o_b_proj", "compressor.kv_proj",
+                "compressor.gate_proj", "compressor.indexer.kv_proj", "compressor.indexer.gate_proj",
+                "compressor.indexer.q_b_proj", "compressor.indexer.weights_proj")
+
+
+def measured_attention_flops(model, tokens, start: int = 0, cache=None) -> float:
+    """Core attention FLOPs torch's flop counter sees in one forward of a V4 model (every
+    ``self_attn`` less its projections), summed over layers; to check ``attention_flops``."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+    with FlopCounterMode(display=False) as fc, torch.no_grad():
+        model(tokens, start=start, cache=cache)
+    per = fc.get_flop_counts()
+    root = type(model).__name__
+    total = 0.0
+    for i in range(len(model.layers)):
+        name = f"{root}.layers.{i}.self_attn"
+        total += sum(per.get(name, {}).values())
+        total -= sum(sum(per.get(f"{name}.{p}", {}).values()) for p in _PROJECTIONS)
+    return float(total)
+
+
+def per_token_flops(cfg, context: int) -> dict:
+    """Forward FLOPs of one decode token at ``context``: 2 x the activated weights it multiplies
+    (embedding excluded) plus core attention; V4 against V3.2 (the card: 27% at 1M for V4-Pro)."""
+    import torch
+    import dsv3lab
+    from dsv3lab.probes import dsa_cost
+
+    def weights(name):
+        m = dsv3lab.build(name, device="meta")
+        total = sum(p.numel() for n, p in m.named_parameters() if "embed_tokens" not in n)
+        routed = sum(p.numel() for n, p in m.named_parameters() if ".experts." in n)
+        c = m.cfg
+        layers_mtp = len(getattr(m, "mtp", []))
+        mtp = sum(p.numel() for n, p in m.named_parameters() if n.startswith("mtp.")) if layers_mtp else 0
+        routed_mtp = sum(p.numel() for n, p in m.named_parameters() if n.startswith("mtp.") and ".experts." in n)
+        return (total - mtp) - (routed - routed_mtp) + (routed - routed_mtp) * c.num_experts_per_tok // c.n_routed_experts
+
+    cfg = _cfg(cfg)
+    v4 = 2.0 * weights(cfg.name) + attention_flops(cfg, context - 1)["total"]
+    v32cfg = dsa_cost._cfg("v3.2-671b")
+    att = dsa_cost.attention_cost(v32cfg, context - 1)
+    c = v32cfg
+    # attention_cost also prices the indexer's projections and W_UK / W_UV, which are weights
+    # already in the 2 x activated term: only the context-dependent products are added here
+    weight_part = dsa_cost._indexer_proj_flops(c) + 2.0 * c.num_attention_heads * c.kv_lora_rank * (
+        c.qk_nope_head_dim + c.v_head_dim)
+    v32 = 2.0 * weights("v3.2-671b") + c.num_hidden_layers * (att["core_flops"] + att["indexer_flops"] - weight_part)
+    del torch
+    return dict(v4=v4, v32=v32, ratio=v4 / v32)
