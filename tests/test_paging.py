@@ -81,3 +81,16 @@ def test_bad_expert_is_named_when_read(ckpt, tmp_path):
         for e in range(paged.cfg.n_routed_experts):
             paged.pager.get("layers.1.mlp", e)
     paged.pager.close()
+
+
+def test_cli_generate_and_info_with_max_memory(ckpt, capsys):
+    from dsv3lab.cli import main
+    whole = dsv3lab.load(ckpt, fp8="keep")
+    cap = str(cap_for(whole, 3 * whole.cfg.num_experts_per_tok))
+    want = whole.generate([[1, 2, 3]], max_new_tokens=4)[0]
+    assert main(["generate", str(ckpt), "--prompt-ids", "1,2,3", "--max-new-tokens", "4", "--fp8", "keep",
+                 "--max-memory", cap]) == 0
+    assert ",".join(map(str, want)) in capsys.readouterr().out
+    assert main(["info", str(ckpt), "--load", "--fp8", "keep", "--max-memory", cap]) == 0
+    out = capsys.readouterr().out
+    assert "mapped from the shards" in out and "peak" in out
