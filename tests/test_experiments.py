@@ -333,7 +333,8 @@ def test_quick_derived_metrics_by_hand(quick_results):
     from dsv3lab.experiments.training import model_config
     mc = model_config(res["balancing"]["config"])
     assert (mc.n_routed_experts, mc.num_experts_per_tok) == (64, 6)          # LFB's expert count
-    assert all(0 <= bal[f"{a}.maxvio_global"]["mean"] <= mc.n_routed_experts / mc.num_experts_per_tok - 1
+    # at most the ceiling E/k - 1 (every token on the same k experts; fp32, hence the 1e-5)
+    assert all(0 <= bal[f"{a}.maxvio_global"]["mean"] <= mc.n_routed_experts / mc.num_experts_per_tok - 1 + 1e-5
                for a in res["balancing"]["arms"])
 
 

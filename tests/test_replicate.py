@@ -206,7 +206,9 @@ def test_measured_rows_read_recorded_results(tmp_path, monkeypatch):
             "aux_free_g1e-3.maxvio_global": [0.9, 0.9, 0.9], "batch_aux_a1e-2.maxvio_global": [0.3, 0.3, 0.3],
             "none.maxvio_global": [1.0, 1.2, 1.4], "aux_free_g1e-2.val_loss": [3.0, 3.1, 3.2],
             "aux_free_g1e-3.val_loss": [3.1, 3.1, 3.1], "seq_aux_a1e-2.val_loss": [3.1, 3.1, 3.1],
-            "batch_aux_a1e-2.val_loss": [3.1, 3.1, 3.1], "none.val_loss": [3.1, 3.1, 3.1]}),
+            "batch_aux_a1e-2.val_loss": [3.1, 3.1, 3.1], "none.val_loss": [3.1, 3.1, 3.1],
+            "aux_free_g1e-2.train_maxvio_batch": [0.5, 0.5, 0.5], "aux_free_g1e-2.train_maxvio_drift": [-0.2, -0.2, -0.2],
+            "seq_aux_a1e-2.train_maxvio_batch": [0.5, 0.5, 0.5], "seq_aux_a1e-2.train_maxvio_drift": [0.0, 0.0, 0.0]}),
             arms=["aux_free_g1e-3", "aux_free_g1e-2", "seq_aux_a1e-2", "batch_aux_a1e-2", "none"],
             config=dict(train=dict(steps=400), gammas=[1e-3, 1e-2], seq_alphas=[1e-2], batch_alphas=[1e-2])),
         "mtp": _fake_result("mtp", {"mtp.acceptance_rate": [0.86, 0.88, 0.90], "mtp.tokens_per_step": [1.3, 1.4, 1.5],
@@ -228,6 +230,10 @@ def test_measured_rows_read_recorded_results(tmp_path, monkeypatch):
     assert rows["maxvio_batch_wise_aux"]["status"] == "unreported"
     assert rows["maxvio_aux_free_minus_aux_loss"]["lab"] == pytest.approx(0.2 - 0.72)
     assert rows["maxvio_aux_free_minus_aux_loss"]["status"] == "match"             # the direction
+    # ... labelled: the bias arm's training MaxVio still moved by 0.2 on 0.5 in the last tenth
+    assert rows["maxvio_aux_free_minus_aux_loss"]["note"].startswith("NOT PLATEAUED")
+    assert "aux_free_g1e-2" in rows["maxvio_aux_free_minus_aux_loss"]["note"]
+    assert "seq_aux_a1e-2" not in rows["maxvio_aux_free_minus_aux_loss"]["note"]
     assert rows["val_loss_delta_aux_free_vs_seq_aux"]["lab"] == pytest.approx(0.0)
     assert rows["val_loss_delta_aux_free_vs_seq_aux"]["spread"]["per_seed"] == pytest.approx([-0.1, 0.0, 0.1])
     assert rows["val_loss_delta_batch_aux_vs_seq_aux"]["status"] == "match"

@@ -1,7 +1,9 @@
 """Figures of recorded experiment results: pure functions of the result dict returning a Figure.
 
   seed_band_curves    one series per arm over steps: the mean over seeds, a min-max band
-  balancing_heatmaps  expert load / mean load of the first MoE layer over training, one panel per arm
+
+The balancing experiment's own figures (sweep, curves at each scheme's best setting, load
+heatmaps) are in ``balancing_plots``.
 """
 
 from __future__ import annotations
@@ -49,28 +51,4 @@ def seed_band_curves(result: dict, series: str, arms: Optional[Sequence[str]] = 
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     ax.set_title(title or f"{result['name']}: {series}", fontsize=9)
-    return fig
-
-
-def balancing_heatmaps(result: dict, seed_index: int = 0, series: str = "load_heatmap"):
-    """One panel per arm: rows are equal slices of training, columns experts, colour the expert's
-    share of the first MoE layer's load divided by the mean share (1 = even; 0 = never chosen)."""
-    arms = [a for a in result["arms"] if f"{a}.{series}" in result["series"]]
-    if not arms:
-        raise KeyError(f"result {result.get('name')!r} has no {series!r} series")
-    fig = _figure(3.2 * len(arms) + 0.8, 3.6)
-    axes = fig.subplots(1, len(arms), sharey=True, squeeze=False)[0]
-    steps = result["config"]["train"]["steps"]
-    vmax = max(max(max(row) for row in result["series"][f"{a}.{series}"]["per_seed"][seed_index]) for a in arms)
-    im = None
-    for ax, arm in zip(axes, arms):
-        grid = result["series"][f"{arm}.{series}"]["per_seed"][seed_index]
-        im = ax.imshow(grid, aspect="auto", cmap="magma", vmin=0, vmax=vmax, interpolation="nearest",
-                       extent=(-0.5, len(grid[0]) - 0.5, steps, 0))
-        ax.set_title(arm, fontsize=9)
-        ax.set_xlabel("expert")
-    axes[0].set_ylabel("training step")
-    fig.colorbar(im, ax=list(axes), label="load / mean load (first MoE layer)")
-    fig.suptitle(f"expert load over training, seed {result['seeds'][seed_index] if result['seeds'] else '-'}",
-                 fontsize=10)
     return fig

@@ -162,13 +162,70 @@ def _best_delta_row(id: str, claim_text: str, paper, unit: str, tol: dict, metri
                     quick: bool, method: str) -> dict:
     """Paired-by-seed difference of ``metric`` between schemes ``a`` and ``b`` at their best settings."""
     from dsv3lab.experiments.balancing import best_arms
+    res = None
     try:
-        best = best_arms(experiment_result("balancing", quick))
+        res = experiment_result("balancing", quick)
+        best = best_arms(res)
         arm_a, arm_b = best.get(a, a), best.get(b, b)
     except Unavailable:
         arm_a, arm_b = a, b
-    return delta_row(id, claim_text, paper, unit, tol, "balancing", f"{arm_a}.{metric}", f"{arm_b}.{metric}",
-                     quick, method + f" ({arm_a} - {arm_b}, paired by seed)")
+    r = delta_row(id, claim_text, paper, unit, tol, "balancing", f"{arm_a}.{metric}", f"{arm_b}.{metric}",
+                  quick, method + f" ({arm_a} - {arm_b}, paired by seed)")
+    if r["lab"] is not None:
+        r["note"] = _plateau_note(res, (arm_a, arm_b))
+    return r
+
+
+PLATEAU = 0.1     # |drift| / level of the training MaxVio above which a curve is still moving
+
+
+def _plateau_note(res: dict, arms) -> str:
+    """Says which of ``arms`` had not plateaued: the training MaxVio_batch of the last 10 % of
+    steps moved by more than PLATEAU of its level from the 10 % before. Such a comparison shows
+    where the runs stopped, not where the schemes settle."""
+    moving, checked = [], 0
+    for arm in arms:
+        drift = res["metrics"].get(f"{arm}.train_maxvio_drift")
+        level = res["metrics"].get(f"{arm}.train_maxvio_batch")
+        if drift is None or level is None:
+            continue
+        checked += 1
+        if abs(drift["mean"]) > PLATEAU * level["mean"]:
+            moving.append(f"{arm} (drift {drift['mean']:+.2f} on {level['mean']:.2f})")
+    if not checked:
+        return ""
+    if not moving:
+        return "both arms plateaued (training MaxVio of the last 10% of steps within 10% of the 10% before)"
+    return ("NOT PLATEAUED, the comparison is not evidence at this scale: " + ", ".join(moving)
+            + (" -- the quick run's steps are too few" if res.get("quick") else ""))
+
+
+def _train_stream_row(quick: bool) -> dict:
+    """The direction on the training stream: running MaxVio_global (the load of the last 25
+    training batches) over the last 40 steps, best aux_free - best seq_aux, paired by seed."""
+    from dsv3lab.experiments.balancing import best_arms, train_window_tail
+    claim_text = ("the bias balances better than the aux loss, on the data the router is trained on "
+                  "(0.04 - 0.72 is LFB's validation figure, loss-free balancing paper, 1B)")
+    tol = upper(0.0, "the direction (the lab's delta <= 0); the level belongs to the 1B model")
+    method = ("dsv3lab.experiments.balancing: MaxVio of the training load summed over the last 25 batches "
+              "(12.8K tokens), mean over the last 40 steps, best aux_free - best seq_aux, paired by seed")
+    try:
+        res = experiment_result("balancing", quick)
+        best = best_arms(res)
+        a, b = train_window_tail(res, best["aux_free"]), train_window_tail(res, best["seq_aux"])
+    except Unavailable as e:
+        return row("maxvio_train_aux_free_minus_aux_loss", "measured", claim_text, -0.68, None, "", tol, method,
+                   note=str(e))
+    except KeyError as e:
+        return row("maxvio_train_aux_free_minus_aux_loss", "measured", claim_text, -0.68, None, "", tol, method,
+                   note=f"the 'balancing' result has no {e}")
+    d = [x - y for x, y in zip(a, b)]
+    lab = statistics.fmean(d)
+    r = metric_row("maxvio_train_aux_free_minus_aux_loss", claim_text, -0.68, "", tol, "balancing", "", quick,
+                   method + f" ({best['aux_free']} - {best['seq_aux']})", transform=lambda _res: lab,
+                   note=_plateau_note(res, (best["aux_free"], best["seq_aux"])))
+    r["spread"] = dict(std=statistics.stdev(d) if len(d) > 1 else 0.0, min=min(d), max=max(d), n=len(d), per_seed=d)
+    return r
 
 
 @claim("balancing", "DeepSeek-V3 report sec. 2.1.2, 4.2, 4.5.2-4.5.3; loss-free balancing paper (MaxVio)")
@@ -193,6 +250,7 @@ def balancing(quick: bool = False) -> list[dict]:
                         f"(0.04 - 0.72, {lfb})", round(0.04 - 0.72, 2), "", direction, "maxvio_global",
                         "aux_free", "seq_aux", quick,
                         "dsv3lab.experiments.balancing: validation MaxVio_global, best aux_free - best seq_aux"),
+        _train_stream_row(quick),
         _best_delta_row("val_loss_delta_aux_free_vs_seq_aux", "aux-free validation loss below sequence-wise aux "
                         "(sec. 4.5.3, 1B: 2.253 vs 2.258)", round(2.253 - 2.258, 3), "nats/token", sign,
                         "val_loss", "aux_free", "seq_aux", quick,
