@@ -5,7 +5,7 @@
     res = experiments.run("balancing", quick=True)          # run now (quick: CI scale, not recorded)
     res = experiments.run("balancing")                      # full scale, written to data/results/
     res = experiments.load_result("balancing")              # the recorded run, or None
-    experiments.metric(res, "aux_free.maxvio_global")       # its mean over seeds
+    experiments.metric(res, "aux_free_g3e-3.maxvio_global") # its mean over seeds
     print(experiments.table(res, ["val_loss", "maxvio_global"]))   # arms x metrics, mean ± std
     dsv3lab experiment balancing [--quick] [--seeds 0,1,2]  # the same from the shell
 
