@@ -16,9 +16,11 @@ read them. A kernel is used where its median time is below torch's.
 
 ``dsv3lab info`` and ``dsv3lab bench cpu`` print the verdicts (``table()``); ``calibrate(force=True)``
 measures again (a noisy first measurement, e.g. taken while the machine was busy, is replaced).
-The fused decode step (``dsv3lab/fast/step.py``) runs its C calls only where ``gemv`` and ``moe``
-won for the model's dtype (its other calls replace Python-level op sequences: rmsnorm, rope and
-route won everywhere measured), and in fp32 takes the C latent attention only where that won.
+The fused decode step (``dsv3lab/fast/step.py``) replaces the module path as a whole, so it is
+timed against it as a whole on each model's first decode step (``fast.step_verdict``); inside
+it, the C latent attention runs only where ``latent_attention`` won here, V3.2's C selection and
+gather where ``index_select``/``index_scores``/``gather`` did. A kept FP8 weight's one-row
+product takes ``gemv_fp8`` where it won.
 """
 
 from __future__ import annotations

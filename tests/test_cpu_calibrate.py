@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import dsv3lab
+import dsv3lab.fast
 from dsv3lab.kernels import cpu_build, cpu_calibrate, cpu_decode
 from dsv3lab.fast import step as decode_step
 
@@ -71,6 +72,9 @@ def test_a_losing_kernel_is_never_called_a_winning_one_is(measured, monkeypatch,
 
     def decode(use: bool) -> torch.Tensor:
         monkeypatch.setattr(cpu_calibrate, "verdicts", lambda: _verdicts_all(use))
+        # the fused step as a whole: its own timing against the module path (decided here)
+        monkeypatch.setattr(decode_step, "_time_step", lambda *a: (use, 1.0, 1.0))
+        decode_step._STEP_VERDICTS.pop(m, None)
         calls.clear()
         fused.clear()
         with torch.no_grad():
@@ -107,3 +111,29 @@ def test_tiers_end_with_native_and_follow_the_cpu():
             assert all(f in flags for f in need), level
     if "x86-64-v3" in tiers:
         assert "x86-64-v2" in tiers           # levels are cumulative
+
+
+@needs_c
+def test_the_fused_step_is_timed_against_the_module_path_once_per_model(measured, monkeypatch):
+    m = dsv3lab.build("tiny", seed=0, dtype=torch.bfloat16).eval()
+    x = torch.randint(0, m.cfg.vocab_size, (1, 8), generator=torch.Generator().manual_seed(2))
+    timed = []
+    real = decode_step._time_step
+    monkeypatch.setattr(decode_step, "_time_step", lambda *a: timed.append(1) or real(*a))
+    with torch.no_grad():
+        cache = m.new_cache(1, 8)
+        m(x[:, :5], start=0, cache=cache)
+        assert dsv3lab.fast.step_verdict(m) is None
+        for t in range(5, 8):
+            m(x[:, t:t + 1], start=t, cache=cache)
+    v = dsv3lab.fast.step_verdict(m)
+    assert timed == [1] and v["threads"] == torch.get_num_threads()          # timed once, then obeyed
+    assert v["fused_ms"] > 0 and v["module_ms"] > 0 and v["used"] == (v["fused_ms"] < v["module_ms"])
+    saved = torch.get_num_threads()
+    try:
+        torch.set_num_threads(saved + 1)                                      # another thread count: again
+        with torch.no_grad():
+            m(x[:, 7:8], start=7, cache=cache)
+    finally:
+        torch.set_num_threads(saved)
+    assert timed == [1, 1]

@@ -1,10 +1,13 @@
-"""CPU decode kernels (C) against the torch calls they replace: GEMV GB/s, latent attention GB/s.
+"""CPU decode kernels (C) against the torch calls they replace: GEMV GB/s, latent attention GB/s,
+and the whole fused decode step against the module path (tokens/s as the GB/s it streams).
 
 For each of a preset's one-row projections (its shapes, bf16 and fp32) the C ``gemv`` against
 the torch call the engine would make otherwise (``torch.mv`` in bf16, ``F.linear`` in fp32), and
 for the attention of one decode token over the latent cache (the preset's heads and widths, each
-context) the fp32 C kernel against torch's flash attention in both dtypes (bf16 runs torch's:
-the table shows why). Weights and caches are cycled through enough copies to exceed the last-level
+context) the C kernel against torch's flash attention in both dtypes; and per dtype and context a
+whole decode step of the preset, the fused step (``dsv3lab/fast/``) against the module path
+(``DSV3LAB_KERNELS=torch``), its figure the bytes a step streams (activated weights and the
+latent cache) per second. Weights and caches are cycled through enough copies to exceed the last-level
 cache, so every figure streams from memory, as a decode step does. The measurement follows
 ``bench/measure.py``: rounds with the two arms alternating, a copy's bandwidth (read + write)
 before each round and after the last, medians with min-max, and a figure above the copy bandwidth
@@ -36,6 +39,7 @@ def add_args(p) -> None:
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--contexts", default="1024,4096", help="latent cache lengths for the attention rows")
     p.add_argument("--reps", type=int, default=3, help="passes over the copies per figure and round")
+    p.add_argument("--steps", type=int, default=1, help="time whole decode steps too (0: kernels only)")
 
 
 def _copies(make, nbytes: int) -> list[torch.Tensor]:
@@ -68,6 +72,37 @@ def _copy_bandwidth() -> dict:
     return dict(copy_GB_s=2 * src.numel() / min(ts) / 1e9)
 
 
+def _decode_step_figures(cfg, args, models: dict) -> list:
+    """Per dtype and context: one decode step of a random ``cfg`` model, the fused step ("C")
+    against the module path ("torch": the kernel backend 'torch'), at positions ctx .. ctx+7 of
+    one prefilled cache (a step rewrites its own row, so steps repeat)."""
+    import dsv3lab
+    from dsv3lab.kernels import dispatch
+    from dsv3lab.stats import kv_cache_bytes_per_token, model_stats
+    # the activated weights but the embedding table (one row of it is read; the head is read whole)
+    streamed = model_stats(cfg)["activated_params"] - cfg.vocab_size * cfg.hidden_size
+    figures = []
+    for dt in (torch.bfloat16, torch.float32):
+        m = models[dt] = dsv3lab.build(cfg, seed=0, dtype=dt).eval()
+        for T in [int(t) for t in args.contexts.split(",") if t.strip()]:
+            x = torch.randint(0, cfg.vocab_size, (1, T + 8), generator=torch.Generator().manual_seed(T))
+            cache = m.new_cache(1, T + 8)
+            with torch.no_grad():
+                m(x[:, :T], start=0, cache=cache, last_only=True)
+
+            def step(p, m=m, x=x, cache=cache):
+                with torch.no_grad():
+                    return m(x[:, p:p + 1], start=p, cache=cache, last_only=True)
+
+            def module_step(p, step=step):
+                with dispatch.use_backend("torch"):
+                    return step(p)
+            nbytes = streamed * dt.itemsize + T * kv_cache_bytes_per_token(cfg, dt)
+            figures.append((f"decode step T={T}", dt, nbytes, {"C": step, "torch": module_step},
+                            list(range(T, T + 8))))
+    return figures
+
+
 def gemv_shapes(cfg) -> list[tuple[str, int, int]]:
     """(name, N, K) of the one-row products of a decode step, by the preset's sizes."""
     H, n, r, c, v = (cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.kv_lora_rank,
@@ -89,6 +124,7 @@ def run(args) -> int:
     from dsv3lab.kernels import cpu_decode
     if not cpu_decode.available():
         raise SystemExit("bench cpu: the C decode kernels could not be built here (see the warning above)")
+    from dsv3lab.fast import step_verdict
     from dsv3lab.kernels import cpu_build, cpu_calibrate
     torch.set_num_threads(args.threads)
     print(f"bench cpu: timing the C kernels against torch for the engine's choice (-march={cpu_build.march()}, "
@@ -118,6 +154,9 @@ def run(args) -> int:
             if dt == torch.float32:
                 arms["C"] = lambda lat, q=q: cpu_decode.latent_attention(q[0, 0], lat, 0.07, c)
             figures.append((f"attention T={T} H={H}", dt, T * D * dt.itemsize, arms, lats))
+    step_models = {}
+    if args.steps:
+        figures += _decode_step_figures(cfg, args, step_models)
     arms = ["C", "torch"]
 
     def measure(arm, rnd):
@@ -144,7 +183,11 @@ def run(args) -> int:
         got = {r["engine"]: r for r in rows if r["what"] == what}
         ours, peer = got.get("C"), got["torch"]
         dt = torch.float32 if what.endswith("float32") else torch.bfloat16
-        used = ours is not None and cpu_calibrate.wins("gemv" if what.startswith("gemv") else "latent_attention", dt)
+        if what.startswith("decode step"):       # the fused step's own verdict on this model (fast/step.py)
+            v = step_verdict(step_models[dt]) if dt in step_models else None
+            used = v is not None and v["used"] or cpu_calibrate.mode() == "all"
+        else:
+            used = ours is not None and cpu_calibrate.wins("gemv" if what.startswith("gemv") else "latent_attention", dt)
         table.append(dict(what=what, C_GB_s=ours["value"] if ours else float("nan"),
                           C_range=f"{ours['lo']:.1f}-{ours['hi']:.1f}" if ours else "",
                           torch_GB_s=peer["value"], torch_range=f"{peer['lo']:.1f}-{peer['hi']:.1f}",

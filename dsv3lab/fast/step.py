@@ -205,6 +205,9 @@ class _Plan:
         dt = self.dtype
         if dt not in cpu_decode.KERNEL_DTYPES:
             raise _Fallback
+        # what the C calls do not compute: Mistral Small 4's position-dependent query scaling
+        if getattr(cfg, "attn_scale_beta", 0.0):
+            raise _Fallback
         emb = self._mod(m, "embed_tokens")
         self._watch(m, emb)
         self.embed = self._param(emb)
@@ -481,16 +484,65 @@ class DecodeStep:
         return logits.view(1, 1, -1)
 
 
+# per model: (threads, the fused step measured faster, its seconds, the module path's seconds)
+_STEP_VERDICTS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+STEP_ROUNDS = 3
+
+
 def try_decode(model, tokens: torch.Tensor, start: int, cache) -> torch.Tensor | None:
-    """Logits of the fused step, or None when the module path must run (see the module docstring)."""
+    """Logits of the fused step, or None when the module path must run (see the module docstring).
+
+    The fused step as a whole runs only where it measured faster than the module path: the first
+    time a model decodes here (per thread count), both run the same step ``STEP_ROUNDS`` times,
+    alternating, and the medians decide (``step_verdict``). A step rewrites its own cache rows,
+    so repeating it changes nothing. ``DSV3LAB_CPU_KERNELS=all`` skips the timing (tests)."""
     if (tokens.shape != (1, 1) or cache is None or model.dtype not in cpu_decode.KERNEL_DTYPES
             or model.device.type != "cpu"
             or torch.is_grad_enabled() and any(p.requires_grad for p in model.lm_head.parameters())):
         return None
-    # the backend, a dispatch mode watching, the library; and the step's streaming kernels measured
-    # faster than torch's calls on this CPU for this dtype (kernels/cpu_calibrate.py)
-    if not (cpu_decode.enabled() and cpu_calibrate.wins("gemv", model.dtype) and cpu_calibrate.wins("moe", model.dtype)):
+    if not cpu_decode.enabled():           # the backend, a dispatch mode watching, the library
         return None
     if not isinstance(cache, LatentCache):
         return None
-    return DecodeStep(model).run(tokens, start, cache)
+    step = DecodeStep(model)
+    if cpu_calibrate.mode() == "measured":
+        v = _STEP_VERDICTS.get(model)
+        if v is None or v[0] != torch.get_num_threads():
+            timed = _time_step(step, tokens, start, cache)
+            if timed is None:
+                return None                # the fused step cannot run this model (now): no verdict
+            v = _STEP_VERDICTS[model] = (torch.get_num_threads(), *timed)
+        if not v[1]:
+            return None
+    return step.run(tokens, start, cache)
+
+
+def _time_step(step: "DecodeStep", tokens, start: int, cache) -> tuple[bool, float, float] | None:
+    """(fused faster, fused seconds, module seconds): medians of ``STEP_ROUNDS`` alternating runs of
+    the same step, after one warm-up of each (the plan, the buffers, torch's own first calls)."""
+    import time
+
+    from dsv3lab.kernels import dispatch
+    model = step.model
+
+    def module():
+        with dispatch.use_backend("torch"):          # Transformer.forward then takes its own path
+            model(tokens, start=start, cache=cache)
+    if step.run(tokens, start, cache) is None:
+        return None
+    module()
+    times = {"fused": [], "module": []}
+    for r in range(STEP_ROUNDS):
+        for arm in (("fused", "module") if r % 2 == 0 else ("module", "fused")):
+            t0 = time.perf_counter()
+            step.run(tokens, start, cache) if arm == "fused" else module()
+            times[arm].append(time.perf_counter() - t0)
+    f, m = sorted(times["fused"])[STEP_ROUNDS // 2], sorted(times["module"])[STEP_ROUNDS // 2]
+    return f < m, f, m
+
+
+def step_verdict(model) -> dict | None:
+    """What the fused step measured on ``model`` (None if it has not decoded here yet):
+    {"threads", "used", "fused_ms", "module_ms"}."""
+    v = _STEP_VERDICTS.get(model)
+    return None if v is None else dict(threads=v[0], used=v[1], fused_ms=v[2] * 1e3, module_ms=v[3] * 1e3)
