@@ -30,10 +30,7 @@ def test_bench_cpu_tiny(tmp_path, monkeypatch):
     assert att == {f"attention T=64 H={H} float32", f"attention T=64 H={H} bfloat16"}
     for r in res["rows"]:
         assert r["torch_GB_s"] > 0
-        if "bfloat16" in r["what"] and r["what"].startswith("attention"):
-            assert r["C_GB_s"] != r["C_GB_s"]                 # NaN: bf16 attention stays torch's
-        else:
-            assert r["C_GB_s"] > 0 and r["ratio"] > 0
+        assert r["C_GB_s"] > 0 and r["ratio"] > 0
     assert res["limits"]["copy_GB_s"] > 0 and len(res["limits"]["rounds"]) == 3
     # the verdicts the engine obeys, timed in the run, and each row's use of them
     assert set(res["calibration"]) == {cpu_calibrate.key(k, d) for k, ds in cpu_calibrate.KERNELS.items() for d in ds}

@@ -150,9 +150,7 @@ def run(args) -> int:
             def flash(lat, q=q):
                 kv = lat[None, None]
                 return F.scaled_dot_product_attention(q, kv, kv, scale=0.07)
-            arms = {"torch": flash}
-            if dt == torch.float32:
-                arms["C"] = lambda lat, q=q: cpu_decode.latent_attention(q[0, 0], lat, 0.07, c)
+            arms = {"torch": flash, "C": lambda lat, q=q: cpu_decode.latent_attention(q[0, 0], lat, 0.07, c)}
             figures.append((f"attention T={T} H={H}", dt, T * D * dt.itemsize, arms, lats))
     step_models = {}
     if args.steps:
