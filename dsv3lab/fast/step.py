@@ -37,7 +37,7 @@ import weakref
 
 import torch
 
-from dsv3lab.fast import sparse
+from dsv3lab.fast.sparse import gathered
 from dsv3lab.kernels import cpu_calibrate, cpu_decode
 from dsv3lab.model.attn_absorbed import AbsorbedAttention, LatentCache, latent_attention
 from dsv3lab.model.attn_sparse import SparseAttention
@@ -439,7 +439,7 @@ class DecodeStep:
             lib.dsv3_mla_in(f32, a_in, ly["in_eps"], nt)
             latent = cache.layers[ly["layer"]][:1, :start + 1]
             if ly["sparse"]:                     # V3.2: the indexer's top-k rows, gathered (attn_sparse.py)
-                latent = sparse.gathered(impl, h.view(1, 1, D), qa_n.view(1, 1, -1) if cfg.q_lora_rank else None,
+                latent = gathered(impl, h.view(1, 1, D), qa_n.view(1, 1, -1) if cfg.q_lora_rank else None,
                                          cos, sin, start, cache, ly["layer"], latent)
             if c_attn and latent.stride(-1) == 1:
                 cpu_decode.latent_attention(q_cat[0, 0], latent[0], attn.scale, c, out=o_lat_buf[0, 0], work=plan.att_work)
