@@ -50,8 +50,8 @@ def print_cpu_kernels(measure: bool) -> None:
     import torch
 
     from dsv3lab.bench import print_table
-    from dsv3lab.kernels import cpu_build, cpu_calibrate, cpu_decode
-    where = f"-march={cpu_build.march()} ({cpu_build.isa_summary()}), {torch.get_num_threads()} threads"
+    from dsv3lab.kernels import cpu_compile, cpu_calibrate, cpu_decode
+    where = f"-march={cpu_compile.march()} ({cpu_compile.isa_summary()}), {torch.get_num_threads()} threads"
     if not cpu_decode.available():
         print(f"  C decode kernels      not built here ({where}): the torch calls run")
         return

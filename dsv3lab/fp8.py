@@ -144,7 +144,7 @@ def _dequant_band(q: torch.Tensor, scale_inv: torch.Tensor, b: int, dtype: torch
 def fp8_linear(x: torch.Tensor, w: torch.Tensor, scale_inv: torch.Tensor, block_size: int = 128) -> torch.Tensor:
     """y = x @ dequant(w).T: every ``Linear`` whose weight is kept FP8 computes here.
 
-    First ``dsv3lab.kernels.dispatch.fp8_linear`` may take the call (an FP8 GEMM on a GPU; a
+    First ``dsv3lab.kernels.backend.fp8_linear`` may take the call (an FP8 GEMM on a GPU; a
     kernel that reads e4m3 in place belongs there too, returning None where it declines). Else
     the weight is dequantized here a band of 128-row blocks at a time (``DEQUANT_BAND``
     elements: the transient memory stays a few MB whatever the weight's size), each band into
@@ -152,8 +152,8 @@ def fp8_linear(x: torch.Tensor, w: torch.Tensor, scale_inv: torch.Tensor, block_
     (``dsv3lab.model.layers.linear``). Each output is one band's dot product, so the result is
     the dequantized model's up to the order of the sums (decode and prefill alike)."""
     try:
-        from dsv3lab.kernels import dispatch
-        y = dispatch.fp8_linear(x, w, scale_inv, block_size)
+        from dsv3lab.kernels import backend
+        y = backend.fp8_linear(x, w, scale_inv, block_size)
         if y is not None:
             return y
     except ImportError:

@@ -7,16 +7,16 @@ Triton (GPU; on a CPU only under TRITON_INTERPRET=1, for tests), each beside a t
                                                                               dsv3lab.fp8.fp8_gemm_ref)
   group_tokens, grouped_gemm                MoE token grouping + expert GEMM (moe_group.py)
   mla_decode                                absorbed-MLA decode attention    (mla_attention.py)
-  dispatch                                  which path the engine takes      (dispatch.py)
+  backend                                   Triton kernels or torch, per call (backend.py)
 C (CPU decode; sources in cpu/, compiled on first use for the CPU at hand, called through ctypes):
-  cpu_build       building cpu/*.c for an ISA tier (DSV3LAB_CPU_MARCH)
+  cpu_compile     compiling cpu/*.c for an ISA tier (DSV3LAB_CPU_MARCH)
   cpu_decode      GEMV, MoE token, RMSNorm, RoPE, routing, latent attention (cpu/decode_bf16.c)
   cpu_sparse      V3.2's indexer selection and row gather (cpu/sparse_bf16.c)
   cpu_calibrate   which of them beat the torch call they replace on this CPU
   fp8_grid        the FP8 block-scale grid (shared with dsv3lab/fp8.py)
 
 Importing this package is cheap and works without triton or a C compiler: the kernel modules
-load on first use. ``dispatch`` never needs triton to answer "use torch". Nothing here imports
+load on first use. ``backend`` never needs triton to answer "use torch". Nothing here imports
 the rest of dsv3lab (the model calls down into the kernels, never the other way).
 """
 
@@ -32,12 +32,12 @@ _WHERE = {
     "mla_decode": "mla_attention", "mla_decode_ref": "mla_attention",
 }
 
-__all__ = sorted(_WHERE) + ["dispatch"]
+__all__ = sorted(_WHERE) + ["backend"]
 
 
 def __getattr__(name):
-    if name == "dispatch":
-        return importlib.import_module(".dispatch", __name__)
+    if name == "backend":
+        return importlib.import_module(".backend", __name__)
     if name in _WHERE:
         mod = importlib.import_module("." + _WHERE[name], __name__)
         return getattr(mod, name)

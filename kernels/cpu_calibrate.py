@@ -35,7 +35,7 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-from . import cpu_build, cpu_decode, cpu_sparse
+from . import cpu_compile, cpu_decode, cpu_sparse
 
 # (kernel, dtype) pairs measured; the engine names the kernel, the dtype is the tensors'
 KERNELS = {
@@ -82,14 +82,14 @@ def verdicts() -> dict:
     """{"gemv bfloat16": {"c_us", "torch_us", "speedup", "use"}, ...} for the current tier and
     thread count: read from the cache beside the library, measured (once) if absent; {} when the
     library cannot be built."""
-    return _verdicts(cpu_build.march(), torch.get_num_threads())
+    return _verdicts(cpu_compile.march(), torch.get_num_threads())
 
 
 def _cache_file(tier: str):
-    cc = cpu_build.compiler()
+    cc = cpu_compile.compiler()
     if cc is None:
         return None
-    return cpu_build.library_path(cpu_decode.SOURCE, tier, cc).with_suffix(".calibration.json")
+    return cpu_compile.library_path(cpu_decode.SOURCE, tier, cc).with_suffix(".calibration.json")
 
 
 def _read(path) -> dict:
@@ -121,7 +121,7 @@ def _verdicts(tier: str, threads: int) -> dict:
 def calibrate(force: bool = False, rounds: int = ROUNDS) -> dict:
     """The verdicts at the current tier and thread count; with ``force``, measured again (and
     stored beside the library) even when cached."""
-    tier, threads = cpu_build.march(), torch.get_num_threads()
+    tier, threads = cpu_compile.march(), torch.get_num_threads()
     if not force:
         return _verdicts(tier, threads)
     result = _measure(tier, threads, rounds)
@@ -133,7 +133,7 @@ def _measure(tier: str, threads: int, rounds: int) -> dict:
     """Every kernel against its torch call; the verdicts stored beside the library."""
     if cpu_decode.library() is None:
         return {}
-    warnings.warn(f"dsv3lab: timing the C decode kernels against torch on this CPU ({cpu_build.isa_summary()}, "
+    warnings.warn(f"dsv3lab: timing the C decode kernels against torch on this CPU ({cpu_compile.isa_summary()}, "
                   f"-march={tier}, {threads} threads; once, cached beside the library)", stacklevel=3)
     result = {}
     with torch.no_grad():
@@ -151,7 +151,7 @@ def _measure(tier: str, threads: int, rounds: int) -> dict:
     if path is not None:
         data = _read(path)
         data[str(threads)] = result
-        data["cpu"] = cpu_build.isa_summary()
+        data["cpu"] = cpu_compile.isa_summary()
         try:
             _write(path, data)
         except OSError:
@@ -161,7 +161,7 @@ def _measure(tier: str, threads: int, rounds: int) -> dict:
 
 def cached() -> dict:
     """The verdicts stored for the current tier and thread count, without measuring ({} if none)."""
-    path = _cache_file(cpu_build.march())
+    path = _cache_file(cpu_compile.march())
     return (_read(path).get(str(torch.get_num_threads())) or {}) if path else {}
 
 

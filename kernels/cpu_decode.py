@@ -2,7 +2,7 @@
 
 A bf16 decode step on a CPU is memory-bound: each weight is read once for one activation row.
 torch's one-row bf16 GEMV streams weights at a fraction of the copy bandwidth, and a step of a
-small model spends as long again in op dispatch. ``cpu/decode_bf16.c`` has the kernels of the
+small model spends as long again in torch op overhead. ``cpu/decode_bf16.c`` has the kernels of the
 decode path, each replacing several torch calls (the first four also in fp32, for the fp32
 model's fused decode step: ``kernel(name, dtype)``):
 
@@ -18,7 +18,7 @@ model's fused decode step: ``kernel(name, dtype)``):
 The attention over the latent cache stays torch's fused flash attention: on a CPU with AMX its
 tile multiplies beat any AVX-512 loop written here (a fused C version measured 3x slower).
 
-The library is built on first use for the CPU at hand (``cpu_build.py``: ``-march=native``, or
+The library is built on first use for the CPU at hand (``cpu_compile.py``: ``-march=native``, or
 the tier ``DSV3LAB_CPU_MARCH`` names); without a C compiler, or if the build fails,
 ``available()`` is False and the engine runs its torch code. Each kernel runs in the engine only
 where it measured faster than the torch call it replaces on this CPU (``cpu_calibrate.py``:
@@ -34,21 +34,21 @@ import re
 
 import torch
 
-from . import cpu_build
+from . import cpu_compile
 
-SOURCE = cpu_build.SOURCES / "decode_bf16.c"
+SOURCE = cpu_compile.SOURCES / "decode_bf16.c"
 MAX_ROWS = 8            # rows one gemv call takes (MAXM in the C source)
 MAX_SLOTS = 64          # experts one moe call takes
 
 
 def library() -> ctypes.CDLL | None:
     """The decode library (``cpu/decode_bf16.c``) for the current tier, signatures set, or None."""
-    return _library(cpu_build.march())
+    return _library(cpu_compile.march())
 
 
 @functools.lru_cache(maxsize=None)
 def _library(tier: str) -> ctypes.CDLL | None:
-    lib = cpu_build.build(SOURCE, tier)
+    lib = cpu_compile.compile_library(SOURCE, tier)
     if lib is None:
         return None
     P, I64, I = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
@@ -105,11 +105,11 @@ def available() -> bool:
 def enabled(*tensors: torch.Tensor, dtype: torch.dtype | None = torch.bfloat16, kernel: str | None = None) -> bool:
     """Whether the C kernels should run on these tensors: all on the CPU in ``dtype`` (None: any),
     none that autograd would differentiate, no torch dispatch mode active (a ``FlopCounterMode``
-    or a tracer must see the torch ops), the kernel backend 'auto' (``dispatch.get_backend``),
+    or a tracer must see the torch ops), the kernel backend 'auto' (``backend.get_backend``),
     the library built, and -- with ``kernel`` named (one of ``cpu_calibrate.KERNELS``) -- that
     kernel measured faster than its torch call on this CPU for this dtype (bf16 when ``dtype`` is
     None)."""
-    from .dispatch import get_backend
+    from .backend import get_backend
     if torch._C._len_torch_dispatch_stack():
         return False
     grad = torch.is_grad_enabled()

@@ -13,7 +13,7 @@
 These functions check their arguments and name what does not fit; the decode fast path
 (``dsv3lab/fast/sparse.py``: ``select_fused``, ``gathered``) checks its layout once per
 set of weights and calls ``library()`` directly. Built and gated like the other CPU kernels
-(``cpu_build.build``, ``cpu_decode.enabled``): ``library()`` is None without a compiler or when the build
+(``cpu_compile.compile_library``, ``cpu_decode.enabled``): ``library()`` is None without a compiler or when the build
 fails, and callers then run their torch code.
 """
 
@@ -24,20 +24,20 @@ import functools
 
 import torch
 
-from . import cpu_build, cpu_decode
+from . import cpu_compile, cpu_decode
 
-SOURCE = cpu_build.SOURCES / "sparse_bf16.c"
+SOURCE = cpu_compile.SOURCES / "sparse_bf16.c"
 MAX_DIM = 1024            # index_head_dim one index_qkw call takes (its fp32 row buffer)
 
 
 def library() -> ctypes.CDLL | None:
     """The sparse library (``cpu/sparse_bf16.c``) for the current tier, signatures set, or None."""
-    return _library(cpu_build.march())
+    return _library(cpu_compile.march())
 
 
 @functools.lru_cache(maxsize=None)
 def _library(tier: str) -> ctypes.CDLL | None:
-    lib = cpu_build.build(SOURCE, tier)
+    lib = cpu_compile.compile_library(SOURCE, tier)
     if lib is None:
         return None
     P, I64, I, F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float

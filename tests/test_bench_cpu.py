@@ -11,12 +11,12 @@ from dsv3lab.kernels import cpu_decode
 def test_bench_cpu_tiny(tmp_path, monkeypatch):
     from dsv3lab.bench import cpu
     from dsv3lab.cli import main
-    from dsv3lab.kernels import cpu_build, cpu_calibrate
+    from dsv3lab.kernels import cpu_compile, cpu_calibrate
     monkeypatch.setattr(cpu, "STREAM_BYTES", 1 << 16)
     # the bench re-times the kernels and stores the verdicts beside the library: a scratch cache
     monkeypatch.setattr(cpu_calibrate, "STREAM_BYTES", 1 << 16)
     monkeypatch.setenv("DSV3LAB_CACHE", str(tmp_path / "cache"))
-    for f in (cpu_build._build, cpu_decode._library, cpu_calibrate._verdicts):
+    for f in (cpu_compile._compile_library, cpu_decode._library, cpu_calibrate._verdicts):
         f.cache_clear()
     out = tmp_path / "bench.json"
     assert main(["bench", "cpu", "--preset", "tiny", "--contexts", "64", "--rounds", "2", "--reps", "1",
@@ -36,5 +36,5 @@ def test_bench_cpu_tiny(tmp_path, monkeypatch):
     assert set(res["calibration"]) == {cpu_calibrate.key(k, d) for k, ds in cpu_calibrate.KERNELS.items() for d in ds}
     assert {r["used"] for r in res["rows"]} <= {"C", "torch"}
     assert res["slower_in_use"] == [r["what"] for r in res["rows"] if r["used"] == "C" and r["ratio"] < 1]
-    for f in (cpu_build._build, cpu_decode._library, cpu_calibrate._verdicts):
+    for f in (cpu_compile._compile_library, cpu_decode._library, cpu_calibrate._verdicts):
         f.cache_clear()

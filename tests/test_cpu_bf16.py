@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 import dsv3lab
-from dsv3lab.kernels import cpu_build
+from dsv3lab.kernels import cpu_compile
 from dsv3lab.model import layers
 
 POLICIES = {"native": True, "upcast": False}
@@ -107,7 +107,7 @@ def test_native_policy_on_a_cpu_without_bf16_units():
     out = subprocess.run([sys.executable, "-c", _CHILD], env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     isa = [ln for ln in out.stdout.splitlines() if ",info,cpu,isa:" in ln]
-    if {"avx512_bf16", "amx_bf16"} & cpu_build.cpu_flags():
+    if {"avx512_bf16", "amx_bf16"} & cpu_compile.cpu_flags():
         assert isa and "bfloat16" not in isa[0], isa   # oneDNN really ran without bf16 instructions
     else:
         # a CPU without bf16 units already: torch may not call oneDNN for bf16 at all (then no isa

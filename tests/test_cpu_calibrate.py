@@ -10,7 +10,7 @@ import torch
 
 import dsv3lab
 import dsv3lab.fast
-from dsv3lab.kernels import cpu_build, cpu_calibrate, cpu_decode
+from dsv3lab.kernels import cpu_compile, cpu_calibrate, cpu_decode
 from dsv3lab.fast import step as decode_step
 
 needs_c = pytest.mark.skipif(not cpu_decode.available(), reason="the C kernels cannot be built here (no compiler)")
@@ -22,11 +22,11 @@ def measured(monkeypatch, tmp_path):
     monkeypatch.setenv("DSV3LAB_CACHE", str(tmp_path))
     monkeypatch.setenv("DSV3LAB_CPU_KERNELS", "measured")
     monkeypatch.setattr(cpu_calibrate, "STREAM_BYTES", 1 << 20)       # small operands: a test, not a benchmark
-    cpu_build._build.cache_clear()
+    cpu_compile._compile_library.cache_clear()
     cpu_decode._library.cache_clear()
     cpu_calibrate._verdicts.cache_clear()
     yield tmp_path
-    cpu_build._build.cache_clear()
+    cpu_compile._compile_library.cache_clear()
     cpu_decode._library.cache_clear()
     cpu_calibrate._verdicts.cache_clear()
 
@@ -43,7 +43,7 @@ def test_every_kernel_is_measured_stored_and_read_back(measured, monkeypatch):
             assert v["use"] == (v["c_us"] < v["torch_us"]), name
             assert v["speedup"] == pytest.approx(v["torch_us"] / v["c_us"])
     files = list(measured.glob("decode_bf16-*.calibration.json"))
-    assert len(files) == 1 and cpu_build.march() in files[0].name
+    assert len(files) == 1 and cpu_compile.march() in files[0].name
     # read back, not measured again
     monkeypatch.setattr(cpu_calibrate, "_measure", lambda *a: pytest.fail("measured twice"))
     cpu_calibrate._verdicts.cache_clear()
@@ -99,14 +99,14 @@ def test_bad_settings_are_named(monkeypatch):
         cpu_calibrate.wins("gemm", torch.bfloat16)
     monkeypatch.setenv("DSV3LAB_CPU_MARCH", "native; rm -rf /")
     with pytest.raises(ValueError, match="DSV3LAB_CPU_MARCH"):
-        cpu_build.march()
+        cpu_compile.march()
 
 
 def test_tiers_end_with_native_and_follow_the_cpu():
-    tiers = cpu_build.tiers()
+    tiers = cpu_compile.tiers()
     assert tiers[-1] == "native"
-    flags = cpu_build.cpu_flags()
-    for level, need in cpu_build.X86_LEVELS.items():
+    flags = cpu_compile.cpu_flags()
+    for level, need in cpu_compile.X86_LEVELS.items():
         if level in tiers:
             assert all(f in flags for f in need), level
     if "x86-64-v3" in tiers:

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 import dsv3lab
 import dsv3lab.probes
-from dsv3lab.kernels import cpu_build, cpu_decode, dispatch
+from dsv3lab.kernels import backend, cpu_compile, cpu_decode
 from dsv3lab.model import moe as moe_mod
 from dsv3lab.model.rope import apply_rope
 
@@ -71,7 +71,7 @@ def test_rmsnorm_and_rope_match_the_torch_modules():
         norm.weight.copy_(torch.rand(256, generator=g) + 0.5)
     with torch.no_grad():
         y = norm(x)                                            # kernel (3 rows)
-        with dispatch.use_backend("torch"):
+        with backend.use_backend("torch"):
             ref = norm(x)
     assert ((y.float() - ref.float()).abs() <= 2 * BF16_ULP * ref.float().abs() + 1e-6).all()
 
@@ -79,7 +79,7 @@ def test_rmsnorm_and_rope_match_the_torch_modules():
     ang = torch.rand(1, 32, generator=g) * 6
     cos, sin = ang.cos(), ang.sin()
     y = apply_rope(q, cos[:, None], sin[:, None])
-    with dispatch.use_backend("torch"):
+    with backend.use_backend("torch"):
         ref = apply_rope(q, cos[:, None], sin[:, None])
     assert ((y.float() - ref.float()).abs() <= 2 * BF16_ULP * ref.float().abs() + 1e-6).all()
 
@@ -106,7 +106,7 @@ def test_route_chooses_what_the_torch_gate_chooses(E, G, tg, k, bias, norm):
     x = torch.randn(8, 64, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         ids, w = gate(x)                                       # 8 rows: the C selection
-        with dispatch.use_backend("torch"):
+        with backend.use_backend("torch"):
             ids_ref, w_ref = gate(x)
     assert torch.equal(ids, ids_ref)                           # ids are data: the same choice
     torch.testing.assert_close(w, w_ref, rtol=1e-6, atol=1e-7)
@@ -139,7 +139,7 @@ def test_decode_with_kernels_is_as_close_to_fp32_as_without(preset, batch):
     x = torch.randint(0, m.cfg.vocab_size, (batch, 40), generator=torch.Generator().manual_seed(4))
     ref = _decode(mf, x, 6)
     fast = _decode(m, x, 6)
-    with dispatch.use_backend("torch"):
+    with backend.use_backend("torch"):
         slow = _decode(m, x, 6)
     def per_step(y):
         return ((y - ref).norm(dim=-1) / ref.norm(dim=-1)).flatten()
@@ -157,7 +157,7 @@ def test_decode_with_kernels_is_as_close_to_fp32_as_without(preset, batch):
 def test_a_hooked_decode_step_takes_the_torch_path():
     m = dsv3lab.build("tiny", dtype=torch.bfloat16).eval()
     x = torch.randint(0, m.cfg.vocab_size, (1, 12), generator=torch.Generator().manual_seed(5))
-    with dispatch.use_backend("torch"):
+    with backend.use_backend("torch"):
         want = _decode(m, x, 3)
     seen = []
     with dsv3lab.probes.hooks(m, [("layers.1.mlp.hook_expert_out", lambda t, n: seen.append(t.shape)),
@@ -188,7 +188,7 @@ def test_autograd_never_takes_the_kernels():
 
 
 def _forget_builds():
-    cpu_build._build.cache_clear()
+    cpu_compile._compile_library.cache_clear()
     cpu_decode._library.cache_clear()
 
 
@@ -218,7 +218,7 @@ def test_moe_kernel_matches_the_module():
     x = torch.randn(1, m.cfg.hidden_size, generator=torch.Generator().manual_seed(6)).bfloat16()
     with torch.no_grad():
         y = moe(x)
-        with dispatch.use_backend("torch"):
+        with backend.use_backend("torch"):
             ref = moe(x)
     # routed sum and shared output rounded once instead of twice: within two bf16 roundings
     assert ((y.float() - ref.float()).abs() <= 2 * BF16_ULP * ref.float().abs().max()).all()
@@ -255,7 +255,7 @@ def test_fused_decode_step_runs_only_when_nothing_is_hooked():
         m(x[:, :19], start=0, cache=c)
         fused = try_decode(m, x[:, 19:], 19, c)
         assert fused is not None and fused.shape == (1, 1, m.cfg.vocab_size)
-        with dispatch.use_backend("torch"):
+        with backend.use_backend("torch"):
             assert try_decode(m, x[:, 19:], 19, c) is None
             ref = m(x[:, 19:], start=19, cache=c)
         assert ((fused.float() - ref.float()).norm() / ref.float().norm()).item() < 0.02
@@ -276,7 +276,7 @@ def test_fused_decode_step_runs_only_when_nothing_is_hooked():
         m.layers[1].mlp.gate.expert_mask = mask
         masked = try_decode(m, x[:, 19:], 19, c)
         assert masked is not None
-        with dispatch.use_backend("torch"):
+        with backend.use_backend("torch"):
             masked_ref = m(x[:, 19:], start=19, cache=c)
         m.layers[1].mlp.gate.expert_mask = None
         assert ((masked.float() - masked_ref.float()).norm() / masked_ref.float().norm()).item() < 0.02
@@ -306,7 +306,7 @@ def test_fused_decode_step_with_sparse_attention():
     with torch.no_grad():
         outs = {}
         for name, model, be in (("fused", m, "auto"), ("module", m, "torch"), ("fp32", mf, "torch")):
-            with dispatch.use_backend(be):
+            with backend.use_backend(be):
                 c = model.new_cache(1, 32)
                 model(x[:, :24], start=0, cache=c)
                 steps = []
@@ -430,14 +430,14 @@ def test_fp32_fused_decode_step_equals_the_module_path(preset):
         m(x[:, :16], start=0, cache=c)
         assert try_decode(m, x[:, 16:17], 16, c) is not None              # the fp32 model takes it
     fast = _decode(m, x, 8)
-    with dispatch.use_backend("torch"):
+    with backend.use_backend("torch"):
         ref = _decode(m, x, 8)
     # fp32 throughout, only the order of additions differs
     assert ((fast - ref).norm() / ref.norm()).item() < 1e-5
 
 
 def test_fused_step_sees_replaced_modules_parameters_and_storage():
-    """The fused step's plan caches references (decode_step._Plan): every way of changing a
+    """The fused step's plan caches references (decode_step._StepOperands): every way of changing a
     model between steps must reach the next step, checked against the module path."""
     from torch import nn
     from dsv3lab.fast.step import try_decode
@@ -452,7 +452,7 @@ def test_fused_step_sees_replaced_modules_parameters_and_storage():
         def both():
             fused = try_decode(m, x[:, 11:], 11, c)
             assert fused is not None
-            with dispatch.use_backend("torch"):
+            with backend.use_backend("torch"):
                 ref = m(x[:, 11:], start=11, cache=c)
             assert ((fused - ref).norm() / ref.norm()).item() < 1e-5
             return ref
@@ -504,7 +504,7 @@ def test_fused_step_layer_calls_on_other_shapes(variant):
         m(x[:, :12], start=0, cache=c)
         assert try_decode(m, x[:, 12:13], 12, c) is not None
     fast = _decode(m, x, 8)
-    with dispatch.use_backend("torch"):
+    with backend.use_backend("torch"):
         ref = _decode(m, x, 8)
     assert ((fast - ref).norm() / ref.norm()).item() < 1e-5
 

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from dsv3lab import fp8 as ref
-from dsv3lab.kernels import dispatch
+from dsv3lab.kernels import backend
 from dsv3lab.kernels._common import interpreting
 
 triton = pytest.importorskip("triton")
@@ -355,35 +355,35 @@ def test_mla_decode_rejects_bad_input():
 # --- dispatch switch --------------------------------------------------------------------------------
 def test_backend_switch_env_setter_and_context(monkeypatch):
     monkeypatch.setenv("DSV3LAB_KERNELS", "torch")
-    assert dispatch.get_backend() == "torch"
-    dispatch.set_backend("triton")
+    assert backend.get_backend() == "torch"
+    backend.set_backend("triton")
     try:
-        assert dispatch.get_backend() == "triton"
-        with dispatch.use_backend("auto"):
-            assert dispatch.get_backend() == "auto"
-        assert dispatch.get_backend() == "triton"
+        assert backend.get_backend() == "triton"
+        with backend.use_backend("auto"):
+            assert backend.get_backend() == "auto"
+        assert backend.get_backend() == "triton"
     finally:
-        dispatch.set_backend(None)
-    assert dispatch.get_backend() == "torch"
+        backend.set_backend(None)
+    assert backend.get_backend() == "torch"
     monkeypatch.setenv("DSV3LAB_KERNELS", "cuda")
     with pytest.raises(ValueError, match="one of"):
-        dispatch.get_backend()
+        backend.get_backend()
     with pytest.raises(ValueError, match="one of"):
-        dispatch.set_backend("fast")
+        backend.set_backend("fast")
 
 
 def test_dispatch_paths_for_fp8_linear():
     x = rand(3, 5, 256, seed=30)
     w, s = ref.weight_quant(rand(200, 256, seed=31))
-    with dispatch.use_backend("torch"):
-        assert dispatch.fp8_linear(x, w, s) is None
+    with backend.use_backend("torch"):
+        assert backend.fp8_linear(x, w, s) is None
         torch.testing.assert_close(ref.fp8_linear(x, w, s), x @ ref.weight_dequant(w, s).T)
     if DEV == "cpu":
-        with dispatch.use_backend("auto"):                          # CPU: auto falls back
-            assert dispatch.fp8_linear(x, w, s) is None
-    with dispatch.use_backend("triton"):                            # interpreter on CPU
+        with backend.use_backend("auto"):                          # CPU: auto falls back
+            assert backend.fp8_linear(x, w, s) is None
+    with backend.use_backend("triton"):                            # interpreter on CPU
         y = ref.fp8_linear(x, w, s)
-        assert dispatch.fp8_linear(x[..., :200], w[:, :200], s) is None   # K % 128: torch path
+        assert backend.fp8_linear(x[..., :200], w[:, :200], s) is None   # K % 128: torch path
     a, sa = ref.act_quant(x.reshape(-1, 256))
     assert y.shape == (3, 5, 200) and y.dtype == x.dtype
     torch.testing.assert_close(y.reshape(15, 200), ref.fp8_gemm_ref(a, sa, w, s), rtol=1e-5, atol=1e-4)
@@ -392,10 +392,10 @@ def test_dispatch_paths_for_fp8_linear():
 def test_forced_triton_on_cpu_without_interpreter_is_a_clear_error(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     t = torch.zeros(2, 128)
-    with dispatch.use_backend("triton"), pytest.raises(RuntimeError, match="need CUDA"):
-        dispatch.use_triton(t)
-    with dispatch.use_backend("auto"):
-        assert dispatch.use_triton(t) is False
+    with backend.use_backend("triton"), pytest.raises(RuntimeError, match="need CUDA"):
+        backend.use_triton(t)
+    with backend.use_backend("auto"):
+        assert backend.use_triton(t) is False
 
 
 def test_model_decode_through_the_kernel_matches_torch():
@@ -404,11 +404,11 @@ def test_model_decode_through_the_kernel_matches_torch():
     model = dsv3lab.build(ModelConfig.preset("tiny"), device=DEV, dtype=torch.float32)
     tokens = torch.randint(0, 512, (2, 9), generator=torch.Generator().manual_seed(0)).to(DEV)
     outs = {}
-    for backend in ("torch", "triton"):
+    for name in ("torch", "triton"):
         cache = model.new_cache(2, 16, mode="absorbed")
-        with dispatch.use_backend(backend), torch.no_grad():
+        with backend.use_backend(name), torch.no_grad():
             model(tokens[:, :8], cache=cache)
-            outs[backend] = model(tokens[:, 8:], start=8, cache=cache)   # S == 1: the decode path
+            outs[name] = model(tokens[:, 8:], start=8, cache=cache)   # S == 1: the decode path
     torch.testing.assert_close(outs["triton"], outs["torch"], rtol=1e-4, atol=1e-4)
 
 
@@ -487,14 +487,14 @@ def test_gpu_auto_backend_uses_kernels_in_the_model(cuda):
     from dsv3lab.config import ModelConfig
     x = torch.randn(4, 512, device=cuda, dtype=torch.bfloat16)
     w, s = ref.weight_quant(torch.randn(256, 512, device=cuda))
-    with dispatch.use_backend("auto"):
-        assert dispatch.fp8_linear(x, w, s) is not None
+    with backend.use_backend("auto"):
+        assert backend.fp8_linear(x, w, s) is not None
     model = dsv3lab.build(ModelConfig.preset("tiny"), device=cuda, dtype=torch.bfloat16)
     tokens = torch.randint(0, 512, (2, 9), device=cuda)
     outs = {}
-    for backend in ("torch", "auto"):
+    for name in ("torch", "auto"):
         cache = model.new_cache(2, 16, mode="absorbed")
-        with dispatch.use_backend(backend), torch.no_grad():
+        with backend.use_backend(name), torch.no_grad():
             model(tokens[:, :8], cache=cache)
-            outs[backend] = model(tokens[:, 8:], start=8, cache=cache).float()
+            outs[name] = model(tokens[:, 8:], start=8, cache=cache).float()
     torch.testing.assert_close(outs["auto"], outs["torch"], rtol=5e-2, atol=5e-2)

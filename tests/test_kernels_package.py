@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from dsv3lab.kernels import cpu_build
+from dsv3lab.kernels import cpu_compile
 
 ROOT = Path(__file__).resolve().parents[1]
 KERNELS = ROOT / "kernels"
@@ -54,10 +54,10 @@ def test_the_wheel_ships_every_c_source_and_header_and_they_compile(tmp_path):
                     if "__pycache__" not in p.parts}
         assert {f"{p}/__init__.py" for p in packages} <= names, sorted({f"{p}/__init__.py" for p in packages} - names)
         z.extractall(tmp_path / "site")
-    cc = cpu_build.compiler()
+    cc = cpu_compile.compiler()
     if cc is None:
         pytest.skip("no C compiler to compile the shipped sources with")
     for src in (tmp_path / "site" / "dsv3lab" / "kernels" / "cpu").glob("*.c"):
-        out = subprocess.run([cc, *cpu_build.flags("native"), str(src), "-o", str(tmp_path / f"{src.stem}.so"), "-lm"],
+        out = subprocess.run([cc, *cpu_compile.flags("native"), str(src), "-o", str(tmp_path / f"{src.stem}.so"), "-lm"],
                              capture_output=True, text=True)
         assert out.returncode == 0, f"{src.name}: {out.stderr[-2000:]}"

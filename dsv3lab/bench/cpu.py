@@ -77,7 +77,7 @@ def _decode_step_figures(cfg, args, models: dict) -> list:
     against the module path ("torch": the kernel backend 'torch'), at positions ctx .. ctx+7 of
     one prefilled cache (a step rewrites its own row, so steps repeat)."""
     import dsv3lab
-    from dsv3lab.kernels import dispatch
+    from dsv3lab.kernels import backend
     from dsv3lab.stats import kv_cache_bytes_per_token, model_stats
     # the activated weights but the embedding table (one row of it is read; the head is read whole)
     streamed = model_stats(cfg)["activated_params"] - cfg.vocab_size * cfg.hidden_size
@@ -95,7 +95,7 @@ def _decode_step_figures(cfg, args, models: dict) -> list:
                     return m(x[:, p:p + 1], start=p, cache=cache, last_only=True)
 
             def module_step(p, step=step):
-                with dispatch.use_backend("torch"):
+                with backend.use_backend("torch"):
                     return step(p)
             nbytes = streamed * dt.itemsize + T * kv_cache_bytes_per_token(cfg, dt)
             figures.append((f"decode step T={T}", dt, nbytes, {"C": step, "torch": module_step},
@@ -125,9 +125,9 @@ def run(args) -> int:
     if not cpu_decode.available():
         raise SystemExit("bench cpu: the C decode kernels could not be built here (see the warning above)")
     from dsv3lab.fast import step_verdict
-    from dsv3lab.kernels import cpu_build, cpu_calibrate
+    from dsv3lab.kernels import cpu_compile, cpu_calibrate
     torch.set_num_threads(args.threads)
-    print(f"bench cpu: timing the C kernels against torch for the engine's choice (-march={cpu_build.march()}, "
+    print(f"bench cpu: timing the C kernels against torch for the engine's choice (-march={cpu_compile.march()}, "
           f"{args.threads} threads)")
     verdicts = cpu_calibrate.calibrate(force=True)
     print_table(cpu_calibrate.table(verdicts))

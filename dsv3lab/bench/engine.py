@@ -160,7 +160,7 @@ def _hf(d, dtype):
 
 
 def _cpu_features() -> str:
-    from dsv3lab.kernels.cpu_build import isa_summary
+    from dsv3lab.kernels.cpu_compile import isa_summary
     return isa_summary()
 
 

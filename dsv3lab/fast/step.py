@@ -22,7 +22,7 @@ the gate's own business and work here. Any of these off, ``Transformer.forward``
 path, which stays the reference.
 
 What a step needs from the module tree -- the weights, their pointers, the modules whose hooks
-matter, the buffers -- is gathered once into a ``_Plan`` per model, and re-gathered when any of it
+matter, the buffers -- is gathered once into a ``_StepOperands`` per model, and re-gathered when any of it
 was replaced (a module, a Parameter, a tensor's storage: the plan checks each reference by
 identity every step, ~26 us with the hook checks on the bench preset), rather than looked up through ``nn.Module``
 attributes every step (gathering takes ~4 ms there). In-place changes to weights need nothing:
@@ -107,7 +107,7 @@ class _Refs:
                 and list(map(torch.Tensor.data_ptr, self.tensors)) == self.ptrs)
 
 
-class _Plan:
+class _StepOperands:
     """What the fused step reads from one model, gathered once (see the module docstring).
 
     ``refs`` (``_Refs``) holds every module, Parameter and attribute the plan took: the plan is
@@ -123,7 +123,7 @@ class _Plan:
         self.fit = False
         self.dtype = model.embed_tokens.weight.dtype
         try:
-            self._build(model)
+            self._gather(model)
             self.hook_dicts = self._hook_dicts(self.watch)
             self.fit = True
         except _Fallback:
@@ -200,7 +200,7 @@ class _Plan:
         return [d for mod in mods for d in (mod._forward_hooks, mod._forward_pre_hooks)]
 
     # --- the model --------------------------------------------------------------------------
-    def _build(self, m) -> None:
+    def _gather(self, m) -> None:
         cfg = m.cfg
         dt = self.dtype
         if dt not in cpu_decode.KERNEL_DTYPES:
@@ -345,17 +345,17 @@ class _Plan:
 _PLANS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
-def _plan(model) -> _Plan:
+def _plan(model) -> _StepOperands:
     plan = _PLANS.get(model)
     if plan is None or not plan.current():
-        plan = _PLANS[model] = _Plan(model)
+        plan = _PLANS[model] = _StepOperands(model)
     return plan
 
 
 class DecodeStep:
     """``DecodeStep(model).run(tokens, start, cache)``: logits, or None for the module path.
 
-    The plan (``_Plan``) is checked at the start of every step, hooks and seams as the step goes;
+    The plan (``_StepOperands``) is checked at the start of every step, hooks and seams as the step goes;
     a step that meets a hook half way returns None and the module path recomputes it from the
     start (it rewrites the same cache rows)."""
 
@@ -404,7 +404,7 @@ class DecodeStep:
             norm_c(xin.data_ptr(), 0, wn[0].data_ptr(), wn[1], out.data_ptr(), 0, 1, xin.shape[-1])
             return out
 
-        def ffn(xin, slots, weights, args=None):      # slots: _Plan._expert dicts; -> fp32 [D] (plan.moe_y)
+        def ffn(xin, slots, weights, args=None):      # slots: _StepOperands._expert dicts; -> fp32 [D] (plan.moe_y)
             k = len(slots)
             if args is None:
                 ptr = ctypes.c_int64 * k
@@ -522,11 +522,11 @@ def _time_step(step: "DecodeStep", tokens, start: int, cache) -> tuple[bool, flo
     the same step, after one warm-up of each (the plan, the buffers, torch's own first calls)."""
     import time
 
-    from dsv3lab.kernels import dispatch
+    from dsv3lab.kernels import backend
     model = step.model
 
     def module():
-        with dispatch.use_backend("torch"):          # Transformer.forward then takes its own path
+        with backend.use_backend("torch"):          # Transformer.forward then takes its own path
             model(tokens, start=start, cache=cache)
     if step.run(tokens, start, cache) is None:
         return None

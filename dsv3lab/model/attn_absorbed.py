@@ -45,8 +45,8 @@ def latent_attention(q_cat: torch.Tensor, latent: torch.Tensor, scale: float, c:
     M = S * H
     hooked = probs_hook is not None and probs_hook.active
     if S == 1 and keep is None and not hooked:
-        from dsv3lab.kernels import dispatch                             # Triton decode on CUDA
-        o_lat = dispatch.mla_decode(q_cat.view(B, H, -1), latent, scale, c)   # [B,H,c] or None
+        from dsv3lab.kernels import backend                             # Triton decode on CUDA
+        o_lat = backend.mla_decode(q_cat.view(B, H, -1), latent, scale, c)   # [B,H,c] or None
         if o_lat is not None:
             return o_lat.view(B, 1, H, c)
         # one fused pass over the cache (torch's flash attention): the latent is a single

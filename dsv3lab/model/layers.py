@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules import module as _mm
 
-from dsv3lab.kernels import cpu_build
+from dsv3lab.kernels import cpu_compile
 
 
 def hooked(*modules: nn.Module) -> bool:
@@ -89,7 +89,7 @@ def _cpu_has_native_bf16() -> bool:
         return mode == "native"
     if mode != "auto":
         raise ValueError(f"DSV3LAB_CPU_BF16 must be 'native', 'upcast' or 'auto', got {mode!r}")
-    flags = cpu_build.cpu_flags()
+    flags = cpu_compile.cpu_flags()
     return not flags or "avx512_bf16" in flags or "amx_bf16" in flags       # no /proc/cpuinfo: trust the CPU
 
 
@@ -123,7 +123,7 @@ class Linear(nn.Module):
     """y = x @ W.T without bias. ``weight`` may be FP8 (e4m3) with a block ``weight_scale_inv``.
 
     FP8 weights (``load(fp8="keep"|"quantize")``) compute through ``dsv3lab.fp8.fp8_linear``:
-    an FP8 kernel where ``dsv3lab.kernels.dispatch.fp8_linear`` takes the call, else blocks
+    an FP8 kernel where ``dsv3lab.kernels.backend.fp8_linear`` takes the call, else blocks
     dequantized a band at a time. ``load(fp8="dequant")`` (the default) dequantizes once instead.
     """
 

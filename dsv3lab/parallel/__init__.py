@@ -16,7 +16,7 @@ from dsv3lab.parallel.context import ParallelContext
 from dsv3lab.parallel.placement import ExpertPlacement
 from dsv3lab.parallel.apply import (apply_layout, comm_stats, param_bytes, parallel_state, reset_comm_stats,
                                     set_fp8_dispatch)
-from dsv3lab.parallel.rebalance import apply_placement, plan_placement, rank_loads, window_load
+from dsv3lab.parallel.rebalance import apply_placement, rebalanced_placement, rank_loads, window_load
 from dsv3lab.parallel.dispatch import serve
 from dsv3lab.parallel.loading import load_sharded
 from dsv3lab.parallel.launch import RankError, add_generate_args, generate_parallel, run_generate, spawn
@@ -30,5 +30,5 @@ def plan(*args, **kw):
 
 __all__ = ["Layout", "LayoutError", "check_fp8_blocks", "ParallelContext", "apply_layout", "comm_stats",
            "param_bytes", "parallel_state", "reset_comm_stats", "serve", "ExpertPlacement", "set_fp8_dispatch",
-           "apply_placement", "plan_placement", "rank_loads", "window_load", "load_sharded", "RankError",
+           "apply_placement", "rebalanced_placement", "rank_loads", "window_load", "load_sharded", "RankError",
            "add_generate_args", "generate_parallel", "run_generate", "spawn", "plan"]

@@ -3,13 +3,13 @@
     with dsv3lab.trace(model) as t:                 # a window of traffic, on every rank
         ... forwards / generate ...
     load = window_load(t, model)                    # [moe layers, E], the same on every rank
-    new, layers = plan_placement(load, model, redundant=4)      # EPLB rebalance_experts
+    new, layers = rebalanced_placement(load, model, redundant=4)      # EPLB rebalance_experts
     moved = apply_placement(model, new)             # every rank, between two forwards
     per_rank = rank_loads(model)                    # [layers, world] pairs each rank computed
 
 ``window_load`` gathers the routing trace of every data-parallel group (one copy per TP group)
 on rank 0 and broadcasts its expert load, so every rank plans the same placement from the same
-numbers. ``plan_placement`` calls ``dsv3lab.balance.eplb.rebalance_experts`` with the EP group's
+numbers. ``rebalanced_placement`` calls ``dsv3lab.balance.eplb.rebalance_experts`` with the EP group's
 ranks as GPUs (``num_nodes`` of them, hierarchical when the routing groups split over the nodes)
 and returns the placement with the per-rank load EPLB predicts for it
 (``load_per_rank_replicated``: every replica takes an equal share of its expert). ``apply_placement``
@@ -54,7 +54,7 @@ def window_load(trace, model) -> torch.Tensor:
     return box[0]
 
 
-def plan_placement(load, model, redundant: int, num_nodes: int = 1, num_groups: int | None = None
+def rebalanced_placement(load, model, redundant: int, num_nodes: int = 1, num_groups: int | None = None
                    ) -> tuple[ExpertPlacement, dict]:
     """EPLB placement of ``load`` [main MoE layers, E] on the EP group with ``redundant`` extra
     slots per layer. ``num_groups`` defaults to the config's routing groups (hierarchical
@@ -62,13 +62,13 @@ def plan_placement(load, model, redundant: int, num_nodes: int = 1, num_groups: 
     policy). Returns the placement and the prediction: per-rank load [layers, ep] before (the
     model's current placement) and after, and their balancedness [layers]."""
     from dsv3lab.balance.eplb import rebalance_experts
-    st = _state(model, "plan_placement")
+    st = _state(model, "rebalanced_placement")
     cfg, ep = model.cfg, st.ctx.ep
     E = cfg.n_routed_experts
     layers = [blk.layer for blk in model.layers if blk.layer in st.dispatchers]
     load = torch.as_tensor(load)
     if load.shape != (len(layers), E):
-        raise LayoutError(f"plan_placement: load has shape {tuple(load.shape)}, expected [{len(layers)} MoE layers, {E}]")
+        raise LayoutError(f"rebalanced_placement: load has shape {tuple(load.shape)}, expected [{len(layers)} MoE layers, {E}]")
     phy2log, _, _ = rebalance_experts(load, E + redundant, num_groups or cfg.n_group, num_nodes, ep)
     new = ExpertPlacement.from_eplb(phy2log, layers)
     old = torch.stack([st.placement.row(l, E) for l in layers]) if st.placement.phy2log else \
@@ -159,4 +159,4 @@ def rank_loads(model, layers: list[int] | None = None) -> torch.Tensor:
     return torch.stack(parts, dim=1).cpu()
 
 
-__all__ = ["window_load", "plan_placement", "apply_placement", "rank_loads"]
+__all__ = ["window_load", "rebalanced_placement", "apply_placement", "rank_loads"]

@@ -153,7 +153,7 @@ def rebalance_run(rank: int, world: int, source="tiny", layout: dict | None = No
     from dsv3lab.parallel.dispatch import chunk_sizes, serve
     from dsv3lab.parallel.launch import generate_parallel
     from dsv3lab.parallel.layout import Layout
-    from dsv3lab.parallel.rebalance import apply_placement, plan_placement, rank_loads, window_load
+    from dsv3lab.parallel.rebalance import apply_placement, rebalanced_placement, rank_loads, window_load
     from dsv3lab.probes.metrics import balancedness
     ctx = ParallelContext.init(Layout(**(layout or {})))
     model = _model(source, seed, dtype, ctx, placement=placement).to(ctx.device)
@@ -182,7 +182,7 @@ def rebalance_run(rank: int, world: int, source="tiny", layout: dict | None = No
     load = window_load(t, model)
     from dsv3lab.probes.trace import Routing, gather
     merged = gather(t.record(), contribute=ctx.tp_rank == 0)           # the window's routing, on rank 0
-    new, predicted = plan_placement(load, model, redundant, num_nodes=num_nodes, num_groups=num_groups)
+    new, predicted = rebalanced_placement(load, model, redundant, num_nodes=num_nodes, num_groups=num_groups)
     moved = apply_placement(model, new, source=source, seed=seed)
     dist.barrier() if world > 1 else None
     _, logits_after, measured_after, gen_after = window(trace=False)

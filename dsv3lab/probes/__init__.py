@@ -9,7 +9,7 @@
     with RoutingRecorder(model, scores=True) as rec: ...   # the latest pass, per gate (training)
 """
 
-from dsv3lab.probes.hooks import hook_names, hook_points, hook_table, hooks, resolve, run_with_cache
+from dsv3lab.probes.hooks import hook_names, hook_points, hook_table, hooks, matching_names, run_with_cache
 from dsv3lab.probes.trace import Routing, Trace, gather, merge, trace
 from dsv3lab.probes.formats import (from_megatron, from_sglang, load_trace, save_trace, to_megatron,
                                     to_sglang)
@@ -18,7 +18,7 @@ from dsv3lab.probes.metrics import expert_load, max_vio
 from dsv3lab.probes.gate import biases_zeroed, moe_gates
 from dsv3lab.probes.recorder import RoutingRecorder
 
-__all__ = ["hook_names", "hook_points", "hook_table", "hooks", "resolve", "run_with_cache", "Routing",
+__all__ = ["hook_names", "hook_points", "hook_table", "hooks", "matching_names", "run_with_cache", "Routing",
            "Trace", "gather", "merge", "trace", "from_megatron", "from_sglang", "load_trace",
            "save_trace", "to_megatron", "to_sglang", "memory", "metrics", "expert_load", "max_vio",
            "biases_zeroed", "moe_gates", "RoutingRecorder"]

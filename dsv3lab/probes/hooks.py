@@ -91,7 +91,7 @@ def _matcher(names_filter: NameFilter) -> Callable[[str], bool]:
     return match
 
 
-def resolve(model: nn.Module, names_filter: NameFilter) -> list[str]:
+def matching_names(model: nn.Module, names_filter: NameFilter) -> list[str]:
     """Hook names selected by an exact name, a glob (``layers.*.mlp.gate.hook_scores``), a list of
     those, or a predicate. Raises if nothing matches (a typo should not silently record nothing)."""
     names = [n for n in hook_points(model) if _matcher(names_filter)(n)]
@@ -110,7 +110,7 @@ def hooks(model: nn.Module, fwd_hooks: list[tuple[NameFilter, Callable]]):
     handles = []
     try:
         for flt, fn in fwd_hooks:
-            for name in resolve(model, flt):
+            for name in matching_names(model, flt):
                 def _hook(module, inputs, output, _fn=fn, _name=name):
                     return _fn(output, _name)
                 handles.append(points[name].register_forward_hook(_hook))
@@ -128,7 +128,7 @@ def run_with_cache(model: nn.Module, tokens: torch.Tensor, names_filter: NameFil
 
     ``mtp=True`` also runs the MTP depths on the same tokens (position i predicts i+1+k), so the
     ``mtp.K.*`` hook points fire; their logits go in ``cache["mtp_logits"]`` (a list)."""
-    selected = resolve(model, names_filter)
+    selected = matching_names(model, names_filter)
     cache: dict[str, object] = {}
 
     def save(t, name):

@@ -1,6 +1,6 @@
 /* bf16 helpers shared by the CPU kernels (decode_bf16.c, sparse_bf16.c): the storage type, its
  * conversions (round to nearest even, as torch's .to(torch.bfloat16)) and the one-row dot product.
- * Included, not linked: each library is one translation unit (kernels/cpu_build.py builds them;
+ * Included, not linked: each library is one translation unit (kernels/cpu_compile.py builds them;
  * a change here rebuilds both). */
 #ifndef DSV3_BF16_H
 #define DSV3_BF16_H

@@ -1,13 +1,13 @@
 /* Portable fp32 vectors for the CPU kernels (GCC/Clang vector extensions): one source that the
  * compiler turns into AVX-512 (16 lanes), AVX2/AVX (8 lanes) or SSE / NEON (4 lanes), whatever
- * -march the library is built for (kernels/cpu_build.py). The ISA-specific intrinsics left in
+ * -march the library is built for (kernels/cpu_compile.py). The ISA-specific intrinsics left in
  * the kernels are the ones that pay beyond this: AVX512-BF16 dot products, AMX tiles.
  *
  * Why not plain loops: GCC does not vectorise a loop whose sum it would have to reorder (the
  * dot products' fp32 sums) unless told to reassociate everything; here the lanes ARE the
  * partial sums, written out, so the order of additions is fixed by the source on every tier
  * (and differs between tiers only in the lane count). Fused multiply-adds where the target has
- * them (-ffp-contract=fast, kernels/cpu_build.py). */
+ * them (-ffp-contract=fast, kernels/cpu_compile.py). */
 #ifndef DSV3_VEC_H
 #define DSV3_VEC_H
 

@@ -123,15 +123,15 @@ def compile_to(source: Path, out: Path, tier: str, cc: str) -> str | None:
             os.unlink(tmp)
 
 
-def build(source: Path, tier: str | None = None) -> ctypes.CDLL | None:
+def compile_library(source: Path, tier: str | None = None) -> ctypes.CDLL | None:
     """The shared library of one C source under ``cpu/`` for ``tier`` (default ``march()``),
     compiled once; None (with one warning naming the reason) when it cannot be built. Callers set
     the functions' ctypes signatures."""
-    return _build(source, tier or march())
+    return _compile_library(source, tier or march())
 
 
 @functools.lru_cache(maxsize=None)
-def _build(source: Path, tier: str) -> ctypes.CDLL | None:
+def _compile_library(source: Path, tier: str) -> ctypes.CDLL | None:
     cc = compiler()
     if cc is None:
         warnings.warn(f"dsv3lab: no C compiler (gcc/cc) found for {source.name}; the torch code runs instead",

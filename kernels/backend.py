@@ -8,7 +8,7 @@
 ``with`` block (a context variable, so threads and tasks do not leak into each other).
 
 Each entry point returns ``None`` when the torch path should run, so a caller reads
-``y = dispatch.fp8_linear(...); if y is None: <torch code>``. Shapes the kernels do not cover
+``y = backend.fp8_linear(...); if y is None: <torch code>``. Shapes the kernels do not cover
 (K not a multiple of 128, a non-e4m3 weight, mixed dtypes) also return ``None``.
 
 Numerics differ on purpose between the paths: the FP8 path quantizes the *activations* to e4m3 in
