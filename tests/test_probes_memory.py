@@ -56,6 +56,22 @@ def test_measured_from_live_model_cache():
     assert torch.equal(cache.layers[0][0, :5, c:], acts["layers.0.self_attn.hook_k_pe"][0])
 
 
+def test_every_registered_attention_mode_is_counted_by_its_own_cache():
+    """The config path asks the seam's registry for the cache class, so it counts what the model
+    allocates for every variant (a new one included), and an unknown mode is refused by name."""
+    from dsv3lab.model.mla import ATTENTION
+    cfg = ModelConfig.preset("tiny").replace(index_n_heads=2, index_head_dim=16, index_topk=4)
+    model = dsv3lab.build(cfg, seed=0)                        # has an indexer: every mode applies
+    for mode in ATTENTION:
+        from_model = memory.measured_bytes_per_token(model, mode=mode, dtype=torch.bfloat16, batch=2, max_len=8)
+        from_cfg = memory.measured_bytes_per_token(model.cfg, mode=mode, dtype=torch.bfloat16, batch=2, max_len=8)
+        assert from_cfg == from_model > 0, mode
+    assert memory.measured_bytes_per_token(model.cfg, mode="sparse") > memory.measured_bytes_per_token(
+        model.cfg, mode="absorbed")                           # the indexer's keys are counted
+    with pytest.raises(ValueError, match="attn_mode must be one of .*'windowed'"):
+        memory.measured_bytes_per_token(model.cfg, mode="windowed")
+
+
 def test_report_comparison_facts_c9():
     rows = {r["model"]: r for r in memory.kv_comparison()}
     assert rows["DeepSeek-V3"]["bytes_per_token"] == 70_272

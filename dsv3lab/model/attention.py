@@ -10,6 +10,9 @@ name from the registry ``ATTENTION`` in ``mla.py``:
 
   absorbed  (attn_absorbed.py) caches the latent [c_kv ; k_pe]; decode in the latent space
   naive     (attn_naive.py)    caches per-head K and V; plain multi-head attention
+  sparse    (attn_sparse.py)   V3.2's DeepSeek Sparse Attention: the absorbed latent cache plus
+                               the lightning indexer's key cache; each query attends to the top-k
+                               keys the indexer picks (the default for configs with an indexer)
 
 The contract, in the order a forward runs:
 

@@ -10,8 +10,9 @@ r = qk_rope_head_dim, n = qk_nope_head_dim, v = v_head_dim):
 
 The attention between the projections and o_proj -- what is cached, how prefill and decode are
 computed -- is ``self.impl``, an implementation chosen by name from ``ATTENTION`` (the seam is
-described in attention.py): "absorbed" (latent cache, attn_absorbed.py; the default) or "naive"
-(per-head K/V cache, attn_naive.py).
+described in attention.py): "absorbed" (latent cache, attn_absorbed.py; the default), "naive"
+(per-head K/V cache, attn_naive.py) or "sparse" (V3.2's DSA: latent cache plus the indexer's keys,
+attn_sparse.py; the default for configs with an indexer).
 """
 
 from __future__ import annotations

@@ -97,7 +97,7 @@ def measured_bytes_per_token(model_or_cfg, mode: str = "absorbed", dtype=torch.b
     """Allocate the engine's cache for ``batch x max_len`` positions and return nbytes per token.
     A model uses ``model.new_cache``; a config (any preset, 671B included: the cache is small at
     small max_len) uses the same cache classes with the model's layer count."""
-    from dsv3lab.model.mla import KVCache, LatentCache
+    from dsv3lab.model.mla import attention_class
     if isinstance(model_or_cfg, torch.nn.Module):
         model = model_or_cfg
         prev = model.attn_mode
@@ -107,9 +107,9 @@ def measured_bytes_per_token(model_or_cfg, mode: str = "absorbed", dtype=torch.b
     else:
         cfg = _cfg(model_or_cfg)
         n_layers = cfg.num_hidden_layers + cfg.num_nextn_predict_layers
-        from dsv3lab.model.attn_sparse import SparseCache
-        cls = {"absorbed": LatentCache, "sparse": SparseCache}.get(mode, KVCache)
-        cache = cls(cfg, n_layers, batch, max_len, dtype, "cpu")
+        # the cache class is the attention implementation's own (the seam's registry), so a new
+        # variant is counted as it allocates; an unknown mode is refused by name
+        cache = attention_class(mode).cache_cls(cfg, n_layers, batch, max_len, dtype, "cpu")
     per = cache.nbytes() // (batch * max_len)
     if not include_mtp:
         cfg = model_or_cfg.cfg if isinstance(model_or_cfg, torch.nn.Module) else _cfg(model_or_cfg)
