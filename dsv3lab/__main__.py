@@ -1,3 +1,5 @@
+"""``python -m dsv3lab``: the ``dsv3lab`` command (``cli.py``)."""
+
 import sys
 
 from dsv3lab.cli import main
