@@ -13,8 +13,8 @@ COMMAND_MODULES = [
     "dsv3lab.probes.cli",      # trace
     "dsv3lab.train",           # train-lab
     "dsv3lab.experiments.cli", # experiment
-    "dsv3lab.replicate",       # replicate
-    "dsv3lab.bench",           # bench engine|parallel|kernels
+    "dsv3lab.replicate.cli",   # replicate
+    "dsv3lab.bench.cli",       # bench engine|parallel|kernels|...
 ]
 
 

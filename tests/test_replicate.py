@@ -172,7 +172,7 @@ def test_consistency_rows_follow_their_inputs(monkeypatch):
 
 def test_derived_rows_follow_the_config(monkeypatch):
     from dsv3lab.config import ModelConfig
-    from dsv3lab.replicate import kernels as K
+    from dsv3lab.replicate import kernel_shapes as K
     real = ModelConfig.preset
 
     def preset(name):

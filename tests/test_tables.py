@@ -4,7 +4,7 @@ import html.parser
 
 import pytest
 
-from dsv3lab.viz.tables import format_cell, html_table
+from dsv3lab.viz.tables import format_cell, html_table, text_table
 
 
 class _Cells(html.parser.HTMLParser):
@@ -71,4 +71,22 @@ def test_format_cell():
 
 def test_text_repr():
     text = repr(html_table([dict(name="x", n=10)], formats={"n": lambda v: f"{v} B"}))
-    assert text.splitlines() == ["name  n   ", "----  ----", "x     10 B"]
+    assert text.splitlines() == ["name     n", "----  ----", "x     10 B"]     # numbers right, as in HTML
+
+
+def test_text_table_alignment_groups_and_formats():
+    rows = [dict(sec="A", name="kv", bytes=70272, ratio=1.0), dict(sec="A", name="gqa", bytes=249856, ratio=3.5556),
+            dict(sec="B", name="mha", bytes=None, ratio=12.5)]
+    text = text_table(rows, group="sec", formats=dict(ratio=lambda v: f"{v:.1f}x"), align=dict(ratio="right"))
+    assert text.splitlines() == ["name    bytes  ratio",
+                                 "----  -------  -----",
+                                 "",
+                                 "A",
+                                 "kv     70,272   1.0x",
+                                 "gqa   249,856   3.6x",
+                                 "",
+                                 "B",
+                                 "mha            12.5x"]      # None: an empty cell
+    assert text_table([dict(a="x")], caption="T").splitlines() == ["T", "a", "-", "x"]
+    with pytest.raises(ValueError, match="align must be 'left' or 'right'"):
+        text_table([dict(a=1)], align=dict(a="centre"))

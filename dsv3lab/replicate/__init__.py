@@ -3,27 +3,26 @@
 One function per claim (``@claim(name, section)``), one module per kind of evidence:
 
   architecture  derived      parameters, KV bytes, training FLOPs, YaRN (the engine on the meta device)
-  kernels       derived      FlashMLA's FP8 KV layout, DeepGEMM's GEMM shapes (from the config)
+  kernel_shapes derived      FlashMLA's FP8 KV layout, DeepGEMM's GEMM shapes (from the config)
   inference     both         the TPOT bound (paper inputs / config inputs), deployment units, EPLB
   consistency   consistency  costs, LR schedule, routing reach, Day-6: the papers' numbers vs each other
   measured      measured     FP8 accumulation (fp8sim), FP8 training, balancing, MTP, pipeline schedules
 
-Row fields, kinds, tolerances and the status rule are in ``core``. ``replicate()`` returns the
-rows; ``dsv3lab replicate [--json | --markdown] [--quick] [--only NAME]`` prints them (``--json``: ``{"rows": [...]}``)
-and writes ``results/replicate.json``. Measured rows read ``data/results/`` (``dsv3lab experiment
+Row fields, kinds, tolerances and the status rule are in ``core``; the table as text, HTML and
+Markdown in ``table``. ``replicate()`` returns the rows; ``dsv3lab replicate [--json | --markdown]
+[--quick] [--only NAME]`` (``cli``) prints them (``--json``: ``{"rows": [...]}``) and writes
+``results/replicate.json``. Measured rows read ``data/results/`` (``dsv3lab experiment
 NAME`` records them) and are "unavailable: not recorded" without; ``quick=True`` runs each
 experiment at its smallest scale instead (CI).
 """
 
 from __future__ import annotations
 
-import os
-import sys
 from typing import Iterable, Optional
 
 from dsv3lab.replicate.core import (CLAIMS, FIELDS, KINDS, STATUSES, Unavailable, absolute, claim, exact,  # noqa: F401
                                     lower, printed, row, status, upper, within)
-from dsv3lab.replicate import architecture, kernels, inference, consistency, measured  # noqa: F401,E402  (registers)
+from dsv3lab.replicate import architecture, kernel_shapes, inference, consistency, measured  # noqa: F401,E402  (registers)
 from dsv3lab.replicate.inference import tpot_bound  # noqa: F401
 from dsv3lab.replicate.table import by_section, counts, fmt, format_table, html_table, markdown_table  # noqa: F401
 from dsv3lab.replicate.figures import (fig_kv_bytes, fig_lab_vs_paper, fig_tpot_vs_bandwidth,  # noqa: F401
@@ -50,38 +49,3 @@ def replicate(only: Optional[Iterable[str] | str] = None, quick: bool = False) -
     if dup:
         raise AssertionError(f"duplicate row ids: {dup}")
     return out
-
-
-def cmd_replicate(args) -> int:
-    import json
-    from dsv3lab.atomic import write_json_atomic
-    rows = replicate(args.only, quick=args.quick)
-    if args.out:
-        write_json_atomic(args.out, {"rows": rows})
-    if args.json:
-        print(json.dumps({"rows": rows}, indent=1, default=str))
-        return 0
-    if args.markdown:
-        print(markdown_table(rows), end="")
-        return 0
-    print(format_table(rows))
-    for r in rows:
-        if r["status"] != "match" and r["note"]:
-            print(f"  [{r['status']}] {r['id']}: {r['note']}")
-    if args.out:
-        print(f"\nwrote {args.out}", file=sys.stderr)
-    return 0
-
-
-def add_commands(sub) -> None:
-    p = sub.add_parser("replicate", help="the report's numbers next to the lab's: derived, measured, consistency")
-    p.add_argument("--json", action="store_true", help='print {"rows": [...]} as JSON')
-    p.add_argument("--markdown", action="store_true", help="print the table as Markdown (docs/replicate.md)")
-    p.add_argument("--quick", action="store_true",
-                   help="run the measured rows' experiments now at their smallest scale (CI) instead of "
-                        "reading data/results/")
-    p.add_argument("--only", action="append", default=None, metavar="NAME",
-                   help=f"only this claim group (repeatable): {', '.join(CLAIMS)}")
-    p.add_argument("--out", default=os.path.join("results", "replicate.json"),
-                   help="where to write the rows (JSON, atomically; '' to skip)")
-    p.set_defaults(func=cmd_replicate)

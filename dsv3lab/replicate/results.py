@@ -8,9 +8,9 @@ its smallest scale (``experiments.run(name, quick=True)``, not recorded), once p
 from __future__ import annotations
 
 import functools
-import os
 from typing import Callable, Optional
 
+from dsv3lab.paths import repo_relative
 from dsv3lab.replicate.core import Unavailable, row
 
 
@@ -34,10 +34,7 @@ def experiment_result(name: str, quick: bool) -> dict:
         return _quick_run(name)
     res = experiments.load_result(name)
     if res is None:
-        path = experiments.result_path(name)
-        repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-        if path.startswith(repo + os.sep):
-            path = os.path.relpath(path, repo)
+        path = repo_relative(experiments.result_path(name))
         raise Unavailable(f"not recorded: run `python -m dsv3lab experiment {name}` (writes {path})")
     return res
 

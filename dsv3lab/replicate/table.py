@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dsv3lab.replicate.core import KINDS, STATUSES
-from dsv3lab.viz.tables import html_table as viz_html_table
+from dsv3lab.viz.tables import html_table as viz_html_table, text_table
 
 STATUS_COLORS = dict(match="#d8f3dc", close="#fff3b0", differs="#ffd6d6", unreported="#e9ecef",
                      unavailable="#e9ecef")
@@ -53,13 +53,13 @@ def counts(rows: list[dict]) -> dict:
     return {k: {s: sum(r["kind"] == k and r["status"] == s for r in rows) for s in STATUSES} for k in KINDS}
 
 
-def format_table(rows: list[dict], width: int = 60) -> str:
-    lines = [f"  {'id':<40} {'kind':<11} {'paper':>14} {'lab':>20}  {'unit':<12} status"]
-    for section, rs in by_section(rows).items():
-        lines.append(f"\n{section}")
-        for r in rs:
-            lines.append(f"  {r['id']:<40} {r['kind']:<11} {fmt(r['paper']):>14} {fmt_lab(r):>20}  "
-                         f"{r['unit'][:12]:<12} {r['status']}")
+def format_table(rows: list[dict]) -> str:
+    """The table as text through the lab's one formatter (``dsv3lab.viz.tables.text_table``): one
+    line per row under its section's heading, then the count of each status per kind."""
+    flat = [dict(section=r["section"], id=r["id"], kind=r["kind"], paper=fmt(r["paper"]), lab=fmt_lab(r),
+                 unit=r["unit"], status=r["status"]) for r in rows]
+    lines = [text_table(flat, ["section", "id", "kind", "paper", "lab", "unit", "status"], group="section",
+                        align=dict(paper="right", lab="right"))]
     c = counts(rows)
     lines.append("")
     for k in KINDS:

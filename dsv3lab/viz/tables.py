@@ -1,9 +1,14 @@
-"""Rows of dicts as a table a notebook renders (pandas-free).
+"""Rows of dicts as a table: the lab's one table formatter, for notebooks and terminals (pandas-free).
 
 ``html_table(rows)`` returns a ``Table``: Jupyter shows its ``_repr_html_`` (left-aligned text,
 right-aligned numbers with thousands separators, a caption), and a plain-text console its
 ``__repr__``. Nothing is printed as a side effect, so a notebook cell ends with the call, or
 passes it to ``display``.
+
+``text_table(rows)`` is the same table as text, what every command prints (``dsv3lab bench``,
+``dsv3lab replicate``, ``experiments.table``): a header, a rule, one line per row, numbers right
+and text left, cells through ``format_cell`` unless a column has its own format; ``group`` names a
+column whose value heads each run of rows instead of filling a column.
 """
 
 from __future__ import annotations
@@ -61,7 +66,7 @@ class Table:
             return html.escape(text).replace("$", "<span>$</span>")
         th = "padding:3px 10px;border-bottom:1px solid #888;text-align:{}"
         td = "padding:2px 10px;border-bottom:1px solid #eee;text-align:{};font-variant-numeric:tabular-nums"
-        num = {c: all(_numeric(r.get(c)) for r in self.rows if r.get(c) is not None) for c in self.cols}
+        num = {c: self._right(c) for c in self.cols}
         out = ['<table style="border-collapse:collapse;font-size:12.5px;margin:4px 0">']
         if self.caption:
             out.append(f'<caption style="caption-side:top;text-align:left;font-weight:bold;padding:2px 0;white-space:nowrap">'
@@ -75,14 +80,37 @@ class Table:
         out.append("</table>")
         return "\n".join(out)
 
-    def __repr__(self) -> str:
-        cells = [[self._cell(c, r.get(c)) for c in self.cols] for r in self.rows]
-        w = [max([len(str(c))] + [len(row[i]) for row in cells]) for i, c in enumerate(self.cols)]
-        lines = ([self.caption] if self.caption else []) + [
-            "  ".join(str(c).ljust(w[i]) for i, c in enumerate(self.cols)),
-            "  ".join("-" * n for n in w)]
-        lines += ["  ".join(row[i].ljust(w[i]) for i in range(len(self.cols))) for row in cells]
+    def _right(self, col) -> bool:
+        return all(_numeric(r.get(col)) for r in self.rows if r.get(col) is not None)
+
+    def text(self, align: Optional[dict[str, str]] = None, group: Optional[str] = None) -> str:
+        """The table as text: ``align`` maps a column to "left" or "right" (default: numbers
+        right, text left); ``group`` a column shown as a heading line (after a blank one) where
+        its value changes."""
+        cols = [c for c in self.cols if c != group]
+        align = dict(align or {})
+        bad = {c: a for c, a in align.items() if a not in ("left", "right")}
+        if bad:
+            raise ValueError(f"text_table: align must be 'left' or 'right', got {bad}")
+        right = [align.get(c, "right" if self._right(c) else "left") == "right" for c in cols]
+        cells = [[self._cell(c, r.get(c)) for c in cols] for r in self.rows]
+        w = [max([len(str(c))] + [len(row[i]) for row in cells]) for i, c in enumerate(cols)]
+
+        def line(items) -> str:
+            return "  ".join(s.rjust(w[i]) if right[i] else s.ljust(w[i]) for i, s in enumerate(items)).rstrip()
+
+        lines = ([self.caption] if self.caption else []) + [line([str(c) for c in cols]),
+                                                            "  ".join("-" * n for n in w)]
+        heading = object()
+        for r, row in zip(self.rows, cells):
+            if group is not None and r.get(group) != heading:
+                heading = r.get(group)
+                lines += ["", str(heading)]
+            lines.append(line(row))
         return "\n".join(lines)
+
+    def __repr__(self) -> str:
+        return self.text()
 
 
 def html_table(rows: Sequence[dict], cols: Optional[Sequence[str]] = None, caption: str = "",
@@ -90,3 +118,11 @@ def html_table(rows: Sequence[dict], cols: Optional[Sequence[str]] = None, capti
     """A table of ``rows`` (dicts) for a notebook: ``cols`` picks and orders columns (default:
     every key, first-seen order), ``formats`` maps a column to its own value -> str."""
     return Table(rows, cols, caption, formats)
+
+
+def text_table(rows: Sequence[dict], cols: Optional[Sequence[str]] = None, caption: str = "",
+               formats: Optional[dict[str, Callable]] = None, align: Optional[dict[str, str]] = None,
+               group: Optional[str] = None) -> str:
+    """``rows`` as plain text (``cols``, ``caption``, ``formats`` as for ``html_table``; ``align``
+    and ``group`` as for ``Table.text``). Returns the text; printing it is the caller's choice."""
+    return Table(rows, cols, caption, formats).text(align=align, group=group)

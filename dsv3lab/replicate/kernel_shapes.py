@@ -1,4 +1,4 @@
-"""Derived rows about the kernels: FlashMLA's FP8 KV-cache layout and DeepGEMM's GEMM shapes.
+"""Derived rows about the kernels' shapes: FlashMLA's FP8 KV-cache layout and DeepGEMM's GEMM shapes.
 
 Both from the V3 config, through formulas written here once:
 
@@ -59,5 +59,5 @@ def kernels(quick: bool = False) -> list[dict]:
     shapes = deepgemm_shapes(cfg)
     for name, nk in DEEPGEMM_README.items():
         out.append(row(f"deepgemm_shape_{name}", "derived", f"DeepGEMM benchmarks N x K = {nk[0]} x {nk[1]} ({name})",
-                       nk, shapes[name], "[N, K]", exact(), "dsv3lab.replicate.kernels.deepgemm_shapes(v3-671b config)"))
+                       nk, shapes[name], "[N, K]", exact(), "dsv3lab.replicate.kernel_shapes.deepgemm_shapes(v3-671b config)"))
     return out
