@@ -371,3 +371,21 @@ def test_bias_sim_balances_better_with_larger_batches():
     assert small["floor"] < large["maxvio_global"] < small["maxvio_global"] < 0.5 * small["maxvio_zero_bias"]
     rows = [dict(batch_tokens=64, gamma=1e-3, maxvio_global=0.3), dict(batch_tokens=64, gamma=1e-2, maxvio_global=0.2)]
     assert best_per_batch(rows)[64]["gamma"] == 1e-2
+
+
+def test_an_experiment_that_cannot_be_imported_is_listed_with_why(monkeypatch, capsys):
+    """A registered experiment whose module is missing stays in ``names()`` and in ``dsv3lab
+    experiment list`` as unavailable, naming the missing module; running it is a clear error."""
+    from dsv3lab.cli import main
+    monkeypatch.setitem(X.REGISTRY, "ghost", "dsv3lab.experiments._no_such_experiment")
+    assert "ghost" in X.names() and X.names()[:4] == ["balancing", "mtp", "fp8_training", "pipeline"]
+    assert X.unavailable() == {"ghost": "missing module dsv3lab.experiments._no_such_experiment"}
+    with pytest.raises(X.ExperimentUnavailable, match="missing module 'dsv3lab.experiments._no_such_experiment'"):
+        X.module("ghost")
+    assert main(["experiment", "list"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert any(ln.startswith("ghost") and "unavailable: missing module dsv3lab.experiments._no_such_experiment" in ln
+               for ln in lines)
+    assert len(lines) == len(X.REGISTRY)
+    assert main(["experiment", "ghost", "--quick", "--no-progress"]) == 2
+    assert "missing module" in capsys.readouterr().err

@@ -1,9 +1,10 @@
-"""dsv3lab.experiments.pipeline: the event-simulated schedules against Table 2's formulas, written
-out here by hand (not through table2_formula), and the schedules' invariants."""
+"""dsv3lab.pipeline_schedules: the event-simulated schedules against Table 2's formulas, written
+out here by hand (not through table2_formula), and the schedules' invariants; and the experiment
+(dsv3lab.experiments.pipeline) that records them, with its figures."""
 
 import pytest
 
-from dsv3lab.experiments import pipeline as P
+from dsv3lab import pipeline_schedules as P
 
 # (F, B, W, F&B) with the input backward B - W equal to F and F&B >= B: where Table 2 applies.
 EQUAL_CHUNKS = [(1.0, 2.0, 1.0, 3.0), (1.0, 2.0, 1.0, 2.5), (2.0, 3.0, 1.0, 4.0), (1.0, 1.5, 0.5, 2.0),
@@ -110,5 +111,5 @@ def test_experiment_protocol_and_figure():
     assert res["metrics"]["1f1b.bubble"]["mean"] == 15 * 3.0
     assert res["metrics"]["dualpipe.activation"]["mean"] == 17
     assert res["metrics"]["dualpipe.formula_max_bubble_dev"]["mean"] < 1e-9
-    figs = P.figures(res)
+    figs = experiments.figures("pipeline", res)
     assert figs and all(isinstance(f, Figure) for f in figs.values())

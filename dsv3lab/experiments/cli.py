@@ -33,12 +33,16 @@ def add_commands(sub) -> None:
 
 def _cmd_experiment(args) -> int:
     from dsv3lab import experiments as X
-    if args.name == "list":
+    if args.name == "list":            # every registered experiment; one that cannot be imported says why
+        missing = X.unavailable()
         for name in X.names():
-            mod = X.module(name)
-            print(f"{name:14s} {mod.TITLE}")
+            print(f"{name:14s} " + (f"unavailable: {missing[name]}" if name in missing else X.module(name).TITLE))
         return 0
     record = True if args.record else None
+    try:
+        X.module(args.name)
+    except X.ExperimentUnavailable as e:
+        raise ValueError(str(e)) from None    # the command's error line, not a traceback
     res = X.run(args.name, quick=args.quick, seeds=_seeds(args.seeds), record=record, out_dir=args.out,
                 progress=not args.no_progress)
     if args.json:

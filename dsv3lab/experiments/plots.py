@@ -1,14 +1,29 @@
 """Figures of recorded experiment results: pure functions of the result dict returning a Figure.
 
+  figures             {title: Figure} of one experiment's result (its module's ``figures``)
   seed_band_curves    one series per arm over steps: the mean over seeds, a min-max band
 
 The balancing experiment's own figures (sweep, curves at each scheme's best setting, load
-heatmaps) are in ``balancing_plots``.
+heatmaps) are in ``balancing_plots``, the pipeline schedules' (timelines, bubble against PP) in
+``pipeline_plots``.
 """
 
 from __future__ import annotations
 
 from typing import Optional, Sequence
+
+from dsv3lab.experiments.registry import module
+from dsv3lab.experiments.results import load_result, result_path
+
+
+def figures(name: str, result: Optional[dict] = None) -> dict:
+    """{title: matplotlib Figure} of a result (the recorded one by default)."""
+    mod = module(name)
+    result = result if result is not None else load_result(name)
+    if result is None:
+        raise FileNotFoundError(f"no recorded result for {name!r} at {result_path(name)}; "
+                                f"run `python -m dsv3lab experiment {name}`")
+    return mod.figures(result) if hasattr(mod, "figures") else {}
 
 
 def _figure(w: float, h: float):

@@ -289,7 +289,7 @@ def mtp(quick: bool = False) -> list[dict]:
 
 @claim("pipeline", "DeepSeek-V3 report sec. 3.2.1, Table 2 (pipeline schedules)")
 def pipeline(quick: bool = False) -> list[dict]:
-    from dsv3lab.experiments.pipeline import table2_formula
+    from dsv3lab.pipeline_schedules import table2_formula
     try:
         cfg = experiment_result("pipeline", quick)["config"]
     except Unavailable:
@@ -297,7 +297,7 @@ def pipeline(quick: bool = False) -> list[dict]:
         cfg = config(quick)                        # the paper column still evaluates; lab rows say why
     pp, d, un = cfg["pp"], cfg["durations"], cfg["unequal_durations"]
     f = {n: table2_formula(n, pp, **d) for n in ("1f1b", "zb1p", "dualpipe")}
-    sim = ("dsv3lab.experiments.pipeline.simulate: each device's chunk order, timed by dependencies; "
+    sim = ("dsv3lab.pipeline_schedules.simulate: each device's chunk order, timed by dependencies; "
            "bubble = makespan - the worst device's busy time")
     dur = f"F={d['F']:g}, B={d['B']:g}, W={d['W']:g}, F&B={d['FB']:g}"
     ex = printed(9, "the formula evaluated at the same durations: equal up to floating-point sums")
