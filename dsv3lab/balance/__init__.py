@@ -7,8 +7,9 @@ the sequence- and batch-wise losses) have their one home in ``dsv3lab.probes.met
 from dsv3lab.balance.bias_update import bias_update
 from dsv3lab.balance.eplb import (balanced_packing, balancedness, contiguous_placement, gpu_loads,
                                   rebalance_experts, replicate_experts)
-from dsv3lab.balance.experiments import biases_zeroed, docs_windows, trace_load
+from dsv3lab.balance.traced_load import docs_windows, trace_load
 from dsv3lab.balance.figures import gpu_load_bars, maxvio_curves, relative_load_by_layer
+from dsv3lab.probes.gate import biases_zeroed
 
 __all__ = ["bias_update", "balanced_packing", "balancedness", "contiguous_placement", "gpu_loads",
            "rebalance_experts", "replicate_experts", "biases_zeroed",

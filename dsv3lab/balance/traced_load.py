@@ -1,9 +1,11 @@
-"""The measurements behind notebooks/02_load_balancing, small enough to run on a laptop CPU.
+"""Expert load traced from a model on windows of real text: the measurements behind
+notebooks/02_load_balancing, small enough to run on a laptop CPU.
 
-  trace_load        [L, E] expert load of a model on a batch of token windows (dsv3lab.trace)
-  biases_zeroed     ``with`` block that zeroes every gate's e_score_correction_bias (restored
-                    after; defined in ``dsv3lab.probes.gate``)
+  trace_load        [L, E] expert load of a model on a batch of token windows (``dsv3lab.probes.trace``)
   docs_windows      [B, S] token windows of Python's reference manual (pydoc_data.topics)
+
+With the gates' bias switched off for a comparison: ``dsv3lab.probes.gate.biases_zeroed``
+(re-exported by ``dsv3lab.balance``).
 
 The balancing ablation (bias vs sequence-wise vs batch-wise aux loss vs none, seeded training
 runs with MaxVio and validation loss) is an experiment: ``dsv3lab.experiments.balancing``.
@@ -15,14 +17,13 @@ from typing import Optional
 
 import torch
 
-from dsv3lab.probes.gate import biases_zeroed  # noqa: F401  (re-exported by dsv3lab.balance)
+from dsv3lab.probes.trace import trace
 
 
 @torch.no_grad()
 def trace_load(model, tokens_BS: torch.Tensor) -> torch.Tensor:
     """[moe_layers, E] tokens routed to each expert in one forward pass of ``tokens_BS``."""
-    import dsv3lab
-    with dsv3lab.trace(model) as t:
+    with trace(model) as t:
         model(tokens_BS)
     return t.routing.expert_load()
 
