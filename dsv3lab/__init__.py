@@ -1,7 +1,8 @@
 """dsv3lab: a research lab for DeepSeek-V3 -- the engine, instruments on it, and notebooks."""
 
 from dsv3lab.config import ConfigError, ModelConfig
-from dsv3lab.checkpoint import CheckpointError, build, load, save
+from dsv3lab.checkpoint import CheckpointError, load, save
+from dsv3lab.model.build import build
 from dsv3lab.model import Transformer
 from dsv3lab.stats import kv_cache_bytes_per_token, model_stats
 from dsv3lab.resolve import lab_model

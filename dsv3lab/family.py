@@ -1,7 +1,7 @@
-"""Models of the family that are not the V3 architecture: where ``dsv3lab.load`` and
-``dsv3lab.build`` send them (docs/family.md has the table of every model type).
+"""Models of the family that are not the V3 architecture: where ``dsv3lab.load`` sends them
+(docs/family.md has the table of every model type; ``dsv3lab.build`` builds V4 itself).
 
-``deepseek_v4`` has its own engine (``dsv3lab/model/v4_*.py``, ``dsv3lab/checkpoint_v4.py``).
+``deepseek_v4`` has its own engine (``dsv3lab/model/v4_*.py``, ``dsv3lab/checkpoint/v4.py``).
 Model types of the MLA / DeepSeekMoE family that the lab does not run are refused by
 ``ModelConfig.from_hf`` with the reason (``UnsupportedModelType``, ``config.UNSUPPORTED_MODEL_TYPES``),
 the same error for ``load`` and for a ranked load, never loaded as something else.
@@ -18,14 +18,6 @@ def is_v4(cfg_or_name) -> bool:
     return isinstance(cfg_or_name, V4Config) or (isinstance(cfg_or_name, str) and cfg_or_name in V4_PRESETS)
 
 
-def build_other(cfg, device="cpu", dtype=None, seed: int = 0):
-    """The model for a V4 config or preset name; None for a V3-architecture one."""
-    if not is_v4(cfg):
-        return None
-    from dsv3lab.checkpoint_v4 import build_v4
-    return build_v4(cfg, device=device, dtype=dtype, seed=seed)
-
-
 def load_other(path, dtype=None, device=None):
     """The model for a checkpoint of a non-V3 architecture; None for the V3 family's."""
     import os
@@ -33,7 +25,7 @@ def load_other(path, dtype=None, device=None):
         return None
     mt = hf_model_type(path)
     if mt == "deepseek_v4":
-        from dsv3lab.checkpoint_v4 import load_v4
+        from dsv3lab.checkpoint.v4 import load_v4
         return load_v4(path, dtype=dtype, device=device)
     from dsv3lab.checkpoint import ShardReader, load_checkpoint
     from dsv3lab.fused_experts import FusedExpertsReader, has_fused_experts

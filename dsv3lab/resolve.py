@@ -18,8 +18,9 @@ from typing import Optional
 
 import torch
 
-from dsv3lab.checkpoint import build, load
+from dsv3lab.checkpoint import load
 from dsv3lab.config import PRESETS, ModelConfig
+from dsv3lab.model.build import build
 from dsv3lab.tokenizer import TextCodec, codec_for
 
 ENV_VAR = "DSV3LAB_MODEL"

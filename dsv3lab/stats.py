@@ -28,7 +28,7 @@ def kv_cache_bytes_per_token(cfg: ModelConfig | str, dtype: torch.dtype = torch.
 
 @lru_cache(maxsize=32)
 def _counts(cfg: ModelConfig) -> dict:
-    from dsv3lab.checkpoint import build
+    from dsv3lab.model.build import build
     model = build(cfg, device="meta")
 
     def n(module) -> int:

@@ -400,7 +400,7 @@ _KILLED_SAVE = textwrap.dedent("""
     import os, signal, sys
     import safetensors.torch as st
     import dsv3lab
-    import dsv3lab.checkpoint as ck
+    import dsv3lab.atomic
     where, path = sys.argv[1], sys.argv[2]
     if where == "after first shard":
         real = st.save_file
@@ -411,7 +411,7 @@ _KILLED_SAVE = textwrap.dedent("""
     elif where == "before the swap":
         def exchange(a, b):
             os.kill(os.getpid(), signal.SIGKILL)      # everything written, nothing swapped
-        ck._exchange_dirs = exchange
+        dsv3lab.atomic.exchange_dirs = exchange
     m = dsv3lab.build("tiny", seed=2)
     dsv3lab.save(m, path, max_shard_bytes=150_000)
     print("finished")

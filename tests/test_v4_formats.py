@@ -10,7 +10,7 @@ from safetensors.torch import load_file, save_file
 
 import dsv3lab
 from dsv3lab.checkpoint import CheckpointError
-from dsv3lab.checkpoint_v4 import module_name, official_key, save_v4
+from dsv3lab.checkpoint.v4 import module_name, official_key, save_v4
 from dsv3lab.fp8 import is_pow2, weight_dequant
 from dsv3lab.mxfp4 import E2M1, mxfp4_dequant, mxfp4_quant
 

@@ -9,7 +9,7 @@ Every block is MoE (learned or hash-routed); attention is sliding-only, CSA or H
 ``cfg.layer_types`` (v4_attention.py). Module names follow transformers' ``DeepseekV4ForCausalLM``
 (less the ``model.`` prefix; experts one module each, as in V3); the official checkpoint names
 (``layers.N.attn.wq_a``, ``ffn.experts.E.w1``, ``hc_attn_fn`` ...) map onto them in
-``dsv3lab/checkpoint_v4.py``. The MTP layer of the release is not built (nor by transformers).
+``dsv3lab/checkpoint/v4.py``. The MTP layer of the release is not built (nor by transformers).
 
 ``model(tokens)`` gives logits for every position; ``cache=model.new_cache(B, max_len)`` with
 ``start=`` feeds positions in order (prefill, then decode); ``model.generate`` is the lab's.

@@ -1,6 +1,6 @@
 """Sharded loading: the ranked entry to the one checkpoint loader (``dsv3lab.checkpoint``).
 
-``load_sharded`` is ``checkpoint.load_checkpoint`` with one step added to its plan:
+``load_sharded`` is ``checkpoint.load_checkpoint`` with one step added to its shape step:
 ``apply_layout`` gives every module of the meta model its per-rank shape and records which
 slice of the full weight it holds (``shard = (dim, start, stop)``); the loader then reads
 exactly that slice (safetensors slices a memory-mapped file, so the rest of the tensor is never
@@ -53,9 +53,9 @@ def load_sharded(path: str, ctx: ParallelContext | Layout | None = None, dtype: 
         ctx.layout.validate(model.cfg, ctx.world_size)
         apply_layout(model, ctx, placement=placement)
 
-    def check_plan(plan: list[TensorRead], cfg: ModelConfig) -> None:
+    def check_reads(reads: list[TensorRead], cfg: ModelConfig) -> None:
         block = cfg.fp8_block_size or 128
-        for r in plan:
+        for r in reads:
             if fp8 == "keep" and r.fp8 and r.shard is not None and (r.shard[1] % block or r.shard[2] % block):
                 dim, start, stop = r.shard
                 raise LayoutError(f"{r.key}: rank {ctx.rank}'s {('rows', 'cols')[dim]} [{start}, {stop}) "
@@ -63,7 +63,7 @@ def load_sharded(path: str, ctx: ParallelContext | Layout | None = None, dtype: 
                                   f"fp8='keep' under {ctx.layout.describe()}; use fp8='dequant' or another tp")
 
     model = load_checkpoint(path, dtype=dtype, device=ctx.device, fp8=fp8, attn_mode=attn_mode,
-                            progress=progress, shard_model=shard_model, check_plan=check_plan, reader=reader)
+                            progress=progress, shard_model=shard_model, check_reads=check_reads, reader=reader)
     model._dsv3_load["rank"] = ctx.rank
     return model
 

@@ -32,8 +32,9 @@ import math
 import torch
 from torch import nn
 
-from dsv3lab.checkpoint import build, hf_key, is_fp8_key
+from dsv3lab.checkpoint.keys import hf_key, is_fp8_key
 from dsv3lab.config import ModelConfig
+from dsv3lab.model.build import build
 from dsv3lab.model.layers import MLP, Linear
 from dsv3lab.model.moe import MoE
 from dsv3lab.parallel.apply import apply_layout

@@ -82,15 +82,15 @@ def rebalanced_placement(load, model, redundant: int, num_nodes: int = 1, num_gr
 def _read_experts(model, path: str, modules: set, fp8: str) -> int:
     """Fill the meta expert modules in ``modules`` from checkpoint ``path`` with the loader's own
     plan (shapes and FP8 scales checked from the headers), reading only their tensors."""
-    from dsv3lab.checkpoint import ShardReader, hf_key, plan_reads, read_planned
+    from dsv3lab.checkpoint import ShardReader, hf_key, read_tensors, reads_for
     from dsv3lab.model.transformer import Transformer
     cfg = model.cfg
     reader = ShardReader(path)
     whole = Transformer(cfg, model.dtype, "meta")
     full_shapes = {hf_key(cfg, n): tuple(t.shape) for n, t in list(whole.named_parameters()) + list(whole.named_buffers())
                    if not n.endswith("weight_scale_inv")}
-    plan = [r for r in plan_reads(path, cfg, reader, model, full_shapes) if r.module in modules]
-    read_planned(plan, reader, cfg, model.device, fp8)
+    reads = [r for r in reads_for(path, cfg, reader, model, full_shapes) if r.module in modules]
+    read_tensors(reads, reader, cfg, model.device, fp8)
     return reader.bytes_read
 
 
@@ -128,7 +128,7 @@ def apply_placement(model, placement: ExpertPlacement, source: str | None = None
             linears = {m for mlp in new_modules.values() for m in mlp.modules() if m is not mlp}
             bytes_read = _read_experts(model, str(source), linears, fp8)
         elif source is not None:
-            from dsv3lab.checkpoint import build
+            from dsv3lab.model.build import build
             full = build(source, seed=seed, dtype=model.dtype)
             for (layer, e), mlp in new_modules.items():
                 blk = full.layers[layer] if layer < cfg.num_hidden_layers else full.mtp[layer - cfg.num_hidden_layers]

@@ -38,7 +38,7 @@ def _rss_bytes() -> tuple[int, int]:
 def _model(source, seed, dtype, ctx=None, fp8="dequant", placement=None):
     """One process: ``resolve_model``. One rank: its slices of the checkpoint, or the preset built
     with ``seed`` (the same weights on every rank) and sharded in memory."""
-    from dsv3lab.checkpoint import build
+    from dsv3lab.model.build import build
     from dsv3lab.parallel.apply import apply_layout
     from dsv3lab.parallel.loading import load_sharded
     from dsv3lab.resolve import resolve_model

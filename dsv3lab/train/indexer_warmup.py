@@ -27,7 +27,7 @@ INDEXER_FILE = "indexer.safetensors"
 def with_indexer(model, index_n_heads: int = 4, index_head_dim: int = 64, index_topk: int = 64,
                  seed: int = 0):
     """A V3.2 copy of ``model``: the same weights plus a random lightning indexer in every layer."""
-    from dsv3lab.checkpoint import build
+    from dsv3lab.model.build import build
     cfg = model.cfg.replace(index_n_heads=index_n_heads, index_head_dim=index_head_dim,
                             index_topk=index_topk, name=f"{model.cfg.name}-dsa")
     new = build(cfg, seed=seed, dtype=model.dtype, device=model.device)

@@ -98,7 +98,8 @@ def train_lab(out: str = "data/lab-model", steps: Optional[int] = None, minutes:
     its validation split is the same, so its held-out text stays held out."""
     import matplotlib
     matplotlib.use("Agg", force=False)
-    from dsv3lab.checkpoint import build, load, save
+    from dsv3lab.checkpoint import load, save
+    from dsv3lab.model.build import build
 
     cfg = ModelConfig.preset(preset)
     tc = TrainConfig(seed=seed, **{**LAB_RUN, **overrides})

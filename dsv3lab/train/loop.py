@@ -109,7 +109,7 @@ def train(cfg: ModelConfig | str, train_tokens: torch.Tensor, val_tokens: Option
     (e.g. to keep expert-load heatmaps without putting them in the log)."""
     if tc.aux_kind not in ("sequence", "batch"):
         raise ValueError(f"TrainConfig.aux_kind must be 'sequence' or 'batch', got {tc.aux_kind!r}")
-    from dsv3lab.checkpoint import build
+    from dsv3lab.model.build import build
     if isinstance(cfg, str):
         cfg = ModelConfig.preset(cfg)
     torch.set_num_threads(tc.threads)

@@ -35,8 +35,9 @@ import re
 from typing import Optional
 
 import torch
-from torch import nn
 
+from dsv3lab.checkpoint.load import check_finite, check_scales, own_copy, place
+from dsv3lab.checkpoint.reader import CheckpointError, ShardReader
 from dsv3lab.config import ConfigError, V4Config
 
 _LEAF = [  # (official, module) within a layer; applied to what follows "layers.N."
@@ -155,35 +156,8 @@ def is_expert_name(name: str) -> bool:
 
 
 # --------------------------------------------------------------------------------------------
-
-def build_v4(cfg: V4Config | str, device="cpu", dtype: torch.dtype | None = None, seed: int = 0):
-    """A V4 model with N(0, initializer_range) weights, unit norms, zero sinks/biases/position
-    biases, the mHC scales at 1 and a random token -> experts table (meta: nothing allocated)."""
-    from dsv3lab.model.v4_transformer import V4Transformer
-    if isinstance(cfg, str):
-        cfg = V4Config.preset(cfg)
-    dtype = dtype or (torch.float32 if torch.device(device).type == "cpu" else torch.bfloat16)
-    if torch.device(device).type == "meta":
-        return V4Transformer(cfg, dtype, "meta")
-    g = torch.Generator().manual_seed(seed)
-    model = V4Transformer(cfg, dtype, "meta")
-    model.to_empty(device="cpu")
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight") or name.endswith("_hc.scale") or name.endswith("hc_head.hc_scale"):
-                p.fill_(1.0)
-            elif name.endswith((".sinks", "position_bias", "_hc.base", "hc_head.hc_base")):
-                p.zero_()
-            else:
-                p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float32) * cfg.initializer_range)
-        for name, b in model.named_buffers():
-            if name.endswith("tid2eid"):
-                E, k = cfg.n_routed_experts, cfg.num_experts_per_tok
-                b.copy_(torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(b.shape[0])]))
-            else:
-                b.zero_()
-    return model.to(device).eval()
-
+# load
+# --------------------------------------------------------------------------------------------
 
 def _scale_key(keys: set, key: str) -> Optional[str]:
     for suf in SCALE_SUFFIXES:
@@ -204,7 +178,6 @@ def _read(reader, key: str) -> torch.Tensor:
 
 def load_v4(path: str, dtype: torch.dtype | None = None, device=None, cfg: V4Config | None = None):
     """Load a ``deepseek_v4`` checkpoint directory (either layout); quantized weights dequantized."""
-    from dsv3lab.checkpoint import CheckpointError, ShardReader, _own, check_finite, check_scales, place
     from dsv3lab.fp8 import weight_dequant
     from dsv3lab.model.v4_transformer import V4Transformer
     from dsv3lab.mxfp4 import is_packed_fp4, mxfp4_dequant
@@ -261,7 +234,7 @@ def load_v4(path: str, dtype: torch.dtype | None = None, device=None, cfg: V4Con
         if tuple(t.shape) != shape:
             raise CheckpointError(f"{reader.file(k)}: tensor {k!r} has shape {list(t.shape)}, the config needs "
                                   f"{list(shape)} (for {n})")
-        place(mod, attr, _own(t, device or "cpu", target))
+        place(mod, attr, own_copy(t, device or "cpu", target))
     model._dsv3_load = dict(path=path, bytes_read=reader.bytes_read, tensors_read=reader.tensors_read)
     return model.eval()
 
