@@ -53,6 +53,24 @@ def test_official_layout_loads_here_and_in_transformers(tmp_path):
     assert err < 1e-5, err
 
 
+def test_resave_replaces_the_directory_whole_and_keeps_other_files(tmp_path):
+    a, b = tiny(seed=1), tiny(seed=2)
+    d = save_v4(a, tmp_path / "ck", fp8=True)
+    (tmp_path / "ck" / "tokenizer.json").write_text("{}")
+    save_v4(b, d)                                           # bf16/fp32 now: no .scale tensors left
+    assert sorted(os.listdir(tmp_path)) == ["ck"]           # no temporary directory beside it
+    assert sorted(os.listdir(d)) == ["config.json", "model.safetensors", "tokenizer.json"]
+    assert not any(k.endswith(".scale") for k in load_file(os.path.join(d, "model.safetensors")))
+    assert "quantization_config" not in json.load(open(os.path.join(d, "config.json")))
+    umask = os.umask(0)
+    os.umask(umask)
+    assert os.stat(d).st_mode & 0o777 == 0o777 & ~umask
+    assert os.stat(os.path.join(d, "model.safetensors")).st_mode & 0o777 == 0o666 & ~umask
+    x = torch.randint(0, 512, (1, 9), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.equal(dsv3lab.load(d)(x), b(x))
+
+
 def test_fp8_ue8m0_and_fp4_experts_round_trip(tmp_path):
     m = tiny()
     cfg = m.cfg.replace(fp8_block_size=128, scale_fmt="ue8m0")

@@ -110,12 +110,20 @@ def save(model: Transformer, path: str, fp8: bool = False, max_shard_bytes: int 
         for name, text in (extra_files or {}).items():
             with open(os.path.join(tmp, name), "w") as f:
                 f.write(text)
-        if os.path.isdir(path):
-            for fn in os.listdir(path):
-                if fn.endswith(".safetensors") or fn in ("model.safetensors.index.json", "config.json") \
-                        or os.path.exists(os.path.join(tmp, fn)):
-                    continue
-                src = os.path.join(path, fn)
-                (shutil.copytree if os.path.isdir(src) else shutil.copy2)(src, os.path.join(tmp, fn))
+        carry_over(path, tmp)
 
     return atomic_directory(path, write)
+
+
+def carry_over(path: str, tmp: str) -> None:
+    """Copy what an existing checkpoint directory ``path`` holds besides the checkpoint itself
+    (tokenizer.json, logs) into ``tmp``, the directory about to replace it, unless ``tmp``
+    already has an entry of that name."""
+    if not os.path.isdir(path):
+        return
+    for fn in os.listdir(path):
+        if fn.endswith(".safetensors") or fn in ("model.safetensors.index.json", "config.json") \
+                or os.path.exists(os.path.join(tmp, fn)):
+            continue
+        src = os.path.join(path, fn)
+        (shutil.copytree if os.path.isdir(src) else shutil.copy2)(src, os.path.join(tmp, fn))

@@ -36,8 +36,10 @@ from typing import Optional
 
 import torch
 
+from dsv3lab.atomic import atomic_directory
 from dsv3lab.checkpoint.load import check_finite, check_scales, own_copy, place
 from dsv3lab.checkpoint.reader import CheckpointError, ShardReader
+from dsv3lab.checkpoint.save import carry_over
 from dsv3lab.config import ConfigError, V4Config
 
 _LEAF = [  # (official, module) within a layer; applied to what follows "layers.N."
@@ -241,7 +243,8 @@ def load_v4(path: str, dtype: torch.dtype | None = None, device=None, cfg: V4Con
 
 def save_v4(model, path: str, fp8: bool = False, fp4_experts: bool = False) -> str:
     """Write a V4 model in the official layout (one shard): FP8 e4m3 + 128x128 ``.scale`` for the
-    release's FP8 weights when ``fp8``, routed experts MXFP4 when ``fp4_experts`` (scales UE8M0)."""
+    release's FP8 weights when ``fp8``, routed experts MXFP4 when ``fp4_experts`` (scales UE8M0).
+    Atomic, as ``save``: the directory is swapped in whole and keeps its other files."""
     from safetensors.torch import save_file
     from dsv3lab.fp8 import weight_quant
     from dsv3lab.mxfp4 import mxfp4_quant
@@ -262,11 +265,14 @@ def save_v4(model, path: str, fp8: bool = False, fp4_experts: bool = False) -> s
             out[key] = t.to(torch.bfloat16)
         else:
             out[key] = t
-    os.makedirs(path, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in out.items()}, os.path.join(path, "model.safetensors"),
-              metadata={"format": "pt"})
     hf = cfg.replace(fp8_block_size=(cfg.fp8_block_size or 128) if (fp8 or fp4_experts) else None,
                      expert_dtype="fp4" if fp4_experts else None).to_hf()
-    with open(os.path.join(path, "config.json"), "w") as f:
-        json.dump(hf, f, indent=2)
-    return path
+
+    def write(tmp: str) -> None:
+        save_file({k: v.contiguous() for k, v in out.items()}, os.path.join(tmp, "model.safetensors"),
+                  metadata={"format": "pt"})
+        with open(os.path.join(tmp, "config.json"), "w") as f:
+            json.dump(hf, f, indent=2)
+        carry_over(path, tmp)
+
+    return atomic_directory(path, write)

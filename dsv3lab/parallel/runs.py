@@ -17,22 +17,8 @@ import time
 
 import torch
 
+from dsv3lab.checkpoint.load import rss_bytes
 from dsv3lab.probes.recorder import RoutingRecorder
-
-
-def _rss_bytes() -> tuple[int, int]:
-    """(current, peak) resident set size of this process, from /proc (0 where unavailable)."""
-    cur = peak = 0
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    cur = int(line.split()[1]) * 1024
-                elif line.startswith("VmHWM:"):
-                    peak = int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return cur, peak
 
 
 def _model(source, seed, dtype, ctx=None, fp8="dequant", placement=None):
@@ -107,7 +93,7 @@ def rank_run(rank: int, world: int, source="tiny", layout: dict | None = None, t
     gen_comm = comm_stats(model)
     cfg = model.cfg
     load = getattr(model, "_dsv3_load", {}) or {}
-    rss, peak = _rss_bytes()
+    rss, peak = rss_bytes()
     from dsv3lab.parallel.apply import parallel_state
     slots = {layer: list(d.slot_expert) for layer, d in parallel_state(model).dispatchers.items()}
     hosted = sorted(set().union(*map(set, slots.values()))) if slots else []   # = the contiguous block without a placement
