@@ -14,7 +14,7 @@ ranks as GPUs (``num_nodes`` of them, hierarchical when the routing groups split
 and returns the placement with the per-rank load EPLB predicts for it
 (``load_per_rank_replicated``: every replica takes an equal share of its expert). ``apply_placement``
 swaps the placement in place: experts a rank no longer hosts are dropped, experts it now hosts
-are read from the checkpoint -- only those (the loader's own plan/check/read steps, restricted to
+are read from the checkpoint -- only those (the loader's own shape/check/read steps, restricted to
 the moved experts' tensors) -- and the dispatchers use the new replica map from the next call.
 ``rank_loads`` reads the dispatchers' own counters (pairs each rank's slots computed), the
 measured figure to put next to the prediction.
@@ -81,7 +81,8 @@ def rebalanced_placement(load, model, redundant: int, num_nodes: int = 1, num_gr
 
 def _read_experts(model, path: str, modules: set, fp8: str) -> int:
     """Fill the meta expert modules in ``modules`` from checkpoint ``path`` with the loader's own
-    plan (shapes and FP8 scales checked from the headers), reading only their tensors."""
+    list of reads (``reads_for``: shapes and FP8 scales checked from the headers), reading only
+    their tensors."""
     from dsv3lab.checkpoint import ShardReader, hf_key, read_tensors, reads_for
     from dsv3lab.model.transformer import Transformer
     cfg = model.cfg

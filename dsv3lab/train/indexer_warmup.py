@@ -121,12 +121,9 @@ def save_indexer(model, path: str, meta: Optional[dict] = None) -> str:
     """Write only the indexer weights (``INDEXER_FILE``) and their config fields (``indexer.json``)."""
     from safetensors.torch import save_file
 
-    from dsv3lab.atomic import write_json_atomic
-    os.makedirs(path, exist_ok=True)
+    from dsv3lab.atomic import atomic_write, write_json_atomic
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items() if ".indexer." in k}
-    tmp = os.path.join(path, INDEXER_FILE + ".tmp")
-    save_file(state, tmp)
-    os.replace(tmp, os.path.join(path, INDEXER_FILE))
+    atomic_write(os.path.join(path, INDEXER_FILE), lambda tmp: save_file(state, tmp))
     cfg = model.cfg
     write_json_atomic(os.path.join(path, "indexer.json"),
                       dict(index_n_heads=cfg.index_n_heads, index_head_dim=cfg.index_head_dim,
