@@ -42,17 +42,32 @@ X86_LEVELS = {
 
 
 @functools.lru_cache(maxsize=None)
-def cpu_flags() -> frozenset[str]:
-    """This CPU's feature flags from /proc/cpuinfo (x86: ``flags``, Arm: ``Features``); empty
-    where there is no such file. The one reader of it in the package."""
+def _cpuinfo() -> dict[str, str]:
+    """The first processor's fields of /proc/cpuinfo (empty where there is no such file): the one
+    reader of it in the package."""
+    fields: dict[str, str] = {}
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith(("flags", "Features")):
-                    return frozenset(line.split(":", 1)[1].split())
+                if not line.strip():
+                    break                           # the first processor's block ends here
+                key, _, value = line.partition(":")
+                fields.setdefault(key.strip(), value.strip())
     except OSError:
         pass
-    return frozenset()
+    return fields
+
+
+def cpu_flags() -> frozenset[str]:
+    """This CPU's feature flags (x86: ``flags``, Arm: ``Features``)."""
+    info = _cpuinfo()
+    return frozenset((info.get("flags") or info.get("Features") or "").split())
+
+
+def cpu_model() -> str:
+    """The CPU's model name, for naming where a figure came from; the platform's processor string
+    where /proc/cpuinfo has none (Arm has no ``model name``)."""
+    return _cpuinfo().get("model name") or platform.processor() or platform.machine()
 
 
 def isa_summary() -> str:
