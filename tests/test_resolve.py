@@ -7,7 +7,7 @@ import torch
 
 import dsv3lab
 from dsv3lab import resolve
-from dsv3lab.cli_args import parse_dtype, token_ids
+from dsv3lab.cli.args import parse_dtype, token_ids
 from dsv3lab.tokenizer import TextCodec
 
 

@@ -253,7 +253,7 @@ def run_generate(args) -> int:
     from dsv3lab.checkpoint import read_config
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
-    from dsv3lab.cli_args import parse_dtype, print_generations, prompts_from_args
+    from dsv3lab.cli.args import parse_dtype, print_generations, prompts_from_args
     from dsv3lab.tokenizer import load_tokenizer
     try:
         # everything checkable is checked before joining the world: layout against the config

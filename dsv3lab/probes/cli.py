@@ -6,7 +6,7 @@ import json
 
 import torch
 
-from dsv3lab.cli_args import parse_dtype, token_ids
+from dsv3lab.cli.args import parse_dtype, token_ids
 
 
 def add_commands(sub) -> None:

@@ -2,7 +2,7 @@
 torchrun, ``dsv3lab trace``): dtype names, token-id lists, prompts, printing generations.
 
 It sits below every command module (it imports none of them), so the one-process command
-(``commands.py``) and the torchrun entry (``parallel/launch.py``) share it without importing
+(``cli/engine.py``) and the torchrun entry (``parallel/launch.py``) share it without importing
 each other.
 """
 

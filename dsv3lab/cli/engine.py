@@ -1,11 +1,13 @@
-"""Engine commands: ``dsv3lab info`` and ``dsv3lab generate``."""
+"""The engine's commands: ``dsv3lab info`` (a preset's or checkpoint's parameters, KV-cache bytes,
+FLOPs and this CPU's C kernels) and ``dsv3lab generate`` (text or ids from a checkpoint, one
+process or under torchrun)."""
 
 from __future__ import annotations
 
 import json
 import os
 
-from dsv3lab.cli_args import add_generate_args, add_memory_args, parse_dtype, print_generations, prompts_from_args
+from dsv3lab.cli.args import add_generate_args, add_memory_args, parse_dtype, print_generations, prompts_from_args
 from dsv3lab.resolve import resolve_config
 from dsv3lab.tokenizer import load_tokenizer
 
@@ -49,7 +51,6 @@ def print_cpu_kernels(measure: bool) -> None:
     (kernels/cpu_calibrate.py); measured now when ``measure`` and not yet stored."""
     import torch
 
-    from dsv3lab.bench import print_table
     from dsv3lab.kernels import cpu_compile, cpu_calibrate, cpu_decode
     where = f"-march={cpu_compile.march()} ({cpu_compile.isa_summary()}), {torch.get_num_threads()} threads"
     if not cpu_decode.available():
@@ -62,7 +63,8 @@ def print_cpu_kernels(measure: bool) -> None:
     used = sum(v["use"] for v in rows.values())
     print(f"  C decode kernels      {where}; {used} of {len(rows)} measured faster than torch's call and used")
     if measure:
-        print_table(cpu_calibrate.table(rows))
+        from dsv3lab.viz.tables import text_table
+        print(text_table(cpu_calibrate.table(rows)))
 
 
 def cmd_generate(args) -> int:
