@@ -74,6 +74,10 @@ class ModelConfig:
     index_n_heads: int = 0              # [index_n_heads] H_I indexer heads
     index_head_dim: int = 0             # [index_head_dim] D_I per indexer head (rope part first)
     index_topk: int = 0                 # [index_topk] keys each query may attend to
+    # GLM-5 (glm_moe_dsa): per layer "full" (runs its indexer) or "shared" (no indexer; reuses the
+    # selection of the last full layer before it); None = every layer full (V3.2). MTP blocks are full.
+    indexer_types: Optional[tuple] = None
+    index_rope_interleave: bool = False  # the indexer's RoPE on pairs (2i, 2i+1) (GLM-5), not V3.2's (i, i + r/2)
     # --- Mistral 4 (mistral4): queries at position t scaled by 1 + beta ln(1 + floor(t / len)),
     # rope_parameters.llama_4_scaling_beta and its original_max_position_embeddings; 0 = off
     attn_scale_beta: float = 0.0
@@ -82,6 +86,13 @@ class ModelConfig:
 
     # ----------------------------------------------------------------------------------------
     def __post_init__(self):
+        if self.indexer_types is not None:
+            if not isinstance(self.indexer_types, (list, tuple)):
+                raise ConfigError(f"ModelConfig.indexer_types: must be a list of 'full' / 'shared', "
+                                  f"got {type(self.indexer_types).__name__} {self.indexer_types!r}")
+            # a tuple (hashable, comparable); every layer full is the V3.2 default, written None
+            types = tuple(self.indexer_types)
+            object.__setattr__(self, "indexer_types", None if all(t == "full" for t in types) else types)
         self.validate()
 
     def validate(self) -> None:
@@ -135,6 +146,17 @@ class ModelConfig:
             need(self.index_head_dim >= self.qk_rope_head_dim, "index_head_dim",
                  f"must hold the qk_rope_head_dim={self.qk_rope_head_dim} rotated dims, got {self.index_head_dim}")
             need(self.q_lora_rank > 0, "q_lora_rank", "the indexer reads the q latent: needs q_lora_rank > 0")
+        if self.indexer_types is not None:
+            types = self.indexer_types
+            need(self.has_indexer, "indexer_types", "needs an indexer (index_topk > 0)")
+            need(len(types) == self.num_hidden_layers, "indexer_types",
+                 f"needs one entry per layer ({self.num_hidden_layers}), got {len(types)}")
+            bad = [t for t in types if t not in ("full", "shared")]
+            need(not bad, "indexer_types", f"entries must be 'full' or 'shared', got {bad[:3]}")
+            need(types[0] == "full", "indexer_types", "layer 0 must be 'full' (a shared layer reuses an "
+                 "earlier layer's selection)")
+        need(not self.index_rope_interleave or self.has_indexer, "index_rope_interleave",
+             "needs an indexer (index_topk > 0)")
         need(self.attn_scale_beta >= 0, "attn_scale_beta", f"must be >= 0, got {self.attn_scale_beta}")
         need(not self.attn_scale_beta or self.attn_scale_len > 0, "attn_scale_len",
              f"must be > 0 when attn_scale_beta is set, got {self.attn_scale_len}")
@@ -206,6 +228,25 @@ class ModelConfig:
     def is_moe_layer(self, layer: int) -> bool:
         return layer >= self.first_k_dense_replace
 
+    def indexer_shared(self, layer: int) -> bool:
+        """Layer ``layer`` has no indexer and reuses ``index_source(layer)``'s selection (GLM-5)."""
+        return self.indexer_types is not None and layer < len(self.indexer_types) \
+            and self.indexer_types[layer] == "shared"
+
+    def index_source(self, layer: int) -> int:
+        """The layer whose indexer selects the keys of ``layer``: itself, or for a shared layer the
+        last full layer before it."""
+        while self.indexer_shared(layer):
+            layer -= 1
+        return layer
+
+    @property
+    def n_indexer_layers(self) -> int:
+        """Main layers that run an indexer (and cache its keys)."""
+        if not self.has_indexer:
+            return 0
+        return sum(not self.indexer_shared(i) for i in range(self.num_hidden_layers))
+
     def replace(self, **kw) -> "ModelConfig":
         return dataclasses.replace(self, **kw)
 
@@ -248,11 +289,19 @@ class ModelConfig:
                               f"got {mt!r}")
         names = {f.name for f in fields(cls)}
         kw = {k: v for k, v in d.items() if k in names and k not in ("rope_scaling", "name", "scale_fmt")
-              and not k.startswith(("index_", "attn_scale_"))}
+              and not k.startswith(("index_", "attn_scale_", "indexer_"))}
         if mt == "deepseek_v32":
             # transformers' DeepseekV32Config defaults (the official 671B values) when a field is absent
             for k, default in (("index_n_heads", 64), ("index_head_dim", 128), ("index_topk", 2048)):
                 kw[k] = d[k] if d.get(k) is not None else default
+        if mt == "glm_moe_dsa":
+            # GLM-5: V3.2's DSA with the indexer's RoPE interleaved and layers that reuse the last
+            # full layer's selection; GlmMoeDsaConfig's defaults when a field is absent
+            for k, default in (("index_n_heads", 32), ("index_head_dim", 128), ("index_topk", 2048)):
+                kw[k] = d[k] if d.get(k) is not None else default
+            kw["indexer_types"] = glm_indexer_types(d)
+            kw["index_rope_interleave"] = True
+            kw.setdefault("first_k_dense_replace", 3)
         # transformers 5.x writes rope_parameters (with rope_type) instead of rope_scaling
         rs = d.get("rope_scaling") or d.get("rope_parameters")
         if rs:
@@ -340,6 +389,11 @@ class ModelConfig:
         if not self.has_indexer:
             for k in ("index_n_heads", "index_head_dim", "index_topk"):
                 d.pop(k)
+        glm = d.pop("index_rope_interleave")
+        types = d.pop("indexer_types")
+        if types is not None and not glm:
+            raise ConfigError("ModelConfig.indexer_types: shared indexer layers with V3.2's half-split "
+                              "indexer RoPE have no transformers model type (glm_moe_dsa interleaves)")
         beta, blen = d.pop("attn_scale_beta"), d.pop("attn_scale_len")
         d["q_lora_rank"] = self.q_lora_rank or None
         d["rope_scaling"] = dict(self.rope_scaling) if self.rope_scaling else None
@@ -356,6 +410,12 @@ class ModelConfig:
                                             weight_block_size=[self.fp8_block_size, self.fp8_block_size])
             if self.scale_fmt:
                 d["quantization_config"]["scale_fmt"] = self.scale_fmt
+        if glm:
+            rp = dict(rope_type=(self.rope_scaling or {}).get("type", "default"), rope_theta=self.rope_theta,
+                      **{k: v for k, v in (self.rope_scaling or {}).items() if k != "type"})
+            d.update(model_type="glm_moe_dsa", architectures=["GlmMoeDsaForCausalLM"], rope_parameters=rp,
+                     indexer_types=list(types or ["full"] * self.num_hidden_layers))
+            d.pop("rope_scaling")
         if beta:
             rp = dict(rope_type=(self.rope_scaling or {}).get("type", "default"), rope_theta=self.rope_theta,
                       **{k: v for k, v in (self.rope_scaling or {}).items() if k != "type"})
@@ -370,7 +430,28 @@ class ModelConfig:
 # sarvam_mla: transformers builds it as DeepseekV3ForCausalLM (its config subclasses V3's); mistral4:
 # V3 plus query scaling (attn_scale_beta), a softmax router without bias in one group; glm4_moe_lite
 # (GLM-4.7-Flash): V3's MLA and router with the dense/MoE schedule as mlp_layer_types
-MODEL_TYPES = ("deepseek_v3", "deepseek_v32", "kimi_k2", "deepseek_v2", "sarvam_mla", "mistral4", "glm4_moe_lite")
+# glm_moe_dsa (GLM-5): V3.2's DSA with an interleaved-RoPE indexer and shared-selection layers
+MODEL_TYPES = ("deepseek_v3", "deepseek_v32", "kimi_k2", "deepseek_v2", "sarvam_mla", "mistral4", "glm4_moe_lite",
+               "glm_moe_dsa")
+
+
+def glm_indexer_types(d: dict) -> list:
+    """GLM-5's per-layer indexer modes from a config.json: ``indexer_types``, else the pattern
+    string ``index_topk_pattern`` ("F"/"S" per layer), else the schedule of ``index_topk_freq``
+    and ``index_skip_topk_offset`` (GlmMoeDsaConfig.__post_init__'s rule: layer i is full when
+    max(i - offset + 1, 0) is a multiple of freq; defaults 1 and 2, every layer full)."""
+    if d.get("indexer_types") is not None:
+        return list(d["indexer_types"])
+    n = d.get("num_hidden_layers", 78)
+    pattern = d.get("index_topk_pattern")
+    if pattern is not None:
+        bad = [c for c in pattern if isinstance(pattern, str) and c not in "FS"]
+        if bad:
+            raise ConfigError(f"index_topk_pattern: letters must be 'F' (full) or 'S' (shared), got {bad[:3]}")
+        return [{"F": "full", "S": "shared"}[c] for c in pattern] if isinstance(pattern, str) else list(pattern)
+    freq = max(d.get("index_topk_freq", 1), 1)
+    offset = d.get("index_skip_topk_offset", 2)
+    return ["full" if max(i - offset + 1, 0) % freq == 0 else "shared" for i in range(n)]
 
 
 class UnsupportedModelType(ConfigError):
@@ -393,9 +474,6 @@ UNSUPPORTED_MODEL_TYPES = {
                        "not in the engine",
     "glm5_next_text": "GLM-5-Next: GLM-MoE-DSA attention with linear-attention layers and mHC "
                       "hyper-connections; not in the engine",
-    "glm_moe_dsa": "GLM-5: V3.2's DSA with shared-indexer layers (indexer_types 'shared' reuse the "
-                   "previous full layer's top-k), interleaved indexer RoPE and mlp_layer_types; the "
-                   "shared-layer indexer is not implemented yet",
     "hy_v4": "Hunyuan V4: DSA attention inside mHC hyper-connections; not in the engine",
     "hy_v4_vl_text": "Hunyuan V4 (text of the VL model): DSA attention inside mHC hyper-connections; not in the engine",
     "kimi_linear": "Kimi Linear: KDA linear-attention layers (gated delta rule) beside NoPE MLA layers; "
@@ -404,7 +482,10 @@ UNSUPPORTED_MODEL_TYPES = {
                      "connected MoE); not in the engine",
     "minicpm3": "MiniCPM3: MLA attention with a dense Llama MLP (no MoE) and scaled embeddings; not "
                 "the V3 block",
-    "mistral_large4_text": "Mistral Large 4: GLM-MoE-DSA's text model (see glm_moe_dsa)",
+    "mistral_large4_text": "Mistral Large 4: GLM-5's DSA without a q low rank (indexer queries from a LayerNorm of "
+                           "the hidden state), learned per-head log-position query scaling, NoPE layers, layers "
+                           "reusing an earlier layer's latent KV (kv_source_layers), a learned RoPE frequency scale "
+                           "and final logit softcapping; not in the engine",
     "youtu": "Youtu-LLM: MLA attention with a dense MLP (no MoE); not the V3 block",
 }
 

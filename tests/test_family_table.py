@@ -33,6 +33,8 @@ SMALL = dict(vocab_size=160, hidden_size=64, intermediate_size=96, moe_intermedi
 # V2-236B routes group-limited; (with "greedy" transformers ignores n_group, the lab does not)
 OVERRIDES = {"deepseek_v2": dict(topk_method="group_limited_greedy"),
              "glm4_moe_lite": dict(mlp_layer_types=["dense", "sparse", "sparse"]),
+             # a shared-selection layer between two full ones
+             "glm_moe_dsa": dict(indexer_types=["full", "shared", "full"]),
              # llama-4 query scaling from position 8 on, so the test's positions are scaled
              "mistral4": dict(head_dim=24, n_group=1, topk_group=1, rope_parameters=dict(
                  rope_type="yarn", rope_theta=10000.0, factor=4.0, original_max_position_embeddings=8, beta_fast=32.0,
@@ -42,6 +44,9 @@ HOW = {"deepseek_v2": "V3 engine (softmax gate, V2 routing)", "deepseek_v3": "V3
        "deepseek_v32": "V3 engine, sparse attention (DSA)", "sarvam_mla": "V3 engine (a V3 config subclass)",
        "deepseek_v4": "V4 engine ([v4.md](v4.md))",
        "glm4_moe_lite": "V3 engine (mlp_layer_types dense-then-sparse read as first_k_dense_replace)",
+       "glm_moe_dsa": "V3 engine, sparse attention (DSA) with GLM-5's interleaved indexer RoPE and shared-selection "
+                      "layers (indexer_types 'shared' reuse the last full layer's top-k; tests/test_dsa_shared.py); "
+                      "fused experts read as per-expert views",
        "mistral4": "V3 engine with llama-4 query scaling (`attn_scale_beta`), softmax router without bias; "
                    "n_group > 1 and rope_interleave=false refused; fused experts read as per-expert views"}
 
@@ -86,7 +91,7 @@ def parity(mt, tmp_path):
                 p.uniform_(0.5, 1.5)
             elif p.dim() == 1 and n.endswith(("sinks", "base", "scale", "k_norm.bias")):
                 p.normal_(0, 0.5)
-            elif ".indexer." in n and p.dim() == 2 and mt == "deepseek_v32":
+            elif ".indexer." in n and p.dim() == 2 and mt in ("deepseek_v32", "glm_moe_dsa"):
                 p.normal_(0, 0.2)                   # index scores well apart (no near-ties)
         for n, b in m.named_buffers():
             if n.endswith("e_score_correction_bias"):

@@ -10,6 +10,12 @@ radix top-k with ``select_topk``'s tie rule; then the prefetching C gather of th
 runs only where it measured faster than torch on this CPU (``kernels/cpu_calibrate.py``:
 ``index_select``, ``gather``); otherwise the model's own code runs.
 
+Modes the C does not compute are declined by name, and the model's own code runs: the C rotates
+the indexer's RoPE in V3.2's half-split pairs, so an indexer with interleaved pairs (GLM-5,
+``Indexer.rope_interleave``) is left to ``Indexer.decode_select`` (``selection_layout``); a GLM-5
+shared layer has no indexer and takes the selection its source layer left (``gathered``), which the
+full layer leaves whether C or torch selected it.
+
 What the selection needs from a layer -- the weights' addresses, its key cache, the LayerNorm's
 eps -- is checked once per set of addresses and dtypes and kept per indexer (``_LAYOUTS``), not
 looked up through ``nn.Module`` attributes every step: in a decode step the interpreter's own data
@@ -59,6 +65,8 @@ def selection_layout(ix: Indexer, x, q_latent, cos, cache: IndexerKeyCache, laye
     and the layout checks run once per set of weight and cache addresses and dtypes."""
     if torch.is_grad_enabled() or cache.key_format == "fp8" or not cpu_decode.enabled(kernel="index_select"):
         return None                  # (the backend, a dispatch mode -- a flop counter, say -- sees torch ops only)
+    if ix.rope_interleave:
+        return None                  # GLM-5's interleaved indexer RoPE: the C rotates half-split pairs only
     mods = ix._modules
     if hooked(*(mods[name] for name in ("wq_b", "wk", "k_norm", "weights_proj", "hook_q", "hook_k",
                                         "hook_weights"))):
@@ -179,7 +187,14 @@ def gathered(impl: SparseAttention, x, q_latent, cos, sin, start: int, cache, la
              latent: torch.Tensor) -> torch.Tensor:
     """``impl.decode_gathered``: the selected latent rows [B,k,c+r] (``latent`` itself when k
     covers every key), selected by ``select`` and copied by the C gather where it wins."""
-    idx = select(impl.mla._modules["indexer"], x, q_latent, cos, sin, start, cache.index_keys, layer)
+    ix = impl.mla._modules.get("indexer")
+    if ix is None:                            # a GLM-5 shared layer: its source layer's selection
+        idx = impl.shared_selection(layer, start, 1, x.shape[0])[:, 0]
+        if bool((idx < 0).any()):
+            raise ValueError(f"layer {layer}: the selection it shares has unused (-1) slots in a decode step")
+    else:
+        idx = select(ix, x, q_latent, cos, sin, start, cache.index_keys, layer)
+        impl.keep_selection(layer, start, idx[:, None])
     B, k = idx.shape
     if k >= start + 1:
         return latent

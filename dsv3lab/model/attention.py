@@ -118,6 +118,12 @@ class Attention:
         """Extra weights this variant needs for ``cfg`` (registered on MLA by name); usually none."""
         return {}
 
+    @classmethod
+    def layer_submodules(cls, cfg, layer: int, dtype=None, device=None) -> dict[str, nn.Module]:
+        """Extra weights of layer ``layer``: ``submodules``, unless the variant's layers differ
+        (GLM-5's shared-selection layers have no indexer)."""
+        return cls.submodules(cfg, dtype, device)
+
     def cache_kwargs(self) -> dict:
         """Extra keyword arguments ``Transformer.new_cache`` passes to ``cache_cls`` (a runtime
         choice such as the DSA indexer's key format); usually none."""

@@ -25,6 +25,15 @@ they were the whole cache. Per layer and step it reads the indexer cache (T x D_
 the latent cache, and builds no [B,S,T] mask. With a hook active the step takes the general path
 below (masks, sorted selection, every hook point fired); both give the same logits (tested).
 
+GLM-5 (``cfg.indexer_types``) has "shared" layers with no indexer: such a layer attends to the
+keys the last full layer before it selected for the same queries (transformers' GlmMoeDsaAttention
+passes ``prev_topk_indices`` up the stack). The layers of one forward run in order in one thread,
+so the full layer leaves its selection [B,S,k] in a per-thread slot (``_SELECTION``) and the
+shared layers read it, checked against the layer, positions and batch they expect (a shared
+layer run on its own, or before its source layer, is refused by name). A shared layer caches no
+indexer keys (its slot of ``index_keys`` is empty) and its decode gathers the same rows positions
+from its own latent cache.
+
 The cache is the absorbed latent cache plus the indexer's key cache (``SparseCache``); its
 key format ("model", "bf16" or "fp8", see indexer.py) is the indexer's, set for every layer by
 ``set_key_format(model, fmt)`` before the cache is made. ``model.set_attn_mode("absorbed")`` on a
@@ -50,6 +59,8 @@ _GATHER_CHUNK_ELEMS = 1 << 23
 # and memory does not grow with the layer count); per thread, so concurrent decodes in one
 # process do not share it
 _DECODE_ROWS = threading.local()         # .bufs: {(device, dtype): (flat tensor, shape, view)}, freed with the thread
+# the last full layer's selection for GLM-5's shared layers, per thread: .last = (slot, start, idx [B,S,k])
+_SELECTION = threading.local()
 
 
 def _gather_buffer(shape: tuple, dtype, device) -> torch.Tensor:
@@ -77,8 +88,10 @@ class SparseCache(LatentCache):
     def __init__(self, cfg, n_layers: int, batch: int, max_len: int, dtype, device,
                  n_heads: int | None = None, key_format: str = "model"):
         super().__init__(cfg, n_layers, batch, max_len, dtype, device, n_heads)
+        # shared layers (GLM-5) run no indexer and keep no keys
         self.index_keys = IndexerKeyCache(cfg.index_head_dim, n_layers, batch, max_len, key_format,
-                                          dtype, device, cfg.scale_fmt)
+                                          dtype, device, cfg.scale_fmt,
+                                          keyed=[not cfg.indexer_shared(i) for i in range(n_layers)])
 
     def tensors(self):
         yield from super().tensors()
@@ -94,18 +107,38 @@ class SparseAttention(AbsorbedAttention):
     def submodules(cfg, dtype=None, device=None):
         return {"indexer": Indexer(cfg, dtype, device)} if cfg.has_indexer else {}
 
+    @classmethod
+    def layer_submodules(cls, cfg, layer: int, dtype=None, device=None):
+        # a GLM-5 shared layer has no indexer weights (it reuses an earlier layer's selection)
+        return {} if cfg.indexer_shared(layer) else cls.submodules(cfg, dtype, device)
+
     def __init__(self, mla):
-        if not hasattr(mla, "indexer"):
+        cfg = mla.cfg
+        if not cfg.has_indexer:
             raise ValueError("'sparse' attention needs the V3.2 indexer: a config with index_topk > 0 "
-                             "(model_type deepseek_v32)")
+                             "(model_type deepseek_v32 or glm_moe_dsa)")
         super().__init__(mla)
+        layer = getattr(mla, "layer", 0)
+        self.shared = cfg.indexer_shared(layer)           # reuses index_source's selection (GLM-5)
+        self.source = cfg.index_source(layer)
+        self.keeps_selection = cfg.indexer_types is not None and not self.shared   # a shared layer may follow
+        if not self.shared and not hasattr(mla, "indexer"):
+            raise ValueError(f"layer {layer} runs its own indexer but its attention has none "
+                             "(build MLA with its layer index)")
 
     def cache_kwargs(self) -> dict:
-        return {"key_format": self.mla.indexer.key_format}
+        return {"key_format": self.mla.indexer.key_format if not self.shared else "model"}
 
     def __call__(self, a: AttnInput, cache: SparseCache | None, slot: int) -> torch.Tensor:
         mla = self.mla
         latent = self.write(a, cache, slot)                                   # [B,T,c+r]
+        if self.shared:
+            idx = self.shared_selection(slot, a.start, a.q_nope.shape[1], a.x.shape[0])   # [B,S,k]
+            if (cache is not None and a.q_nope.shape[1] == 1 and self.fast_decode_ok()
+                    and idx.shape[-1] < a.end and not bool((idx < 0).any())):
+                rows = self.rows(latent, idx[:, 0])
+                return self.absorbed(a.q_nope, a.q_pe, rows, rows.shape[1] - 1)
+            return self.attend_selected(a, latent, idx)
         if cache is not None and a.q_nope.shape[1] == 1 and self.fast_decode_ok():
             rows = self.decode_gathered(a.x, a.q_latent, a.cos, a.sin, a.start, cache, slot, latent)
             if rows is latent:                          # every key selected: dense MLA
@@ -113,20 +146,46 @@ class SparseAttention(AbsorbedAttention):
             return self.absorbed(a.q_nope, a.q_pe, rows, rows.shape[1] - 1)
         idx = mla.indexer(a.x, a.q_latent, a.cos, a.sin, a.start,
                           None if cache is None else cache.index_keys, slot)  # [B,S,k]
-        T = a.end
+        self.keep_selection(slot, a.start, idx)
         if mla.indexer.hook_dense_probs.active:          # recall probes and the KL warm-up
             self.dense_probs(a, latent)
+        return self.attend_selected(a, latent, idx)
+
+    def attend_selected(self, a: AttnInput, latent: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """Attention of the S queries over their selections idx [B,S,k] (the general path)."""
+        T = a.end
         if idx.shape[-1] >= T:                          # every visible key selected: dense MLA
             return self.attend(a, latent)
-        if mla.hook_attn_probs.active:                  # dense probabilities for the hook
+        if self.mla.hook_attn_probs.active:             # dense probabilities for the hook
             return self.absorbed(a.q_nope, a.q_pe, latent, a.start, keep_from_indices(idx, T))
         return self.gathered(a.q_nope, a.q_pe, latent, idx)
+
+    # --- GLM-5's shared selection ------------------------------------------------------------
+    def keep_selection(self, slot: int, start: int, idx: torch.Tensor) -> None:
+        """Leave this full layer's selection idx [B,S,k] for the shared layers after it."""
+        if self.keeps_selection:
+            _SELECTION.last = (slot, start, idx)
+
+    def shared_selection(self, slot: int, start: int, S: int, B: int) -> torch.Tensor:
+        """The selection [B,S,k] of ``self.source`` for these queries; a named error when that
+        layer has not just run them in this thread."""
+        last = getattr(_SELECTION, "last", None)
+        if last is None or last[0] != self.source or last[1] != start or last[2].shape[:2] != (B, S):
+            got = "nothing" if last is None else (f"layer {last[0]}'s for positions [{last[1]}, "
+                                                  f"{last[1] + last[2].shape[1]}) of {last[2].shape[0]} sequences")
+            raise RuntimeError(
+                f"layer {slot} is a shared indexer layer (indexer_types 'shared'): it attends to the keys "
+                f"layer {self.source} selected for positions [{start}, {start + S}) of {B} sequences, but "
+                f"this thread holds {got}; run the layers in order in one thread")
+        return last[2]
 
     def fast_decode_ok(self) -> bool:
         """Nothing observes what the decode fast path skips: the indexer's scores and selection,
         MLA's [B,H,S,T] probabilities, the dense-probability probe."""
         mods = self.mla._modules                 # by dict: called every layer of every decode step
-        ix = mods["indexer"]
+        ix = mods.get("indexer")
+        if ix is None:                           # a shared layer: only MLA's probabilities
+            return not hooked(mods["hook_attn_probs"])
         return ix.fast_decode_ok and not hooked(mods["hook_attn_probs"], ix._modules["hook_dense_probs"])
 
     def decode_gathered(self, x, q_latent, cos, sin, start: int, cache: SparseCache, slot: int,
@@ -136,11 +195,16 @@ class SparseAttention(AbsorbedAttention):
         key. Every returned row is visible, so the absorbed one-token decode runs over it with
         no mask (start = k - 1)."""
         idx = self.mla._modules["indexer"].decode_select(x, q_latent, cos, sin, start, cache.index_keys, slot)  # [B,k]
-        B, k = idx.shape
-        if k >= start + 1:
+        self.keep_selection(slot, start, idx[:, None])
+        if idx.shape[1] >= start + 1:
             return latent
+        return self.rows(latent, idx)
+
+    def rows(self, latent: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """latent [B,T,W] rows idx [B,k] (all valid) -> [B,k,W]: the shared buffer, or a fresh
+        tensor when autograd must see the gather."""
         if torch.is_grad_enabled() and latent.requires_grad:
-            return torch.stack([latent[b].index_select(0, idx[b]) for b in range(B)])
+            return torch.stack([latent[b].index_select(0, idx[b]) for b in range(idx.shape[0])])
         return self.gather_rows(latent, idx)
 
     def gather_rows(self, latent: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:

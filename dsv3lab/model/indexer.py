@@ -8,7 +8,10 @@ queries, T = start + S visible keys, H = index_n_heads, D = index_head_dim, r = 
   k   = k_norm(wk(x))               [B,S,D]    one key per token, shared by all indexer heads
         k_norm is a LayerNorm with a bias (not an RMSNorm like the rest of the model)
   RoPE on the *first* r dims of q and k, half-split pairs (i, i + r/2): not interleaved like MLA's,
-        and in the order [rope, rest], the reverse of MLA's [nope, rope]
+        and in the order [rope, rest], the reverse of MLA's [nope, rope]. GLM-5's indexer
+        (``cfg.index_rope_interleave``) rotates interleaved pairs (2i, 2i+1) like MLA instead;
+        transformers writes those rotated pairs de-interleaved ([evens ; odds]), the same
+        permutation for q and k, so its scores are these and its hook_q/hook_k layout is not
   w   = weights_proj(x) * H^-0.5    [B,S,H]    per-query head weights (fp32 weights, fp32 arithmetic)
   I[s,t] = sum_h w[s,h] * relu(q[s,h] . k[t]) * D^-0.5              [B,S,T], -inf for t > s
   topk_indices = top-k(I[s], min(index_topk, T))                    [B,S,k]
@@ -49,7 +52,7 @@ from torch import nn
 
 from dsv3lab.model.hadamard import hadamard
 from dsv3lab.model.layers import HookPoint, LayerNorm, Linear, hooked, linear
-from dsv3lab.model.rope import apply_rope_half
+from dsv3lab.model.rope import apply_rope, apply_rope_half
 
 KEY_FORMATS = ("model", "bf16", "fp8")
 FP8_BLOCK = 128
@@ -80,19 +83,25 @@ class IndexerKeyCache:
     ``key_format="fp8"``) e4m3 [B, max_len, D] plus fp32 scales [B, max_len, D / 128]."""
 
     def __init__(self, head_dim: int, n_layers: int, batch: int, max_len: int, key_format: str,
-                 dtype, device, scale_fmt: str | None = None):
+                 dtype, device, scale_fmt: str | None = None, keyed: list[bool] | None = None):
+        """``keyed[i]`` False: slot i has no indexer (a GLM-5 shared layer) and holds no keys (an
+        empty [batch, 0, D] tensor, so a write there fails instead of going unnoticed)."""
         if key_format not in KEY_FORMATS:
             raise ValueError(f"indexer key_format must be one of {KEY_FORMATS}, got {key_format!r}")
         self.key_format, self.scale_fmt = key_format, scale_fmt
         self.head_dim, self.batch, self.max_len = head_dim, batch, max_len
+        keyed = [True] * n_layers if keyed is None else list(keyed)
+        if len(keyed) != n_layers:
+            raise ValueError(f"keyed needs one entry per cache slot ({n_layers}), got {len(keyed)}")
         if key_format == "fp8":
             nb = head_dim // fp8_block(head_dim)
-            self.layers = [(torch.zeros(batch, max_len, head_dim, dtype=torch.float8_e4m3fn, device=device),
-                            torch.zeros(batch, max_len, nb, dtype=torch.float32, device=device))
-                           for _ in range(n_layers)]
+            self.layers = [(torch.zeros(batch, max_len if on else 0, head_dim, dtype=torch.float8_e4m3fn, device=device),
+                            torch.zeros(batch, max_len if on else 0, nb, dtype=torch.float32, device=device))
+                           for on in keyed]
         else:
             dt = torch.bfloat16 if key_format == "bf16" else dtype
-            self.layers = [torch.zeros(batch, max_len, head_dim, dtype=dt, device=device) for _ in range(n_layers)]
+            self.layers = [torch.zeros(batch, max_len if on else 0, head_dim, dtype=dt, device=device)
+                           for on in keyed]
 
     def write(self, layer: int, k: torch.Tensor, start: int) -> None:
         """Store keys k [B,S,D] (already rotated when the format is fp8) at [start, start+S)."""
@@ -241,6 +250,8 @@ class Indexer(nn.Module):
             raise ValueError("the V3.2 indexer reads the q latent: q_lora_rank must be > 0")
         self.n_heads, self.head_dim = cfg.index_n_heads, cfg.index_head_dim
         self.rope_dim, self.index_topk = cfg.qk_rope_head_dim, cfg.index_topk
+        # pairs (2i, 2i+1) (GLM-5) or (i, i + r/2) (V3.2); the CPU fast path's C rotates half-split only
+        self.rope_interleave = cfg.index_rope_interleave
         if self.rope_dim > self.head_dim:
             raise ValueError(f"index_head_dim {self.head_dim} must be >= qk_rope_head_dim {self.rope_dim}")
         self.scale_fmt = getattr(cfg, "scale_fmt", None)
@@ -271,7 +282,8 @@ class Indexer(nn.Module):
         # the H queries and the key share positions: one RoPE over [B,S,H+1,r] instead of two
         # (a decode step is made of small ops; each one costs about as much as its arithmetic)
         qk = torch.cat([self.wq_b(q_latent).view(B, S, H, D), k[:, :, None]], dim=2)
-        qk = torch.cat([apply_rope_half(qk[..., :r], cos[:, None], sin[:, None]), qk[..., r:]], dim=-1)
+        rope = apply_rope if self.rope_interleave else apply_rope_half
+        qk = torch.cat([rope(qk[..., :r], cos[:, None], sin[:, None]), qk[..., r:]], dim=-1)
         q, k = qk[:, :, :H], qk[:, :, H]
         w = F.linear(x.float(), self.weights_proj.weight.float()) * (H ** -0.5 * D ** -0.5)
         return self.hook_q(q), self.hook_k(k), self.hook_weights(w)

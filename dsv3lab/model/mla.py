@@ -49,6 +49,12 @@ class QueryScaledLinear(Linear):
     """``q_proj`` of a position-scaled model without q low rank (as ``QueryScaledRMSNorm``)."""
 
 
+# the q and kv latents' RMSNorms: eps 1e-6 whatever the config's rms_norm_eps (which is the block
+# norms'), as the official inference (RMSNorm's default) and every transformers model of the family
+# build them; it shows in models whose rms_norm_eps is not 1e-6 (GLM-4.7-Flash, GLM-5: 1e-5)
+LATENT_NORM_EPS = 1e-6
+
+
 def attention_class(name: str) -> type[Attention]:
     try:
         return ATTENTION[name]
@@ -57,9 +63,10 @@ def attention_class(name: str) -> type[Attention]:
 
 
 class MLA(nn.Module):
-    def __init__(self, cfg: ModelConfig, dtype=None, device=None, n_heads: int | None = None):
+    def __init__(self, cfg: ModelConfig, dtype=None, device=None, n_heads: int | None = None, layer: int = 0):
         super().__init__()
         self.cfg = cfg
+        self.layer = layer              # decides per-layer weights (GLM-5's layers without an indexer)
         # n_heads < num_attention_heads when tensor parallelism splits the heads
         self.n_heads = H = n_heads or cfg.num_attention_heads
         self.n, self.r, self.v, self.c = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim, cfg.kv_lora_rank
@@ -69,13 +76,13 @@ class MLA(nn.Module):
         scaled = cfg.attn_scale_beta > 0            # Mistral 4's query scaling (forward)
         if cfg.q_lora_rank:
             self.q_a_proj = Linear(D, cfg.q_lora_rank, dtype, device)
-            self.q_a_layernorm = (QueryScaledRMSNorm if scaled else RMSNorm)(cfg.q_lora_rank, cfg.rms_norm_eps,
+            self.q_a_layernorm = (QueryScaledRMSNorm if scaled else RMSNorm)(cfg.q_lora_rank, LATENT_NORM_EPS,
                                                                              dtype, device)
             self.q_b_proj = Linear(cfg.q_lora_rank, H * cfg.qk_head_dim, dtype, device)
         else:
             self.q_proj = (QueryScaledLinear if scaled else Linear)(D, H * cfg.qk_head_dim, dtype, device)
         self.kv_a_proj_with_mqa = Linear(D, self.c + self.r, dtype, device)
-        self.kv_a_layernorm = RMSNorm(self.c, cfg.rms_norm_eps, dtype, device)
+        self.kv_a_layernorm = RMSNorm(self.c, LATENT_NORM_EPS, dtype, device)
         self.kv_b_proj = Linear(self.c, H * (self.n + self.v), dtype, device)
         self.o_proj = Linear(H * self.v, D, dtype, device)
         self.hook_q_nope = HookPoint("[B,S,H,qk_nope]")
@@ -86,7 +93,7 @@ class MLA(nn.Module):
         self.hook_out = HookPoint("[B,S,H*v] per-head outputs before o_proj")
         # weights that only some variants have (the DSA indexer), decided by the config
         for impl in ATTENTION.values():
-            for name, module in impl.submodules(cfg, dtype, device).items():
+            for name, module in impl.layer_submodules(cfg, layer, dtype, device).items():
                 self.add_module(name, module)
         self.impl: Attention = SparseAttention(self) if cfg.has_indexer else AbsorbedAttention(self)
 

@@ -26,7 +26,7 @@ class Block(nn.Module):
         super().__init__()
         self.layer = layer
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
-        self.self_attn = MLA(cfg, dtype, device)
+        self.self_attn = MLA(cfg, dtype, device, layer=layer)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
         self.mlp = (MoE(cfg, dtype, device) if cfg.is_moe_layer(layer)
                     else MLP(cfg.hidden_size, cfg.intermediate_size, dtype, device))

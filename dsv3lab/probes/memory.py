@@ -74,7 +74,9 @@ def bytes_per_token(cfg, dtype=torch.bfloat16, layout: str = "absorbed", include
     if layout == "sparse":
         from dsv3lab.probes.dsa_cost import indexer_key_bytes
         key = int(indexer_key_bytes(cfg, index_keys, dtype_bytes(dtype))) if cfg.has_indexer else 0
-        return layers * (values_per_token_per_layer(cfg, "absorbed") * dtype_bytes(dtype) + key)
+        # GLM-5's shared layers keep no indexer keys (MTP blocks run their own indexer)
+        keyed = cfg.n_indexer_layers + (cfg.num_nextn_predict_layers if include_mtp else 0) if key else 0
+        return layers * values_per_token_per_layer(cfg, "absorbed") * dtype_bytes(dtype) + keyed * key
     return layers * values_per_token_per_layer(cfg, layout, gqa_groups) * dtype_bytes(dtype)
 
 
