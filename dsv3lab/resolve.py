@@ -20,15 +20,11 @@ import torch
 
 from dsv3lab.checkpoint import load
 from dsv3lab.config import PRESETS, ModelConfig
+from dsv3lab.paths import repo_root
 from dsv3lab.model.build import build
 from dsv3lab.tokenizer import TextCodec, codec_for
 
 ENV_VAR = "DSV3LAB_MODEL"
-
-
-def repo_root() -> str:
-    """The checkout this package was imported from (where ``data/lab-model`` lives)."""
-    return os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _is_checkpoint(path: Optional[str]) -> bool:

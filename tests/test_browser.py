@@ -31,7 +31,8 @@ import urllib.request
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from dsv3lab.paths import REPO_ROOT as ROOT
+
 NOTEBOOKS = os.path.join(ROOT, "notebooks")
 RESULTS = os.path.join(ROOT, "results", "browser")
 # Debian's launcher script is /usr/bin/chromium; the binary it starts is the one Playwright needs

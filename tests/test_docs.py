@@ -18,7 +18,8 @@ from functools import lru_cache
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from dsv3lab.paths import REPO_ROOT as ROOT
+
 SCAN_DIRS = ("docs", "dsv3lab", "kernels", "tests", "notebooks", "scripts")
 SCAN_FILES = ("README.md", "Makefile", "pyproject.toml", "data/lab-model/README.md")
 SUFFIXES = (".py", ".md", ".ipynb", ".sh", ".toml")

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from dsv3lab import fp8sim as S
+from dsv3lab.paths import REPO_ROOT as ROOT
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LAB = os.path.join(ROOT, "data", "lab-model")
 
 

@@ -16,10 +16,11 @@ import sys
 
 import pytest
 
+from dsv3lab.paths import REPO_ROOT as ROOT
+
 pytest.importorskip("lm_eval")
 torch = pytest.importorskip("torch")
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LAB = os.path.join(ROOT, "data", "lab-model")
 
 MC = [  # question, choices, gold index (lm-eval puts its target delimiter " " before a choice)

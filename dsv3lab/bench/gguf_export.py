@@ -32,6 +32,7 @@ import sys
 from pathlib import Path
 
 from dsv3lab.atomic import atomic_write, write_bytes_atomic
+from dsv3lab.paths import repo_root
 
 # The converter, unchanged, with one fallback: the pre-tokenizer's name when its hash table has
 # no entry (argv: script, name or "-", then the converter's own arguments).
@@ -62,7 +63,7 @@ INSTALL_HINT = ("llama.cpp's converter was not found. Get the llama-cpp-python s
                 "-C build/, then pass --llama-src build/llama_cpp_python-0.3.36 or set DSV3LAB_LLAMA_CPP_SRC")
 
 DEFAULT_SRC = os.path.join("build", "llama_cpp_python-0.3.36")
-LAB_TOKENIZER = os.path.join(os.path.dirname(__file__), "..", "..", "data", "lab-model", "tokenizer.json")
+LAB_TOKENIZER = os.path.join(repo_root(), "data", "lab-model", "tokenizer.json")
 
 
 def find_converter(src: str | None = None) -> Path:
