@@ -7,7 +7,8 @@ decode path, each replacing several torch calls (the first four also in fp32, fo
 model's fused decode step: ``kernel(name, dtype)``):
 
   gemv(w, x)                      x @ w.T for 1-8 rows; w may be a batch (per-head W_UK, W_UV)
-  moe(x, experts, weights)        one token through its chosen experts (and the shared ones)
+  moe(x, experts, weights)        one token through its chosen experts (and the shared ones); experts
+                                  kept FP8 are read as stored (their scales beside them)
   rmsnorm(x, w, eps), rope(x, cos, sin)   the small per-token ops, one call instead of 5-8
   route(scores, bias, ...)        the gate's group-limited top-k and weights, one call instead of 15
   index_scores(keys, q, w)        V3.2's indexer scores of one query against its key cache
@@ -66,6 +67,7 @@ def _library(tier: str) -> ctypes.CDLL | None:
         "dsv3_latent_attn_f32": [P, I64, P, I64, P, I, I, I, F, P, I64, P, I],
         "dsv3_latent_attn": [I, P, I64, P, I64, P, I, I, I, F, P, I64, P, I],
         "dsv3_gemv_fp8": [P, I64, P, I64, P, P, I, I, I, I],
+        "dsv3_moe_mixed": [I, P, I, I, P, P, P, P, P, P, P, P, P, P, I],
         "dsv3_mla_in": [I, P, P, I],             # one layer around the attention (dsv3lab/fast/step.py)
         "dsv3_mla_out": [I, P, P, I],
     })
@@ -180,17 +182,38 @@ def gemv_fp8(w: torch.Tensor, scale_inv: torch.Tensor, x: torch.Tensor, out_dtyp
     return y
 
 
-def moe(x: torch.Tensor, gate: list, up: list, down: list, weights: torch.Tensor) -> torch.Tensor:
+def moe(x: torch.Tensor, gate: list, up: list, down: list, weights: torch.Tensor, scales: list | None = None
+        ) -> torch.Tensor:
     """One token x [K] through experts s (gate[s], up[s] [I_s, K], down[s] [K, I_s], contiguous,
-    x's dtype: bf16 or fp32): sum_s weights[s] * down_s(silu(gate_s x) * up_s x), fp32 [K]."""
+    x's dtype: bf16 or fp32): sum_s weights[s] * down_s(silu(gate_s x) * up_s x), fp32 [K].
+    ``scales[s]`` = (gate, up, down) ``weight_scale_inv`` of an expert kept FP8 (its weights e4m3,
+    read as stored; dequantized weights rounded to x's dtype as ``fp8.fp8_linear`` rounds them),
+    None for an expert in x's dtype."""
     n = len(gate)
     if not (0 < n <= MAX_SLOTS) or weights.numel() != n or not x.is_contiguous():
         raise ValueError(f"moe: {n} experts with {weights.numel()} weights (1..{MAX_SLOTS}), x contiguous")
+    if scales is not None and len(scales) != n:
+        raise ValueError(f"moe: {len(scales)} scale triples for {n} experts")
     K = x.numel()
-    for t in (*gate, *up, *down):
-        if t.dtype != x.dtype or not t.is_contiguous():
-            raise ValueError(f"moe: an expert weight {tuple(t.shape)} {t.dtype} is not a contiguous {x.dtype} tensor")
-    fn = kernel("dsv3_moe", x.dtype)
+    sc_ptrs = [[0] * n for _ in range(3)]
+    for s, ws3 in enumerate(zip(gate, up, down)):
+        triple = scales[s] if scales is not None else None
+        for j, t in enumerate(ws3):
+            shape = (ws3[0].shape[0], K) if j < 2 else (K, ws3[0].shape[0])
+            if tuple(t.shape) != shape or not t.is_contiguous():
+                raise ValueError(f"moe: expert {s}'s weight {tuple(t.shape)} is not a contiguous {shape}")
+            if triple is None:
+                if t.dtype != x.dtype:
+                    raise ValueError(f"moe: expert {s}'s weight is {t.dtype}, not x's {x.dtype} (FP8 needs its scales)")
+                continue
+            grid = (-(-shape[0] // FP8_BLOCK), -(-shape[1] // FP8_BLOCK))
+            si = triple[j]
+            if (t.dtype != torch.float8_e4m3fn or si is None or tuple(si.shape) != grid or si.dtype != torch.float32
+                    or not si.is_contiguous()):
+                raise ValueError(f"moe: expert {s}'s weight {tuple(t.shape)} {t.dtype} with scales "
+                                 f"{None if si is None else (tuple(si.shape), si.dtype)} is not e4m3 with "
+                                 f"contiguous fp32 {list(grid)} scales")
+            sc_ptrs[j][s] = si.data_ptr()
     inter = [g.shape[0] for g in gate]
     ptr = ctypes.c_int64 * n
     g_p = ptr(*[t.data_ptr() for t in gate])
@@ -200,7 +223,14 @@ def moe(x: torch.Tensor, gate: list, up: list, down: list, weights: torch.Tensor
     ws = weights.to(torch.float32).contiguous()
     h = torch.empty(sum(inter), dtype=x.dtype)
     y = torch.empty(K, dtype=torch.float32)
-    fn(x.data_ptr(), K, n, g_p, u_p, d_p, i_p, ws.data_ptr(), h.data_ptr(), y.data_ptr(), torch.get_num_threads())
+    nt = torch.get_num_threads()
+    if scales is None:
+        kernel("dsv3_moe", x.dtype)(x.data_ptr(), K, n, g_p, u_p, d_p, i_p, ws.data_ptr(), h.data_ptr(), y.data_ptr(),
+                                    nt)
+    else:
+        kernel("dsv3_moe", x.dtype)                  # the dtype check
+        library().dsv3_moe_mixed(int(x.dtype == torch.float32), x.data_ptr(), K, n, g_p, u_p, d_p,
+                               *(ptr(*p) for p in sc_ptrs), i_p, ws.data_ptr(), h.data_ptr(), y.data_ptr(), nt)
     return y
 
 

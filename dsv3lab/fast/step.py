@@ -41,7 +41,7 @@ from dsv3lab.fast.sparse import gathered
 from dsv3lab.kernels import cpu_calibrate, cpu_decode
 from dsv3lab.model.attn_absorbed import AbsorbedAttention, LatentCache, latent_attention
 from dsv3lab.model.attn_sparse import SparseAttention
-from dsv3lab.model.layers import MLP, HookPoint, RMSNorm, hooked, is_plain_linear, sharded
+from dsv3lab.model.layers import MLP, HookPoint, Linear, RMSNorm, hooked, is_plain_linear, sharded
 from dsv3lab.model.moe import MoE
 
 
@@ -142,10 +142,12 @@ class _StepOperands:
         self.refs.add(parent.__dict__, name, v)
         return v
 
-    def _param(self, mod, name: str = "weight") -> torch.Tensor:
+    def _param(self, mod, name: str = "weight", fp8: bool = False) -> torch.Tensor:
+        """A Parameter of the model's dtype (or e4m3 with ``fp8``), contiguous on the CPU."""
         p = mod._parameters.get(name)
         self.refs.add(mod._parameters, name, p, p)
-        if p is None or p.dtype != self.dtype or not p.is_contiguous() or p.device.type != "cpu":
+        if (p is None or not (p.dtype == self.dtype or fp8 and p.dtype == torch.float8_e4m3fn)
+                or not p.is_contiguous() or p.device.type != "cpu"):
             raise _Fallback
         return p
 
@@ -157,12 +159,27 @@ class _StepOperands:
             return None
         return t
 
-    def _linear(self, parent, name: str) -> torch.Tensor:
+    def _linear(self, parent, name: str, fp8: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """A plain Linear's weight and, for a weight kept FP8 (``load(fp8="keep")``: e4m3 with
+        128 x 128 ``weight_scale_inv``), its scales (contiguous fp32 on the full grid), which the
+        C calls read as stored; (weight, None) for a weight of the model's dtype."""
         lin = self._mod(parent, name)
+        self.watch.append(lin)
+        if fp8 and type(lin) is Linear and lin.weight.dtype == torch.float8_e4m3fn:
+            w = self._param(lin, fp8=True)
+            return w, self._scales(lin, w)
         if not is_plain_linear(lin, self.dtype):
             raise _Fallback
-        self.watch.append(lin)
-        return self._param(lin)
+        return self._param(lin), None
+
+    def _scales(self, lin, w: torch.Tensor) -> torch.Tensor:
+        """An e4m3 weight's ``weight_scale_inv``, taken as a reference; _Fallback unless it is
+        contiguous fp32 [ceil(N/128), ceil(K/128)] on the CPU (a sharded window's scales are not)."""
+        s = self._tensor(lin._buffers, "weight_scale_inv")
+        N, K = w.shape
+        if s is None or tuple(s.shape) != (-(-N // cpu_decode.FP8_BLOCK), -(-K // cpu_decode.FP8_BLOCK)):
+            raise _Fallback
+        return s
 
     def _norm(self, parent, name: str) -> tuple[torch.Tensor, float]:
         mod = self._mod(parent, name)
@@ -212,7 +229,7 @@ class _StepOperands:
         self._watch(m, emb)
         self.embed = self._param(emb)
         self.final_norm = self._norm(m, "norm")
-        self.lm_head = self._linear(m, "lm_head")
+        self.lm_head = self._linear(m, "lm_head", fp8=False)[0]
         layers = self._mod(m, "layers")
         self.layers = [self._layer(self._mod(layers, str(i)), cfg) for i in range(len(layers))]
         D, H = cfg.hidden_size, cfg.num_attention_heads
@@ -245,14 +262,16 @@ class _StepOperands:
         n, r, c, v = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.kv_lora_rank, cfg.v_head_dim
         ptr = lambda t: 0 if t is None else t.data_ptr()                  # noqa: E731
         qlr = cfg.q_lora_rank or 0
+        q_a, q_b = ly.get("q_a", (None, None)), ly["q_b"] if qlr else ly["q"]     # (weight, FP8 scales or None)
         ly["in_args"] = _slot_array(
-            IN, X=ptr(self.x), NORM_W=ptr(ly["in_norm"][0]), H=ptr(self.h), QA_W=ptr(ly.get("q_a")), QA=ptr(self.qa),
+            IN, X=ptr(self.x), NORM_W=ptr(ly["in_norm"][0]), H=ptr(self.h), QA_W=ptr(q_a[0]), QA=ptr(self.qa),
             QA_NORM_W=ptr(ly["q_a_norm"][0]) if qlr else 0, QA_N=ptr(self.qa_n),
-            QB_W=ptr(ly["q_b"] if qlr else ly["q"]), Q=ptr(self.q), KVA_W=ptr(ly["kv_a"]), KV=ptr(self.kv),
-            KV_NORM_W=ptr(ly["kv_norm"][0]), QCAT=ptr(self.q_cat), D=D, QLR=qlr, H_HEADS=H, NOPE=n, ROPE=r, C=c)
+            QB_W=ptr(q_b[0]), Q=ptr(self.q), KVA_W=ptr(ly["kv_a"][0]), KV=ptr(self.kv),
+            KV_NORM_W=ptr(ly["kv_norm"][0]), QCAT=ptr(self.q_cat), D=D, QLR=qlr, H_HEADS=H, NOPE=n, ROPE=r, C=c,
+            QA_S=ptr(q_a[1]), QB_S=ptr(q_b[1]), KVA_S=ptr(ly["kv_a"][1]))
         ly["in_eps"] = (ctypes.c_float * 3)(ly["in_norm"][1], ly["q_a_norm"][1] if qlr else 0.0, ly["kv_norm"][1])
         ly["out_args"] = _slot_array(
-            OUT, O=ptr(self.o), OPROJ_W=ptr(ly["o_proj"]), A=ptr(self.a), X=ptr(self.x),
+            OUT, O=ptr(self.o), OPROJ_W=ptr(ly["o_proj"][0]), OPROJ_S=ptr(ly["o_proj"][1]), A=ptr(self.a), X=ptr(self.x),
             NORM_W=ptr(ly["post_norm"][0]), H2=ptr(self.h2), SCORES=ptr(self.scores), X32=ptr(self.x32),
             IDS=ptr(self.ids), WEIGHTS=ptr(self.weights), D=D, H_HEADS=H, V=v, C=c, E=cfg.n_routed_experts,
             GROUPS=cfg.n_group, TOPK_GROUP=cfg.topk_group, K=cfg.num_experts_per_tok,
@@ -309,9 +328,7 @@ class _StepOperands:
         elif type(mlp) is MLP:
             dense = self._expert(blk, "mlp")
             ly.update(ffn="dense", dense=dense, moe_width=dense["inter"])
-            n1 = ctypes.c_int64 * 1
-            ly["dense_args"] = (n1(dense["g"]), n1(dense["u"]), n1(dense["d"]), (ctypes.c_int * 1)(dense["inter"]),
-                                torch.ones(1))
+            ly["dense_args"] = _ffn_args([dense], torch.ones(1))
         else:
             raise _Fallback
         return ly
@@ -330,9 +347,15 @@ class _StepOperands:
             ws = {}
             for key, lin_name in (("g", "gate_proj"), ("u", "up_proj"), ("d", "down_proj")):
                 lin = self._mod(mlp, lin_name)
-                if not is_plain_linear(lin, self.dtype):
+                if type(lin) is Linear and lin.weight.dtype == torch.float8_e4m3fn:     # kept FP8: read as stored
+                    w = self._param(lin, fp8=True)
+                    ws[key + "s"] = self._scales(lin, w).data_ptr()
+                elif is_plain_linear(lin, self.dtype):
+                    w = self._param(lin)
+                    ws[key + "s"] = 0
+                else:
                     raise _Fallback
-                ws[key] = self._param(lin).data_ptr()
+                ws[key] = w.data_ptr()
                 ws[key + "_mod"] = lin
             ws["inter"] = mlp.gate_proj.weight.shape[0]
             ws["hook_dicts"] = self._hook_dicts((mlp, ws["g_mod"], ws["u_mod"], ws["d_mod"]))
@@ -340,6 +363,16 @@ class _StepOperands:
         finally:
             self.refs = outer
         return ws
+
+
+def _ffn_args(slots: list, weights: torch.Tensor) -> tuple:
+    """``dsv3_moe_mixed``'s per-expert arrays for experts ``slots`` (``_StepOperands._expert``
+    dicts): weight pointers, FP8 scale pointers (0: a weight of the model's dtype), widths, and
+    the fp32 weights tensor."""
+    k = len(slots)
+    ptr = ctypes.c_int64 * k
+    return (*(ptr(*[s[key] for s in slots]) for key in ("g", "u", "d", "gs", "us", "ds")),
+            (ctypes.c_int * k)(*[s["inter"] for s in slots]), weights)
 
 
 _PLANS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
@@ -385,7 +418,9 @@ class DecodeStep:
             raise _Fallback
         m.check_tokens(tokens, start)
         dt = plan.dtype
-        gemv_c, norm_c, moe_c = (cpu_decode.kernel(name, dt) for name in ("dsv3_gemv", "dsv3_rmsnorm", "dsv3_moe"))
+        gemv_c, norm_c = (cpu_decode.kernel(name, dt) for name in ("dsv3_gemv", "dsv3_rmsnorm"))
+        lib = cpu_decode.library()
+        f32 = int(dt == torch.float32)
         nt = torch.get_num_threads()
         c, D = cfg.kv_lora_rank, cfg.hidden_size
         cache.check(1, start + 1)
@@ -405,16 +440,13 @@ class DecodeStep:
             return out
 
         def ffn(xin, slots, weights, args=None):      # slots: _StepOperands._expert dicts; -> fp32 [D] (plan.moe_y)
-            k = len(slots)
+            # experts of the model's dtype or kept FP8, each read where it lies (dsv3_moe_mixed)
             if args is None:
-                ptr = ctypes.c_int64 * k
-                args = (ptr(*[s["g"] for s in slots]), ptr(*[s["u"] for s in slots]), ptr(*[s["d"] for s in slots]),
-                        (ctypes.c_int * k)(*[s["inter"] for s in slots]), weights)
-            moe_c(xin.data_ptr(), D, k, *args[:4], args[4].data_ptr(), plan.moe_h.data_ptr(), plan.moe_y.data_ptr(), nt)
+                args = _ffn_args(slots, weights)
+            lib.dsv3_moe_mixed(f32, xin.data_ptr(), D, len(slots), *args[:7], args[7].data_ptr(), plan.moe_h.data_ptr(),
+                               plan.moe_y.data_ptr(), nt)
             return plan.moe_y
 
-        lib = cpu_decode.library()
-        f32 = int(dt == torch.float32)
         # the C latent attention where it measured faster than torch's flash attention here (fp32
         # on every CPU measured; bf16 where there is no AMX for torch's kernel)
         c_attn = cfg.num_attention_heads % 4 == 0 and cpu_calibrate.wins("latent_attention", dt)

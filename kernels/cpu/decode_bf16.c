@@ -223,13 +223,14 @@ void dsv3_gemv_f32(const float *W, int64_t ldw, int64_t sw, const float *X, int6
 
 /* ---- FP8 weights read as stored (e4m3 + one fp32 scale per 128 x 128 block) --------------------
  *
- * y[n] = sum_k dequant(W)[n][k] x[k] for one activation row x (fp32: a bf16 one is widened
- * exactly by the caller), dequant(W) = e4m3 * weight_scale_inv[n/128][k/128]. Each weight byte
- * is read once from memory and widened in registers (vec.h's vload_e4m3): 1 byte a weight where a
- * dequantized bf16 copy streams 2. With rnd (a bf16 model) each dequantized weight is rounded to
- * bf16 first, as torch's path (dsv3lab/fp8.py: the block dequantized into x's dtype, then the
- * GEMV) rounds it, and each output once; without (fp32) nothing is rounded. Rows four at a time
- * (four never straddle a 128-row block), threads over rows. */
+ * y[n] = sum_k dequant(W)[n][k] x[k] for one activation row x, dequant(W) = e4m3 *
+ * weight_scale_inv[n/128][k/128]. Each weight byte is read once from memory and widened in
+ * registers (vec.h's vload_e4m3_raw, times the block's scale * E4M3_LIFT: one multiply a weight,
+ * the same single rounding as e4m3 value * scale): 1 byte a weight where a dequantized bf16 copy
+ * streams 2. With rnd (a bf16 model) each dequantized weight is rounded to bf16 first, as torch's
+ * path (dsv3lab/fp8.py: the block dequantized into x's dtype, then the GEMV) rounds it, and each
+ * output once; without (fp32) nothing is rounded. Rows four at a time (four never straddle a
+ * 128-row block, so one scale row serves them), threads over rows. */
 static inline float e4m3_to_f32(uint8_t b) {
     uint32_t mag = (uint32_t)(b & 0x7F) << 20;
     float m;
@@ -238,49 +239,107 @@ static inline float e4m3_to_f32(uint8_t b) {
     return (b & 0x80) ? -m : m;
 }
 
-void dsv3_gemv_fp8(const uint8_t *W, int64_t ldw, const float *S, int64_t lds, const float *x, void *Y, int rnd,
-                   int N, int K, int nt) {
-#pragma omp parallel for schedule(static) num_threads(nt)
-    for (int64_t r = 0; r < N; r += 4) {
-        int rows = N - r < 4 ? (int)(N - r) : 4;
-        const float *srow = S + (r / 128) * lds;
-        float out[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-        for (int k0 = 0; k0 < K; k0 += 128) {
-            int k1 = K - k0 < 128 ? K : k0 + 128;
-            float sc = srow[k0 / 128];
-            vf a[4] = {vzero(), vzero(), vzero(), vzero()};
-            int k = k0;
+/* e4m3 rows prefetched ahead: at 1 byte a weight a row is half a bf16 row's bytes */
+#ifndef PF8
+#define PF8 8
+#endif
+
+/* R (<= 4) e4m3 rows w (ld bytes apart, inside one 128-row block whose scales are srow) against
+   one activation row x (bf16, or fp32 with xf32): out[j] = sum_k rnd?(w[j][k] * srow[k/128]) x[k].
+   One vector accumulator per row across all blocks (the scale is applied to each weight, not to
+   a block's sum), summed once. A block whose scale * E4M3_LIFT would overflow (scale >= 2^7
+   without F16C: no weight is that large) takes the scalar loop. */
+static inline __attribute__((always_inline)) void dot_e4m3(int xf32, int rnd, int R, const uint8_t *w, int64_t ld,
+                                                           const float *srow, const void *x, int K, float *out) {
+    vf a[4] = {vzero(), vzero(), vzero(), vzero()};
+    float t[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    for (int k0 = 0; k0 < K; k0 += 128) {
+        int k1 = K - k0 < 128 ? K : k0 + 128;
+        float sc = srow[k0 / 128];
+        int k = k0;
+        if (sc < 0x1p127f / E4M3_LIFT) {
+            vf lift = vsplat(sc * E4M3_LIFT);
             for (; k + VL <= k1; k += VL) {
-                vf xv = vload(x + k);
-                for (int j = 0; j < rows; j++) {
-                    const uint8_t *wr = W + (r + j) * ldw + k;
-                    if (PFV && k % 64 == 0) PREFETCH(wr + PFV * 4 * ldw);
-                    vf w = vload_e4m3(wr) * sc;
-                    a[j] += (rnd ? vround_bf(w) : w) * xv;
+                vf xv = xf32 ? vload((const float *)x + k) : vload_bf((const bf16 *)x + k);
+                if (PF8 && k % 64 == 0)
+                    for (int j = 0; j < R; j++) PREFETCH(w + (PF8 + j) * ld + k);
+                for (int j = 0; j < R; j++) {
+                    vf wv = vload_e4m3_raw(w + j * ld + k) * lift;
+                    a[j] += (rnd ? vround_bf(wv) : wv) * xv;
                 }
-            }
-            for (int j = 0; j < rows; j++) {
-                float t = vsum(a[j]);
-                for (int kk = k; kk < k1; kk++) {
-                    float w = e4m3_to_f32(W[(r + j) * ldw + kk]) * sc;
-                    t += (rnd ? round_bf(w) : w) * x[kk];
-                }
-                out[j] += t;
             }
         }
-        for (int j = 0; j < rows; j++) put(!rnd, Y, r + j, out[j]);
+        for (; k < k1; k++) {
+            float xk = xf32 ? ((const float *)x)[k] : bf2f(((const bf16 *)x)[k]);
+            for (int j = 0; j < R; j++) {
+                float wv = e4m3_to_f32(w[j * ld + k]) * sc;
+                t[j] += (rnd ? round_bf(wv) : wv) * xk;
+            }
+        }
+    }
+    for (int j = 0; j < R; j++) out[j] = vsum(a[j]) + t[j];
+}
+
+/* the four combinations of activation type and rounding, each compiled with its branches folded */
+static void dot_e4m3_rows(int xf32, int rnd, int R, const uint8_t *w, int64_t ld, const float *srow, const void *x,
+                          int K, float *out) {
+    if (R == 4) {
+        if (xf32) rnd ? dot_e4m3(1, 1, 4, w, ld, srow, x, K, out) : dot_e4m3(1, 0, 4, w, ld, srow, x, K, out);
+        else rnd ? dot_e4m3(0, 1, 4, w, ld, srow, x, K, out) : dot_e4m3(0, 0, 4, w, ld, srow, x, K, out);
+    } else {
+        dot_e4m3(xf32, rnd, R, w, ld, srow, x, K, out);
     }
 }
 
+/* Y[n] (bf16 rounded, or fp32 with f32out) = x W^T for e4m3 W [N, K] (ldw bytes apart) with
+   scales S (lds apart); x bf16 or fp32 (xf32). Weights rounded to bf16 where the output is. */
+static void gemv_fp8_any(int xf32, int f32out, const uint8_t *W, int64_t ldw, const float *S, int64_t lds,
+                         const void *x, void *Y, int N, int K, int nt) {
+#pragma omp parallel for schedule(static) num_threads(nt)
+    for (int64_t r = 0; r < N; r += 4) {
+        int rows = N - r < 4 ? (int)(N - r) : 4;
+        float out[4];
+        dot_e4m3_rows(xf32, !f32out, rows, W + r * ldw, ldw, S + (r / 128) * lds, x, K, out);
+        for (int j = 0; j < rows; j++) put(f32out, Y, r + j, out[j]);
+    }
+}
+
+/* x fp32 (a bf16 activation widened exactly by the caller); rnd: a bf16 model (bf16 output,
+   weights rounded to bf16) */
+void dsv3_gemv_fp8(const uint8_t *W, int64_t ldw, const float *S, int64_t lds, const float *x, void *Y, int rnd,
+                   int N, int K, int nt) {
+    gemv_fp8_any(1, !rnd, W, ldw, S, lds, x, Y, N, K, nt);
+}
+
+/* One projection of the fused step's calls: W e4m3 with scales S (contiguous, ceil(K/128) a row)
+   when S is set, else a plain weight of the element type; one row x -> y, both of the element type. */
+static void proj(int f32, const void *W, const float *S, const void *x, void *y, int N, int K, int nt) {
+    if (S) gemv_fp8_any(f32, f32, (const uint8_t *)W, K, S, (K + 127) / 128, x, y, N, K, nt);
+    else gemv_any(f32, W, K, 0, x, 0, 0, y, 0, 0, 1, 1, N, K, nt);
+}
+
+/* Rows [i, i+R) (R = 1 or 4) of one expert weight [., Kw] against x: e4m3 with its scales when
+   sc (the weight's weight_scale_inv, contiguous) is set, else of the element type. */
+static inline void expert_rows(int f32, const void *w, const float *sc, int64_t i, int R, const void *x, int Kw,
+                               float *o) {
+    if (sc) dot_e4m3_rows(f32, !f32, R, (const uint8_t *)w + i * Kw, Kw, sc + (i / 128) * ((Kw + 127) / 128), x, Kw, o);
+    else if (R == 4) dot4_any(f32, at(f32, w, i * Kw), Kw, x, Kw, o);
+    else dot_rows_any(f32, at(f32, w, i * Kw), x, 0, 1, Kw, o);
+}
+
 /* One token's MoE: nslot experts (routed and shared alike), expert s with gate/up weights
-   g[s], u[s] [I_s, K] and down weight d[s] [K, I_s] (row-major, contiguous), weight ws[s].
+   g[s], u[s] [I_s, K] and down weight d[s] [K, I_s] (row-major, contiguous), weight ws[s];
+   gs/us/ds (or NULL) hold each weight's FP8 scales (weight_scale_inv, contiguous), 0 for a
+   weight of the element type: an expert kept FP8 is read as stored, one byte a weight, its
+   dequantized weights rounded as the element type (see dot_e4m3).
    h (scratch, sum I_s values of the element type) holds silu(gate x) * up x per expert, rounded
    as torch rounds in bf16 (each projection's output, silu's output, the product; nothing in
    fp32); y[n] = sum_s ws[s] * down_s(h_s)[n] in fp32 (each expert's output rounded to bf16
    first in bf16). Two parallel loops: every expert's intermediate rows, then every output row
    across all experts. */
 static void moe_any(int f32, const void *x, int K, int nslot, const int64_t *g, const int64_t *u, const int64_t *d,
-                    const int *inter, const float *ws, void *h, float *y, int nt) {
+                    const int64_t *gs, const int64_t *us, const int64_t *ds, const int *inter, const float *ws,
+                    void *h, float *y, int nt) {
     int64_t off[65];
     off[0] = 0;
     for (int s = 0; s < nslot && s < 64; s++) off[s + 1] = off[s] + inter[s];
@@ -288,6 +347,7 @@ static void moe_any(int f32, const void *x, int K, int nslot, const int64_t *g, 
     int by4 = K % 4 == 0;
     for (int s = 0; s < nslot; s++) by4 &= inter[s] % 4 == 0;
     int64_t step = by4 ? 4 : 1;      /* rows per work item: four (dot4) when every width allows */
+#define SC(arr, s) ((arr) && (arr)[s] ? (const float *)(arr)[s] : (const float *)0)
 #pragma omp parallel num_threads(nt)
     {
 #pragma omp for schedule(static)
@@ -296,14 +356,8 @@ static void moe_any(int f32, const void *x, int K, int nslot, const int64_t *g, 
             while (r >= off[s + 1]) s++;
             int64_t i = r - off[s];
             float gv[4], uv[4];
-            const void *gr = at(f32, (const void *)g[s], i * K), *ur = at(f32, (const void *)u[s], i * K);
-            if (by4) {
-                dot4_any(f32, gr, K, x, K, gv);
-                dot4_any(f32, ur, K, x, K, uv);
-            } else {
-                dot_rows_any(f32, gr, x, 0, 1, K, gv);
-                dot_rows_any(f32, ur, x, 0, 1, K, uv);
-            }
+            expert_rows(f32, (const void *)g[s], SC(gs, s), i, (int)step, x, K, gv);
+            expert_rows(f32, (const void *)u[s], SC(us, s), i, (int)step, x, K, uv);
             for (int j = 0; j < step; j++) {
                 float ga = stored(f32, gv[j]), ua = stored(f32, uv[j]);
                 float act = stored(f32, ga / (1.0f + expf(-ga)));
@@ -315,24 +369,30 @@ static void moe_any(int f32, const void *x, int K, int nslot, const int64_t *g, 
             float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
             for (int s = 0; s < nslot; s++) {
                 float o[4];
-                const void *rows = at(f32, (const void *)d[s], (int64_t)n * inter[s]);
-                if (by4) dot4_any(f32, rows, inter[s], at(f32, h, off[s]), inter[s], o);
-                else dot_rows_any(f32, rows, at(f32, h, off[s]), 0, 1, inter[s], o);
+                expert_rows(f32, (const void *)d[s], SC(ds, s), n, (int)step, at(f32, h, off[s]), inter[s], o);
                 for (int j = 0; j < step; j++) acc[j] += ws[s] * stored(f32, o[j]);
             }
             for (int j = 0; j < step; j++) y[n + j] = acc[j];
         }
     }
+#undef SC
 }
 
 void dsv3_moe(const bf16 *x, int K, int nslot, const int64_t *g, const int64_t *u, const int64_t *d,
               const int *inter, const float *ws, bf16 *h, float *y, int nt) {
-    moe_any(0, x, K, nslot, g, u, d, inter, ws, h, y, nt);
+    moe_any(0, x, K, nslot, g, u, d, NULL, NULL, NULL, inter, ws, h, y, nt);
 }
 
 void dsv3_moe_f32(const float *x, int K, int nslot, const int64_t *g, const int64_t *u, const int64_t *d,
                   const int *inter, const float *ws, float *h, float *y, int nt) {
-    moe_any(1, x, K, nslot, g, u, d, inter, ws, h, y, nt);
+    moe_any(1, x, K, nslot, g, u, d, NULL, NULL, NULL, inter, ws, h, y, nt);
+}
+
+/* The same with each expert of the element type or kept FP8 (gs/us/ds as moe_any's), bf16 or fp32 (f32). */
+void dsv3_moe_mixed(int f32, const void *x, int K, int nslot, const int64_t *g, const int64_t *u, const int64_t *d,
+                  const int64_t *gs, const int64_t *us, const int64_t *ds, const int *inter, const float *ws, void *h,
+                  float *y, int nt) {
+    moe_any(f32, x, K, nslot, g, u, d, gs, us, ds, inter, ws, h, y, nt);
 }
 
 static inline float get(int f32, const void *p, int64_t i) {
@@ -733,11 +793,13 @@ void dsv3_latent_attn_f32(const float *lat, int64_t ld, const int64_t *idx, int6
 
 enum {  /* dsv3_mla_in's slots */
     IN_X, IN_NORM_W, IN_H, IN_QA_W, IN_QA, IN_QA_NORM_W, IN_QA_N, IN_QB_W, IN_Q, IN_KVA_W, IN_KV, IN_KV_NORM_W,
-    IN_ROW, IN_COS, IN_SIN, IN_WUK, IN_QCAT, IN_D, IN_QLR, IN_H_HEADS, IN_NOPE, IN_ROPE, IN_C, IN_NSLOTS
+    IN_ROW, IN_COS, IN_SIN, IN_WUK, IN_QCAT, IN_D, IN_QLR, IN_H_HEADS, IN_NOPE, IN_ROPE, IN_C,
+    IN_QA_S, IN_QB_S, IN_KVA_S, IN_NSLOTS      /* _S: an FP8 weight's scales (0: a weight of the element type) */
 };
 
 /* h = norm(x); q = q_b(norm(q_a h)) (or q_proj h); kv = kv_a h; the cache row gets [norm(kv[:c]) ;
-   rope(kv[c:])]; q_cat[h] = [q_nope[h] W_UK^T[h] ; rope(q_pe[h])]. eps: the three norms' eps. */
+   rope(kv[c:])]; q_cat[h] = [q_nope[h] W_UK^T[h] ; rope(q_pe[h])]. eps: the three norms' eps.
+   The projections q_a, q_b (q_proj) and kv_a may be e4m3 with scales (proj). */
 void dsv3_mla_in(int f32, const int64_t *a, const float *eps, int nt) {
     size_t es = f32 ? 4 : 2;
     int64_t D = a[IN_D], qlr = a[IN_QLR], H = a[IN_H_HEADS], n = a[IN_NOPE], r = a[IN_ROPE], c = a[IN_C];
@@ -745,18 +807,18 @@ void dsv3_mla_in(int f32, const int64_t *a, const float *eps, int nt) {
     const float *cs = (const float *)a[IN_COS], *sn = (const float *)a[IN_SIN];
     rmsnorm_any(f32, (const void *)a[IN_X], 0, (const void *)a[IN_NORM_W], eps[0], (void *)a[IN_H], 0, 1, (int)D);
     if (qlr) {
-        gemv_any(f32, (const void *)a[IN_QA_W], D, 0, (const void *)a[IN_H], 0, 0, (void *)a[IN_QA], 0, 0, 1, 1,
-                 (int)qlr, (int)D, nt);
+        proj(f32, (const void *)a[IN_QA_W], (const float *)a[IN_QA_S], (const void *)a[IN_H], (void *)a[IN_QA],
+             (int)qlr, (int)D, nt);
         rmsnorm_any(f32, (const void *)a[IN_QA], 0, (const void *)a[IN_QA_NORM_W], eps[1], (void *)a[IN_QA_N], 0, 1,
                     (int)qlr);
-        gemv_any(f32, (const void *)a[IN_QB_W], qlr, 0, (const void *)a[IN_QA_N], 0, 0, q, 0, 0, 1, 1,
-                 (int)(H * (n + r)), (int)qlr, nt);
+        proj(f32, (const void *)a[IN_QB_W], (const float *)a[IN_QB_S], (const void *)a[IN_QA_N], q,
+             (int)(H * (n + r)), (int)qlr, nt);
     } else {
-        gemv_any(f32, (const void *)a[IN_QB_W], D, 0, (const void *)a[IN_H], 0, 0, q, 0, 0, 1, 1, (int)(H * (n + r)),
-                 (int)D, nt);
-    }
-    gemv_any(f32, (const void *)a[IN_KVA_W], D, 0, (const void *)a[IN_H], 0, 0, kv, 0, 0, 1, 1, (int)(c + r),
+        proj(f32, (const void *)a[IN_QB_W], (const float *)a[IN_QB_S], (const void *)a[IN_H], q, (int)(H * (n + r)),
              (int)D, nt);
+    }
+    proj(f32, (const void *)a[IN_KVA_W], (const float *)a[IN_KVA_S], (const void *)a[IN_H], kv, (int)(c + r), (int)D,
+         nt);
     rmsnorm_any(f32, kv, 0, (const void *)a[IN_KV_NORM_W], eps[2], row, 0, 1, (int)c);     /* c_kv */
     rope_any(f32, kv + c * es, 0, cs, sn, row + c * es, 0, 1, (int)r);                      /* k_pe */
     rope_any(f32, q + n * es, n + r, cs, sn, qcat + c * es, c + r, (int)H, (int)r);         /* q_pe */
@@ -767,10 +829,11 @@ void dsv3_mla_in(int f32, const int64_t *a, const float *eps, int nt) {
 enum {  /* dsv3_mla_out's slots */
     OUT_OLAT, OUT_OLAT_LD, OUT_WUV, OUT_O, OUT_OPROJ_W, OUT_A, OUT_X, OUT_NORM_W, OUT_H2, OUT_GATE_W, OUT_BIAS,
     OUT_SCORES, OUT_X32, OUT_IDS, OUT_WEIGHTS, OUT_D, OUT_H_HEADS, OUT_V, OUT_C, OUT_E, OUT_GROUPS, OUT_TOPK_GROUP,
-    OUT_K, OUT_NORM_TOPK, OUT_NSLOTS
+    OUT_K, OUT_NORM_TOPK, OUT_OPROJ_S, OUT_NSLOTS
 };
 
-/* o[h] = W_UV[h] o_lat[h]; x += o_proj o (rounded as the module's residual add); h2 = norm(x);
+/* o[h] = W_UV[h] o_lat[h]; x += o_proj o (o_proj e4m3 with OPROJ_S set; rounded as the module's
+   residual add); h2 = norm(x);
    then, with a gate weight (fp32 [E, D]), the gate: scores = sigmoid(h2 W^T) in fp32 and the
    expert choice (dsv3_route) into ids / weights. f: post-norm eps, routed scaling factor. */
 void dsv3_mla_out(int f32, const int64_t *a, const float *f, int nt) {
@@ -778,8 +841,8 @@ void dsv3_mla_out(int f32, const int64_t *a, const float *f, int nt) {
     void *x = (void *)a[OUT_X], *att = (void *)a[OUT_A];
     gemv_any(f32, (const void *)a[OUT_WUV], c, v * c, (const void *)a[OUT_OLAT], 0, a[OUT_OLAT_LD],
              (void *)a[OUT_O], 0, v, (int)H, 1, (int)v, (int)c, nt);
-    gemv_any(f32, (const void *)a[OUT_OPROJ_W], H * v, 0, (const void *)a[OUT_O], 0, 0, att, 0, 0, 1, 1, (int)D,
-             (int)(H * v), nt);
+    proj(f32, (const void *)a[OUT_OPROJ_W], (const float *)a[OUT_OPROJ_S], (const void *)a[OUT_O], att, (int)D,
+         (int)(H * v), nt);
     for (int64_t i = 0; i < D; i++) put(f32, x, i, get(f32, x, i) + get(f32, att, i));
     rmsnorm_any(f32, x, 0, (const void *)a[OUT_NORM_W], f[0], (void *)a[OUT_H2], 0, 1, (int)D);
     if (!a[OUT_GATE_W]) return;

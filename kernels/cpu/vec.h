@@ -13,6 +13,9 @@
 
 #include <stdint.h>
 #include <string.h>
+#if defined(__SSE4_1__)
+#include <immintrin.h>       /* vload_i8's sign extensions */
+#endif
 
 #if defined(__AVX512F__)
 #define VL 16
@@ -26,8 +29,6 @@ typedef float vf __attribute__((vector_size(VL * 4)));
 typedef int32_t vi __attribute__((vector_size(VL * 4)));
 typedef uint32_t vu __attribute__((vector_size(VL * 4)));
 typedef uint16_t vh __attribute__((vector_size(VL * 2)));
-
-typedef uint8_t vb __attribute__((vector_size(VL)));
 
 /* unaligned loads and stores: memcpy of a vector's size is one vector move at -O2 and up */
 static inline vf vload(const float *p) { vf v; memcpy(&v, p, sizeof v); return v; }
@@ -45,32 +46,82 @@ static inline vf vload_bf(const uint16_t *p) {
     return f;
 }
 
-/* VL e4m3 (OCP "fn": bias 7, no infinities) bytes widened to fp32 exactly: the 7 magnitude bits
-   placed under an fp32's exponent field and the float multiplied by 2^(127 - 7), which takes
-   normals and subnormals alike to their value; the sign bit moved to the top. (0x7f, e4m3fn's
-   NaN, becomes 480: a stored weight is never NaN, the loader checks.) */
-static inline vf vload_e4m3(const uint8_t *p) {
-    vb b;
+/* VL e4m3 (OCP "fn": bias 7, no infinities) bytes as fp32 lanes holding value / E4M3_LIFT,
+   exactly; multiplying by scale * E4M3_LIFT gives the dequantized weight in one rounding, the
+   same as value * scale. (0x7f, e4m3fn's NaN, becomes 480: a stored weight is never NaN, the
+   loader checks.) Two ways, the same values:
+   - with F16C (x86-64-v3 and up): each byte sign-extended to 16 bits and shifted left by 7 is an
+     fp16 with the e4m3's exponent and mantissa bits in place (e4m3 is fp16 with 3 exponent bits
+     fewer, so value = fp16 * 2^8), the sign at bit 15, converted by vcvtph2ps. Every result is
+     an fp32 normal: no denormal operand ever reaches a multiply (they cost a microcode assist,
+     measured 2.5x slower on this EPYC with 8 % of e4m3 codes subnormal).
+   - elsewhere: each byte sign-extended to 32 bits and shifted left by 20 puts its 7 magnitude
+     bits under an fp32's exponent field and its sign at bit 31 (value = fp32 * 2^120); e4m3's
+     subnormals become fp32 subnormals, exact as long as denormals are not flushed (torch leaves
+     them on). */
+typedef int8_t vsb __attribute__((vector_size(VL)));
+
+#if defined(__F16C__) && defined(__AVX__) && (VL == 8 || (VL == 16 && defined(__AVX512F__)))
+#define E4M3_LIFT 0x1p8f
+static inline vf vload_e4m3_raw(const uint8_t *p) {
+    vf v;
+#if VL == 16
+    __m256i h = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)p));
+    h = _mm256_and_si256(_mm256_slli_epi16(h, 7), _mm256_set1_epi16((short)0xBF80));
+    __m512 f = _mm512_cvtph_ps(h);
+#else
+    __m128i h = _mm_cvtepi8_epi16(_mm_loadl_epi64((const __m128i *)p));
+    h = _mm_and_si128(_mm_slli_epi16(h, 7), _mm_set1_epi16((short)0xBF80));
+    __m256 f = _mm256_cvtph_ps(h);
+#endif
+    memcpy(&v, &f, sizeof v);
+    return v;
+}
+#else
+#define E4M3_LIFT 0x1p120f
+/* VL bytes sign-extended to int32 lanes: pmovsxbd where the target has it (GCC 12 scalarises
+   __builtin_convertvector from a vector of 4 bytes), the generic conversion elsewhere */
+static inline vu vload_i8(const uint8_t *p) {
+    vu v;
+#if VL == 4 && defined(__SSE4_1__)
+    int32_t w;
+    memcpy(&w, p, 4);
+    __m128i r = _mm_cvtepi8_epi32(_mm_cvtsi32_si128(w));
+    memcpy(&v, &r, sizeof v);
+#else
+    vsb b;
     memcpy(&b, p, sizeof b);
-    vu u = __builtin_convertvector(b, vu);
-    vu mag = (u & 0x7F) << 20, sign = (u & 0x80) << 24;
-    vf m, sg;
-    memcpy(&m, &mag, sizeof m);
-    m = m * 0x1p120f;
-    vu bits;
-    memcpy(&bits, &m, sizeof bits);
-    bits |= sign;
-    memcpy(&sg, &bits, sizeof sg);
-    return sg;
+    v = (vu)__builtin_convertvector(b, vi);
+#endif
+    return v;
 }
 
-/* fp32 lanes rounded to bf16 precision (nearest even), kept as fp32: what .to(bfloat16) keeps */
+static inline vf vload_e4m3_raw(const uint8_t *p) {
+    vu bits = (vload_i8(p) << 20) & 0x87F00000u;        /* unsigned: no signed shift */
+    vf f;
+    memcpy(&f, &bits, sizeof f);
+    return f;
+}
+#endif
+
+/* VL e4m3 bytes widened to their fp32 values exactly */
+static inline vf vload_e4m3(const uint8_t *p) { return vload_e4m3_raw(p) * E4M3_LIFT; }
+
+/* fp32 lanes rounded to bf16 precision (nearest even), kept as fp32: what .to(bfloat16) keeps.
+   By the hardware's own rounding: C = 1.5 * 2^(e + 16) for x's exponent e (x's exponent bits
+   times 1.5 * 2^16) is a multiple of 2^(e + 15), so x + C has its last bit where bf16's last bit
+   of x is, its rounding (nearest even) is bf16's, and subtracting C is exact. Four float
+   operations (two fused) where the integer form (add 0x7FFF plus the parity bit, mask) took
+   five, two of them shifts: 1.1x the e4m3 GEMV's rate on an AVX2 EPYC. For normal x with
+   |x| < 2^111 (weights; zeros stay zero; fp32 subnormals are left as they are). */
 static inline vf vround_bf(vf x) {
-    vu u;
+    vu u, e;
     memcpy(&u, &x, sizeof u);
-    u = (u + 0x7FFFu + ((u >> 16) & 1u)) & 0xFFFF0000u;
-    memcpy(&x, &u, sizeof x);
-    return x;
+    e = u & 0xFF800000u;                 /* sign and exponent: +-2^e */
+    vf c;
+    memcpy(&c, &e, sizeof c);
+    c = c * 98304.0f;                    /* 1.5 * 2^16 */
+    return (x + c) - c;
 }
 
 /* the lanes' sum, pairwise (a tree, as the hardware reductions add) */
