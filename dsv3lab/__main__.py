@@ -1,4 +1,4 @@
-"""``python -m dsv3lab``: the ``dsv3lab`` command (``cli.py``)."""
+"""``python -m dsv3lab``: the ``dsv3lab`` command (``dsv3lab/cli/``)."""
 
 import sys
 

@@ -50,9 +50,11 @@ def _cmd_experiment(args) -> int:
         return 0
     print(f"{res['name']}: {res['title']}\n  scale: {res['scale']}\n  seeds: {res['seeds']}, "
           f"{res['wall_s']:.0f} s, commit {(res['commit'] or '?')[:10]}{' (dirty)' if res['dirty'] else ''}")
-    width = max((len(k) for k in res["metrics"]), default=10)
-    for k, m in sorted(res["metrics"].items()):
-        print(f"  {k:{width}s}  {m['mean']:.6g} ± {m['std']:.2g}  (min {m['min']:.6g}, max {m['max']:.6g})")
+    from dsv3lab.viz.tables import text_table
+    g6, g2 = (lambda v: f"{v:.6g}"), (lambda v: f"± {v:.2g}")
+    print(text_table([dict(metric=k, mean=m["mean"], std=m["std"], min=m["min"], max=m["max"])
+                      for k, m in sorted(res["metrics"].items())],
+                     formats=dict(mean=g6, std=g2, min=g6, max=g6)))
     if record or not args.quick:
         print(f"  recorded: {X.result_path(args.name, args.out)}")
     return 0
