@@ -284,6 +284,10 @@ class ModelConfig:
         why = refusal(d)
         if why is not None:
             raise UnsupportedModelType(f"{src}: model_type {mt!r} is not supported: {why}")
+        if mt == "deepseek_v4":
+            raise ConfigError(f"{src}: model_type 'deepseek_v4' is DeepSeek-V4, read by V4Config.from_hf and loaded "
+                              "by dsv3lab.load (the V4 engine); this is the V3 family's reader (ModelConfig), "
+                              "which its ranked loader (dsv3lab.parallel.load_sharded) uses too")
         if mt not in MODEL_TYPES:
             raise ConfigError(f"{src}: model_type must be one of {', '.join(repr(m) for m in MODEL_TYPES)}, "
                               f"got {mt!r}")

@@ -18,21 +18,59 @@ def is_v4(cfg_or_name) -> bool:
     return isinstance(cfg_or_name, V4Config) or (isinstance(cfg_or_name, str) and cfg_or_name in V4_PRESETS)
 
 
-def load_other(path, dtype=None, device=None):
-    """The model for a checkpoint of a non-V3 architecture; None for the V3 family's."""
+class UnsupportedOption(ValueError):
+    """A load / build option this model type does not implement; the message names the option."""
+
+
+def check_v4_options(fp8: str = "dequant", attn_mode: str | None = None, max_memory: float | None = None,
+                     absorb_prefill: bool | None = None, where: str = "load") -> None:
+    """Options of ``load`` / ``build`` that a DeepSeek-V4 model does not implement, refused by
+    name (never silently ignored): FP8 kept as stored (V4 weights are dequantized at load),
+    another attention implementation, expert paging, absorbed prefill."""
+    if fp8 != "dequant":
+        raise UnsupportedOption(f"{where}(fp8={fp8!r}): DeepSeek-V4 checkpoints are dequantized at load (FP8 "
+                                "weights and MXFP4 experts to the compute dtype); keeping them as stored is "
+                                "implemented for the V3 family only (use fp8='dequant')")
+    if attn_mode not in (None, "v4"):
+        raise UnsupportedOption(f"{where}(attn_mode={attn_mode!r}): a DeepSeek-V4 model has one attention "
+                                "implementation ('v4': sliding window plus CSA / HCA per layer_types)")
+    if max_memory is not None:
+        raise UnsupportedOption(f"{where}(max_memory={max_memory!r}): paging routed experts from the shards "
+                                "(dsv3lab.paging) is implemented for the V3 family only")
+    if absorb_prefill:
+        raise UnsupportedOption(f"{where}(absorb_prefill=True): DeepSeek-V4's attention has no MLA latent to "
+                                "absorb into")
+
+
+def load_other(path, dtype=None, device=None, fp8: str = "dequant", attn_mode: str | None = None,
+               progress: bool = False, max_memory: float | None = None, prefetch: bool = True):
+    """The model for a checkpoint of a non-V3 architecture, or of the V3 architecture stored in
+    another layout (fused experts); None for the V3 family's own layout. Every option of
+    ``dsv3lab.load`` either applies or is refused by name (``UnsupportedOption``)."""
     import os
     if not os.path.isdir(os.fspath(path)):
         return None
     mt = hf_model_type(path)
     if mt == "deepseek_v4":
+        check_v4_options(fp8, attn_mode, max_memory)
+        import sys
+        import time
         from dsv3lab.checkpoint.v4 import load_v4
-        return load_v4(path, dtype=dtype, device=device)
+        t0 = time.perf_counter()
+        model = load_v4(path, dtype=dtype, device=device)
+        model._dsv3_load["seconds"] = time.perf_counter() - t0
+        if progress:
+            print(f"loaded {path} (DeepSeek-V4, dequantized) in {model._dsv3_load['seconds']:.2f} s, "
+                  f"{model._dsv3_load['bytes_read'] / 1e6:.1f} MB read", file=sys.stderr)
+        return model
     from dsv3lab.checkpoint import ShardReader, load_checkpoint
     from dsv3lab.fused_experts import FusedExpertsReader, has_fused_experts
     try:
         keys = ShardReader(os.fspath(path)).keys()
     except Exception:
         return None     # the V3 loader names what is wrong with the directory
-    if has_fused_experts(keys):     # experts saved fused (transformers' mistral4): per-expert views
-        return load_checkpoint(os.fspath(path), dtype=dtype, device=device, reader=FusedExpertsReader(os.fspath(path)))
+    if has_fused_experts(keys):     # experts saved fused (transformers' mistral4, glm_moe_dsa): per-expert views
+        return load_checkpoint(os.fspath(path), dtype=dtype, device=device, fp8=fp8, attn_mode=attn_mode,
+                               progress=progress, max_memory=max_memory, prefetch=prefetch,
+                               reader=FusedExpertsReader(os.fspath(path)))
     return None        # the V3 loader; ModelConfig.from_hf refuses the rest of the family by name

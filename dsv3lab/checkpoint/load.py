@@ -392,7 +392,8 @@ def load(path: str, dtype: torch.dtype | None = None, device=None, fp8: str = "d
     ``progress=True`` prints them.
     """
     from dsv3lab.family import load_other
-    other = load_other(path, dtype, device)              # DeepSeek-V4 and the refused types (dsv3lab/family.py)
+    other = load_other(path, dtype, device, fp8=fp8, attn_mode=attn_mode, progress=progress,   # DeepSeek-V4,
+                       max_memory=max_memory, prefetch=prefetch)    # fused experts (dsv3lab/family.py)
     if other is not None:
         return other
     return load_checkpoint(path, dtype=dtype, device=device, fp8=fp8, attn_mode=attn_mode, progress=progress,

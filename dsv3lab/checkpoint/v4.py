@@ -238,6 +238,13 @@ def load_v4(path: str, dtype: torch.dtype | None = None, device=None, cfg: V4Con
                                   f"{list(shape)} (for {n})")
         place(mod, attr, own_copy(t, device or "cpu", target))
     model._dsv3_load = dict(path=path, bytes_read=reader.bytes_read, tensors_read=reader.tensors_read)
+    # the release's MTP layer: not built (transformers 5.24 drops it too); said, kept by name
+    model.unused_mtp = sorted(k for k in keys - scale_keys if module_name(k) is None)
+    if model.unused_mtp:
+        import warnings
+        warnings.warn(f"{path}: the checkpoint's multi-token-prediction layer ({len(model.unused_mtp)} tensors, "
+                      f"e.g. {model.unused_mtp[:2]}) is not loaded: V4 models here do not build it; next-token "
+                      "logits do not use it, speculative decoding and mtp_logits refuse by name", stacklevel=3)
     return model.eval()
 
 

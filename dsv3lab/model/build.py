@@ -24,6 +24,8 @@ def build(cfg: ModelConfig | str, device="cpu", dtype: torch.dtype | None = None
     """A freshly initialised model (N(0, initializer_range) weights, unit norms, zero bias).
     ``device="meta"`` allocates nothing: the 671B preset builds in seconds for counting."""
     if is_v4(cfg):
+        from dsv3lab.family import check_v4_options
+        check_v4_options(attn_mode=attn_mode, where="build")
         return build_v4(cfg, device=device, dtype=dtype, seed=seed)
     if isinstance(cfg, str):
         cfg = ModelConfig.preset(cfg)

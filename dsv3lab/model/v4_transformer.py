@@ -81,6 +81,7 @@ class V4Cache:
 class V4Transformer(nn.Module):
     def __init__(self, cfg, dtype=None, device=None):
         super().__init__()
+        self.unused_mtp: list[str] = []    # checkpoint keys of the release's MTP layer, not built (load_v4)
         self.cfg = cfg
         D, V = cfg.hidden_size, cfg.vocab_size
         self.embed_tokens = nn.Embedding(V, D, dtype=dtype, device=device)
@@ -107,8 +108,8 @@ class V4Transformer(nn.Module):
         return "v4"
 
     def set_attn_mode(self, mode: str | None = None, absorb_prefill=None) -> "V4Transformer":
-        if mode not in (None, "v4"):
-            raise ValueError(f"a V4 model has one attention implementation ('v4'), got {mode!r}")
+        from dsv3lab.family import check_v4_options
+        check_v4_options(attn_mode=mode, absorb_prefill=absorb_prefill, where="set_attn_mode")
         return self
 
     def new_cache(self, batch: int, max_len: int, mode: str | None = None, dtype=None) -> V4Cache:
@@ -163,9 +164,20 @@ class V4Transformer(nn.Module):
         logits = self.hook_logits(self.head(h[:, -1:] if last_only else h))
         return (logits, h) if return_hidden else logits
 
+    def mtp_missing(self, what: str) -> NotImplementedError:
+        """The named error for asking for the MTP layer (not built; the loaded checkpoint's own
+        ``mtp.*`` tensors, if it had any, are in ``self.unused_mtp``)."""
+        held = (f"; this checkpoint's {len(self.unused_mtp)} MTP tensors (e.g. {self.unused_mtp[:2]}) were "
+                "not loaded") if self.unused_mtp else ""
+        return NotImplementedError(f"{what} needs DeepSeek-V4's multi-token-prediction layer, which V4 models "
+                                   f"here do not build (transformers 5.24 does not implement it either){held}")
+
+    def mtp_logits(self, *args, **kw):
+        raise self.mtp_missing("mtp_logits")
+
     @torch.no_grad()
     def generate(self, *args, **kw):
         if kw.get("speculative"):
-            raise ValueError("speculative decoding needs the MTP layer, which V4 models here do not build")
+            raise self.mtp_missing("speculative decoding")
         from dsv3lab.generate import generate
         return generate(self, *args, **kw)
