@@ -389,3 +389,13 @@ def test_an_experiment_that_cannot_be_imported_is_listed_with_why(monkeypatch, c
     assert len(lines) == len(X.REGISTRY)
     assert main(["experiment", "ghost", "--quick", "--no-progress"]) == 2
     assert "missing module" in capsys.readouterr().err
+
+
+def test_an_experiment_whose_dependency_is_missing_names_the_dependency(tmp_path, monkeypatch):
+    (tmp_path / "lab_exp_needing_more.py").write_text("import no_such_dependency_for_dsv3lab\nNAME = 'x'\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setitem(X.REGISTRY, "needs_more", "lab_exp_needing_more")
+    assert "needs_more" in X.names()
+    assert X.unavailable() == {"needs_more": "missing module no_such_dependency_for_dsv3lab"}
+    with pytest.raises(X.ExperimentUnavailable, match="'needs_more'.*missing module 'no_such_dependency_for_dsv3lab'"):
+        X.module("needs_more")
