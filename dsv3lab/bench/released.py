@@ -44,8 +44,14 @@ def add_args(p) -> None:
     p.add_argument("--context", type=int, default=1024, help="cache length for decode")
     p.add_argument("--decode-steps", type=int, default=8)
     p.add_argument("--page-fraction", type=float, default=0.25, help="routed experts held when paged")
+    p.add_argument("--cap-of-model", type=float, default=None,
+                   help="paged cap as a fraction of the whole model as held (overrides --page-fraction; "
+                        "must leave room beyond the dense part)")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--no-paged", action="store_true")
+    p.add_argument("--tokens", action="store_true",
+                   help="also generate --decode-steps greedy tokens after a 64-token prompt (held whole and "
+                        "paged: the same tokens?)")
 
 
 def config_of(name: str, layers: int | None):
@@ -168,6 +174,21 @@ def _decode_rate(m, ctx: int, steps: int, x) -> float:
     return 1 / statistics.median(ts)
 
 
+def _greedy(m, x, ctx: int, steps: int) -> tuple[list[int], float]:
+    """Greedy generation of ``steps`` tokens after the prompt ``x[:, :ctx]``: the tokens and the
+    decode tokens/s (prefill excluded). The same tokens from two runs of one checkpoint say that
+    paging (or a kernel path) changed nothing a user sees."""
+    c = m.new_cache(1, ctx + steps + 2)
+    logits = m(x[:, :ctx], start=0, cache=c, last_only=True)
+    tok = logits[:, -1:].argmax(-1)
+    out = [int(tok)]
+    t0 = time.perf_counter()
+    for i in range(steps - 1):
+        tok = m(tok, start=ctx + i, cache=c, last_only=True)[:, -1:].argmax(-1)
+        out.append(int(tok))
+    return out, (steps - 1) / (time.perf_counter() - t0)
+
+
 def _reset_peak_rss() -> None:
     """Linux: set the process's peak RSS (VmHWM) to its current RSS."""
     try:
@@ -214,6 +235,13 @@ def _measure(path, fp8, args_d, paged) -> dict:
             out["prefill_tok_s"] = n / (time.perf_counter() - t0)
             out["decode_tok_s"] = _decode_rate(m, args_d["context"], args_d["decode_steps"], x)
             out["pct_of_limit"] = 100 * out["decode_tok_s"] / out["limit_tok_s"]
+            from dsv3lab.fast import step_verdict
+            v = step_verdict(m)              # the fused step, where it measured faster than the module path
+            out["fused"] = None if v is None else v["used"]     # None: not timed (DSV3LAB_CPU_KERNELS=all)
+            if v:
+                out.update(fused_ms=v["fused_ms"], module_ms=v["module_ms"])
+            if args_d.get("tokens"):
+                out["tokens"], _ = _greedy(m, x, min(args_d["context"], 64), args_d["decode_steps"])
         else:
             cap, prefetch = paged
             m = dsv3lab.load(path, fp8=fp8, max_memory=cap / 1e9, prefetch=prefetch)
@@ -230,7 +258,9 @@ def _measure(path, fp8, args_d, paged) -> dict:
             st = m.pager.stats()
             out.update(cap_GB=cap / 1e9, prefetch=prefetch, decode_tok_s=args_d["decode_steps"] / dt,
                        hit_rate=st["hit_rate"], MB_read_per_tok=st["bytes_read"] / 1e6 / args_d["decode_steps"],
-                       resident_experts=st["resident_experts"])
+                       MB_read_from_disk=st["bytes_read"] / 1e6, resident_experts=st["resident_experts"])
+            if args_d.get("tokens"):
+                out["tokens"], out["greedy_tok_s"] = _greedy(m, x, ctx, args_d["decode_steps"])
             m.pager.close()
         out["peak_rss_GB"] = rss_bytes()[1] / 1e9
     return out
@@ -257,7 +287,8 @@ def _in_child(*a) -> dict:
 
 def run(args) -> int:
     root = args.dir or os.path.join(tempfile.gettempdir(), "dsv3lab-released")
-    args_d = dict(threads=args.threads, prefill=args.prefill, context=args.context, decode_steps=args.decode_steps)
+    args_d = dict(threads=args.threads, prefill=args.prefill, context=args.context, decode_steps=args.decode_steps,
+                  tokens=getattr(args, "tokens", False))
     rows = []
     for name in args.models.split(","):
         cfg = config_of(name, args.layers)
@@ -273,21 +304,34 @@ def run(args) -> int:
         rows.append(r)
         _save(args, rows)
         if not args.no_paged:
-            cap = (r["held_GB"] - (1 - args.page_fraction) * r["routed_GB"]) * 1e9
+            cap_of_model = getattr(args, "cap_of_model", None)
+            if cap_of_model:
+                cap = cap_of_model * r["held_GB"] * 1e9
+                if cap <= (r["held_GB"] - r["routed_GB"]) * 1e9:
+                    raise SystemExit(f"--cap-of-model {cap_of_model}: {cap / 1e9:.2f} GB does not hold the dense "
+                                     f"part ({r['held_GB'] - r['routed_GB']:.2f} GB)")
+            else:
+                cap = (r["held_GB"] - (1 - args.page_fraction) * r["routed_GB"]) * 1e9
             for prefetch in (False, True):
                 p = dict(model=name, layers=cfg.num_hidden_layers, fp8=mode, mode="paged")
                 p.update(_in_child(path, mode, args_d, (cap, prefetch)))
+                if "tokens" in p:          # the tokens generated against the model held whole, and without prefetch
+                    p["same_tokens_as_whole"] = p["tokens"] == r.get("tokens")
+                    base = [q for q in rows if q.get("mode") == "paged" and q["model"] == name and not q["prefetch"]]
+                    p["same_tokens_as_no_prefetch"] = p["tokens"] == base[0]["tokens"] if base else True
                 rows.append(p)
                 _save(args, rows)
     print_table([r for r in rows if r.get("mode") != "paged"],
                 ["model", "layers", "stored", "fp8", "disk_GB", "load_s", "rss_before_load_GB", "load_peak_rss_GB",
                  "mapped_GB", "own_GB",
-                 "prefill_tok_s", "decode_tok_s", "limit_tok_s", "pct_of_limit", "read_GBps", "act_GB_per_tok"])
+                 "prefill_tok_s", "decode_tok_s", "limit_tok_s", "pct_of_limit", "read_GBps", "act_GB_per_tok", "fused"])
     paged = [r for r in rows if r.get("mode") == "paged"]
     if paged:
         print()
-        print_table(paged, ["model", "layers", "cap_GB", "prefetch", "decode_tok_s", "hit_rate", "MB_read_per_tok",
-                            "resident_experts", "peak_rss_GB"])
+        cols = ["model", "layers", "cap_GB", "prefetch", "decode_tok_s", "hit_rate", "MB_read_per_tok",
+                "MB_read_from_disk", "resident_experts", "peak_rss_GB", "greedy_tok_s", "same_tokens_as_whole",
+                "same_tokens_as_no_prefetch"]
+        print_table(paged, [c for c in cols if all(c in r for r in paged)])
     _save(args, rows)
     return 0
 
