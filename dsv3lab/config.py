@@ -21,6 +21,10 @@ class ConfigError(ValueError):
     """A config field is missing, unknown or inconsistent with another one."""
 
 
+# how the router limits groups (``Gate``): per model type as transformers 5.24 routes
+TOPK_METHODS = ("noaux_tc", "greedy", "group_limited_greedy", "group_top2")
+
+
 # annotation (a string under `from __future__ import annotations`) -> accepted Python types
 _FIELD_TYPES = {"int": (int,), "float": (int, float), "bool": (bool,), "str": (str,),
                 "Optional[int]": (int,), "Optional[str]": (str,), "Optional[dict]": (dict,)}
@@ -43,7 +47,9 @@ class ModelConfig:
     n_group: int = 8                    # [n_expert_groups] E/G contiguous experts per group
     topk_group: int = 4                 # [n_limited_groups] groups a token may use (node limit M)
     scoring_func: str = "sigmoid"       # [score_func] "sigmoid" (V3) or "softmax" (V2)
-    topk_method: str = "noaux_tc"       # "noaux_tc": bias + top-2-sum groups; "greedy"/"group_limited_greedy": V2
+    # "noaux_tc": bias + top-2-sum groups; "greedy": no groups (n_group ignored, as transformers' V2);
+    # "group_limited_greedy": max-score groups (V2); "group_top2": top-2-sum groups, no bias (Mistral 4)
+    topk_method: str = "noaux_tc"
     routed_scaling_factor: float = 2.5  # [route_scale] multiplies the routing weights
     norm_topk_prob: bool = True         # renormalise the chosen weights to sum to 1 (sigmoid)
     # --- MLA ---------------------------------------------------------------------------------
@@ -121,8 +127,8 @@ class ModelConfig:
              f"must be in [0, num_hidden_layers={self.num_hidden_layers}], got {self.first_k_dense_replace}")
         need(self.scoring_func in ("sigmoid", "softmax"), "scoring_func",
              f"must be 'sigmoid' or 'softmax', got {self.scoring_func!r}")
-        need(self.topk_method in ("noaux_tc", "greedy", "group_limited_greedy"), "topk_method",
-             f"must be 'noaux_tc', 'greedy' or 'group_limited_greedy', got {self.topk_method!r}")
+        need(self.topk_method in TOPK_METHODS, "topk_method",
+             f"must be one of {', '.join(repr(m) for m in TOPK_METHODS)}, got {self.topk_method!r}")
         need(self.q_lora_rank >= 0, "q_lora_rank", f"must be >= 0, got {self.q_lora_rank}")
         need(self.num_nextn_predict_layers >= 0, "num_nextn_predict_layers", "must be >= 0")
         need(self.n_shared_experts >= 0, "n_shared_experts", f"must be >= 0, got {self.n_shared_experts}")
@@ -169,10 +175,10 @@ class ModelConfig:
             need(1 <= self.topk_group <= self.n_group, "topk_group",
                  f"must be in [1, n_group={self.n_group}], got {self.topk_group}")
             per_group = self.n_routed_experts // self.n_group
-            if self.topk_method == "noaux_tc" and self.n_group > 1:
-                need(per_group >= 2, "n_group", "noaux_tc scores groups by their top-2 experts: "
+            if self.topk_method in ("noaux_tc", "group_top2") and self.n_group > 1:
+                need(per_group >= 2, "n_group", f"{self.topk_method} scores groups by their top-2 experts: "
                      f"needs >= 2 experts per group, got {per_group}")
-            need(self.topk_group * per_group >= self.num_experts_per_tok, "topk_group",
+            need(self.topk_method == "greedy" or self.topk_group * per_group >= self.num_experts_per_tok, "topk_group",
                  f"topk_group={self.topk_group} groups of {per_group} experts cannot hold "
                  f"num_experts_per_tok={self.num_experts_per_tok}")
             need(self.moe_intermediate_size > 0, "moe_intermediate_size", "must be > 0")
@@ -340,10 +346,8 @@ class ModelConfig:
             if d.get("rope_interleave") is False:
                 raise UnsupportedModelType(f"{src}: mistral4 with rope_interleave=false (half-split RoPE on "
                                            "MLA) is not supported")
-            if (d.get("n_group") or 1) > 1:
-                raise UnsupportedModelType(f"{src}: mistral4 with n_group > 1 (groups scored by their top-2 "
-                                           "softmax scores, no bias) is not supported")
-            kw.update(scoring_func="softmax", topk_method="greedy",
+            # groups, when there are several, scored by their top-2 softmax scores (no bias)
+            kw.update(scoring_func="softmax", topk_method="group_top2" if (d.get("n_group") or 1) > 1 else "greedy",
                       norm_topk_prob=bool(d.get("norm_topk_prob", True)),
                       attn_scale_beta=float(rp.get("llama_4_scaling_beta") or 0.0),
                       attn_scale_len=int(rp.get("original_max_position_embeddings") or 0))
@@ -432,7 +436,7 @@ class ModelConfig:
 
 # model_type values from_hf reads; all are this architecture (docs/checkpoints.md, docs/family.md).
 # sarvam_mla: transformers builds it as DeepseekV3ForCausalLM (its config subclasses V3's); mistral4:
-# V3 plus query scaling (attn_scale_beta), a softmax router without bias in one group; glm4_moe_lite
+# V3 plus query scaling (attn_scale_beta), a softmax router without bias (group_top2 with groups); glm4_moe_lite
 # (GLM-4.7-Flash): V3's MLA and router with the dense/MoE schedule as mlp_layer_types
 # glm_moe_dsa (GLM-5): V3.2's DSA with an interleaved-RoPE indexer and shared-selection layers
 MODEL_TYPES = ("deepseek_v3", "deepseek_v32", "kimi_k2", "deepseek_v2", "sarvam_mla", "mistral4", "glm4_moe_lite",

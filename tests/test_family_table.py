@@ -48,7 +48,8 @@ HOW = {"deepseek_v2": "V3 engine (softmax gate, V2 routing)", "deepseek_v3": "V3
                       "layers (indexer_types 'shared' reuse the last full layer's top-k; tests/test_dsa_shared.py); "
                       "fused experts read as per-expert views",
        "mistral4": "V3 engine with llama-4 query scaling (`attn_scale_beta`), softmax router without bias; "
-                   "n_group > 1 and rope_interleave=false refused; fused experts read as per-expert views"}
+                   "n_group > 1 routed by top-2-sum groups (`group_top2`); rope_interleave=false refused; "
+                   "fused experts read as per-expert views"}
 
 
 def family():

@@ -4,7 +4,9 @@ Router, for token t with hidden x (all in fp32; T tokens in batch-major order, E
   u = x W_g^T                                   [T,E]   no bias
   s = sigmoid(u)   (V3)   |   softmax(u)  (V2)  [T,E]   "scores"
   s~ = s + b        b = e_score_correction_bias, used for *selection only* (noaux_tc)
-  group score = sum of the group's top-2 s~ (noaux_tc) | max s (V2 group_limited_greedy)
+  group score = sum of the group's top-2 s~ (noaux_tc; group_top2: Mistral 4's softmax router,
+  no bias) | max s (V2 group_limited_greedy) | no groups at all (greedy: V2-Lite, Mistral 4 in
+  one group; transformers' DeepseekV2TopkRouter ignores n_group under "greedy", so do we)
   keep the topk_group best groups, set every other expert to -inf (never 0: with negative biases
   a 0-filled masked expert can win, the bug the official code and HF 4.x once had)
   topk_ids = top-k of the masked s~;  weights = s[topk_ids]  (unbiased)
@@ -58,7 +60,8 @@ class Gate(nn.Module):
         self.hook_logits = HookPoint("[T,E] router logits u (fp32)")
         self.hook_scores = HookPoint("[T,E] scores s: sigmoid(u) or softmax(u)")
         self.hook_biased_scores = HookPoint("[T,E] selection scores s + b")
-        self.hook_group_mask = HookPoint("[T,G] bool, groups kept for each token (only fires when topk_group < n_group > 1)")
+        self.hook_group_mask = HookPoint("[T,G] bool, groups kept for each token (only fires when topk_group < n_group > 1 "
+                                         "and topk_method is not 'greedy')")
         self.hook_topk_ids = HookPoint("[T,k] int64 chosen experts")
         self.hook_topk_weights = HookPoint("[T,k] fp32 routing weights")
         # interpretability seams (module docstring); None = the gate as trained
@@ -97,12 +100,13 @@ class Gate(nn.Module):
         masked = self.expert_mask is not None
         if masked:
             choice = choice.masked_fill(~self.expert_mask.to(choice.device), float("-inf"))
-        if G > 1 and cfg.topk_group < G:
+        if G > 1 and cfg.topk_group < G and cfg.topk_method != "greedy":
             grouped = choice.view(-1, G, E // G)
-            if self.has_bias and masked:
+            top2 = cfg.topk_method in ("noaux_tc", "group_top2")
+            if top2 and masked:
                 best2 = grouped.topk(2, dim=-1).values
                 group_scores = best2[..., 0] + best2[..., 1].masked_fill(best2[..., 1] == float("-inf"), 0.0)
-            elif self.has_bias:
+            elif top2:
                 group_scores = grouped.topk(2, dim=-1).values.sum(dim=-1)
             else:
                 group_scores = grouped.amax(dim=-1)
