@@ -98,6 +98,33 @@ def test_fp8_linear_bands_match_weight_dequant(monkeypatch):
             torch.testing.assert_close(F8.fp8_linear(x, q, s), ref, rtol=1e-5, atol=1e-5)
 
 
+def test_dequant_at_load_in_bands_is_weight_dequant():
+    """The loader dequantizes a band of block rows at a time (few MB of fp32 transients whatever
+    the weight): the same values as one ``weight_dequant`` of the whole window, for windows that
+    start inside a scale block (a rank's rows or columns), several bands and a ragged last one."""
+    from dsv3lab.checkpoint.load import _dequant_in_bands
+    g = torch.Generator().manual_seed(2)
+    for (M, N), (r0, c0) in (((3000, 700), (0, 0)), ((2900, 300), (40, 100)), ((130, 129), (5, 0))):
+        q, s = F8.weight_quant(torch.randn(M + r0, N + c0, generator=g) * 0.05)
+        win = q[r0:, c0:]
+        for dtype in (torch.bfloat16, torch.float32):
+            out = _dequant_in_bands(win, s, 128, dtype, offset=(r0, c0))
+            assert out.is_contiguous() and out.dtype == dtype
+            assert torch.equal(out, F8.weight_dequant(q, s, 128, dtype)[r0:, c0:])
+
+
+def test_sharded_quantize_needs_block_aligned_splits_of_fp8_stored_weights(ckpts):
+    """``load_sharded(fp8="quantize")`` keeps weights stored FP8 as they are, as "keep" does, so
+    it needs the same 128-block splits (tiny's 48-row q_b shards are not): a LayoutError naming
+    the mode, before anything is read; a bf16-stored checkpoint quantizes each rank's window."""
+    from dsv3lab.parallel import load_sharded
+    from dsv3lab.parallel.layout import Layout, LayoutError
+    with pytest.raises(LayoutError, match="fp8='quantize'"):
+        load_sharded(ckpts["fp8"], Layout(tp=2, ep=2), rank=0, fp8="quantize")
+    m = load_sharded(ckpts["fp32"], Layout(tp=2, ep=2), rank=0, fp8="quantize")
+    assert any(p.dtype == F8.E4M3 for p in m.parameters())
+
+
 def test_quantize_at_load_is_the_fp8_recipe(ckpts):
     stored = {}
     for f in os.listdir(ckpts["fp32"]):

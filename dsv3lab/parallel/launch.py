@@ -207,8 +207,9 @@ def add_generate_args(p) -> None:
                    help="all-to-all rows as e4m3 with 1x128 scales, expert outputs back in bf16")
     g.add_argument("--dist-timeout", type=float, default=300.0,
                    help="seconds a collective waits for a peer before failing (default 300)")
-    g.add_argument("--fp8", choices=("dequant", "keep"), default="dequant",
-                   help="FP8 weights: dequantize on load (default) or keep e4m3 with their scales")
+    g.add_argument("--fp8", choices=("dequant", "keep", "quantize"), default="dequant",
+                   help="FP8 weights: dequantize on load (default), keep e4m3 with their scales, or keep "
+                        "and quantize the bf16 weights the official releases store in FP8 (V2-Lite, Moonlight)")
 
 
 def _dp_split(items: list, dp: int) -> list[list]:

@@ -56,11 +56,11 @@ def load_sharded(path: str, ctx: ParallelContext | Layout | None = None, dtype: 
     def check_reads(reads: list[TensorRead], cfg: ModelConfig) -> None:
         block = cfg.fp8_block_size or 128
         for r in reads:
-            if fp8 == "keep" and r.fp8 and r.shard is not None and (r.shard[1] % block or r.shard[2] % block):
+            if fp8 in ("keep", "quantize") and r.fp8 and r.shard is not None and (r.shard[1] % block or r.shard[2] % block):
                 dim, start, stop = r.shard
                 raise LayoutError(f"{r.key}: rank {ctx.rank}'s {('rows', 'cols')[dim]} [{start}, {stop}) "
                                   f"do not fall on {block}-blocks, so weight_scale_inv cannot be split for "
-                                  f"fp8='keep' under {ctx.layout.describe()}; use fp8='dequant' or another tp")
+                                  f"fp8={fp8!r} under {ctx.layout.describe()}; use fp8='dequant' or another tp")
 
     model = load_checkpoint(path, dtype=dtype, device=ctx.device, fp8=fp8, attn_mode=attn_mode,
                             progress=progress, shard_model=shard_model, check_reads=check_reads, reader=reader)
