@@ -20,7 +20,8 @@ The fused decode step (``dsv3lab/fast/step.py``) replaces the module path as a w
 timed against it as a whole on each model's first decode step (``fast.step_verdict``); inside
 it, the C latent attention runs only where ``latent_attention`` won here, V3.2's C selection and
 gather where ``index_select``/``index_scores``/``gather`` did. A kept FP8 weight's one-row
-product takes ``gemv_fp8`` where it won.
+product takes ``gemv_fp8`` where it won; a model with weights kept FP8 takes the fused step only
+where ``moe_fp8`` (its experts read as stored in one call) won against torch's path.
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ KERNELS = {
     "rope": (torch.bfloat16, torch.float32),
     "route": (torch.float32,),
     "gemv_fp8": (torch.bfloat16, torch.float32),    # the activation's dtype; weights e4m3 as stored
+    "moe_fp8": (torch.bfloat16, torch.float32),     # the fused MoE call with experts kept FP8 (the fused step)
     "index_scores": (torch.bfloat16,),
     "latent_attention": (torch.bfloat16, torch.float32),
     "index_select": (torch.bfloat16,),      # cpu_sparse: V3.2's top-k of the indexer's logits
@@ -205,6 +207,29 @@ def _arms(kernel: str, dt: torch.dtype):
             deq = (w.float().view(N // 128, 128, K // 128, 128) * s[:, None, :, None]).view(N, K).to(dt)
             return torch.mv(deq, x[0]) if dt == torch.bfloat16 else F.linear(x, deq)
         return (lambda ws: cpu_decode.gemv_fp8(ws[0], ws[1], x, dt)), torch_fp8, _copies(make, N * K)
+    if kernel == "moe_fp8":                  # one token through 6 e4m3 experts of 1024 -> 512 -> 1024
+        K, inter, n = 1024, 512, 6
+        x = rand(K)
+        ws = torch.rand(n, generator=g)
+        from dsv3lab import fp8
+
+        def expert_set():
+            return [[fp8.weight_quant(torch.randn(*shape, generator=g) * 0.05)
+                     for shape in ((inter, K), (inter, K), (K, inter))] for _ in range(n)]
+
+        def c_moe(es):
+            return cpu_decode.moe(x, *[[e[j][0] for e in es] for j in range(3)], ws,
+                                  scales=[tuple(p[1] for p in e) for e in es])
+
+        def torch_moe(es):
+            # the module path's torch arm (dsv3lab/fp8.py): each weight dequantized into x's dtype, then the GEMV
+            y = torch.zeros(K, dtype=torch.float32)
+            for s, e in enumerate(es):
+                gw, uw, dw = (fp8._dequant_band(q, sc, 128, dt) for q, sc in e)
+                h = F.silu(F.linear(x, gw)) * F.linear(x, uw)
+                y += ws[s] * F.linear(h, dw).float()
+            return y
+        return c_moe, torch_moe, _copies(expert_set, 3 * n * inter * K)
     if kernel == "moe":                      # one token through 6 experts of 1024 -> 512 -> 1024
         K, inter, n = 1024, 512, 6
         x = rand(K)

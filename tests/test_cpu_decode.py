@@ -646,3 +646,25 @@ def test_fp8_kept_fused_decode_step_equals_the_module_path(preset, dtype, tmp_pa
     assert err_fast.median() <= 1.25 * err_mod.median() + 1e-3, (err_fast, err_mod)
     agree = lambda y: (y.argmax(-1) == ref32.argmax(-1)).float().mean().item()   # noqa: E731
     assert agree(fast) >= agree(ref) - 1 / err_fast.numel(), (agree(fast), agree(ref))
+
+
+def test_fp8_kept_model_takes_the_fused_step_only_where_moe_fp8_won(tmp_path, monkeypatch):
+    """kernels/cpu_calibrate.py's verdict on ``moe_fp8`` (the C MoE reading e4m3 as stored
+    against torch's dequantize-then-GEMV) decides whether a model with weights kept FP8 takes the
+    fused step on this CPU: a losing verdict sends it to the module path, and a model without
+    FP8 weights is not affected."""
+    from dsv3lab.fast.step import try_decode
+    from dsv3lab.kernels import cpu_calibrate
+    path = dsv3lab.save(dsv3lab.build("tiny", seed=4), tmp_path / "fp8", fp8=True)
+    kept = dsv3lab.load(path, dtype=torch.bfloat16, fp8="keep").eval()
+    plain = dsv3lab.load(path, dtype=torch.bfloat16, fp8="dequant").eval()
+    x = torch.randint(0, kept.cfg.vocab_size, (1, 9), generator=torch.Generator().manual_seed(16))
+    real = cpu_calibrate.wins
+    for verdict in (True, False):
+        monkeypatch.setattr(cpu_calibrate, "wins", lambda k, dt, v=verdict: v if k == "moe_fp8" else real(k, dt))
+        with torch.no_grad():
+            for m in (kept, plain):
+                c = m.new_cache(1, 12)
+                m(x[:, :8], start=0, cache=c)
+                took = try_decode(m, x[:, 8:9], 8, c) is not None
+                assert took == (verdict or m is plain), (verdict, m is plain)

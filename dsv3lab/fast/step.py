@@ -121,6 +121,7 @@ class _StepOperands:
         self.watch: list = []
         self.hook_dicts: list = []
         self.fit = False
+        self.fp8 = False                 # any weight kept FP8 (e4m3 read as stored by the C calls)
         self.dtype = model.embed_tokens.weight.dtype
         try:
             self._gather(model)
@@ -167,6 +168,7 @@ class _StepOperands:
         self.watch.append(lin)
         if fp8 and type(lin) is Linear and lin.weight.dtype == torch.float8_e4m3fn:
             w = self._param(lin, fp8=True)
+            self.fp8 = True
             return w, self._scales(lin, w)
         if not is_plain_linear(lin, self.dtype):
             raise _Fallback
@@ -350,6 +352,7 @@ class _StepOperands:
                 if type(lin) is Linear and lin.weight.dtype == torch.float8_e4m3fn:     # kept FP8: read as stored
                     w = self._param(lin, fp8=True)
                     ws[key + "s"] = self._scales(lin, w).data_ptr()
+                    self.fp8 = True
                 elif is_plain_linear(lin, self.dtype):
                     w = self._param(lin)
                     ws[key + "s"] = 0
@@ -416,8 +419,10 @@ class DecodeStep:
             raise _Fallback
         if any(plan.hook_dicts):
             raise _Fallback
-        m.check_tokens(tokens, start)
         dt = plan.dtype
+        if plan.fp8 and not cpu_calibrate.wins("moe_fp8", dt):     # e4m3 in C measured slower than torch here
+            raise _Fallback
+        m.check_tokens(tokens, start)
         gemv_c, norm_c = (cpu_decode.kernel(name, dt) for name in ("dsv3_gemv", "dsv3_rmsnorm"))
         lib = cpu_decode.library()
         f32 = int(dt == torch.float32)
