@@ -213,6 +213,8 @@ def _measure(path, fp8, args_d, paged) -> dict:
     if args_d["threads"]:
         torch.set_num_threads(args_d["threads"])
     out = {}
+    from dsv3lab.kernels import cpu_calibrate
+    cpu_calibrate.verdicts()             # timed now if this CPU has none stored, not inside a timed prefill
     with torch.no_grad():
         bw = read_bandwidth()
         _reset_peak_rss()                # the peaks below are this load's and what follows it
