@@ -13,13 +13,7 @@ def add_commands(sub) -> None:
     p = sub.add_parser("bench", help="run a benchmark: " + ", ".join(TARGETS))
     tsub = p.add_subparsers(dest="target", required=True)
     for target, module in TARGETS.items():
-        name = f"dsv3lab.bench.{module}"
-        try:
-            mod = importlib.import_module(name)
-        except ModuleNotFoundError as e:
-            if e.name == name:
-                continue
-            raise
+        mod = importlib.import_module(f"dsv3lab.bench.{module}")
         tp = tsub.add_parser(target, help=(mod.__doc__ or "").strip().splitlines()[0] if mod.__doc__ else target)
         tp.add_argument("--out", default=None, help=f"results file (default results/bench-{target}.json)")
         mod.add_args(tp)

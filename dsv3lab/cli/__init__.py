@@ -35,14 +35,8 @@ COMMAND_MODULES = [
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dsv3lab", description="DeepSeek-V3 research lab")
     sub = p.add_subparsers(dest="command", required=True)
-    for name in COMMAND_MODULES:
-        try:
-            mod = importlib.import_module(name)
-        except ModuleNotFoundError as e:
-            if e.name == name:        # that area has not landed; its commands are simply absent
-                continue
-            raise
-        mod.add_commands(sub)
+    for name in COMMAND_MODULES:      # every area is part of the package: a failing import is an error
+        importlib.import_module(name).add_commands(sub)
     return p
 
 
