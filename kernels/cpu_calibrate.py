@@ -20,7 +20,7 @@ The fused decode step (``dsv3lab/fast/step.py``) replaces the module path as a w
 timed against it as a whole on each model's first decode step (``fast.step_verdict``); inside
 it, the C latent attention runs only where ``latent_attention`` won here, V3.2's C selection and
 gather where ``index_select``/``index_scores``/``gather`` did. A kept FP8 weight's one-row
-product takes ``gemv_fp8`` where it won; a model with weights kept FP8 takes the fused step only
+product takes ``gemv_fp8`` where it won, a prefill's bands ``dequant_fp8``; a model with weights kept FP8 takes the fused step only
 where ``moe_fp8`` (its experts read as stored in one call) won against torch's path.
 """
 
@@ -47,6 +47,7 @@ KERNELS = {
     "route": (torch.float32,),
     "gemv_fp8": (torch.bfloat16, torch.float32),    # the activation's dtype; weights e4m3 as stored
     "moe_fp8": (torch.bfloat16, torch.float32),     # the fused MoE call with experts kept FP8 (the fused step)
+    "dequant_fp8": (torch.bfloat16, torch.float32),  # a kept FP8 weight's band dequantized for a prefill's GEMM
     "index_scores": (torch.bfloat16,),
     "latent_attention": (torch.bfloat16, torch.float32),
     "index_select": (torch.bfloat16,),      # cpu_sparse: V3.2's top-k of the indexer's logits
@@ -207,6 +208,17 @@ def _arms(kernel: str, dt: torch.dtype):
             deq = (w.float().view(N // 128, 128, K // 128, 128) * s[:, None, :, None]).view(N, K).to(dt)
             return torch.mv(deq, x[0]) if dt == torch.bfloat16 else F.linear(x, deq)
         return (lambda ws: cpu_decode.gemv_fp8(ws[0], ws[1], x, dt)), torch_fp8, _copies(make, N * K)
+    if kernel == "dequant_fp8":              # a 2048 x 2048 e4m3 weight into x's dtype (a prefill's band)
+        N = K = 2048
+
+        def make():
+            w = (torch.randn(N, K, generator=g) * 0.05).to(torch.float8_e4m3fn)
+            return w, torch.rand(N // 128, K // 128, generator=g) + 0.5
+
+        def torch_deq(ws):
+            w, s = ws
+            return (w.float().view(N // 128, 128, K // 128, 128) * s[:, None, :, None]).view(N, K).to(dt)
+        return (lambda ws: cpu_decode.dequant_fp8(ws[0], ws[1], dt)), torch_deq, _copies(make, N * K)
     if kernel == "moe_fp8":                  # one token through 6 e4m3 experts of 1024 -> 512 -> 1024
         K, inter, n = 1024, 512, 6
         x = rand(K)

@@ -13,6 +13,7 @@ model's fused decode step: ``kernel(name, dtype)``):
   route(scores, bias, ...)        the gate's group-limited top-k and weights, one call instead of 15
   index_scores(keys, q, w)        V3.2's indexer scores of one query against its key cache
   gemv_fp8(w, scale_inv, x)       x @ dequant(w).T for an FP8 weight kept as stored (e4m3, 128x128 scales)
+  dequant_fp8(w, scale_inv, dt)   dequant(w) in bf16 or fp32, a band at a time for a prefill's GEMM
   latent_attention(q, latent, ...)   one token's attention over the latent cache (bf16 or fp32)
 (V3.2's fused decode selection and row gather are ``cpu_sparse.py``'s, ``cpu/sparse_bf16.c``.)
 
@@ -68,6 +69,7 @@ def _library(tier: str) -> ctypes.CDLL | None:
         "dsv3_latent_attn": [I, P, I64, P, I64, P, I, I, I, F, P, I64, P, I],
         "dsv3_gemv_fp8": [P, I64, P, I64, P, P, I, I, I, I],
         "dsv3_moe_mixed": [I, P, I, I, P, P, P, P, P, P, P, P, P, P, I],
+        "dsv3_dequant_fp8": [P, I64, P, I64, P, I64, I, I, I, I],
         "dsv3_mla_in": [I, P, P, I],             # one layer around the attention (dsv3lab/fast/step.py)
         "dsv3_mla_out": [I, P, P, I],
     })
@@ -180,6 +182,22 @@ def gemv_fp8(w: torch.Tensor, scale_inv: torch.Tensor, x: torch.Tensor, out_dtyp
     library().dsv3_gemv_fp8(w.data_ptr(), w.stride(0), scale_inv.data_ptr(), scale_inv.stride(0), xf.data_ptr(),
                             y.data_ptr(), int(out_dtype == torch.bfloat16), N, K, torch.get_num_threads())
     return y
+
+
+def dequant_fp8(w: torch.Tensor, scale_inv: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """dequant(w) [N, K] in ``dtype`` (bf16, rounded to nearest even, or fp32) for w e4m3 [N, K]
+    (unit stride along K) with fp32 ``weight_scale_inv`` [ceil(N/128), ceil(K/128)]:
+    ``fp8.weight_dequant``'s values, for a prefill's GEMM."""
+    N, K = w.shape
+    nb, kb = -(-N // FP8_BLOCK), -(-K // FP8_BLOCK)
+    if (w.dtype != torch.float8_e4m3fn or w.stride(-1) != 1 or dtype not in KERNEL_DTYPES
+            or tuple(scale_inv.shape) != (nb, kb) or scale_inv.dtype != torch.float32 or scale_inv.stride(-1) != 1):
+        raise ValueError(f"dequant_fp8: w {tuple(w.shape)} {w.dtype}, weight_scale_inv {tuple(scale_inv.shape)} "
+                         f"{scale_inv.dtype} do not fit (e4m3 with [{nb}, {kb}] fp32 scales, into bf16 or fp32)")
+    out = torch.empty(N, K, dtype=dtype)
+    library().dsv3_dequant_fp8(w.data_ptr(), w.stride(0), scale_inv.data_ptr(), scale_inv.stride(0), out.data_ptr(),
+                               K, int(dtype == torch.float32), N, K, torch.get_num_threads())
+    return out
 
 
 def moe(x: torch.Tensor, gate: list, up: list, down: list, weights: torch.Tensor, scales: list | None = None

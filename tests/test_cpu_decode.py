@@ -668,3 +668,25 @@ def test_fp8_kept_model_takes_the_fused_step_only_where_moe_fp8_won(tmp_path, mo
                 m(x[:, :8], start=0, cache=c)
                 took = try_decode(m, x[:, 8:9], 8, c) is not None
                 assert took == (verdict or m is plain), (verdict, m is plain)
+
+
+@pytest.mark.parametrize("N,K", [(256, 384), (130, 200), (7, 129)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fp8_dequant_is_weight_dequant(N, K, dtype):
+    """The C dequantizer a kept model's prefill uses (fp8._dequant_band): ``weight_dequant``'s
+    values bit for bit, every e4m3 code but the NaNs, tails of N and K (not of 128 or the vector
+    width); and fp8_linear's prefill through it equals the torch path's."""
+    from dsv3lab import fp8
+    g = torch.Generator().manual_seed(N * K)
+    codes = torch.arange(256, dtype=torch.uint8)
+    codes = codes[(codes & 0x7F) != 0x7F]
+    q = codes[torch.randint(0, codes.numel(), (N, K), generator=g)].view(torch.float8_e4m3fn)
+    s = torch.rand(-(-N // 128), -(-K // 128), generator=g) * 2
+    assert torch.equal(cpu_decode.dequant_fp8(q, s, dtype), fp8.weight_dequant(q, s, dtype=dtype))
+    x = torch.randn(5, K, generator=g).to(dtype)
+    y = fp8.fp8_linear(x, q, s)
+    with backend.use_backend("torch"):
+        ref = fp8.fp8_linear(x, q, s)
+    assert torch.equal(y, ref)
+    with pytest.raises(ValueError, match="dequant_fp8"):
+        cpu_decode.dequant_fp8(q, s[:, :1], dtype)

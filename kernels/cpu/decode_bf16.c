@@ -311,6 +311,39 @@ void dsv3_gemv_fp8(const uint8_t *W, int64_t ldw, const float *S, int64_t lds, c
     gemv_fp8_any(1, !rnd, W, ldw, S, lds, x, Y, N, K, nt);
 }
 
+/* out[n][k] (ldo apart) = dequant(W)[n][k] for e4m3 W [N, K] with scales S: fp32 (f32), or
+   bf16 rounded to nearest even -- fp8.weight_dequant's values, for a prefill's GEMM (the torch
+   conversion of e4m3 runs at ~45 M elements/s on an AVX2 EPYC). Threads over rows. */
+void dsv3_dequant_fp8(const uint8_t *W, int64_t ldw, const float *S, int64_t lds, void *out, int64_t ldo, int f32,
+                      int N, int K, int nt) {
+#pragma omp parallel for schedule(static) num_threads(nt)
+    for (int64_t n = 0; n < N; n++) {
+        const uint8_t *w = W + n * ldw;
+        const float *srow = S + (n / 128) * lds;
+        for (int k0 = 0; k0 < K; k0 += 128) {
+            int k1 = K - k0 < 128 ? K : k0 + 128;
+            float sc = srow[k0 / 128];
+            int k = k0;
+            if (sc < 0x1p127f / E4M3_LIFT) {
+                vf lift = vsplat(sc * E4M3_LIFT);
+                for (; k + VL <= k1; k += VL) {
+                    vf v = vload_e4m3_raw(w + k) * lift;
+                    if (f32) {
+                        vstore((float *)out + n * ldo + k, v);
+                    } else {
+                        vu u;
+                        v = vround_bf(v);
+                        memcpy(&u, &v, sizeof u);
+                        vh h = __builtin_convertvector(u >> 16, vh);
+                        memcpy((bf16 *)out + n * ldo + k, &h, sizeof h);
+                    }
+                }
+            }
+            for (; k < k1; k++) put(f32, out, n * ldo + k, e4m3_to_f32(w[k]) * sc);
+        }
+    }
+}
+
 /* One projection of the fused step's calls: W e4m3 with scales S (contiguous, ceil(K/128) a row)
    when S is set, else a plain weight of the element type; one row x -> y, both of the element type. */
 static void proj(int f32, const void *W, const float *S, const void *x, void *y, int N, int K, int nt) {
