@@ -168,8 +168,9 @@ FP8_BLOCK = 128         # the block of one weight_scale_inv entry (the official 
 
 def gemv_fp8(w: torch.Tensor, scale_inv: torch.Tensor, x: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
     """x [K] (bf16 or fp32) @ dequant(w).T for w e4m3 [N, K] (unit stride along K) with fp32
-    ``weight_scale_inv`` [ceil(N/128), ceil(K/128)] -> [N] in ``out_dtype`` (bf16: each dequantized
-    weight rounded to bf16 first, as the torch path dequantizes into bf16; fp32: nothing rounded)."""
+    ``weight_scale_inv`` [ceil(N/128), ceil(K/128)] -> [N] in ``out_dtype`` (rounded once): the
+    exact product of the stored weights, each block's scale applied to its partial sum in fp32
+    (torch's path multiplies the weights dequantized into x's dtype: in bf16, each within 2^-9)."""
     N, K = w.shape
     nb, kb = -(-N // FP8_BLOCK), -(-K // FP8_BLOCK)
     if (w.dtype != torch.float8_e4m3fn or w.stride(-1) != 1 or x.numel() != K or out_dtype not in KERNEL_DTYPES
@@ -205,8 +206,7 @@ def moe(x: torch.Tensor, gate: list, up: list, down: list, weights: torch.Tensor
     """One token x [K] through experts s (gate[s], up[s] [I_s, K], down[s] [K, I_s], contiguous,
     x's dtype: bf16 or fp32): sum_s weights[s] * down_s(silu(gate_s x) * up_s x), fp32 [K].
     ``scales[s]`` = (gate, up, down) ``weight_scale_inv`` of an expert kept FP8 (its weights e4m3,
-    read as stored; dequantized weights rounded to x's dtype as ``fp8.fp8_linear`` rounds them),
-    None for an expert in x's dtype."""
+    read as stored, as ``gemv_fp8`` reads them), None for an expert in x's dtype."""
     n = len(gate)
     if not (0 < n <= MAX_SLOTS) or weights.numel() != n or not x.is_contiguous():
         raise ValueError(f"moe: {n} experts with {weights.numel()} weights (1..{MAX_SLOTS}), x contiguous")

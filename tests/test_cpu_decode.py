@@ -512,17 +512,16 @@ def test_fused_step_layer_calls_on_other_shapes(variant):
 @pytest.mark.parametrize("N,K", [(256, 384), (130, 200), (7, 129), (1, 1)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_fp8_gemv_reads_e4m3_as_stored(N, K, dtype):
-    """x @ dequant(w).T from e4m3 + 128x128 scales: fp32 within fp32 summation error of the
-    float64 product of the dequantized weight; bf16 within one output rounding of the float64
-    product of the bf16-dequantized weight (the torch path's weight). Tails: N not of 4 or 128,
-    K not of the vector width or 128."""
+    """x @ dequant(w).T from e4m3 + 128x128 scales, the exact product of the stored weights:
+    within fp32 summation error (and, in bf16, one output rounding) of the float64 product of
+    the dequantized weight. Tails: N not of 4 or 128, K not of the vector width or 128."""
     from dsv3lab import fp8
     g = torch.Generator().manual_seed(N + K)
     q, s = fp8.weight_quant(torch.randn(N, K, generator=g) * 0.05)
     x = torch.randn(K, generator=g).to(dtype)
     y = cpu_decode.gemv_fp8(q, s, x, dtype)
-    ref = fp8.weight_dequant(q, s, dtype=dtype).double() @ x.double()
-    scale = fp8.weight_dequant(q, s, dtype=dtype).double().abs() @ x.double().abs()
+    ref = fp8.weight_dequant(q, s).double() @ x.double()
+    scale = fp8.weight_dequant(q, s).double().abs() @ x.double().abs()
     bound = (2 ** -8 * ref.abs() if dtype == torch.bfloat16 else 0) + 2 * K * 2 ** -24 * scale
     assert y.dtype == dtype and ((y.double() - ref).abs() <= bound + 1e-30).all()
 
@@ -565,7 +564,8 @@ def test_fp8_gemv_rejects_what_it_cannot_take():
 def test_moe_kernel_with_fp8_experts(K, inter, dtype):
     """Experts kept FP8 (e4m3 + 128x128 scales) read as stored by the fused MoE call, beside an
     expert of x's dtype: the torch path's result (each weight dequantized into x's dtype, the
-    SwiGLU in x's dtype, weighted sum in fp32) within two bf16 roundings in bf16, 1e-5 in fp32.
+    SwiGLU in x's dtype, weighted sum in fp32) within two bf16 roundings in bf16 (the C call
+    multiplies the stored weights, torch's path them rounded to bf16), 1e-5 in fp32.
     Tails: K and widths not multiples of 4 (one row a work item), 128 or the vector width."""
     from dsv3lab import fp8
     g = torch.Generator().manual_seed(K + inter)

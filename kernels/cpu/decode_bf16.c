@@ -225,11 +225,14 @@ void dsv3_gemv_f32(const float *W, int64_t ldw, int64_t sw, const float *X, int6
  *
  * y[n] = sum_k dequant(W)[n][k] x[k] for one activation row x, dequant(W) = e4m3 *
  * weight_scale_inv[n/128][k/128]. Each weight byte is read once from memory and widened in
- * registers (vec.h's vload_e4m3_raw, times the block's scale * E4M3_LIFT: one multiply a weight,
- * the same single rounding as e4m3 value * scale): 1 byte a weight where a dequantized bf16 copy
- * streams 2. With rnd (a bf16 model) each dequantized weight is rounded to bf16 first, as torch's
- * path (dsv3lab/fp8.py: the block dequantized into x's dtype, then the GEMV) rounds it, and each
- * output once; without (fp32) nothing is rounded. Rows four at a time (four never straddle a
+ * registers (vec.h's vload_e4m3_raw): 1 byte a weight where a dequantized bf16 copy streams 2.
+ * The block's scale multiplies the block's partial sums (sum_b scale_b * sum_{k in b} e4m3_k x_k,
+ * in fp32), not each weight: one fused multiply-add a weight. This is the exact product of the
+ * stored weights; torch's path (dsv3lab/fp8.py) dequantizes into the activation's dtype first,
+ * so in a bf16 model it multiplies weights rounded to bf16 (each within 2^-9 of the stored
+ * value). Rounding each weight here as well took 2x the instructions: on an AVX2 EPYC the GEMV
+ * ran at 2.1 G weights/s from L2 that way, 4.3 without (1.84 and 2.97 from memory, one thread).
+ * The output is rounded to bf16 once in a bf16 model. Rows four at a time (four never straddle a
  * 128-row block, so one scale row serves them), threads over rows. */
 static inline float e4m3_to_f32(uint8_t b) {
     uint32_t mag = (uint32_t)(b & 0x7F) << 20;
@@ -245,11 +248,10 @@ static inline float e4m3_to_f32(uint8_t b) {
 #endif
 
 /* R (<= 4) e4m3 rows w (ld bytes apart, inside one 128-row block whose scales are srow) against
-   one activation row x (bf16, or fp32 with xf32): out[j] = sum_k rnd?(w[j][k] * srow[k/128]) x[k].
-   One vector accumulator per row across all blocks (the scale is applied to each weight, not to
-   a block's sum), summed once. A block whose scale * E4M3_LIFT would overflow (scale >= 2^7
-   without F16C: no weight is that large) takes the scalar loop. */
-static inline __attribute__((always_inline)) void dot_e4m3(int xf32, int rnd, int R, const uint8_t *w, int64_t ld,
+   one activation row x (bf16, or fp32 with xf32): out[j] = sum_b srow[b] sum_{k in b} w[j][k] x[k].
+   A block whose scale * E4M3_LIFT would overflow (scale >= 2^7 without F16C: no weight is that
+   large) is summed whole by the scalar loop. */
+static inline __attribute__((always_inline)) void dot_e4m3(int xf32, int R, const uint8_t *w, int64_t ld,
                                                            const float *srow, const void *x, int K, float *out) {
     vf a[4] = {vzero(), vzero(), vzero(), vzero()};
     float t[4] = {0.0f, 0.0f, 0.0f, 0.0f};
@@ -258,54 +260,51 @@ static inline __attribute__((always_inline)) void dot_e4m3(int xf32, int rnd, in
         float sc = srow[k0 / 128];
         int k = k0;
         if (sc < 0x1p127f / E4M3_LIFT) {
-            vf lift = vsplat(sc * E4M3_LIFT);
+            vf b[4] = {vzero(), vzero(), vzero(), vzero()};
             for (; k + VL <= k1; k += VL) {
                 vf xv = xf32 ? vload((const float *)x + k) : vload_bf((const bf16 *)x + k);
                 if (PF8 && k % 64 == 0)
                     for (int j = 0; j < R; j++) PREFETCH(w + (PF8 + j) * ld + k);
-                for (int j = 0; j < R; j++) {
-                    vf wv = vload_e4m3_raw(w + j * ld + k) * lift;
-                    a[j] += (rnd ? vround_bf(wv) : wv) * xv;
-                }
+                for (int j = 0; j < R; j++) b[j] += vload_e4m3_raw(w + j * ld + k) * xv;
             }
+            vf lift = vsplat(sc * E4M3_LIFT);
+            for (int j = 0; j < R; j++) a[j] += b[j] * lift;
         }
+        float tb[4] = {0.0f, 0.0f, 0.0f, 0.0f};
         for (; k < k1; k++) {
             float xk = xf32 ? ((const float *)x)[k] : bf2f(((const bf16 *)x)[k]);
-            for (int j = 0; j < R; j++) {
-                float wv = e4m3_to_f32(w[j * ld + k]) * sc;
-                t[j] += (rnd ? round_bf(wv) : wv) * xk;
-            }
+            for (int j = 0; j < R; j++) tb[j] += e4m3_to_f32(w[j * ld + k]) * xk;
         }
+        for (int j = 0; j < R; j++) t[j] += tb[j] * sc;
     }
     for (int j = 0; j < R; j++) out[j] = vsum(a[j]) + t[j];
 }
 
-/* the four combinations of activation type and rounding, each compiled with its branches folded */
-static void dot_e4m3_rows(int xf32, int rnd, int R, const uint8_t *w, int64_t ld, const float *srow, const void *x,
-                          int K, float *out) {
+/* both activation types, each compiled with its branches folded */
+static void dot_e4m3_rows(int xf32, int R, const uint8_t *w, int64_t ld, const float *srow, const void *x, int K,
+                          float *out) {
     if (R == 4) {
-        if (xf32) rnd ? dot_e4m3(1, 1, 4, w, ld, srow, x, K, out) : dot_e4m3(1, 0, 4, w, ld, srow, x, K, out);
-        else rnd ? dot_e4m3(0, 1, 4, w, ld, srow, x, K, out) : dot_e4m3(0, 0, 4, w, ld, srow, x, K, out);
+        if (xf32) dot_e4m3(1, 4, w, ld, srow, x, K, out);
+        else dot_e4m3(0, 4, w, ld, srow, x, K, out);
     } else {
-        dot_e4m3(xf32, rnd, R, w, ld, srow, x, K, out);
+        dot_e4m3(xf32, R, w, ld, srow, x, K, out);
     }
 }
 
 /* Y[n] (bf16 rounded, or fp32 with f32out) = x W^T for e4m3 W [N, K] (ldw bytes apart) with
-   scales S (lds apart); x bf16 or fp32 (xf32). Weights rounded to bf16 where the output is. */
+   scales S (lds apart); x bf16 or fp32 (xf32). */
 static void gemv_fp8_any(int xf32, int f32out, const uint8_t *W, int64_t ldw, const float *S, int64_t lds,
                          const void *x, void *Y, int N, int K, int nt) {
 #pragma omp parallel for schedule(static) num_threads(nt)
     for (int64_t r = 0; r < N; r += 4) {
         int rows = N - r < 4 ? (int)(N - r) : 4;
         float out[4];
-        dot_e4m3_rows(xf32, !f32out, rows, W + r * ldw, ldw, S + (r / 128) * lds, x, K, out);
+        dot_e4m3_rows(xf32, rows, W + r * ldw, ldw, S + (r / 128) * lds, x, K, out);
         for (int j = 0; j < rows; j++) put(f32out, Y, r + j, out[j]);
     }
 }
 
-/* x fp32 (a bf16 activation widened exactly by the caller); rnd: a bf16 model (bf16 output,
-   weights rounded to bf16) */
+/* x fp32 (a bf16 activation widened exactly by the caller); rnd: a bf16 model (bf16 output) */
 void dsv3_gemv_fp8(const uint8_t *W, int64_t ldw, const float *S, int64_t lds, const float *x, void *Y, int rnd,
                    int N, int K, int nt) {
     gemv_fp8_any(1, !rnd, W, ldw, S, lds, x, Y, N, K, nt);
@@ -355,7 +354,7 @@ static void proj(int f32, const void *W, const float *S, const void *x, void *y,
    sc (the weight's weight_scale_inv, contiguous) is set, else of the element type. */
 static inline void expert_rows(int f32, const void *w, const float *sc, int64_t i, int R, const void *x, int Kw,
                                float *o) {
-    if (sc) dot_e4m3_rows(f32, !f32, R, (const uint8_t *)w + i * Kw, Kw, sc + (i / 128) * ((Kw + 127) / 128), x, Kw, o);
+    if (sc) dot_e4m3_rows(f32, R, (const uint8_t *)w + i * Kw, Kw, sc + (i / 128) * ((Kw + 127) / 128), x, Kw, o);
     else if (R == 4) dot4_any(f32, at(f32, w, i * Kw), Kw, x, Kw, o);
     else dot_rows_any(f32, at(f32, w, i * Kw), x, 0, 1, Kw, o);
 }
@@ -363,8 +362,8 @@ static inline void expert_rows(int f32, const void *w, const float *sc, int64_t 
 /* One token's MoE: nslot experts (routed and shared alike), expert s with gate/up weights
    g[s], u[s] [I_s, K] and down weight d[s] [K, I_s] (row-major, contiguous), weight ws[s];
    gs/us/ds (or NULL) hold each weight's FP8 scales (weight_scale_inv, contiguous), 0 for a
-   weight of the element type: an expert kept FP8 is read as stored, one byte a weight, its
-   dequantized weights rounded as the element type (see dot_e4m3).
+   weight of the element type: an expert kept FP8 is read as stored, one byte a weight, each
+   block's scale applied to its partial sums (see dot_e4m3).
    h (scratch, sum I_s values of the element type) holds silu(gate x) * up x per expert, rounded
    as torch rounds in bf16 (each projection's output, silu's output, the product; nothing in
    fp32); y[n] = sum_s ws[s] * down_s(h_s)[n] in fp32 (each expert's output rounded to bf16

@@ -112,8 +112,8 @@ static inline vf vload_e4m3(const uint8_t *p) { return vload_e4m3_raw(p) * E4M3_
    times 1.5 * 2^16) is a multiple of 2^(e + 15), so x + C has its last bit where bf16's last bit
    of x is, its rounding (nearest even) is bf16's, and subtracting C is exact. Four float
    operations (two fused) where the integer form (add 0x7FFF plus the parity bit, mask) took
-   five, two of them shifts: 1.1x the e4m3 GEMV's rate on an AVX2 EPYC. For normal x with
-   |x| < 2^111 (weights; zeros stay zero; fp32 subnormals are left as they are). */
+   five, two of them shifts (1.1x the rate of a loop of these on an AVX2 EPYC). For normal x
+   with |x| < 2^111 (dequantized weights; zeros stay zero; fp32 subnormals are left as they are). */
 static inline vf vround_bf(vf x) {
     vu u, e;
     memcpy(&u, &x, sizeof u);
