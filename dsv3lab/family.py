@@ -18,6 +18,17 @@ def is_v4(cfg_or_name) -> bool:
     return isinstance(cfg_or_name, V4Config) or (isinstance(cfg_or_name, str) and cfg_or_name in V4_PRESETS)
 
 
+def v4_config_of(name_or_dir) -> Optional[V4Config]:
+    """The V4Config of a V4 preset name, checkpoint directory or config.json; None for anything else."""
+    import os
+    name = os.fspath(name_or_dir)
+    if name in V4_PRESETS:
+        return V4Config.preset(name)
+    if (os.path.isdir(name) or name.endswith(".json")) and hf_model_type(name) == "deepseek_v4":
+        return V4Config.from_hf(name)
+    return None
+
+
 class UnsupportedOption(ValueError):
     """A load / build option this model type does not implement; the message names the option."""
 

@@ -19,11 +19,13 @@ from dsv3lab.probes.memory import bytes_per_token
 
 
 def kv_cache_bytes_per_token(cfg: ModelConfig | str, dtype: torch.dtype = torch.bfloat16,
-                             mode: str = "absorbed", include_mtp: bool = False) -> int:
-    """Bytes of cache one token occupies across all layers: ``mode`` "absorbed" (the latent,
-    61 x 576 x 2 = 70,272 B for V3) or "naive" (per-head K and V). The one definition, with the
-    layouts MLA replaces, is ``dsv3lab.probes.memory.bytes_per_token``."""
-    return bytes_per_token(cfg, dtype, layout=mode, include_mtp=include_mtp)
+                             mode: str | None = None, include_mtp: bool = False, context: int | None = None):
+    """Bytes of cache one token occupies across all layers: ``mode`` "absorbed" (the default: the
+    latent, 61 x 576 x 2 = 70,272 B for V3) or "naive" (per-head K and V). A DeepSeek-V4 config or
+    preset: its sliding + compressed cache at ``context`` tokens (a float; its limit without
+    ``context``). The one definition, with the layouts MLA replaces, is
+    ``dsv3lab.probes.memory.bytes_per_token``."""
+    return bytes_per_token(cfg, dtype, layout=mode, include_mtp=include_mtp, context=context)
 
 
 @lru_cache(maxsize=32)
@@ -64,7 +66,11 @@ def flops_per_token(cfg: ModelConfig, context: int) -> float:
 
 
 def model_stats(cfg: ModelConfig | str, context: int = 4096, train_seq_len: int = 4096) -> dict:
-    """Everything ``dsv3lab info`` prints."""
+    """Everything ``dsv3lab info`` prints (a V4 config: ``probes.v4_cost.v4_stats``)."""
+    from dsv3lab.family import is_v4
+    if is_v4(cfg):
+        from dsv3lab.probes.v4_cost import v4_stats
+        return v4_stats(cfg, context)
     if isinstance(cfg, str):
         cfg = ModelConfig.preset(cfg)
     c = dict(_counts(cfg))

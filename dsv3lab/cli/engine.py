@@ -13,13 +13,23 @@ from dsv3lab.tokenizer import load_tokenizer
 
 
 def cmd_info(args) -> int:
+    from dsv3lab.family import v4_config_of
     from dsv3lab.stats import model_stats
-    cfg = resolve_config(args.name)
+    v4 = v4_config_of(args.name)
+    cfg = v4 or resolve_config(args.name)
     s = model_stats(cfg, context=args.context)
     if args.json:
         print(json.dumps(s, indent=2))
         return 0
     g = 1e9
+    if v4 is not None:
+        print_v4_info(v4, s)
+        print_cpu_kernels(measure=args.kernels)
+        if args.load:
+            import dsv3lab
+            model = dsv3lab.load(args.name, fp8=args.fp8, max_memory=args.max_memory)   # refuses what V4 lacks
+            print(f"  loaded in {model._dsv3_load['seconds']:.2f} s, {model._dsv3_load['bytes_read'] / 1e6:.1f} MB read")
+        return 0
     print(f"{cfg.name}: {cfg.num_hidden_layers} layers ({cfg.first_k_dense_replace} dense), D={cfg.hidden_size}, "
           f"H={cfg.num_attention_heads}, E={cfg.n_routed_experts} routed (top-{cfg.num_experts_per_tok}, "
           f"{cfg.n_group} groups, {cfg.topk_group} kept) + {cfg.n_shared_experts} shared, MTP depth "
@@ -44,6 +54,24 @@ def cmd_info(args) -> int:
         model = dsv3lab.load(args.name, fp8=args.fp8, max_memory=args.max_memory)
         print("  " + load_summary(model._dsv3_load))
     return 0
+
+
+def print_v4_info(cfg, s: dict) -> None:
+    """``dsv3lab info`` of a DeepSeek-V4 config (``probes.v4_cost.v4_stats``)."""
+    from collections import Counter
+    g, T = 1e9, s["context"]
+    kinds = ", ".join(f"{n} {k.replace('_attention', '').replace('_', ' ')}" for k, n in Counter(cfg.layer_types).items())
+    print(f"{cfg.name}: DeepSeek-V4, {cfg.num_hidden_layers} layers ({kinds}), D={cfg.hidden_size}, "
+          f"H={cfg.num_attention_heads} x {cfg.head_dim} (one KV head), window {cfg.sliding_window}, "
+          f"E={cfg.n_routed_experts} routed (top-{cfg.num_experts_per_tok}, {cfg.scoring_func}, "
+          f"{cfg.mlp_layer_types.count('hash_moe')} hash layers) + {cfg.n_shared_experts} shared, mHC x{cfg.hc_mult}")
+    print(f"  total params          {s['total_params']:>20,}  ({s['total_params'] / g:.1f}B)")
+    print(f"  activated params      {s['activated_params']:>20,}  ({s['activated_params'] / g:.1f}B, incl. embedding + head)")
+    print(f"  KV cache / token      {s['kv_cache_bytes_per_token']:>20,.1f}  bytes at {T} context (bf16: window + "
+          f"compressed entries + indexer keys + state); {s['kv_cache_bytes_per_token_limit']:,.1f} as context grows; "
+          f"{100 * s['kv_vs_v32']:.1f}% of V3.2-671B's")
+    print(f"  forward FLOPs / token {s['forward_flops_per_token'] / g:>20.1f}  GFLOP at {T} context "
+          f"({100 * s['forward_flops_vs_v32']:.1f}% of V3.2-671B's)")
 
 
 def print_cpu_kernels(measure: bool) -> None:

@@ -64,11 +64,43 @@ def values_per_token_per_layer(cfg, layout: str = "absorbed", gqa_groups: int = 
     raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
 
 
-def bytes_per_token(cfg, dtype=torch.bfloat16, layout: str = "absorbed", include_mtp: bool = False,
-                    gqa_groups: int = 8, index_keys: str = "fp8") -> int:
+def _v4(cfg):
+    """The V4Config of a V4 config or preset name, else None."""
+    from dsv3lab.family import is_v4
+    if not is_v4(cfg):
+        return None
+    from dsv3lab.config import V4Config
+    return V4Config.preset(cfg) if isinstance(cfg, str) else cfg
+
+
+def v4_bytes_per_token(cfg, dtype=torch.bfloat16, layout: str | None = None, include_mtp: bool = False,
+                       context: int | None = None) -> float:
+    """DeepSeek-V4's cache per token (the window's rows, compressed entries, CSA's indexer keys,
+    the pools' state; ``probes.v4_cost``): at ``context`` tokens, the cache made for that length
+    after them (what ``measured_bytes_per_token`` allocates); without ``context`` its limit as
+    context grows. Not constant per token: the window is fixed and entries come every m tokens."""
+    from dsv3lab.probes import v4_cost
+    if layout not in (None, "v4"):
+        raise ValueError(f"layout {layout!r}: a DeepSeek-V4 model keeps its own cache ('v4': sliding window "
+                         "plus compressed entries), not MLA's layouts")
+    if include_mtp:
+        raise ValueError("include_mtp: DeepSeek-V4's MTP layer is not built here (docs/v4.md#checkpoints)")
+    b = dtype_bytes(dtype)
+    if context is None:
+        return v4_cost.per_token(cfg, b)
+    return v4_cost.kv_bytes(cfg, context, b)["total"] / context
+
+
+def bytes_per_token(cfg, dtype=torch.bfloat16, layout: str | None = None, include_mtp: bool = False,
+                    gqa_groups: int = 8, index_keys: str = "fp8", context: int | None = None):
     """Cache bytes one token occupies over all layers (MTP blocks too with ``include_mtp``).
-    ``layout="sparse"`` (V3.2): the latent plus the indexer's key in ``index_keys`` format
-    ("fp8": 132 B per layer at V3.2's sizes, "bf16", "model"; ``probes.dsa_cost``)."""
+    ``layout`` None is "absorbed"; ``layout="sparse"`` (V3.2): the latent plus the indexer's key
+    in ``index_keys`` format ("fp8": 132 B per layer at V3.2's sizes, "bf16", "model";
+    ``probes.dsa_cost``). A V4 config or preset: ``v4_bytes_per_token`` (a float, at ``context``)."""
+    v4 = _v4(cfg)
+    if v4 is not None:
+        return v4_bytes_per_token(v4, dtype, layout, include_mtp, context)
+    layout = layout or "absorbed"
     cfg = _cfg(cfg)
     layers = cfg.num_hidden_layers + (cfg.num_nextn_predict_layers if include_mtp else 0)
     if layout == "sparse":
@@ -94,12 +126,26 @@ def layout_table(cfg, dtype=torch.bfloat16, gqa_groups: int = 8) -> list[dict]:
     return rows
 
 
-def measured_bytes_per_token(model_or_cfg, mode: str = "absorbed", dtype=torch.bfloat16,
-                             batch: int = 2, max_len: int = 8, include_mtp: bool = True) -> int:
+def measured_bytes_per_token(model_or_cfg, mode: str | None = None, dtype=torch.bfloat16,
+                             batch: int = 2, max_len: int = 8, include_mtp: bool = True):
     """Allocate the engine's cache for ``batch x max_len`` positions and return nbytes per token.
     A model uses ``model.new_cache``; a config (any preset, 671B included: the cache is small at
-    small max_len) uses the same cache classes with the model's layer count."""
+    small max_len) uses the same cache classes with the model's layer count. ``mode`` None is
+    "absorbed". A V4 model (or a V4 config, built: lab sizes only) grows its cache as tokens
+    come: ``max_len`` random tokens are fed through it first (bytes per token, a float)."""
     from dsv3lab.model.mla import attention_class
+    v4 = _v4(model_or_cfg) if not isinstance(model_or_cfg, torch.nn.Module) else getattr(model_or_cfg, "cfg", None)
+    if _v4(v4) is not None:
+        if mode not in (None, "v4"):
+            raise ValueError(f"mode {mode!r}: a DeepSeek-V4 model keeps its own cache ('v4')")
+        from dsv3lab.model.build import build
+        model = model_or_cfg if isinstance(model_or_cfg, torch.nn.Module) else build(v4, dtype=dtype)
+        cache = model.new_cache(batch, max_len, dtype=dtype)
+        tokens = torch.randint(0, v4.vocab_size, (batch, max_len), generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            model(tokens.to(model.device), cache=cache)
+        return cache.nbytes() / (batch * max_len)
+    mode = mode or "absorbed"
     if isinstance(model_or_cfg, torch.nn.Module):
         model = model_or_cfg
         prev = model.attn_mode

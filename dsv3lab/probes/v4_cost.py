@@ -8,8 +8,10 @@ index_head_dim, m = the layer's compression rate):
   CSA layer        entries      floor(T / m) d b            + the indexer's keys floor(T / m) D_I b
   both             state        (T mod m) 2X b              the unclosed window's projected kv and
                                                             gate (X = d, or 2d when overlapping)
-                                + 2 m d b (CSA, T >= m)     the last closed window's first series
-                                                            (and the indexer's, at D_I)
+                                + m d (b + 4) (CSA, T >= m) the last closed window's first series:
+                                                            kv in the model dtype, gate in fp32 (it
+                                                            carries the fp32 position bias); and the
+                                                            indexer's, at D_I
 
 so per token of context a CSA layer keeps (d + D_I) / m values and an HCA layer d / m', against
 V3's (kv_lora_rank + qk_rope_head_dim) latent values in every layer (V3.2: plus its indexer key).
@@ -20,6 +22,8 @@ each entry, per the V4 report) would lower the V4 figures further.
 """
 
 from __future__ import annotations
+
+import functools
 
 from dsv3lab.config import V4Config
 
@@ -46,7 +50,7 @@ def kv_bytes(cfg, context: int, dtype_bytes: int = 2) -> dict:
             out["indexer"] += (T // m) * Di * b
             out["state"] += (T % m) * 2 * 2 * Di * b
             if T >= m:
-                out["state"] += 2 * m * (d + Di) * b
+                out["state"] += m * (d + Di) * (b + 4)
     out["total"] = sum(out.values())
     return out
 
@@ -128,29 +132,54 @@ def measured_attention_flops(model, tokens, start: int = 0, cache=None) -> float
 def per_token_flops(cfg, context: int) -> dict:
     """Forward FLOPs of one decode token at ``context``: 2 x the activated weights it multiplies
     (embedding excluded) plus core attention; V4 against V3.2 (the card: 27% at 1M for V4-Pro)."""
-    import torch
-    import dsv3lab
     from dsv3lab.probes import dsa_cost
-
-    def weights(name):
-        m = dsv3lab.build(name, device="meta")
-        total = sum(p.numel() for n, p in m.named_parameters() if "embed_tokens" not in n)
-        routed = sum(p.numel() for n, p in m.named_parameters() if ".experts." in n)
-        c = m.cfg
-        layers_mtp = len(getattr(m, "mtp", []))
-        mtp = sum(p.numel() for n, p in m.named_parameters() if n.startswith("mtp.")) if layers_mtp else 0
-        routed_mtp = sum(p.numel() for n, p in m.named_parameters() if n.startswith("mtp.") and ".experts." in n)
-        return (total - mtp) - (routed - routed_mtp) + (routed - routed_mtp) * c.num_experts_per_tok // c.n_routed_experts
+    from dsv3lab.stats import _counts as v3_counts
 
     cfg = _cfg(cfg)
-    v4 = 2.0 * weights(cfg.name) + attention_flops(cfg, context - 1)["total"]
+    # the weights a token multiplies: activated parameters less the embedding lookup (the MTP
+    # layer, not used for the next token, left out of V3.2's; V4 here has none)
+    c4 = counts(cfg)
+    v4 = 2.0 * (c4["activated_params"] - c4["embedding_params"]) + attention_flops(cfg, context - 1)["total"]
     v32cfg = dsa_cost._cfg("v3.2-671b")
+    c32 = v3_counts(v32cfg)
     att = dsa_cost.attention_cost(v32cfg, context - 1)
     c = v32cfg
     # attention_cost also prices the indexer's projections and W_UK / W_UV, which are weights
     # already in the 2 x activated term: only the context-dependent products are added here
     weight_part = dsa_cost._indexer_proj_flops(c) + 2.0 * c.num_attention_heads * c.kv_lora_rank * (
         c.qk_nope_head_dim + c.v_head_dim)
-    v32 = 2.0 * weights("v3.2-671b") + c.num_hidden_layers * (att["core_flops"] + att["indexer_flops"] - weight_part)
-    del torch
+    v32 = 2.0 * (c32["activated_params"] - c32["embedding_params"]) + c.num_hidden_layers * (
+        att["core_flops"] + att["indexer_flops"] - weight_part)
     return dict(v4=v4, v32=v32, ratio=v4 / v32)
+
+
+def counts(cfg) -> dict:
+    """Parameters of a V4 config counted on the meta device: total, activated per token (the
+    routed experts at top-k / E, embedding included), embedding (cached per config)."""
+    return dict(_counts(_cfg(cfg)))
+
+
+@functools.lru_cache(maxsize=16)
+def _counts(cfg: V4Config) -> dict:
+    import dsv3lab
+    m = dsv3lab.build(cfg, device="meta")
+    c = m.cfg
+    total = sum(p.numel() for p in m.parameters())
+    routed = sum(p.numel() for n, p in m.named_parameters() if ".experts." in n)
+    return dict(total_params=total, activated_params=total - routed + routed * c.num_experts_per_tok // c.n_routed_experts,
+                embedding_params=m.embed_tokens.weight.numel(), routed_expert_params=routed)
+
+
+def v4_stats(cfg, context: int = 4096) -> dict:
+    """What ``dsv3lab info`` prints for a V4 config: parameters, the cache per token at ``context``
+    (bf16, the cache made for that length, after it) and as context grows, forward FLOPs per token
+    at ``context`` and both against V3.2's."""
+    cfg = _cfg(cfg)
+    c = counts(cfg)
+    f = per_token_flops(cfg, context)
+    kv = kv_bytes(cfg, context)
+    c.update(name=cfg.name, context=context, kv_cache_bytes_per_token=kv["total"] / context,
+             kv_cache_bytes_per_token_limit=per_token(cfg), kv_cache_parts=kv,
+             kv_vs_v32=against_v32(cfg, context)["ratio"], forward_flops_per_token=f["v4"],
+             forward_flops_vs_v32=f["ratio"])
+    return c

@@ -7,6 +7,7 @@ One function per claim (``@claim(name, section)``), one module per kind of evide
   inference     both         the TPOT bound (paper inputs / config inputs), deployment units, EPLB
   consistency   consistency  costs, LR schedule, routing reach, Day-6: the papers' numbers vs each other
   measured      measured     FP8 accumulation (fp8sim), FP8 training, balancing, MTP, pipeline schedules
+  v4_card       derived      DeepSeek-V4's cards: parameters, V4-Pro's FLOPs and KV cache against V3.2 at 1M
 
 Row fields, kinds, tolerances and the status rule are in ``core``; the table as text, HTML and
 Markdown in ``table``. ``replicate()`` returns the rows; ``dsv3lab replicate [--json | --markdown]
@@ -22,7 +23,7 @@ from typing import Iterable, Optional
 
 from dsv3lab.replicate.core import (CLAIMS, FIELDS, KINDS, STATUSES, Unavailable, absolute, claim, exact,  # noqa: F401
                                     lower, printed, row, status, upper, within)
-from dsv3lab.replicate import architecture, kernel_shapes, inference, consistency, measured  # noqa: F401,E402  (registers)
+from dsv3lab.replicate import architecture, kernel_shapes, inference, consistency, measured, v4_card  # noqa: F401,E402  (registers)
 from dsv3lab.replicate.inference import tpot_bound  # noqa: F401
 from dsv3lab.replicate.table import by_section, counts, fmt, format_table, html_table, markdown_table  # noqa: F401
 from dsv3lab.replicate.figures import (fig_kv_bytes, fig_lab_vs_paper, fig_tpot_vs_bandwidth,  # noqa: F401
