@@ -17,9 +17,11 @@ It runs only when the module path would compute exactly the same thing and nobod
 hook: a bf16 or fp32 model on the CPU, absorbed or V3.2 sparse attention (the indexer's
 selection, then its rows gathered, as ``SparseAttention`` decodes), batch 1, one token, no
 autograd, no hook anywhere in the model (a hooked expert only when it is chosen), no parallel
-layout, plain weights of the model's dtype. The gate's seams (forced routing, expert masks) are
-the gate's own business and work here. Any of these off, ``Transformer.forward`` takes the module
-path, which stays the reference.
+layout, plain weights of the model's dtype or kept FP8 (``load(fp8="keep"|"quantize")``: e4m3
+with 128 x 128 ``weight_scale_inv``, read as stored by the C calls, each block's scale applied to
+its partial sums; where ``moe_fp8`` won against torch's path on this CPU). The gate's seams
+(forced routing, expert masks) are the gate's own business and work here. Any of these off,
+``Transformer.forward`` takes the module path, which stays the reference.
 
 What a step needs from the module tree -- the weights, their pointers, the modules whose hooks
 matter, the buffers -- is gathered once into a ``_StepOperands`` per model, and re-gathered when any of it
