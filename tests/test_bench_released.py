@@ -61,12 +61,13 @@ def test_bench_generates_the_same_tokens_paged(tmp_path, monkeypatch):
     """--tokens: greedy tokens of the model held whole and paged under a cap of a fraction of
     the model (--cap-of-model), with and without prefetch; paging must not change them."""
     monkeypatch.setitem(released.MODELS, "tiny", ("tiny", True))
-    args = SimpleNamespace(models="tiny", layers=None, dir=str(tmp_path), prefill=8, context=8, decode_steps=4,
+    args = SimpleNamespace(models="tiny", layers=None, dir=str(tmp_path), prefill=8, context="8,80", decode_steps=4,
                            page_fraction=0.25, cap_of_model=0.9, threads=1, no_paged=False, tokens=True,
-                           out=str(tmp_path / "out.json"))
+                           context_fill="tiled", out=str(tmp_path / "out.json"))
     assert released.run(args) == 0
     rows = json.load(open(tmp_path / "out.json"))["rows"]
     assert len(rows[0]["tokens"]) == 4 and "fused" in rows[0]
+    assert set(rows[0]["decode_tok_s_by_context"]) == {"8", "80"}
     paged = [r for r in rows if r.get("mode") == "paged"]
     assert len(paged) == 2 and all(r["same_tokens_as_no_prefetch"] for r in paged)
     assert all(r["tokens"] == paged[0]["tokens"] and r["MB_read_from_disk"] > 0 for r in paged)

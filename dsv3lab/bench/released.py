@@ -41,7 +41,10 @@ def add_args(p) -> None:
     p.add_argument("--layers", type=int, default=None, help="cut to the first N layers (default: all)")
     p.add_argument("--dir", default=None, help="where the checkpoints go (default: a temp dir; reused if present)")
     p.add_argument("--prefill", type=int, default=1024)
-    p.add_argument("--context", type=int, default=1024, help="cache length for decode")
+    p.add_argument("--context", default="1024", help="cache length(s) for decode, comma-separated (1024,4096)")
+    p.add_argument("--context-fill", choices=("prefill", "tiled"), default="prefill",
+                   help="fill the decode cache by a prefill (default) or by tiling a 64-token prefill's rows "
+                        "(the same work per step, without a long prefill at full size)")
     p.add_argument("--decode-steps", type=int, default=8)
     p.add_argument("--page-fraction", type=float, default=0.25, help="routed experts held when paged")
     p.add_argument("--cap-of-model", type=float, default=None,
@@ -161,9 +164,21 @@ def activated_bytes(model) -> dict:
     return dict(dense=dense, routed_total=routed, per_token=dense + moe_layers * cfg.num_experts_per_tok * per_expert)
 
 
-def _decode_rate(m, ctx: int, steps: int, x) -> float:
+FILL_PREFIX = 64      # --context-fill tiled: tokens prefilled for real
+
+
+def _decode_rate(m, ctx: int, steps: int, x, tiled: bool = False) -> float:
+    """Decode tokens/s at a cache of ``ctx`` positions. ``tiled``: the first FILL_PREFIX positions
+    prefilled for real, the rest copies of their cache rows -- a step reads and attends over
+    every row whatever it holds, so it does the same work, without a full-size model's long
+    prefill (minutes of FP8 dequantizing on a 2-core CPU)."""
     c = m.new_cache(1, ctx + steps + 2)
-    m(x[:, :ctx], start=0, cache=c, last_only=True)
+    n0 = min(ctx, FILL_PREFIX) if tiled else ctx
+    m(x[:, :n0], start=0, cache=c, last_only=True)
+    for t in c.layers:
+        if torch.is_tensor(t) and t.dim() == 3 and n0 < ctx:
+            reps = -(-(ctx - n0) // n0)
+            t[:, n0:ctx] = t[:, :n0].repeat(1, reps, 1)[:, :ctx - n0]
     tok = x[:, ctx:ctx + 1]
     m(tok, start=ctx, cache=c, last_only=True)
     ts = []
@@ -228,14 +243,18 @@ def _measure(path, fp8, args_d, paged) -> dict:
             out.update(dense_GB=act["dense"] / 1e9, routed_GB=act["routed_total"] / 1e9,
                        act_GB_per_tok=act["per_token"] / 1e9, read_GBps=bw / 1e9,
                        limit_tok_s=bw / act["per_token"])
-            x = torch.randint(0, m.cfg.vocab_size, (1, max(args_d["prefill"], args_d["context"]) + 4),
+            ctxs = args_d["contexts"]
+            x = torch.randint(0, m.cfg.vocab_size, (1, max(args_d["prefill"], *ctxs) + 4),
                               generator=torch.Generator().manual_seed(0))
             n = args_d["prefill"]
             m(x[:, :16], last_only=True)
             t0 = time.perf_counter()
             m(x[:, :n], last_only=True)
             out["prefill_tok_s"] = n / (time.perf_counter() - t0)
-            out["decode_tok_s"] = _decode_rate(m, args_d["context"], args_d["decode_steps"], x)
+            rates = {c: _decode_rate(m, c, args_d["decode_steps"], x, args_d["tiled"]) for c in ctxs}
+            out["decode_tok_s"] = rates[ctxs[0]]
+            out["decode_tok_s_by_context"] = {str(c): r for c, r in rates.items()}
+            out["pct_of_limit_by_context"] = {str(c): 100 * r / out["limit_tok_s"] for c, r in rates.items()}
             out["pct_of_limit"] = 100 * out["decode_tok_s"] / out["limit_tok_s"]
             from dsv3lab.fast import step_verdict
             v = step_verdict(m)              # the fused step, where it measured faster than the module path
@@ -243,13 +262,13 @@ def _measure(path, fp8, args_d, paged) -> dict:
             if v:
                 out.update(fused_ms=v["fused_ms"], module_ms=v["module_ms"])
             if args_d.get("tokens"):
-                out["tokens"], _ = _greedy(m, x, min(args_d["context"], 64), args_d["decode_steps"])
+                out["tokens"], _ = _greedy(m, x, min(ctxs[0], 64), args_d["decode_steps"])
         else:
             cap, prefetch = paged
             m = dsv3lab.load(path, fp8=fp8, max_memory=cap / 1e9, prefetch=prefetch)
-            x = torch.randint(0, m.cfg.vocab_size, (1, args_d["context"] + 4),
+            x = torch.randint(0, m.cfg.vocab_size, (1, args_d["contexts"][0] + 4),
                               generator=torch.Generator().manual_seed(0))
-            ctx = min(args_d["context"], 64)
+            ctx = min(args_d["contexts"][0], 64)
             c = m.new_cache(1, ctx + args_d["decode_steps"] + 2)
             m(x[:, :ctx], start=0, cache=c, last_only=True)
             m.pager.reset_stats()
@@ -289,8 +308,9 @@ def _in_child(*a) -> dict:
 
 def run(args) -> int:
     root = args.dir or os.path.join(tempfile.gettempdir(), "dsv3lab-released")
-    args_d = dict(threads=args.threads, prefill=args.prefill, context=args.context, decode_steps=args.decode_steps,
-                  tokens=getattr(args, "tokens", False))
+    args_d = dict(threads=args.threads, prefill=args.prefill, decode_steps=args.decode_steps,
+                  contexts=[int(c) for c in str(args.context).split(",")],
+                  tiled=getattr(args, "context_fill", "prefill") == "tiled", tokens=getattr(args, "tokens", False))
     rows = []
     for name in args.models.split(","):
         cfg = config_of(name, args.layers)
