@@ -100,3 +100,33 @@ def test_greedy_ignores_groups_in_a_whole_v2_model(tmp_path):
         assert (ours(x) - ref).abs().max().item() < 1e-5
         object.__setattr__(ours.cfg, "topk_method", "group_limited_greedy")   # one group of four
         assert (ours(x) - ref).abs().max().item() > 1e-4
+
+
+def test_fused_cpu_step_routes_greedy_without_groups():
+    """The fused CPU decode step chooses experts in C: under "greedy" it must ignore groups as
+    the Gate does (sigmoid gate, 4 groups of which 2 would be kept otherwise)."""
+    import dsv3lab
+    from dsv3lab.fast import decode
+    cfg = ModelConfig.preset("tiny").replace(topk_method="greedy", num_nextn_predict_layers=0)
+    assert cfg.n_group > cfg.topk_group > 0 and cfg.scoring_func == "sigmoid"
+    m = dsv3lab.build(cfg, dtype=torch.bfloat16, seed=0)
+    with torch.no_grad():
+        for b in m.layers:
+            if hasattr(b.mlp, "gate"):
+                b.mlp.gate.weight.normal_(0, 1.0, generator=torch.Generator().manual_seed(b.layer))
+    x = torch.randint(0, cfg.vocab_size, (1, 12), generator=torch.Generator().manual_seed(0))
+    fused_cache, module_cache = m.new_cache(1, 12), m.new_cache(1, 12)
+    ran = 0
+    with torch.no_grad():
+        m(x[:, :8], cache=fused_cache)
+        m(x[:, :8], cache=module_cache)
+        for t in range(8, 12):
+            fused = decode(m, x[:, t:t + 1], t, fused_cache)
+            module = m.head(m.hidden(x[:, t:t + 1], t, module_cache))
+            if fused is None:
+                fused = m(x[:, t:t + 1], start=t, cache=fused_cache)
+            else:
+                ran += 1
+            assert (fused.float() - module.float()).abs().max().item() < 1e-2, t
+    if not ran:
+        pytest.skip("the fused CPU step does not run on this machine (not built, or slower here)")

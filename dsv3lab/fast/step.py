@@ -278,7 +278,9 @@ class _StepOperands:
             OUT, O=ptr(self.o), OPROJ_W=ptr(ly["o_proj"][0]), OPROJ_S=ptr(ly["o_proj"][1]), A=ptr(self.a), X=ptr(self.x),
             NORM_W=ptr(ly["post_norm"][0]), H2=ptr(self.h2), SCORES=ptr(self.scores), X32=ptr(self.x32),
             IDS=ptr(self.ids), WEIGHTS=ptr(self.weights), D=D, H_HEADS=H, V=v, C=c, E=cfg.n_routed_experts,
-            GROUPS=cfg.n_group, TOPK_GROUP=cfg.topk_group, K=cfg.num_experts_per_tok,
+            # "greedy" routes over all experts whatever n_group (model/moe.py): one group for the C
+            GROUPS=cfg.n_group if cfg.topk_method != "greedy" else 1,
+            TOPK_GROUP=cfg.topk_group if cfg.topk_method != "greedy" else 1, K=cfg.num_experts_per_tok,
             NORM_TOPK=int(cfg.norm_topk_prob))
         ly["gate_ptrs"] = (0, 0)
         if ly["ffn"] == "moe":
