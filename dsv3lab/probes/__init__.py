@@ -17,8 +17,9 @@ from dsv3lab.probes import memory, metrics
 from dsv3lab.probes.metrics import expert_load, max_vio
 from dsv3lab.probes.gate import biases_zeroed, moe_gates
 from dsv3lab.probes.recorder import RoutingRecorder
+from dsv3lab.probes.routing_diff import routing_flips
 
 __all__ = ["hook_names", "hook_points", "hook_table", "hooks", "matching_names", "run_with_cache", "Routing",
            "Trace", "gather", "merge", "trace", "from_megatron", "from_sglang", "load_trace",
            "save_trace", "to_megatron", "to_sglang", "memory", "metrics", "expert_load", "max_vio",
-           "biases_zeroed", "moe_gates", "RoutingRecorder"]
+           "biases_zeroed", "moe_gates", "RoutingRecorder", "routing_flips"]
