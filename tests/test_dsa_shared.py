@@ -216,3 +216,17 @@ def test_kv_bytes_count_only_full_layers_keys():
     assert want == latent + 2 * cfg.index_head_dim * 4
     assert bytes_per_token(cfg.replace(indexer_types=None), torch.float32, "sparse", index_keys="model") == \
         latent + 4 * cfg.index_head_dim * 4
+
+
+def test_saved_glm5_model_loads_in_transformers(tmp_path):
+    """dsv3lab.save of a model with shared layers writes a glm_moe_dsa checkpoint that the lab and
+    transformers' GlmMoeDsaForCausalLM both load with the same logits (fp32)."""
+    m = _tiny(torch.float32, ["full", "shared", "full", "shared"])
+    d = dsv3lab.save(m, tmp_path / "glm5")
+    x = torch.randint(0, m.cfg.vocab_size, (2, 17), generator=torch.Generator().manual_seed(0))
+    hf = GlmMoeDsaForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
+    assert list(hf.config.indexer_types) == ["full", "shared", "full", "shared"]
+    with torch.no_grad():
+        ref = m(x)
+        assert torch.equal(dsv3lab.load(d)(x), ref)
+        assert (hf(x).logits - ref).abs().max().item() < 1e-5
