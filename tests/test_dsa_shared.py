@@ -230,3 +230,15 @@ def test_saved_glm5_model_loads_in_transformers(tmp_path):
         ref = m(x)
         assert torch.equal(dsv3lab.load(d)(x), ref)
         assert (hf(x).logits - ref).abs().max().item() < 1e-5
+
+
+def test_dsa_cost_counts_the_indexer_in_full_layers_only():
+    from dsv3lab.probes import dsa_cost
+    m = _tiny(torch.float32, ["full", "shared", "shared", "full"])
+    every = m.cfg.replace(indexer_types=None)
+    kv, kv_all = dsa_cost.kv_bytes_per_token(m.cfg), dsa_cost.kv_bytes_per_token(every)
+    assert kv["latent"] == kv_all["latent"] and kv["indexer"] == kv_all["indexer"] / 2
+    row = [r for r in dsa_cost.cost_curves(m.cfg, [64]) if r["mode"] == "sparse"][0]
+    row_all = [r for r in dsa_cost.cost_curves(every, [64]) if r["mode"] == "sparse"][0]
+    assert row["indexer_flops"] == row_all["indexer_flops"] / 2 and row["core_flops"] == row_all["core_flops"]
+    assert row["flops"] == row["core_flops"] + row["indexer_flops"]

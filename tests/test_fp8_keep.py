@@ -102,7 +102,7 @@ def test_dequant_at_load_in_bands_is_weight_dequant():
     """The loader dequantizes a band of block rows at a time (few MB of fp32 transients whatever
     the weight): the same values as one ``weight_dequant`` of the whole window, for windows that
     start inside a scale block (a rank's rows or columns), several bands and a ragged last one."""
-    from dsv3lab.checkpoint.load import _dequant_in_bands
+    from dsv3lab.checkpoint.loading import _dequant_in_bands
     g = torch.Generator().manual_seed(2)
     for (M, N), (r0, c0) in (((3000, 700), (0, 0)), ((2900, 300), (40, 100)), ((130, 129), (5, 0))):
         q, s = F8.weight_quant(torch.randn(M + r0, N + c0, generator=g) * 0.05)

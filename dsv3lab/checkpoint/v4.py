@@ -37,9 +37,9 @@ from typing import Optional
 import torch
 
 from dsv3lab.atomic import atomic_directory
-from dsv3lab.checkpoint.load import check_finite, check_scales, own_copy, place
+from dsv3lab.checkpoint.loading import check_finite, check_scales, own_copy, place
 from dsv3lab.checkpoint.reader import CheckpointError, ShardReader
-from dsv3lab.checkpoint.save import carry_over
+from dsv3lab.checkpoint.saving import carry_over
 from dsv3lab.config import ConfigError, V4Config
 
 _LEAF = [  # (official, module) within a layer; applied to what follows "layers.N."

@@ -17,7 +17,7 @@ import time
 
 import torch
 
-from dsv3lab.checkpoint.load import rss_bytes
+from dsv3lab.checkpoint.loading import rss_bytes
 from dsv3lab.probes.recorder import RoutingRecorder
 
 

@@ -54,7 +54,8 @@ def kv_bytes_per_token(cfg, key_format: str = "fp8", dtype_bytes: int = 2) -> di
     cfg = _cfg(cfg)
     L = cfg.num_hidden_layers
     latent = L * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * dtype_bytes
-    index = L * indexer_key_bytes(cfg, key_format, dtype_bytes) if cfg.has_indexer else 0
+    # GLM-5's shared layers keep no indexer keys: only the layers that run an indexer count
+    index = cfg.n_indexer_layers * indexer_key_bytes(cfg, key_format, dtype_bytes) if cfg.has_indexer else 0
     return dict(latent=latent, indexer=index, total=latent + index)
 
 
@@ -136,6 +137,10 @@ def cost_curves(cfg, contexts, phase: str = "decode", **kw) -> list[dict]:
                 continue
             c = attention_cost(cfg, T, phase, sparse=sp, **kw)
             L = cfg.num_hidden_layers
+            c["flops"], c["bytes"] = c["core_flops"], c["core_bytes"]   # the indexer's share added below
+            for k in ("indexer_flops", "indexer_bytes"):           # shared layers (GLM-5) run no indexer
+                c[k] *= cfg.n_indexer_layers / L
+                c[k.replace("indexer_", "")] += c[k]
             rows.append(dict(context=T, mode=mode, **{k: v * L for k, v in c.items() if k != "keys_attended"},
                              keys_attended=c["keys_attended"]))
     return rows
