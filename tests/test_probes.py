@@ -406,3 +406,28 @@ def test_trace_in_the_multi_rank_engine(layout):
     assert torch.equal(r.topk_ids, ref.routing.topk_ids)
     assert torch.equal(r.token_ids, tokens.reshape(-1))
     assert got["tensors"]["rank"].tolist() == ([0] * 10 + [1] * 5 if layout["dp"] == 2 else [0] * 15)
+
+
+@pytest.mark.parametrize("method,scoring", [("noaux_tc", "sigmoid"), ("greedy", "softmax"),
+                                            ("group_limited_greedy", "softmax"), ("group_top2", "softmax")])
+def test_gate_steps_recomputes_each_routers_choice(method, scoring):
+    """probes.gate.gate_steps (the notebook's step-by-step router) chooses what the model's Gate
+    chooses under every topk_method (Gate is checked against transformers' routers per model type),
+    with several groups: "greedy" keeps every group whatever n_group says."""
+    from dsv3lab.model.moe import Gate
+    from dsv3lab.probes.gate import gate_steps
+    cfg = dsv3lab.ModelConfig.preset("tiny").replace(topk_method=method, scoring_func=scoring, n_group=4, topk_group=2,
+                                            norm_topk_prob=method != "greedy")
+    gate = Gate(cfg)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        gate.weight.copy_(torch.randn(gate.weight.shape, generator=g))
+        if gate.e_score_correction_bias is not None:
+            gate.e_score_correction_bias.copy_(torch.randn(cfg.n_routed_experts, generator=g) * 0.1)
+    x = torch.randn(64, cfg.hidden_size, generator=g)
+    ids, weights = gate(x)
+    steps = gate_steps(x, gate.weight, gate.e_score_correction_bias, cfg)
+    assert torch.equal(steps["topk_ids"].sort(-1).values, ids.sort(-1).values)
+    torch.testing.assert_close(steps["topk_weights"].gather(1, steps["topk_ids"].argsort(-1)),
+                               weights.gather(1, ids.argsort(-1)), rtol=1e-5, atol=1e-6)
+    assert bool(steps["group_mask"].all()) == (method == "greedy")

@@ -63,12 +63,18 @@ def gate_steps(x_TD: torch.Tensor, weight_ED: torch.Tensor, bias_E, cfg) -> dict
     sel = s + bias_E.float() if bias_E is not None else s
     per = E // G
     grouped = sel.view(-1, G, per)
-    if bias_E is not None:
+    # a group's score: the sum of its best two (noaux_tc, Mistral 4's group_top2) or its best one
+    # (V2's group_limited_greedy); "greedy" (V2-Lite, transformers' DeepseekV2TopkRouter) has no
+    # group limit whatever n_group says, so every group is kept
+    if cfg.topk_method in ("noaux_tc", "group_top2"):
         group_scores = grouped.topk(min(2, per), dim=-1).values.sum(-1)
     else:
         group_scores = grouped.amax(-1)
-    kept = group_scores.topk(cfg.topk_group, dim=-1).indices
-    group_mask = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, kept, True)
+    if cfg.topk_method == "greedy" or cfg.topk_group >= G:
+        group_mask = torch.ones_like(group_scores, dtype=torch.bool)
+    else:
+        kept = group_scores.topk(cfg.topk_group, dim=-1).indices
+        group_mask = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, kept, True)
     masked = sel.masked_fill(~group_mask.repeat_interleave(per, dim=1), float("-inf"))
     ids = masked.topk(k, dim=-1).indices
     raw = s.gather(1, ids)
