@@ -85,3 +85,24 @@ def test_mistral4_grouped_router_matches_transformers(tmp_path):
         # the groups matter here: routing over all experts differs
         object.__setattr__(ours.cfg, "topk_method", "greedy")
         assert (ours(x) - ref).abs().max().item() > 1e-4
+
+
+def test_mistral4_ranked_load_reads_the_fused_experts(tmp_path):
+    """``parallel.load_sharded`` of a transformers-written checkpoint (experts stored fused): each
+    rank of TP2 x EP2 holds its slices of the same weights as the whole model."""
+    from dsv3lab.parallel import Layout, load_sharded
+    _, d = make_hf(tmp_path)
+    whole = dsv3lab.load(d, dtype=torch.float32)
+    full = dict(whole.named_parameters())
+    for rank in (0, 1):
+        part = load_sharded(d, Layout(tp=2, ep=2), rank=rank, dtype=torch.float32)
+        n_experts = 0
+        for name, p in part.named_parameters():
+            ref = full[name]
+            dims = [i for i, (a, b) in enumerate(zip(p.shape, ref.shape)) if a != b]
+            if dims:                                    # a tensor-parallel slice: this rank's rows or columns
+                i = dims[0]
+                ref = ref.narrow(i, rank * p.shape[i], p.shape[i])
+            assert torch.equal(p, ref), name
+            n_experts += ".experts." in name
+        assert n_experts == 3 * (whole.cfg.num_hidden_layers - whole.cfg.first_k_dense_replace) * whole.cfg.n_routed_experts // 2
