@@ -75,6 +75,8 @@ def wins(kernel: str, dtype: torch.dtype) -> bool:
         raise ValueError(f"unknown C kernel {kernel!r}; one of {sorted(KERNELS)}")
     if mode() == "all":
         return True
+    if _measuring:                          # engine code inside an arm being timed runs torch's path
+        return False
     if kernel == "route":
         dtype = torch.float32               # the router's scores are fp32 whatever the model's dtype
     v = verdicts().get(key(kernel, dtype))
@@ -132,8 +134,23 @@ def calibrate(force: bool = False, rounds: int = ROUNDS) -> dict:
     return result
 
 
+_measuring = False
+
+
 def _measure(tier: str, threads: int, rounds: int) -> dict:
-    """Every kernel against its torch call; the verdicts stored beside the library."""
+    """Every kernel against its torch call; the verdicts stored beside the library. While it
+    runs, ``wins`` says no: engine code that asks for verdicts must not start another measurement."""
+    global _measuring
+    if cpu_decode.library() is None:
+        return {}
+    _measuring = True
+    try:
+        return _measure_all(tier, threads, rounds)
+    finally:
+        _measuring = False
+
+
+def _measure_all(tier: str, threads: int, rounds: int) -> dict:
     if cpu_decode.library() is None:
         return {}
     warnings.warn(f"dsv3lab: timing the C decode kernels against torch on this CPU ({cpu_compile.isa_summary()}, "
@@ -233,11 +250,17 @@ def _arms(kernel: str, dt: torch.dtype):
             return cpu_decode.moe(x, *[[e[j][0] for e in es] for j in range(3)], ws,
                                   scales=[tuple(p[1] for p in e) for e in es])
 
+        def deq(q, sc):
+            # torch's dequantization as dsv3lab/fp8.py does it without the C kernels (fp8._dequant_band
+            # itself asks for the verdicts: calling it here, while they are measured, would recurse)
+            M, N = q.shape
+            return (q.float().view(M // 128, 128, N // 128, 128) * sc[:, None, :, None]).view(M, N).to(dt)
+
         def torch_moe(es):
-            # the module path's torch arm (dsv3lab/fp8.py): each weight dequantized into x's dtype, then the GEMV
+            # the module path's torch arm: each weight dequantized into x's dtype, then the GEMV
             y = torch.zeros(K, dtype=torch.float32)
             for s, e in enumerate(es):
-                gw, uw, dw = (fp8._dequant_band(q, sc, 128, dt) for q, sc in e)
+                gw, uw, dw = (deq(q, sc) for q, sc in e)
                 h = F.silu(F.linear(x, gw)) * F.linear(x, uw)
                 y += ws[s] * F.linear(h, dw).float()
             return y

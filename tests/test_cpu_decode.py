@@ -690,3 +690,24 @@ def test_fp8_dequant_is_weight_dequant(N, K, dtype):
     assert torch.equal(y, ref)
     with pytest.raises(ValueError, match="dequant_fp8"):
         cpu_decode.dequant_fp8(q, s[:, :1], dtype)
+
+
+def test_engine_code_inside_a_calibration_does_not_start_another(monkeypatch):
+    """The torch arm of a kernel's timing may run engine code that asks for verdicts (a kept
+    FP8 weight's band dequantized through fp8._dequant_band asks for ``dequant_fp8``'s): while
+    the verdicts are measured the answer is 'torch', not a second, nested measurement (which
+    recursed once per kernel that did so)."""
+    from dsv3lab import fp8
+    from dsv3lab.kernels import cpu_calibrate
+    monkeypatch.setenv("DSV3LAB_CPU_KERNELS", "measured")
+    calls, inside = [], []
+
+    def arms(*a):
+        calls.append(a)
+        q, s = fp8.weight_quant(torch.randn(256, 256))
+        inside.append(cpu_calibrate.wins("dequant_fp8", torch.bfloat16))
+        fp8._dequant_band(q, s, 128, torch.bfloat16)
+        return {}
+    monkeypatch.setattr(cpu_calibrate, "_measure_all", arms)
+    cpu_calibrate._measure("native", 1, 1)
+    assert len(calls) == 1 and inside == [False] and not cpu_calibrate._measuring
