@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
 import dsv3lab
+from lab_models import tiny_with_biases
 from dsv3lab.checkpoint import CheckpointError, is_fp8_key, module_key
 from dsv3lab.config import ConfigError, ModelConfig
 
@@ -27,13 +28,7 @@ PROPS = settings(max_examples=25, deadline=None, derandomize=True, database=None
                  suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 
 
-def tiny_model(seed=0):
-    m = dsv3lab.build("tiny", seed=seed)
-    with torch.no_grad():
-        for layer in list(m.layers) + list(m.mtp):
-            if hasattr(layer.mlp, "gate"):
-                layer.mlp.gate.e_score_correction_bias.normal_(0, 0.1)
-    return m
+tiny_model = tiny_with_biases
 
 
 @pytest.fixture(scope="module")

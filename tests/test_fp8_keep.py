@@ -18,18 +18,13 @@ import torch
 from safetensors.torch import load_file
 
 import dsv3lab
+from lab_models import tiny_with_biases
 from dsv3lab import fp8 as F8
 from dsv3lab.checkpoint import load_summary
 from dsv3lab.model.layers import Linear
 
 
-def tiny(seed=0):
-    m = dsv3lab.build("tiny", seed=seed)
-    with torch.no_grad():
-        for layer in list(m.layers) + list(m.mtp):
-            if hasattr(layer.mlp, "gate"):
-                layer.mlp.gate.e_score_correction_bias.normal_(0, 0.1)
-    return m
+tiny = tiny_with_biases
 
 
 @pytest.fixture(scope="module")

@@ -7,19 +7,14 @@ import pytest
 import torch
 
 import dsv3lab
+from lab_models import tiny_with_biases
 from dsv3lab.viz.figures import expert_load_heatmap
 from dsv3lab.probes import trace
 from dsv3lab.probes.routing_diff import routing_flips
 from dsv3lab.probes.trace import Routing
 
 
-def _biased(seed):
-    m = dsv3lab.build("tiny", seed=seed)
-    with torch.no_grad():
-        for layer in m.layers:
-            if hasattr(layer.mlp, "gate"):
-                layer.mlp.gate.e_score_correction_bias.normal_(0, 0.1)
-    return m
+_biased = tiny_with_biases
 
 
 @pytest.fixture(scope="module")

@@ -24,7 +24,6 @@ import json
 import math
 import multiprocessing as mp
 import os
-import platform
 import statistics
 import tempfile
 import time
@@ -32,6 +31,7 @@ import time
 import torch
 
 from dsv3lab.bench import print_table, write_json_atomic
+from dsv3lab.kernels import cpu_compile
 
 MODELS = {"moonlight": ("moonlight-16b", True), "v2-lite": ("v2-lite-16b", False)}
 
@@ -358,20 +358,9 @@ def run(args) -> int:
     return 0
 
 
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def _save(args, rows) -> None:
     """The rows so far (written after each measurement: a long run keeps what it measured)."""
     out = args.out or os.path.join("results", "bench-released.json")
-    write_json_atomic(out, dict(machine=dict(cpu=_cpu_name(), cores=os.cpu_count(),
+    write_json_atomic(out, dict(machine=dict(cpu=f"{cpu_compile.cpu_model()} ({cpu_compile.isa_summary()})", cores=os.cpu_count(),
                                              threads=args.threads or torch.get_num_threads()),
                                 args={k: v for k, v in vars(args).items() if k != "func"}, rows=rows))

@@ -64,8 +64,12 @@ def load_sharded(path: str, ctx: ParallelContext | Layout | None = None, dtype: 
 
     if reader is None:
         from dsv3lab.fused_experts import FusedExpertsReader, has_fused_experts
-        if has_fused_experts(ShardReader(path).keys()):        # mistral4 / glm_moe_dsa as transformers saves them
-            reader = FusedExpertsReader(path)                  # per-expert views, sliced like any tensor
+        try:
+            fused = has_fused_experts(ShardReader(path).keys())
+        except Exception:
+            fused = False              # not a readable checkpoint: the loader names what is wrong, as in one process
+        if fused:                      # mistral4 / glm_moe_dsa as transformers saves them:
+            reader = FusedExpertsReader(path)    # per-expert views, sliced like any tensor
 
     model = load_checkpoint(path, dtype=dtype, device=ctx.device, fp8=fp8, attn_mode=attn_mode,
                             progress=progress, shard_model=shard_model, check_reads=check_reads, reader=reader)
