@@ -20,6 +20,21 @@ def roughen(model, cfg) -> None:
                     p.uniform_(0.5, 1.5)
 
 
+def eager_model(config_cls, model_cls, **cfg_kwargs):
+    """A transformers model built from ``cfg_kwargs`` with seed 0, eager attention, fp32, in eval
+    mode, its norm weights drawn from U(0.5, 1.5) (ones would hide a norm applied to the wrong
+    tensor)."""
+    torch.manual_seed(0)
+    cfg = config_cls(**cfg_kwargs)
+    cfg._attn_implementation = "eager"
+    m = model_cls(cfg).float().eval()
+    with torch.no_grad():
+        for n, p in m.named_parameters():
+            if n.endswith("norm.weight"):
+                p.uniform_(0.5, 1.5)
+    return m
+
+
 def save_eager(model, path) -> None:
     """Save with transformers' eager experts (the grouped kernels differ only in speed)."""
     try:

@@ -11,6 +11,7 @@ from dsv3lab.config import ModelConfig, UnsupportedModelType
 
 transformers = pytest.importorskip("transformers")
 from transformers import Mistral4Config, Mistral4ForCausalLM  # noqa: E402
+from hf_reference import eager_model  # noqa: E402
 
 SMALL = dict(vocab_size=160, hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=3,
              first_k_dense_replace=1, num_attention_heads=4, num_key_value_heads=4, kv_lora_rank=32, q_lora_rank=48,
@@ -22,14 +23,7 @@ SMALL = dict(vocab_size=160, hidden_size=64, intermediate_size=96, moe_intermedi
 
 
 def make_hf(tmp_path, **over):
-    torch.manual_seed(0)
-    cfg = Mistral4Config(**dict(SMALL, **over))
-    cfg._attn_implementation = "eager"
-    m = Mistral4ForCausalLM(cfg).float().eval()
-    with torch.no_grad():
-        for n, p in m.named_parameters():
-            if n.endswith("norm.weight"):
-                p.uniform_(0.5, 1.5)
+    m = eager_model(Mistral4Config, Mistral4ForCausalLM, **dict(SMALL, **over))
     m.set_experts_implementation("eager")
     m.save_pretrained(tmp_path / "m4")
     return m, tmp_path / "m4"
