@@ -74,14 +74,10 @@ def load_other(path, dtype=None, device=None, fp8: str = "dequant", attn_mode: s
             print(f"loaded {path} (DeepSeek-V4, dequantized) in {model._dsv3_load['seconds']:.2f} s, "
                   f"{model._dsv3_load['bytes_read'] / 1e6:.1f} MB read", file=sys.stderr)
         return model
-    from dsv3lab.checkpoint import ShardReader, load_checkpoint
-    from dsv3lab.fused_experts import FusedExpertsReader, has_fused_experts
-    try:
-        keys = ShardReader(os.fspath(path)).keys()
-    except Exception:
-        return None     # the V3 loader names what is wrong with the directory
-    if has_fused_experts(keys):     # experts saved fused (transformers' mistral4, glm_moe_dsa): per-expert views
+    from dsv3lab.checkpoint import load_checkpoint
+    from dsv3lab.fused_experts import fused_reader
+    reader = fused_reader(os.fspath(path))
+    if reader is not None:          # experts saved fused (transformers' mistral4, glm_moe_dsa): per-expert views
         return load_checkpoint(os.fspath(path), dtype=dtype, device=device, fp8=fp8, attn_mode=attn_mode,
-                               progress=progress, max_memory=max_memory, prefetch=prefetch,
-                               reader=FusedExpertsReader(os.fspath(path)))
+                               progress=progress, max_memory=max_memory, prefetch=prefetch, reader=reader)
     return None        # the V3 loader; ModelConfig.from_hf refuses the rest of the family by name

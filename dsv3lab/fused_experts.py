@@ -23,6 +23,16 @@ def has_fused_experts(keys) -> bool:
     return any(_FUSED.match(k) for k in keys)
 
 
+def fused_reader(path: str) -> "FusedExpertsReader | None":
+    """The reader a checkpoint with fused experts needs (transformers' mistral4, glm_moe_dsa), or
+    None for any other directory -- an unreadable one included: the loader names what is wrong."""
+    try:
+        fused = has_fused_experts(ShardReader(path).keys())
+    except Exception:
+        return None
+    return FusedExpertsReader(path) if fused else None
+
+
 class FusedExpertsReader(ShardReader):
     def __init__(self, path: str):
         super().__init__(path)

@@ -62,14 +62,9 @@ def load_sharded(path: str, ctx: ParallelContext | Layout | None = None, dtype: 
                                   f"do not fall on {block}-blocks, so weight_scale_inv cannot be split for "
                                   f"fp8={fp8!r} under {ctx.layout.describe()}; use fp8='dequant' or another tp")
 
-    if reader is None:
-        from dsv3lab.fused_experts import FusedExpertsReader, has_fused_experts
-        try:
-            fused = has_fused_experts(ShardReader(path).keys())
-        except Exception:
-            fused = False              # not a readable checkpoint: the loader names what is wrong, as in one process
-        if fused:                      # mistral4 / glm_moe_dsa as transformers saves them:
-            reader = FusedExpertsReader(path)    # per-expert views, sliced like any tensor
+    if reader is None:                 # mistral4 / glm_moe_dsa as transformers saves them: per-expert views
+        from dsv3lab.fused_experts import fused_reader
+        reader = fused_reader(path)
 
     model = load_checkpoint(path, dtype=dtype, device=ctx.device, fp8=fp8, attn_mode=attn_mode,
                             progress=progress, shard_model=shard_model, check_reads=check_reads, reader=reader)
