@@ -661,7 +661,8 @@ class V4Config:
     swiglu_limit: float = 10.0          # gate <= limit, |up| <= limit before SiLU(gate) * up
     # --- misc --------------------------------------------------------------------------------
     rms_norm_eps: float = 1e-6
-    num_nextn_predict_layers: int = 1   # in the release; not built here (transformers does not either)
+    num_nextn_predict_layers: int = 1   # [n_mtp_layers] MTP blocks after the last layer (transformers: none)
+    mtp_layer_types: tuple = ()         # their attention ([compress_ratios] past n_layers); default sliding
     bos_token_id: int = 0
     eos_token_id: int = 1
     initializer_range: float = 0.02
@@ -682,8 +683,14 @@ class V4Config:
                    for i in range(max(n - 2, 0))]))
         if not self.mlp_layer_types:
             object.__setattr__(self, "mlp_layer_types", tuple(["hash_moe"] * min(n, 3) + ["moe"] * max(0, n - 3)))
+        if not self.mtp_layer_types:
+            # the release's config lists one compress ratio per layer AND per MTP block; one that
+            # stops at the main layers (transformers truncates its list) leaves the MTP block
+            # sliding-only, as the release's code reads a missing entry (docs/v4.md#mtp)
+            object.__setattr__(self, "mtp_layer_types", ("sliding_attention",) * self.num_nextn_predict_layers)
         object.__setattr__(self, "layer_types", tuple(self.layer_types))
         object.__setattr__(self, "mlp_layer_types", tuple(self.mlp_layer_types))
+        object.__setattr__(self, "mtp_layer_types", tuple(self.mtp_layer_types))
         self.validate()
 
     def validate(self) -> None:
@@ -694,6 +701,11 @@ class V4Config:
         need(len(self.layer_types) == n, "layer_types", f"needs {n} entries, got {len(self.layer_types)}")
         bad = [t for t in self.layer_types if t not in V4_LAYER_TYPES]
         need(not bad, "layer_types", f"entries must be in {V4_LAYER_TYPES}, got {bad[:3]}")
+        k = self.num_nextn_predict_layers
+        need(k >= 0 and len(self.mtp_layer_types) == k, "mtp_layer_types",
+             f"needs num_nextn_predict_layers={k} entries, got {len(self.mtp_layer_types)}")
+        bad = [t for t in self.mtp_layer_types if t not in V4_LAYER_TYPES]
+        need(not bad, "mtp_layer_types", f"entries must be in {V4_LAYER_TYPES}, got {bad[:3]}")
         need(len(self.mlp_layer_types) == n, "mlp_layer_types", f"needs {n} entries, got {len(self.mlp_layer_types)}")
         bad = [t for t in self.mlp_layer_types if t not in V4_MLP_LAYER_TYPES]
         need(not bad, "mlp_layer_types", f"entries must be in {V4_MLP_LAYER_TYPES}, got {bad[:3]}")
@@ -773,18 +785,26 @@ class V4Config:
             raise ConfigError(f"{src}: model_type must be 'deepseek_v4', got {d.get('model_type')!r}")
         names = {f.name for f in fields(cls)}
         kw = {k: v for k, v in d.items() if k in names and k not in (
-            "name", "layer_types", "mlp_layer_types", "rope_scaling", "fp8_block_size", "scale_fmt", "expert_dtype")}
+            "name", "layer_types", "mlp_layer_types", "mtp_layer_types", "rope_scaling", "fp8_block_size", "scale_fmt", "expert_dtype")}
         n = int(d.get("num_hidden_layers", 43))
         rates = d.get("compress_rates") or {}
         kw["csa_rate"] = int(rates.get("compressed_sparse_attention", d.get("compress_rate_csa", 4)))
         kw["hca_rate"] = int(rates.get("heavily_compressed_attention", d.get("compress_rate_hca", 128)))
-        if d.get("layer_types"):
-            kw["layer_types"] = tuple(d["layer_types"][:n])
-        elif d.get("compress_ratios"):
+        k = int(d.get("num_nextn_predict_layers", 1))
+        ratio_types = None
+        if d.get("compress_ratios"):
             try:
-                kw["layer_types"] = tuple(_RATIO_TO_LAYER_TYPE[int(r)] for r in d["compress_ratios"][:n])
+                ratio_types = tuple(_RATIO_TO_LAYER_TYPE[int(r)] for r in d["compress_ratios"])
             except KeyError as e:
                 raise ConfigError(f"{src}: compress_ratios holds {e.args[0]}; known: 0, 4, 128") from None
+        if d.get("layer_types"):
+            kw["layer_types"] = tuple(d["layer_types"][:n])
+        elif ratio_types:
+            kw["layer_types"] = ratio_types[:n]
+        # the MTP blocks' attention: entries past the main layers (the release lists n + k ratios)
+        mtp = d.get("mtp_layer_types") or (d.get("layer_types") or ratio_types or ())[n:n + k]
+        if len(mtp) == k:
+            kw["mtp_layer_types"] = tuple(mtp)
         if d.get("mlp_layer_types"):
             kw["mlp_layer_types"] = tuple(d["mlp_layer_types"][:n])
         elif d.get("num_hash_layers") is not None:
@@ -833,6 +853,7 @@ class V4Config:
                   "rope_scaling", "qk_rope_head_dim"):
             d.pop(k)
         d["layer_types"], d["mlp_layer_types"] = list(self.layer_types), list(self.mlp_layer_types)
+        d["mtp_layer_types"] = list(self.mtp_layer_types)
         d["compress_rates"] = {"compressed_sparse_attention": self.csa_rate,
                                "heavily_compressed_attention": self.hca_rate}
         d["partial_rotary_factor"] = self.qk_rope_head_dim / self.head_dim

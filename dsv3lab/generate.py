@@ -130,7 +130,9 @@ def generate_speculative(model, prompt: Sequence[int], max_new_tokens: int = 100
     Each step feeds [t, draft] to the main model at positions p, p+1: the logits at p verify the
     draft, the logits at p+1 give one more token when it is accepted, so a step yields 1 or 2
     tokens for one forward. The MTP block keeps its own latent cache slot; rejected positions
-    are simply overwritten by the next step. The output equals plain greedy decoding exactly.
+    are simply overwritten by the next step (a V4 cache, fed in order, is rewound with
+    ``cache.mark``/``rewind`` and fed the accepted token again: one more 1-token forward per
+    rejection). The output equals plain greedy decoding exactly.
     One sequence at a time.
     """
     cfg = model.cfg
@@ -154,6 +156,7 @@ def generate_speculative(model, prompt: Sequence[int], max_new_tokens: int = 100
     pos = len(p)                      # position of out[-1], not yet in the main cache
     steps = accepted = 0
     while len(out) < max_new_tokens and out[-1] not in stop and pos + 2 <= total:
+        mark = cache.mark() if hasattr(cache, "mark") else None
         logits, h = model(T([out[-1], draft]), start=pos, cache=cache, return_hidden=True)
         steps += 1
         verify = int(logits[0, 0].argmax())
@@ -163,6 +166,11 @@ def generate_speculative(model, prompt: Sequence[int], max_new_tokens: int = 100
             new, hs = [draft, nxt], h
         else:
             new, hs = [verify], h[:, :1]
+            if mark is not None:
+                # a cache fed in order (V4's window and pools) cannot overwrite the rejected
+                # position later: back to before this step, then the accepted token alone
+                cache.rewind(mark)
+                model(T([out[-1]]), start=pos, cache=cache, last_only=True)
         if new[0] in stop:
             out.append(new[0])
             break

@@ -63,8 +63,14 @@ def test_lab_accounting_takes_v4_configs_analytic_equals_measured(T):
     assert dsv3lab.kv_cache_bytes_per_token("v4-pro") == v4_cost.per_token("v4-pro") == 9536
     with pytest.raises(ValueError, match="layout 'naive'.*own cache"):
         dsv3lab.kv_cache_bytes_per_token("v4-tiny", mode="naive")
-    with pytest.raises(ValueError, match="include_mtp.*MTP layer is not built"):
-        dsv3lab.kv_cache_bytes_per_token("v4-tiny", include_mtp=True)
+    # with the MTP block: what a main layer of its attention type caches, counted and measured
+    for t in ("sliding_attention", "heavily_compressed_attention"):
+        c = cfg.replace(num_nextn_predict_layers=1, mtp_layer_types=(t,))
+        model = dsv3lab.build(c, dtype=torch.bfloat16)
+        with_mtp = measured_bytes_per_token(model, dtype=torch.bfloat16, batch=2, max_len=T)
+        assert dsv3lab.kv_cache_bytes_per_token(c, context=T, include_mtp=True) == with_mtp
+        assert with_mtp > measured_bytes_per_token(model, dtype=torch.bfloat16, batch=2, max_len=T,
+                                                   include_mtp=False) == dsv3lab.kv_cache_bytes_per_token(c, context=T)
 
 
 def test_info_and_model_stats_take_v4(capsys):

@@ -25,7 +25,9 @@ def tiny(seed=0):
 
 
 def test_official_keys_round_trip_through_the_adapter():
-    m = dsv3lab.build("v4-tiny", device="meta")
+    cfg = dsv3lab.build("v4-tiny", device="meta").cfg
+    m = dsv3lab.build(cfg.replace(num_nextn_predict_layers=1, mtp_layer_types=("compressed_sparse_attention",)),
+                      device="meta")
     names = [n for n, _ in list(m.named_parameters()) + list(m.named_buffers())]
     keys = {official_key(n) for n in names}
     assert len(keys) == len(names)
@@ -36,7 +38,14 @@ def test_official_keys_round_trip_through_the_adapter():
               "layers.1.attn.indexer.wq_b.weight", "layers.2.ffn.experts.3.w1.weight", "layers.0.ffn.gate.tid2eid",
               "layers.1.ffn.gate.bias", "layers.0.hc_attn_fn", "layers.0.attn_norm.weight"):
         assert k in keys, k
-    assert module_name("mtp.0.attn.wq_a.weight") is None
+    # the MTP block: a main block's names under mtp.K, plus its own (the release's names)
+    for k in ("mtp.0.attn.wq_a.weight", "mtp.0.attn.indexer.compressor.ape", "mtp.0.ffn.experts.7.w2.weight",
+              "mtp.0.ffn.gate.bias", "mtp.0.hc_ffn_scale", "mtp.0.e_proj.weight", "mtp.0.h_proj.weight",
+              "mtp.0.enorm.weight", "mtp.0.hnorm.weight", "mtp.0.norm.weight", "mtp.0.hc_head_fn",
+              "mtp.0.hc_head_base", "mtp.0.hc_head_scale"):
+        assert k in keys, k
+    assert "mtp.0.ffn.gate.tid2eid" not in keys                  # learned gate, never hash
+    assert module_name("mtp.0.attn.wq_a.weight") == "mtp.0.self_attn.q_a_proj.weight"
 
 
 def test_official_layout_loads_here_and_in_transformers(tmp_path):

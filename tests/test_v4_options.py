@@ -1,6 +1,6 @@
 """Options of ``dsv3lab.load`` / ``build`` on models outside the V3 layout either apply or are
 refused by name, never silently ignored: DeepSeek-V4 (FP8 kept, another attention, expert paging,
-absorbed prefill; the release's MTP layer, not built, named when asked for) and checkpoints with
+absorbed prefill; MTP tensors the config does not explain, MTP asked of a model without it) and checkpoints with
 fused experts (Mistral 4, GLM-5), where every option reaches the V3 loader."""
 
 import glob
@@ -22,11 +22,11 @@ X = torch.randint(0, 512, (2, 19), generator=torch.Generator().manual_seed(0))
 def _v4_dir(tmp_path, mtp=False):
     m = dsv3lab.build("v4-tiny", seed=0)
     d = save_v4(m, tmp_path / "v4")
-    if mtp:      # the release ships an MTP layer under mtp.0.* (official layout)
+    if mtp:      # mtp.0.* tensors a config without MTP blocks (num_nextn_predict_layers 0) does not explain
         (f,) = glob.glob(os.path.join(d, "*.safetensors"))
         t = load_file(f)
         D = m.cfg.hidden_size
-        extra = {"mtp.0.eh_proj.weight": torch.randn(D, 2 * D), "mtp.0.enorm.weight": torch.ones(D),
+        extra = {"mtp.0.e_proj.weight": torch.randn(D, D), "mtp.0.enorm.weight": torch.ones(D),
                  "mtp.0.attn.wq_a.weight": torch.randn(8, D)}
         save_file({**t, **extra}, f)
         idx = os.path.join(d, "model.safetensors.index.json")
@@ -66,20 +66,19 @@ def test_v4_options_that_apply_work(tmp_path, capsys):
         load_sharded(d, Layout(), rank=0)
 
 
-def test_v4_release_mtp_layer_is_named_not_used(tmp_path):
+def test_v4_mtp_tensors_the_config_does_not_explain_and_a_model_without_mtp(tmp_path):
+    """MTP blocks are built (tests/test_v4_mtp.py); mtp.* tensors beyond the config's
+    num_nextn_predict_layers are refused by name, and a model without MTP blocks refuses
+    speculative decoding and mtp_logits by name."""
+    from dsv3lab.checkpoint.reader import CheckpointError
     m, d = _v4_dir(tmp_path, mtp=True)
-    with pytest.warns(UserWarning, match=r"multi-token-prediction layer \(3 tensors"):
-        back = dsv3lab.load(d)
-    assert back.unused_mtp == ["mtp.0.attn.wq_a.weight", "mtp.0.eh_proj.weight", "mtp.0.enorm.weight"]
-    with torch.no_grad():
-        assert torch.equal(back(X), m(X))                  # next-token logits do not use it
-    with pytest.raises(NotImplementedError, match="speculative decoding.*3 MTP tensors"):
-        back.generate([[1, 2, 3]], max_new_tokens=2, speculative=True)
-    with pytest.raises(NotImplementedError, match="mtp_logits"):
-        back.mtp_logits(None, X)
-    # a V4 built here has no checkpoint tensors to name
-    with pytest.raises(NotImplementedError, match="do not build"):
-        dsv3lab.build("v4-tiny", device="meta").mtp_logits(None, X)
+    with pytest.raises(CheckpointError, match=r"3 tensor\(s\) the config does not explain.*mtp\.0\.attn\.wq_a"):
+        dsv3lab.load(d)
+    assert m.unused_mtp == [] and len(m.mtp) == 0
+    with pytest.raises(ValueError, match="speculative decoding needs DeepSeek-V4's multi-token-prediction block"):
+        m.generate([[1, 2, 3]], max_new_tokens=2, speculative=True)
+    with pytest.raises(ValueError, match="mtp_logits needs .*num_nextn_predict_layers=0"):
+        m.mtp_logits(torch.zeros(2, 19, 2, 64), X)
 
 
 def test_fused_expert_checkpoints_take_every_load_option(tmp_path):

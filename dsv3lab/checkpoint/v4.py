@@ -19,6 +19,13 @@ Checkpoints come in two layouts, both read here; ``module_name`` maps either ont
   layers.N.attn.indexer.compressor.{wkv,wgate,ape,norm}                                 self_attn.compressor.indexer.{kv_proj,..}
   layers.N.ffn.gate.{weight,bias,tid2eid}                                               mlp.gate.{weight,e_score_correction_bias,tid2eid}
   layers.N.ffn.{experts.E,shared_experts}.{w1,w2,w3}                                    mlp.*.{gate_proj,down_proj,up_proj}
+  mtp.K.<every layers.N leaf above>      (none: transformers drops MTP)                 mtp.K.<the same modules>
+  mtp.K.{e_proj,h_proj}(.scale), mtp.K.{enorm,hnorm,norm}.weight                        mtp.K.<the same>
+  mtp.K.hc_head_{fn,base,scale}                                                         mtp.K.hc_head.hc_*
+
+The MTP blocks (the release's ``mtp.K.*``) load whole or not at all: a checkpoint with no
+``mtp.*`` tensor (every transformers-written one) gives a model without MTP blocks
+(``num_nextn_predict_layers`` 0), one with some but not all of them a named error.
 
 Quantized weights (V4 release: docs/v4.md#checkpoints): FP8 e4m3 with one scale per 128x128
 block (``<w>.scale`` in the official layout, ``<w>_scale_inv`` in transformers'), UE8M0 scales
@@ -54,6 +61,7 @@ _LEAF = [  # (official, module) within a layer; applied to what follows "layers.
     (r"attn\.(kv_)?norm\.", "self_attn.kv_norm."), (r"attn\.wo_a\.", "self_attn.o_a_proj."),
     (r"attn\.wo_b\.", "self_attn.o_b_proj."), (r"attn\.compressor\.", "self_attn.compressor."),
     (r"ffn\.gate\.bias$", "mlp.gate.e_score_correction_bias"), (r"ffn\.", "mlp."),
+    (r"hc_head_(fn|base|scale)$", r"hc_head.hc_\1"),          # an MTP block's own hyper head
 ]
 _POOL = {"wkv.": "kv_proj.", "wgate.": "gate_proj.", "ape": "position_bias", "norm.": "kv_norm."}
 _W = {"w1.": "gate_proj.", "w2.": "down_proj.", "w3.": "up_proj."}
@@ -65,18 +73,15 @@ _ROOT = {"embed.weight": "embed_tokens.weight", "embed_tokens.weight": "embed_to
 SCALE_SUFFIXES = ("_scale_inv", ".scale")
 
 
-def module_name(key: str) -> Optional[str]:
-    """Checkpoint key (either layout) -> module state-dict name; None for what V4 here does not
-    build (the release's ``mtp.*`` layer)."""
+def module_name(key: str) -> str:
+    """Checkpoint key (either layout) -> module state-dict name ("?key" for a key of neither)."""
     k = key[len("model."):] if key.startswith("model.") else key
-    if k.startswith("mtp."):
-        return None
     if k in _ROOT:
         return _ROOT[k]
-    m = re.match(r"layers\.(\d+)\.(.*)$", k)
+    m = re.match(r"(layers|mtp)\.(\d+)\.(.*)$", k)
     if not m:
         return "?" + key
-    rest = m.group(2)
+    rest = m.group(3)
     for pat, rep in _LEAF:
         new, n = re.subn("^" + pat, rep, rest)
         if n:
@@ -94,7 +99,7 @@ def module_name(key: str) -> Optional[str]:
                 break
         rest = parts[0] + "compressor." + pre + tail
     rest = re.sub(r"(experts\.\d+\.|shared_experts\.)(w[123]\.)", lambda mm: mm.group(1) + _W[mm.group(2)], rest)
-    return f"layers.{m.group(1)}.{rest}"
+    return f"{m.group(1)}.{m.group(2)}.{rest}"
 
 
 _INV_LEAF = [  # module -> official, within a layer
@@ -108,7 +113,7 @@ _INV_LEAF = [  # module -> official, within a layer
     ("self_attn.q_b_proj.", "attn.wq_b."), ("self_attn.kv_proj.", "attn.wkv."),
     ("self_attn.kv_norm.", "attn.kv_norm."), ("self_attn.o_a_proj.", "attn.wo_a."),
     ("self_attn.o_b_proj.", "attn.wo_b."), ("mlp.gate.e_score_correction_bias", "ffn.gate.bias"),
-    ("mlp.", "ffn."),
+    ("mlp.", "ffn."), ("hc_head.hc_", "hc_head_"),
 ]
 
 
@@ -118,8 +123,8 @@ def official_key(name: str) -> str:
                 "hc_head.hc_fn": "hc_head_fn", "hc_head.hc_base": "hc_head_base", "hc_head.hc_scale": "hc_head_scale"}
     if name in inv_root:
         return inv_root[name]
-    m = re.match(r"layers\.(\d+)\.(.*)$", name)
-    rest = m.group(2)
+    m = re.match(r"(layers|mtp)\.(\d+)\.(.*)$", name)
+    rest = m.group(3)
     for a, b in _INV_LEAF:
         if rest.startswith(a):
             rest = b + rest[len(a):]
@@ -134,7 +139,7 @@ def official_key(name: str) -> str:
     rest = re.sub(r"(experts\.\d+\.|shared_experts\.)(gate_proj|down_proj|up_proj)\.",
                   lambda mm: mm.group(1) + {"gate_proj": "w1", "down_proj": "w2", "up_proj": "w3"}[mm.group(2)] + ".",
                   rest)
-    return f"layers.{m.group(1)}.{rest}"
+    return f"{m.group(1)}.{m.group(2)}.{rest}"
 
 
 def is_fp32_name(name: str) -> bool:
@@ -146,10 +151,12 @@ def is_fp32_name(name: str) -> bool:
 
 def is_fp8_name(name: str) -> bool:
     """Weights the release stores in FP8 (e4m3, 128x128 blocks): attention projections, the
-    indexer's wq_b, shared and routed experts (routed ones FP4 under ``expert_dtype: fp4``).
+    indexer's wq_b, shared and routed experts (routed ones FP4 under ``expert_dtype: fp4``), an
+    MTP block's e_proj and h_proj.
     The compressors' and the indexer's pools and weights_proj stay BF16 (transformers' note)."""
     return bool(re.search(r"self_attn\.(q_a_proj|q_b_proj|kv_proj|o_a_proj|o_b_proj|compressor\.indexer\.q_b_proj)"
-                          r"\.weight$|mlp\.(experts\.\d+|shared_experts)\.(gate|up|down)_proj\.weight$", name)) \
+                          r"\.weight$|mlp\.(experts\.\d+|shared_experts)\.(gate|up|down)_proj\.weight$"
+                          r"|^mtp\.\d+\.[eh]_proj\.weight$", name)) \
         and ".compressor.kv_proj" not in name
 
 
@@ -193,15 +200,18 @@ def load_v4(path: str, dtype: torch.dtype | None = None, device=None, cfg: V4Con
     if dtype is None:
         k = next((k for k in ("embed.weight", "model.embed_tokens.weight") if k in keys), None)
         dtype = reader.dtype(k) if k else torch.bfloat16
+    scale_keys = {k for k in keys if k.endswith(SCALE_SUFFIXES)}
+    has_mtp = any(module_name(k).startswith("mtp.") for k in keys - scale_keys)
+    if cfg.num_nextn_predict_layers and not has_mtp:
+        # no MTP tensor at all (transformers writes none): a model without MTP blocks, so that
+        # cfg says what was built; speculative decoding and mtp_logits then refuse by name
+        cfg = cfg.replace(num_nextn_predict_layers=0, mtp_layer_types=())
     model = V4Transformer(cfg, dtype, "meta")
     want = {n: t for n, t in list(model.named_parameters()) + list(model.named_buffers())}
-    scale_keys = {k for k in keys if k.endswith(SCALE_SUFFIXES)}
     found: dict[str, str] = {}
     unknown = []
     for k in sorted(keys - scale_keys):
         n = module_name(k)
-        if n is None:
-            continue
         if n not in want:
             unknown.append(k)
         elif n in found:
@@ -212,6 +222,9 @@ def load_v4(path: str, dtype: torch.dtype | None = None, device=None, cfg: V4Con
         raise CheckpointError(f"{path}: {len(unknown)} tensor(s) the config does not explain, e.g. {unknown[:5]}")
     missing = sorted(set(want) - set(found))
     if missing:
+        if all(n.startswith("mtp.") for n in missing):      # some mtp.* tensors but not all
+            raise CheckpointError(f"{path}: the MTP block is incomplete, {len(missing)} tensor(s) missing: " + ", ".join(
+                f"{official_key(n)} {list(want[n].shape)}" for n in missing[:5]))
         raise CheckpointError(f"{path}: {len(missing)} tensor(s) missing from the checkpoint, e.g. {missing[:5]}")
     block = cfg.fp8_block_size or 128
     for n, k in sorted(found.items()):
@@ -238,13 +251,7 @@ def load_v4(path: str, dtype: torch.dtype | None = None, device=None, cfg: V4Con
                                   f"{list(shape)} (for {n})")
         place(mod, attr, own_copy(t, device or "cpu", target))
     model._dsv3_load = dict(path=path, bytes_read=reader.bytes_read, tensors_read=reader.tensors_read)
-    # the release's MTP layer: not built (transformers 5.24 drops it too); said, kept by name
-    model.unused_mtp = sorted(k for k in keys - scale_keys if module_name(k) is None)
-    if model.unused_mtp:
-        import warnings
-        warnings.warn(f"{path}: the checkpoint's multi-token-prediction layer ({len(model.unused_mtp)} tensors, "
-                      f"e.g. {model.unused_mtp[:2]}) is not loaded: V4 models here do not build it; next-token "
-                      "logits do not use it, speculative decoding and mtp_logits refuse by name", stacklevel=3)
+    model.unused_mtp = []          # every mtp.* tensor loaded above, or the load failed by name
     return model.eval()
 
 

@@ -50,12 +50,23 @@ class V4LayerCache:
         if self.comp is not None:
             yield from self.comp.tensors()
 
+    def mark(self) -> tuple:
+        """A restore point: the window is written in place (copied), the rest only replaced."""
+        return self.window.clone(), self.filled, self.length, self.comp.mark() if self.comp is not None else None
+
+    def rewind(self, mark: tuple) -> None:
+        window, self.filled, self.length, comp = mark
+        self.window.copy_(window)
+        if comp is not None:
+            self.comp.rewind(comp)
+
 
 class V4Attention(nn.Module):
     def __init__(self, cfg, layer: int, dtype=None, device=None):
         super().__init__()
         self.cfg, self.layer = cfg, layer
-        self.layer_type = cfg.layer_types[layer]
+        n = cfg.num_hidden_layers             # layers past n are the MTP blocks
+        self.layer_type = cfg.layer_types[layer] if layer < n else cfg.mtp_layer_types[layer - n]
         self.rope_kind = "main" if self.layer_type == "sliding_attention" else "compress"
         D, H, d = cfg.hidden_size, cfg.num_attention_heads, cfg.head_dim
         self.n_heads, self.head_dim, self.eps = H, d, cfg.rms_norm_eps

@@ -47,6 +47,14 @@ class PoolState:
             if t is not None:
                 yield t
 
+    def mark(self) -> tuple:
+        """A restore point. Buffers are replaced, never written, and ``append`` writes past
+        ``count`` only, so references and the count restore the state exactly."""
+        return self.buf_kv, self.buf_gate, self.prev_kv, self.prev_gate, self.entries, self.count
+
+    def rewind(self, mark: tuple) -> None:
+        self.buf_kv, self.buf_gate, self.prev_kv, self.prev_gate, self.entries, self.count = mark
+
     def append(self, new: torch.Tensor) -> torch.Tensor:
         n = new.shape[1]
         if self.count + n > self.entries.shape[1]:
@@ -177,3 +185,11 @@ class CompressedState:
         yield from self.kv.tensors()
         if self.index is not None:
             yield from self.index.tensors()
+
+    def mark(self) -> tuple:
+        return self.kv.mark(), self.index.mark() if self.index is not None else None
+
+    def rewind(self, mark: tuple) -> None:
+        self.kv.rewind(mark[0])
+        if self.index is not None:
+            self.index.rewind(mark[1])

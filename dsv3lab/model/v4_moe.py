@@ -86,7 +86,9 @@ class V4MoE(MoE):
     def __init__(self, cfg, layer: int, dtype=None, device=None):
         nn.Module.__init__(self)
         self.cfg = cfg
-        self.gate = V4Gate(cfg, cfg.mlp_layer_types[layer] == "hash_moe", device)
+        # MTP blocks (layer >= num_hidden_layers) route by a learned gate, never by hash
+        hashed = layer < cfg.num_hidden_layers and cfg.mlp_layer_types[layer] == "hash_moe"
+        self.gate = V4Gate(cfg, hashed, device)
         L, D, I = cfg.swiglu_limit, cfg.hidden_size, cfg.moe_intermediate_size
         self.experts = nn.ModuleList([ClampedMLP(D, I, L, dtype, device) for _ in range(cfg.n_routed_experts)])
         self.shared_experts = ClampedMLP(D, I, L, dtype, device) if cfg.n_shared_experts else None

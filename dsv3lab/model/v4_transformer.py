@@ -9,7 +9,15 @@ Every block is MoE (learned or hash-routed); attention is sliding-only, CSA or H
 ``cfg.layer_types`` (v4_attention.py). Module names follow transformers' ``DeepseekV4ForCausalLM``
 (less the ``model.`` prefix; experts one module each, as in V3); the official checkpoint names
 (``layers.N.attn.wq_a``, ``ffn.experts.E.w1``, ``hc_attn_fn`` ...) map onto them in
-``dsv3lab/checkpoint/v4.py``. The MTP layer of the release is not built (nor by transformers).
+``dsv3lab/checkpoint/v4.py``.
+
+MTP (``num_nextn_predict_layers`` blocks, the release's ``mtp.K.*``; transformers has none): a
+full block (layer id num_hidden_layers + K, learned gate, attention ``cfg.mtp_layer_types[K]``)
+fed the previous depth's streams X (the main model's after its last block, before the hyper
+head) and the embedding of the next token, with its own hyper head and norm before the shared head:
+
+  X'     = e_proj(enorm(embed(t_{i+1+K}))) (+ on every stream) h_proj(hnorm(X_i))    [B,S,n,D]
+  X''    = block(X');   logits = lm_head(norm(hc_head(X'')))       predicts t_{i+2+K}
 
 ``model(tokens)`` gives logits for every position; ``cache=model.new_cache(B, max_len)`` with
 ``start=`` feeds positions in order (prefill, then decode); ``model.generate`` is the lab's.
@@ -55,21 +63,57 @@ class V4Block(nn.Module):
         return self.hook_resid_post(HyperConnection.merge(post, comb, m, X))
 
 
+class V4MTPBlock(V4Block):
+    """MTP depth K of the release (``mtp.K.*``; DeepSeek-V3 report sec. 2.2 for MTP, the V4
+    release's inference code for this form). The embedding and the output head are the main
+    model's, passed in by the caller, not stored again."""
+
+    def __init__(self, cfg, layer: int, dtype=None, device=None):
+        super().__init__(cfg, layer, dtype, device)
+        D, eps = cfg.hidden_size, cfg.rms_norm_eps
+        self.e_proj = Linear(D, D, dtype, device)
+        self.h_proj = Linear(D, D, dtype, device)
+        self.enorm = RMSNormF32(D, eps, device)
+        self.hnorm = RMSNormF32(D, eps, device)
+        self.hc_head = HyperHead(cfg, device)
+        self.norm = RMSNormF32(D, eps, device)
+        self.hook_h_in = HookPoint("[B,S,n,D] streams from the previous depth (depth 0: the main model's)")
+        self.hook_mtp_out = HookPoint("[B,S,D] after this depth's hyper head, before its norm")
+
+    def forward(self, X, emb_next, tokens_next, rope, start=0, cache=None):
+        """X [B,S,n,D], emb_next [B,S,D] (embedding of the next tokens) -> streams out [B,S,n,D]."""
+        X = self.hook_h_in(X)
+        X = self.e_proj(self.enorm(emb_next)).unsqueeze(2) + self.h_proj(self.hnorm(X))
+        return super().forward(X, tokens_next, rope, start, cache)
+
+
 class V4Cache:
-    """Per layer a ``V4LayerCache`` (window rows + compressor state) for ``batch`` sequences."""
+    """Per layer a ``V4LayerCache`` (window rows + compressor state) for ``batch`` sequences;
+    ``mtp`` one per MTP block (fed by ``mtp_logits``, accepted positions only)."""
 
     mode = "v4"
 
     def __init__(self, model: "V4Transformer", batch: int, max_len: int, dtype, device):
         self.batch, self.max_len = batch, max_len
         self.layers = [V4LayerCache(blk.self_attn, batch, max_len, dtype, device) for blk in model.layers]
+        self.mtp = [V4LayerCache(blk.self_attn, batch, max_len, dtype, device) for blk in model.mtp]
 
-    def tensors(self):
-        for c in self.layers:
+    def tensors(self, include_mtp: bool = True):
+        for c in self.layers + (self.mtp if include_mtp else []):
             yield from c.tensors()
 
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.tensors())
+    def mark(self) -> list:
+        """A restore point of the main layers. The window and the pools are fed in order and
+        cannot overwrite a position the way V3's latent cache does, so speculative decoding
+        (generate.py) comes back here when the main model rejects a draft."""
+        return [c.mark() for c in self.layers]
+
+    def rewind(self, mark: list) -> None:
+        for c, m in zip(self.layers, mark):
+            c.rewind(m)
+
+    def nbytes(self, include_mtp: bool = True) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors(include_mtp))
 
     def check(self, batch: int, end: int) -> None:
         if end > self.max_len:
@@ -81,7 +125,7 @@ class V4Cache:
 class V4Transformer(nn.Module):
     def __init__(self, cfg, dtype=None, device=None):
         super().__init__()
-        self.unused_mtp: list[str] = []    # checkpoint keys of the release's MTP layer, not built (load_v4)
+        self.unused_mtp: list[str] = []    # mtp.* checkpoint keys left unloaded (load_v4 loads all or fails)
         self.cfg = cfg
         D, V = cfg.hidden_size, cfg.vocab_size
         self.embed_tokens = nn.Embedding(V, D, dtype=dtype, device=device)
@@ -89,7 +133,8 @@ class V4Transformer(nn.Module):
         self.hc_head = HyperHead(cfg, device)
         self.norm = RMSNormF32(D, cfg.rms_norm_eps, device)
         self.lm_head = Linear(D, V, dtype, device)
-        self.mtp = nn.ModuleList()              # the release's MTP layer is not built
+        self.mtp = nn.ModuleList([V4MTPBlock(cfg, cfg.num_hidden_layers + k, dtype, device)
+                                  for k in range(cfg.num_nextn_predict_layers)])
         self.rope = RotaryPair(cfg)
         self.hook_embed = HookPoint("[B,S,D] token embeddings")
         self.hook_final = HookPoint("[B,S,D] after the hyper head, before the final norm")
@@ -159,25 +204,48 @@ class V4Transformer(nn.Module):
 
     def forward(self, tokens: torch.Tensor, start: int = 0, cache: V4Cache | None = None,
                 last_only: bool = False, return_hidden: bool = False):
-        """tokens [B,S] -> logits [B,S,V] (or [B,1,V] with last_only)."""
-        h = self.hidden(tokens, start, cache)
+        """tokens [B,S] -> logits [B,S,V] (or [B,1,V] with last_only). ``return_hidden`` also
+        gives the streams after the last block [B,S,n,D]: what ``mtp_logits`` reads (V3 gives
+        its one hidden state; ``head`` takes either)."""
+        X = self.streams(tokens, start, cache)
+        h = self.hook_final(self.hc_head(X))
         logits = self.hook_logits(self.head(h[:, -1:] if last_only else h))
-        return (logits, h) if return_hidden else logits
+        return (logits, X) if return_hidden else logits
 
-    def mtp_missing(self, what: str) -> NotImplementedError:
-        """The named error for asking for the MTP layer (not built; the loaded checkpoint's own
-        ``mtp.*`` tensors, if it had any, are in ``self.unused_mtp``)."""
-        held = (f"; this checkpoint's {len(self.unused_mtp)} MTP tensors (e.g. {self.unused_mtp[:2]}) were "
-                "not loaded") if self.unused_mtp else ""
-        return NotImplementedError(f"{what} needs DeepSeek-V4's multi-token-prediction layer, which V4 models "
-                                   f"here do not build (transformers 5.24 does not implement it either){held}")
+    def mtp_missing(self, what: str) -> ValueError:
+        """The named error for asking a model without MTP blocks for them."""
+        return ValueError(f"{what} needs DeepSeek-V4's multi-token-prediction block; this model has none "
+                          f"(num_nextn_predict_layers={self.cfg.num_nextn_predict_layers}: a transformers-written "
+                          "checkpoint holds no mtp.* tensors, and load_v4 then builds none)")
 
-    def mtp_logits(self, *args, **kw):
-        raise self.mtp_missing("mtp_logits")
+    def mtp_logits(self, h: torch.Tensor, tokens: torch.Tensor, start: int = 0, cache: V4Cache | None = None,
+                   depth: int | None = None) -> list[torch.Tensor]:
+        """Logits of the MTP depths, as V3's ``mtp_logits``: h [B,S,n,D] the main streams at
+        positions start..start+S-1 (``forward(..., return_hidden=True)``), tokens [B,S] the tokens
+        at positions start+1..start+S. Depth k returns logits [B,S-k,V] predicting the token at
+        position i+1+k from position i; with ``cache`` depth k feeds ``cache.mtp[k]`` in order."""
+        if not len(self.mtp):
+            raise self.mtp_missing("mtp_logits")
+        if h.dim() != 4 or h.shape[2] != self.cfg.hc_mult:
+            raise ValueError(f"mtp_logits: h must be the mHC streams [B,S,{self.cfg.hc_mult},D] "
+                             f"(forward(..., return_hidden=True)), got shape {tuple(h.shape)}")
+        self.check_tokens(tokens, start)
+        if cache is not None:
+            cache.check(tokens.shape[0], start + tokens.shape[1])
+        out = []
+        depth = len(self.mtp) if depth is None else depth
+        for k, blk in enumerate(self.mtp[:depth]):
+            S = tokens.shape[1] - k
+            if S <= 0:
+                break
+            nxt = tokens[:, k:k + S]
+            h = blk(h[:, :S], self.embed(nxt), nxt, self.rope.at, start, cache.mtp[k] if cache is not None else None)
+            out.append(self.lm_head(blk.norm(blk.hook_mtp_out(blk.hc_head(h)))))
+        return out
 
     @torch.no_grad()
     def generate(self, *args, **kw):
-        if kw.get("speculative"):
+        if kw.get("speculative") and not len(self.mtp):
             raise self.mtp_missing("speculative decoding")
         from dsv3lab.generate import generate
         return generate(self, *args, **kw)

@@ -83,8 +83,12 @@ def v4_bytes_per_token(cfg, dtype=torch.bfloat16, layout: str | None = None, inc
     if layout not in (None, "v4"):
         raise ValueError(f"layout {layout!r}: a DeepSeek-V4 model keeps its own cache ('v4': sliding window "
                          "plus compressed entries), not MLA's layouts")
-    if include_mtp:
-        raise ValueError("include_mtp: DeepSeek-V4's MTP layer is not built here (docs/v4.md#checkpoints)")
+    if include_mtp and cfg.num_nextn_predict_layers:
+        # an MTP block caches what a main layer of its attention type caches
+        k = cfg.num_nextn_predict_layers
+        cfg = cfg.replace(num_hidden_layers=cfg.num_hidden_layers + k, layer_types=cfg.layer_types + cfg.mtp_layer_types,
+                          mlp_layer_types=cfg.mlp_layer_types + ("moe",) * k, num_nextn_predict_layers=0,
+                          mtp_layer_types=())
     b = dtype_bytes(dtype)
     if context is None:
         return v4_cost.per_token(cfg, b)
@@ -141,10 +145,13 @@ def measured_bytes_per_token(model_or_cfg, mode: str | None = None, dtype=torch.
         from dsv3lab.model.build import build
         model = model_or_cfg if isinstance(model_or_cfg, torch.nn.Module) else build(v4, dtype=dtype)
         cache = model.new_cache(batch, max_len, dtype=dtype)
-        tokens = torch.randint(0, v4.vocab_size, (batch, max_len), generator=torch.Generator().manual_seed(0))
+        tokens = torch.randint(0, v4.vocab_size, (batch, max_len + 1), generator=torch.Generator().manual_seed(0))
+        tokens = tokens.to(model.device)
         with torch.no_grad():
-            model(tokens.to(model.device), cache=cache)
-        return cache.nbytes() / (batch * max_len)
+            _, X = model(tokens[:, :-1], cache=cache, return_hidden=True)
+            if include_mtp and len(model.mtp):
+                model.mtp_logits(X, tokens[:, 1:], cache=cache)
+        return cache.nbytes(include_mtp) / (batch * max_len)
     mode = mode or "absorbed"
     if isinstance(model_or_cfg, torch.nn.Module):
         model = model_or_cfg

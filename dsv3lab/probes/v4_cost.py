@@ -164,10 +164,13 @@ def _counts(cfg: V4Config) -> dict:
     import dsv3lab
     m = dsv3lab.build(cfg, device="meta")
     c = m.cfg
-    total = sum(p.numel() for p in m.parameters())
-    routed = sum(p.numel() for n, p in m.named_parameters() if ".experts." in n)
+    # the published totals leave the MTP block out, as V3's 671B does (stats._counts)
+    main = [(n, p) for n, p in m.named_parameters() if not n.startswith("mtp.")]
+    total = sum(p.numel() for _, p in main)
+    routed = sum(p.numel() for n, p in main if ".experts." in n)
     return dict(total_params=total, activated_params=total - routed + routed * c.num_experts_per_tok // c.n_routed_experts,
-                embedding_params=m.embed_tokens.weight.numel(), routed_expert_params=routed)
+                embedding_params=m.embed_tokens.weight.numel(), routed_expert_params=routed,
+                mtp_params=sum(p.numel() for p in m.mtp.parameters()))
 
 
 def v4_stats(cfg, context: int = 4096) -> dict:
