@@ -686,7 +686,7 @@ class V4Config:
         if not self.mtp_layer_types:
             # the release's config lists one compress ratio per layer AND per MTP block; one that
             # stops at the main layers (transformers truncates its list) leaves the MTP block
-            # sliding-only, as the release's code reads a missing entry (docs/v4.md#mtp)
+            # sliding-only (ratio 0), as ports of the release's code read a missing entry (docs/v4.md#mtp)
             object.__setattr__(self, "mtp_layer_types", ("sliding_attention",) * self.num_nextn_predict_layers)
         object.__setattr__(self, "layer_types", tuple(self.layer_types))
         object.__setattr__(self, "mlp_layer_types", tuple(self.mlp_layer_types))
