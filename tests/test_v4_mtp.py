@@ -150,6 +150,12 @@ def test_mtp_logits_match_the_reference_composed_from_transformers(tmp_path, mtp
     assert cache["mtp.0.hook_h_in"].shape == (2, 20, 2, 64) and cache["mtp.0.hook_mtp_out"].shape == (2, 20, 64)
     assert cache["mtp.0.hook_resid_post"].shape == (2, 20, 2, 64)
     assert torch.equal(cache["mtp_logits"][0], got)
+    # routing traces record the MTP block as V3's depth (its own token ids t_{i+1})
+    from dsv3lab.probes.trace import Trace
+    with Trace(ours) as t, torch.no_grad():
+        ours.mtp_logits(X[:, :-1], x[:, 1:])
+    assert t.meta["mtp_depths"] == [0] and torch.equal(t.mtp[0].token_ids, x[:, 1:].reshape(-1))
+    assert t.mtp[0].topk_ids.shape == (1, 40, SMALL["num_experts_per_tok"])
 
 
 def _tiny_mtp(mtp_type, seed=0):
