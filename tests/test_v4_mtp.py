@@ -237,6 +237,10 @@ def test_cached_mtp_decode_equals_the_full_forward(mtp_type):
         steps += [m.mtp_logits(Xc[:, t:t + 1], x[:, t + 1:t + 2], start=t, cache=cache)[0] for t in range(7, 29)]
     assert (torch.cat(steps, 1) - full).abs().max().item() < 1e-5
     assert cache.nbytes() > cache.nbytes(include_mtp=False)
+    with pytest.raises(ValueError, match=r"h must be the mHC streams \[B,S,2,D\]"):
+        m.mtp_logits(X[:, :, 0], x[:, 1:])                  # a collapsed hidden state, V3's form
+    with pytest.raises(ValueError, match=r"streams \(2, 10\) must cover the next tokens \(2, 29\)"):
+        m.mtp_logits(X[:, :10], x[:, 1:])
 
 
 @pytest.mark.parametrize("mtp_type", MTP_TYPES)

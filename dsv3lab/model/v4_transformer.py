@@ -229,6 +229,9 @@ class V4Transformer(nn.Module):
         if h.dim() != 4 or h.shape[2] != self.cfg.hc_mult:
             raise ValueError(f"mtp_logits: h must be the mHC streams [B,S,{self.cfg.hc_mult},D] "
                              f"(forward(..., return_hidden=True)), got shape {tuple(h.shape)}")
+        if h.shape[0] != tokens.shape[0] or h.shape[1] < tokens.shape[1]:
+            raise ValueError(f"mtp_logits: streams {tuple(h.shape[:2])} must cover the next tokens "
+                             f"{tuple(tokens.shape)} (one position per token, same batch)")
         self.check_tokens(tokens, start)
         if cache is not None:
             cache.check(tokens.shape[0], start + tokens.shape[1])
