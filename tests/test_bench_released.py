@@ -6,6 +6,7 @@ import json
 import os
 from types import SimpleNamespace
 
+import pytest
 import torch
 
 import dsv3lab
@@ -75,3 +76,46 @@ def test_bench_generates_the_same_tokens_paged(tmp_path, monkeypatch):
     import pytest
     with pytest.raises(SystemExit, match="does not hold the dense part"):
         released.run(args)
+
+
+def test_peer_summary_medians_and_ratio():
+    """The summary's medians, ranges and ratio, against values worked by hand."""
+    rows = [dict(model="m", layers=2, engine="dsv3lab", round=0, prefill_tok_s=10.0,
+                 decode_tok_s_by_context={"1024": 3.0, "4096": 2.0}),
+            dict(model="m", layers=2, engine="llama.cpp", round=0, prefill_tok_s=20.0,
+                 decode_tok_s_by_context={"1024": 2.0}),
+            dict(model="m", layers=2, engine="llama.cpp", round=1, prefill_tok_s=40.0,
+                 decode_tok_s_by_context={"1024": 4.0}),
+            dict(model="m", layers=2, engine="dsv3lab", round=1, prefill_tok_s=14.0,
+                 decode_tok_s_by_context={"1024": 5.0, "4096": 2.0})]
+    s = {r["context"]: r for r in released.peer_summary(rows)}
+    assert set(s) == {"1024", "prefill"}                       # 4096: llama.cpp has no figure there
+    assert s["1024"]["dsv3lab_tok_s"] == 4.0 and s["1024"]["peer_tok_s"] == 3.0
+    assert abs(s["1024"]["ratio"] - 4 / 3) < 1e-12 and s["1024"]["rounds"] == 2
+    assert s["1024"]["dsv3lab_range"] == "3-5" and s["1024"]["peer_range"] == "2-4"
+    assert s["prefill"]["ratio"] == 12.0 / 30.0
+
+
+def test_bench_beside_llamacpp_on_a_stand_in(tmp_path, monkeypatch):
+    """--peer llama.cpp: the same checkpoint converted by llama.cpp's own converter to Q8_0,
+    engines alternating over two rounds, every figure positive and the summary beside them."""
+    pytest.importorskip("llama_cpp", reason="llama-cpp-python not installed (optional benchmark dependency, "
+                                            "docs/performance.md)")
+    pytest.importorskip("gguf", reason="gguf not installed (optional benchmark dependency)")
+    from dsv3lab.bench.gguf_export import find_converter
+    try:
+        find_converter(None)
+    except FileNotFoundError as e:
+        pytest.skip(f"llama.cpp's converter not installed (optional benchmark dependency): {e}")
+    monkeypatch.setitem(released.MODELS, "tiny", ("tiny", True))
+    args = SimpleNamespace(models="tiny", layers=None, dir=str(tmp_path), prefill=8, context="8", decode_steps=2,
+                           page_fraction=0.5, threads=1, no_paged=True, peer="llama.cpp", rounds=2,
+                           out=str(tmp_path / "out.json"))
+    assert released.run(args) == 0
+    rows = json.load(open(tmp_path / "out.json"))["rows"]
+    assert [(r["engine"], r["round"]) for r in rows] == [("dsv3lab", 0), ("llama.cpp", 0), ("llama.cpp", 1),
+                                                         ("dsv3lab", 1)]
+    for r in rows:
+        assert r["decode_tok_s"] > 0 and r["prefill_tok_s"] > 0 and r["peak_rss_GB"] > 0
+    ggufs = [f for f in os.listdir(tmp_path) if f.endswith(".Q8_0.gguf")]
+    assert len(ggufs) == 1 and os.path.getsize(os.path.join(tmp_path, ggufs[0])) > 0     # made once, kept

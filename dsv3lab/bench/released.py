@@ -13,7 +13,11 @@ its first N layers. For each, in a fresh process (peak RSS is the process's own)
             the head; one embedding row);
   paged     ``max_memory`` = the dense part (embedding and head included) + ``--page-fraction``
             of the routed experts, decode
-            tokens/s, hit rate and bytes read per token, with and without prefetch.
+            tokens/s, hit rate and bytes read per token, with and without prefetch;
+  peer      ``--peer llama.cpp``: llama.cpp on the same checkpoint, converted to a Q8_0 GGUF by its
+            own converter (kept beside the checkpoint), load, peak RSS, prefill and decode in its
+            own process; with ``--rounds R`` the engines alternate (A B, B A, ...) and the summary
+            gives each one's median and dsv3lab's ratio to llama.cpp.
 Random weights make routing near-uniform, the worst case for an expert cache: a real model's
 routing repeats more.
 """
@@ -52,6 +56,13 @@ def add_args(p) -> None:
                         "must leave room beyond the dense part)")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--no-paged", action="store_true")
+    p.add_argument("--peer", choices=("none", "llama.cpp"), default="none",
+                   help="also measure llama.cpp on the same checkpoint (a Q8_0 GGUF by its own converter)")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="rounds of the unpaged measurement; with --peer the engines alternate round by round")
+    p.add_argument("--llama-src", default=None,
+                   help="llama-cpp-python source tree with vendor/llama.cpp/convert_hf_to_gguf.py "
+                        "(default $DSV3LAB_LLAMA_CPP_SRC, else build/llama_cpp_python-0.3.36)")
     p.add_argument("--tokens", action="store_true",
                    help="also generate --decode-steps greedy tokens after a 64-token prompt (held whole and "
                         "paged: the same tokens?)")
@@ -287,10 +298,68 @@ def _measure(path, fp8, args_d, paged) -> dict:
     return out
 
 
-def _in_child(*a) -> dict:
+def _measure_llamacpp(gguf: str, args_d: dict) -> dict:
+    """llama.cpp on the GGUF of the same checkpoint, in a fresh process: load, peak RSS, prefill
+    and decode tokens/s at each context (its cache cannot be tiled, so each context is a real
+    prefill of that many tokens; the prefill of ``--prefill`` tokens is timed as one of them
+    when it is one of the contexts)."""
+    from dsv3lab.bench.peers import llamacpp_engine
+    from dsv3lab.checkpoint import rss_bytes
+    threads = args_d["threads"] or torch.get_num_threads()
+    ctxs, n, steps = args_d["contexts"], args_d["prefill"], args_d["decode_steps"]
+    longest = max(n, *ctxs)
+    bw = read_bandwidth()
+    _reset_peak_rss()
+    out = {"rss_before_load_GB": rss_bytes()[0] / 1e9}
+    t0 = time.perf_counter()
+    (llm, prefill, decode_setup, decode_step, _), _ = llamacpp_engine(gguf, longest + steps + 8, threads,
+                                                                      torch.bfloat16, longest)
+    out.update(load_s=time.perf_counter() - t0, read_GBps=bw / 1e9, gguf_GB=os.path.getsize(gguf) / 1e9)
+    x = torch.randint(0, llm.n_vocab(), (1, longest + 4), generator=torch.Generator().manual_seed(0))
+    prefill(x[:, :16])
+    rates = {}
+    for c in sorted(set(ctxs) | {n}):
+        t0 = time.perf_counter()
+        decode_setup(c, x)
+        if c == n:
+            out["prefill_tok_s"] = n / (time.perf_counter() - t0)
+        if c not in ctxs:
+            continue
+        tok = x[:, c:c + 1]
+        decode_step(tok)
+        ts = []
+        for _ in range(steps):
+            t0 = time.perf_counter()
+            decode_step(tok)
+            ts.append(time.perf_counter() - t0)
+        rates[c] = 1 / statistics.median(ts)
+    out.update(decode_tok_s=rates[ctxs[0]], decode_tok_s_by_context={str(c): r for c, r in rates.items()},
+               peak_rss_GB=rss_bytes()[1] / 1e9)
+    return out
+
+
+def _child_llamacpp(q, *a):
+    try:
+        q.put(_measure_llamacpp(*a))
+    except BaseException as e:          # noqa: BLE001 - the parent re-raises it
+        import traceback
+        q.put({"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()})
+
+
+def _peer_gguf(path: str, vocab_size: int, llama_src: str | None) -> str:
+    """The checkpoint's Q8_0 GGUF by llama.cpp's own converter, beside it (made once)."""
+    from dsv3lab.bench.gguf_export import ensure_tokenizer, to_gguf
+    gguf = path + ".Q8_0.gguf"
+    if not os.path.exists(gguf):
+        ensure_tokenizer(path, vocab_size)
+        to_gguf(path, gguf, "q8_0", llama_src, log_path=gguf + ".log")
+    return gguf
+
+
+def _in_child(*a, target=None) -> dict:
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
-    p = ctx.Process(target=_child, args=(q, *a))
+    p = ctx.Process(target=target or _child, args=(q, *a))
     p.start()
     import queue
     while True:                       # a child that dies before it can report is an error too
@@ -320,11 +389,25 @@ def run(args) -> int:
         write_random(cfg, path, fp8=fp8_stored)
         disk = sum(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path) if f.endswith(".safetensors"))
         mode = "keep" if fp8_stored else "quantize"
-        r = dict(model=name, layers=cfg.num_hidden_layers, stored="fp8" if fp8_stored else "bf16", fp8=mode,
-                 disk_GB=disk / 1e9, write_s=time.perf_counter() - t0)
-        r.update(_in_child(path, mode, args_d, None))
-        rows.append(r)
-        _save(args, rows)
+        write_s = time.perf_counter() - t0
+        peer = getattr(args, "peer", "none") or "none"
+        gguf = _peer_gguf(path, cfg.vocab_size, getattr(args, "llama_src", None)) if peer != "none" else None
+        r = None
+        for rnd in range(max(1, getattr(args, "rounds", 1) or 1)):
+            order = ("dsv3lab", peer) if rnd % 2 == 0 else (peer, "dsv3lab")
+            for engine in order:
+                if engine == "none":
+                    continue
+                row = dict(model=name, layers=cfg.num_hidden_layers, engine=engine, round=rnd)
+                if engine == "dsv3lab":
+                    row.update(stored="fp8" if fp8_stored else "bf16", fp8=mode, disk_GB=disk / 1e9, write_s=write_s)
+                    row.update(_in_child(path, mode, args_d, None))
+                    r = r or row
+                else:
+                    row.update(stored="Q8_0 GGUF (llama.cpp's converter)")
+                    row.update(_in_child(gguf, args_d, target=_child_llamacpp))
+                rows.append(row)
+                _save(args, rows)
         if not args.no_paged:
             cap_of_model = getattr(args, "cap_of_model", None)
             if cap_of_model:
@@ -343,10 +426,19 @@ def run(args) -> int:
                     p["same_tokens_as_no_prefetch"] = p["tokens"] == base[0]["tokens"] if base else True
                 rows.append(p)
                 _save(args, rows)
-    print_table([r for r in rows if r.get("mode") != "paged"],
-                ["model", "layers", "stored", "fp8", "disk_GB", "load_s", "rss_before_load_GB", "load_peak_rss_GB",
-                 "mapped_GB", "own_GB",
-                 "prefill_tok_s", "decode_tok_s", "limit_tok_s", "pct_of_limit", "read_GBps", "act_GB_per_tok", "fused"])
+    whole = [r for r in rows if r.get("mode") != "paged"]
+    print_table([r for r in whole if r.get("engine", "dsv3lab") == "dsv3lab"],
+                ["model", "layers", "round", "stored", "fp8", "disk_GB", "load_s", "rss_before_load_GB",
+                 "load_peak_rss_GB", "mapped_GB", "own_GB", "prefill_tok_s", "decode_tok_s", "limit_tok_s",
+                 "pct_of_limit", "read_GBps", "act_GB_per_tok", "fused"])
+    peers = [r for r in whole if r.get("engine", "dsv3lab") != "dsv3lab"]
+    if peers:
+        print()
+        print_table(peers, ["model", "layers", "round", "engine", "gguf_GB", "load_s", "peak_rss_GB",
+                            "prefill_tok_s", "decode_tok_s", "read_GBps"])
+        print()
+        print_table(peer_summary(whole), ["model", "layers", "context", "dsv3lab_tok_s", "peer_tok_s",
+                                          "ratio", "dsv3lab_range", "peer_range", "rounds"])
     paged = [r for r in rows if r.get("mode") == "paged"]
     if paged:
         print()
@@ -356,6 +448,31 @@ def run(args) -> int:
         print_table(paged, [c for c in cols if all(c in r for r in paged)])
     _save(args, rows)
     return 0
+
+
+def peer_summary(rows: list[dict]) -> list[dict]:
+    """Per model and context: each engine's median decode tokens/s over the rounds (with its
+    min-max), and dsv3lab's ratio to the peer's median (prefill as context "prefill")."""
+    out = []
+    for model in dict.fromkeys(r["model"] for r in rows):
+        mine = [r for r in rows if r["model"] == model and r.get("engine", "dsv3lab") == "dsv3lab"]
+        theirs = [r for r in rows if r["model"] == model and r.get("engine", "dsv3lab") != "dsv3lab"]
+        if not mine or not theirs:
+            continue
+        keys = [k for k in mine[0]["decode_tok_s_by_context"] if k in theirs[0]["decode_tok_s_by_context"]]
+        for key in keys + ["prefill"]:
+            def vals(rs):
+                return [r["prefill_tok_s"] if key == "prefill" else r["decode_tok_s_by_context"][key]
+                        for r in rs if (key == "prefill" and "prefill_tok_s" in r) or
+                        (key != "prefill" and key in r["decode_tok_s_by_context"])]
+            a, b = vals(mine), vals(theirs)
+            if not a or not b:
+                continue
+            out.append(dict(model=model, layers=mine[0]["layers"], context=key, dsv3lab_tok_s=statistics.median(a),
+                            peer_tok_s=statistics.median(b), ratio=statistics.median(a) / statistics.median(b),
+                            dsv3lab_range=f"{min(a):.3g}-{max(a):.3g}", peer_range=f"{min(b):.3g}-{max(b):.3g}",
+                            rounds=min(len(a), len(b))))
+    return out
 
 
 def _save(args, rows) -> None:
