@@ -6,7 +6,8 @@ Debian's Chromium driven by Playwright (its own browser download is not reachabl
 cells from the Run menu, and checks what a reader sees: every cell ran without a traceback, the
 expert-load heatmap is an image of real size, the ipywidgets rendered (the widget manager is
 installed), and moving the routing explorer's layer control and the KV explorer's batch slider
-redraws their figures. A full-page screenshot goes to ``results/browser/``.
+redraws their figures. ``08_v3_to_v4`` runs the same way and its three figures must be images of
+real size. Full-page screenshots go to ``results/browser/``.
 
 Skipped, with the reason, when Chromium or Playwright is missing; ``make test-browser`` installs
 Chromium with apt-get. Run directly to screenshot any notebooks::
@@ -338,6 +339,34 @@ def test_architecture_notebook_in_jupyterlab():
             slider.focus()
             page.keyboard.press("ArrowRight")
             wait_figure_change(explore, 1, before)
+        finally:
+            full_page_screenshot(page, shot)
+    assert os.path.getsize(shot) > 50_000
+
+
+# notebook 08's three figures, by a line of the cell that draws each
+V4_FIGURES = ('cache[f"layers.{i}.attn_hc.hook_comb"]',       # the mHC mixing matrices across depth
+              "t.routing.expert_load()",                      # hash against learned routing load
+              'kv_cache_bytes_per_token("v3-671b")')          # KV bytes per token against context, V3 to V4
+
+
+@pytest.mark.skipif(_skip_reason() is not None, reason=_skip_reason() or "")
+def test_v3_to_v4_notebook_in_jupyterlab():
+    """Notebook 08 (what changed from V3 to V4) as a reader sees it: every cell ran in the browser
+    without a traceback and each of its figures is an image of real size on the page."""
+    nb = os.path.join(NOTEBOOKS, "08_v3_to_v4.ipynb")
+    with jupyterlab([nb]) as (base, token, _), chromium_page() as page:
+        open_notebook(page, base, token, "08_v3_to_v4.ipynb")
+        run_all_cells(page)
+        errors = cell_errors(page)
+        shot = os.path.join(RESULTS, "08_v3_to_v4.png")
+        try:
+            assert not errors, "cells failed in the browser:\n" + "\n---\n".join(errors)
+            for marker in V4_FIGURES:
+                img = code_cell(page, marker).locator(".jp-OutputArea-output img").first
+                img.wait_for(state="visible")
+                s = image_stats(img)
+                assert s["w"] >= 300 and s["h"] >= 150 and s["src_len"] > 10_000 and s["shown_w"] >= 200, (marker, s)
         finally:
             full_page_screenshot(page, shot)
     assert os.path.getsize(shot) > 50_000
