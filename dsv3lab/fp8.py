@@ -51,6 +51,17 @@ def is_pow2(scale: torch.Tensor) -> torch.Tensor:
     return (mant == 0.5) & torch.isfinite(scale)
 
 
+def scale_of_amax(amax: torch.Tensor, scale_fmt: str | None = None) -> torch.Tensor:
+    """A block's ``weight_scale_inv`` from its largest |w|: amax / 448 maps the block onto e4m3's
+    range; ``"ue8m0"`` rounds that up to a power of two (1 for an all-zero block)."""
+    scale_inv = amax / FP8_MAX
+    if scale_fmt == "ue8m0":
+        return torch.where(scale_inv > 0, round_scale_up_pow2(scale_inv), torch.ones_like(scale_inv))
+    if scale_fmt is not None:
+        raise ValueError(f"scale_fmt must be None or 'ue8m0', got {scale_fmt!r}")
+    return scale_inv
+
+
 def weight_quant(w: torch.Tensor, block_size: int = 128, scale_fmt: str | None = None
                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """w [M,N] -> (e4m3 [M,N], scale_inv fp32 [ceil(M/b), ceil(N/b)]). All-zero blocks give 0
@@ -62,12 +73,7 @@ def weight_quant(w: torch.Tensor, block_size: int = 128, scale_fmt: str | None =
     wp = _pad_to(w.float(), b)
     mb, nb = wp.shape[0] // b, wp.shape[1] // b
     blocks = wp.view(mb, b, nb, b)
-    amax = blocks.abs().amax(dim=(1, 3))
-    scale_inv = amax / FP8_MAX
-    if scale_fmt == "ue8m0":
-        scale_inv = torch.where(scale_inv > 0, round_scale_up_pow2(scale_inv), torch.ones_like(scale_inv))
-    elif scale_fmt is not None:
-        raise ValueError(f"scale_fmt must be None or 'ue8m0', got {scale_fmt!r}")
+    scale_inv = scale_of_amax(blocks.abs().amax(dim=(1, 3)), scale_fmt)
     safe = torch.where(scale_inv > 0, scale_inv, torch.ones_like(scale_inv))
     q = (blocks / safe[:, None, :, None]).clamp(-FP8_MAX, FP8_MAX).to(E4M3)
     return q.view(mb * b, nb * b)[:M, :N].contiguous(), scale_inv.contiguous()

@@ -12,6 +12,7 @@ C (CPU decode; sources in cpu/, compiled on first use for the CPU at hand, calle
   cpu_compile     compiling cpu/*.c for an ISA tier (DSV3LAB_CPU_MARCH)
   cpu_decode      GEMV, MoE token, RMSNorm, RoPE, routing, latent attention (cpu/decode_bf16.c)
   cpu_sparse      V3.2's indexer selection and row gather (cpu/sparse_bf16.c)
+  cpu_quant       FP8 e4m3 block quantization of weights at load (cpu/quant_fp8.c)
   cpu_calibrate   which of them beat the torch call they replace on this CPU
   fp8_grid        the FP8 block-scale grid (shared with dsv3lab/fp8.py)
 
