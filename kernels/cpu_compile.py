@@ -145,6 +145,20 @@ def compile_library(source: Path, tier: str | None = None) -> ctypes.CDLL | None
     return _compile_library(source, tier or march())
 
 
+def bound_library(source: Path, tier: str, signatures: dict) -> ctypes.CDLL | None:
+    """``compile_library(source, tier)`` with its functions' ctypes signatures set: ``signatures``
+    maps a function's name to its argument types (returning nothing) or to (argument types,
+    result type). None when the library cannot be built."""
+    lib = compile_library(source, tier)
+    if lib is None:
+        return None
+    for name, sig in signatures.items():
+        args, result = sig if isinstance(sig, tuple) else (sig, None)
+        fn = getattr(lib, name)
+        fn.argtypes, fn.restype = args, result
+    return lib
+
+
 @functools.lru_cache(maxsize=None)
 def _compile_library(source: Path, tier: str) -> ctypes.CDLL | None:
     cc = compiler()

@@ -50,9 +50,6 @@ def library() -> ctypes.CDLL | None:
 
 @functools.lru_cache(maxsize=None)
 def _library(tier: str) -> ctypes.CDLL | None:
-    lib = cpu_compile.compile_library(SOURCE, tier)
-    if lib is None:
-        return None
     P, I64, I = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     F = ctypes.c_float
     signatures = {
@@ -73,10 +70,7 @@ def _library(tier: str) -> ctypes.CDLL | None:
         "dsv3_mla_in": [I, P, P, I],             # one layer around the attention (dsv3lab/fast/step.py)
         "dsv3_mla_out": [I, P, P, I],
     })
-    for name, args in signatures.items():
-        fn = getattr(lib, name)
-        fn.argtypes, fn.restype = args, None
-    return lib
+    return cpu_compile.bound_library(SOURCE, tier, signatures)
 
 
 @functools.lru_cache(maxsize=None)

@@ -30,13 +30,9 @@ def library() -> ctypes.CDLL | None:
 
 @functools.lru_cache(maxsize=None)
 def _library(tier: str) -> ctypes.CDLL | None:
-    lib = cpu_compile.compile_library(SOURCE, tier)
-    if lib is None:
-        return None
     P, I64, I = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-    lib.dsv3_block_amax.argtypes, lib.dsv3_block_amax.restype = [I, P, I64, I, I, I, P, I64, I], None
-    lib.dsv3_quant_fp8.argtypes, lib.dsv3_quant_fp8.restype = [I, P, I64, P, I64, P, I64, I, I, I, I], None
-    return lib
+    return cpu_compile.bound_library(SOURCE, tier, {"dsv3_block_amax": [I, P, I64, I, I, I, P, I64, I],
+                                                    "dsv3_quant_fp8": [I, P, I64, P, I64, P, I64, I, I, I, I]})
 
 
 def enabled(w: torch.Tensor) -> bool:

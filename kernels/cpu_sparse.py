@@ -37,23 +37,17 @@ def library() -> ctypes.CDLL | None:
 
 @functools.lru_cache(maxsize=None)
 def _library(tier: str) -> ctypes.CDLL | None:
-    lib = cpu_compile.compile_library(SOURCE, tier)
-    if lib is None:
-        return None
     P, I64, I, F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
-    lib.dsv3_index_qkw.argtypes = [P, I, P, I, P, P, P, P, F, P, P, P, F, I, I, I, P, P, P, P, I]
-    lib.dsv3_index_qkw.restype = None
-    lib.dsv3_index_select.argtypes = [P, I64, I, I, P, I, P, P, P, P]
-    lib.dsv3_index_select.restype = I
-    lib.dsv3_topk_scores.argtypes, lib.dsv3_topk_scores.restype = [P, I, I, P, P, P], I
-    lib.dsv3_index_topk.argtypes = [P, I64, I, P, I, I, P, I, P, P, P, P, I]
-    lib.dsv3_index_topk.restype = I
-    lib.dsv3_amx_available.argtypes, lib.dsv3_amx_available.restype = [], I
-    lib.dsv3_gather_sorted.argtypes = [P, I64, P, I, I, P, I]
-    lib.dsv3_gather_sorted.restype = None
-    lib.dsv3_index_decode.argtypes, lib.dsv3_index_decode.restype = [P, P], I
-    lib.dsv3_gather_packed.argtypes, lib.dsv3_gather_packed.restype = [P], None
-    return lib
+    return cpu_compile.bound_library(SOURCE, tier, {
+        "dsv3_index_qkw": [P, I, P, I, P, P, P, P, F, P, P, P, F, I, I, I, P, P, P, P, I],
+        "dsv3_index_select": ([P, I64, I, I, P, I, P, P, P, P], I),
+        "dsv3_topk_scores": ([P, I, I, P, P, P], I),
+        "dsv3_index_topk": ([P, I64, I, P, I, I, P, I, P, P, P, P, I], I),
+        "dsv3_amx_available": ([], I),
+        "dsv3_gather_sorted": [P, I64, P, I, I, P, I],
+        "dsv3_index_decode": ([P, P], I),
+        "dsv3_gather_packed": [P],
+    })
 
 
 def enabled(*tensors: torch.Tensor) -> bool:

@@ -299,14 +299,19 @@ def _skip_reason():
     return None
 
 
+@contextlib.contextmanager
+def notebook_run(name: str):
+    """One notebook of notebooks/ opened in JupyterLab in Chromium and run from the Run menu:
+    yields the page, the cells' error texts and where its screenshot goes."""
+    with jupyterlab([os.path.join(NOTEBOOKS, name)]) as (base, token, _), chromium_page() as page:
+        open_notebook(page, base, token, name)
+        run_all_cells(page)
+        yield page, cell_errors(page), os.path.join(RESULTS, name.replace(".ipynb", ".png"))
+
+
 @pytest.mark.skipif(_skip_reason() is not None, reason=_skip_reason() or "")
 def test_architecture_notebook_in_jupyterlab():
-    nb = os.path.join(NOTEBOOKS, "01_architecture.ipynb")
-    with jupyterlab([nb]) as (base, token, _), chromium_page() as page:
-        open_notebook(page, base, token, "01_architecture.ipynb")
-        run_all_cells(page)
-        errors = cell_errors(page)
-        shot = os.path.join(RESULTS, "01_architecture.png")
+    with notebook_run("01_architecture.ipynb") as (page, errors, shot):
         try:
             assert not errors, "cells failed in the browser:\n" + "\n---\n".join(errors)
 
@@ -354,12 +359,7 @@ V4_FIGURES = ('cache[f"layers.{i}.attn_hc.hook_comb"]',       # the mHC mixing m
 def test_v3_to_v4_notebook_in_jupyterlab():
     """Notebook 08 (what changed from V3 to V4) as a reader sees it: every cell ran in the browser
     without a traceback and each of its figures is an image of real size on the page."""
-    nb = os.path.join(NOTEBOOKS, "08_v3_to_v4.ipynb")
-    with jupyterlab([nb]) as (base, token, _), chromium_page() as page:
-        open_notebook(page, base, token, "08_v3_to_v4.ipynb")
-        run_all_cells(page)
-        errors = cell_errors(page)
-        shot = os.path.join(RESULTS, "08_v3_to_v4.png")
+    with notebook_run("08_v3_to_v4.ipynb") as (page, errors, shot):
         try:
             assert not errors, "cells failed in the browser:\n" + "\n---\n".join(errors)
             for marker in V4_FIGURES:
