@@ -147,6 +147,36 @@ def test_quantize_at_load_is_the_fp8_recipe(ckpts):
     assert (a - b).abs().max().item() <= 0.1 * a.abs().max().item()   # e4m3 weights: a loose sanity bound
 
 
+
+def _rss_anon() -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("RssAnon"))
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="RssAnon is Linux's")
+def test_trim_heap_returns_free_chunks_between_kept_ones():
+    """The pattern a quantizing load leaves: chunks freed between chunks kept. glibc keeps their
+    pages resident until malloc_trim; trim_heap gives them back (without it a full-size
+    V2-Lite quantized at load held ~23 GB of anonymous memory for 15.3 GB of weights)."""
+    from dsv3lab.checkpoint.loading import _malloc_trim, trim_heap
+    if _malloc_trim() is None:
+        pytest.skip("no glibc malloc_trim here: trim_heap does nothing")
+    chunks = [torch.ones(100_000, dtype=torch.uint8) for _ in range(3000)]       # 300 MB, touched
+    del chunks[::2]                                                               # 150 MB of holes
+    before = _rss_anon()
+    trim_heap()
+    assert before - _rss_anon() > 100e6
+
+
+def test_quantizing_load_trims_the_heap_as_it_goes(ckpts, monkeypatch):
+    """The loader trims every TRIM_EVERY bytes of weights it made its own, and once at the end."""
+    from dsv3lab.checkpoint import loading
+    calls = []
+    monkeypatch.setattr(loading, "trim_heap", lambda: calls.append(1))
+    monkeypatch.setattr(loading, "TRIM_EVERY", 1)
+    model = dsv3lab.load(ckpts["fp32"], fp8="quantize")
+    assert len(calls) == len(fp8_linears(model)) + 1
+
 _RSS_CHILD = """
 import os, sys, json, torch, dsv3lab
 from dsv3lab.checkpoint import rss_bytes
