@@ -482,17 +482,22 @@ def test_fused_step_sees_replaced_modules_parameters_and_storage():
             before = after
 
 
-@pytest.mark.parametrize("variant", ["greedy groups, no bias", "no q low-rank", "gate in bf16"])
+@pytest.mark.parametrize("variant", ["greedy groups, no bias", "no q low-rank", "gate in bf16", "softmax router"])
 def test_fused_step_layer_calls_on_other_shapes(variant):
     """dsv3_mla_in / dsv3_mla_out (one layer around the attention per call) on the shapes the
     presets above do not take: V2's group-limited greedy gate without a bias, q without a low
-    rank (Moonlight), a gate whose weight is not fp32 (the gate module runs instead)."""
+    rank (Moonlight), a gate whose weight is not fp32 (the gate module runs instead), V2-Lite's
+    softmax router over all experts without renormalising (the gate module chooses; before, the
+    whole model stepped aside and decoded on the module path)."""
     from dsv3lab.fast.step import try_decode
     cfg = dsv3lab.ModelConfig.preset("tiny")
     if variant == "greedy groups, no bias":
         cfg = cfg.replace(topk_method="group_limited_greedy", norm_topk_prob=False, routed_scaling_factor=2.0)
     elif variant == "no q low-rank":
         cfg = cfg.replace(q_lora_rank=0)
+    elif variant == "softmax router":
+        cfg = cfg.replace(scoring_func="softmax", topk_method="greedy", n_group=1, topk_group=1,
+                          norm_topk_prob=False, routed_scaling_factor=1.5, q_lora_rank=0)
     m = dsv3lab.build(cfg, dtype=torch.float32).eval()
     if variant == "gate in bf16":
         for blk in m.layers:

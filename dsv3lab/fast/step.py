@@ -316,8 +316,6 @@ class _StepOperands:
         if type(mlp) is MoE:
             gate = self._mod(mlp, "gate")
             self._watch(mlp, gate)
-            if cfg.scoring_func != "sigmoid":
-                raise _Fallback
             experts = self._mod(mlp, "experts")
             routed = [self._expert(experts, str(e)) for e in range(len(experts))]
             shared = self._expert(mlp, "shared_experts") if mlp.shared_experts is not None else None
@@ -326,7 +324,9 @@ class _StepOperands:
             # bias) are contiguous fp32 on the CPU, as Gate builds them; else the gate module runs
             gw = self._tensor(gate._parameters, "weight")
             bias = self._tensor(gate._buffers, "e_score_correction_bias")
-            ly["gate_weight"] = gw if gw is not None and gw.shape == (cfg.n_routed_experts, cfg.hidden_size) else None
+            # the C choice is V3's sigmoid router; softmax (V2, V2-Lite) is chosen by the gate module
+            ly["gate_weight"] = gw if (gw is not None and gw.shape == (cfg.n_routed_experts, cfg.hidden_size)
+                                       and cfg.scoring_func == "sigmoid") else None
             ly["gate_bias"] = bias if bias is not None and bias.numel() == cfg.n_routed_experts else None
             k = cfg.num_experts_per_tok
             widths = sorted(x["inter"] for x in routed)
