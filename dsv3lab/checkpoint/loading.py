@@ -262,14 +262,13 @@ def read_tensors(reads: list[TensorRead], reader: ShardReader, cfg: ModelConfig,
         for k in keys:
             if k not in kept and k in reader.weight_map:
                 reader.mapping(k).release(k)
-        made_own[0] += sum(reader.mapping(k).span(k)[1] for k in keys if k in reader.weight_map)
-        if made_own[0] >= TRIM_EVERY:          # the temporaries' free chunks back to the system
-            trim_heap()
-            made_own[0] = 0
 
-    made_own = [0]
+    trimmed_at = reader.bytes_read
 
     for r in items:
+        if reader.bytes_read - trimmed_at >= TRIM_EVERY:    # the temporaries' free chunks back to the system
+            trim_heap()
+            trimmed_at = reader.bytes_read
         rows, cols = r.window
         t = reader.get(r.key, rows=rows, cols=cols)
         check_finite(reader, r.key, t)
@@ -314,7 +313,7 @@ def read_tensors(reads: list[TensorRead], reader: ShardReader, cfg: ModelConfig,
     trim_heap()
 
 
-TRIM_EVERY = 256 << 20     # bytes of weights made our own between two trims of the C heap
+TRIM_EVERY = 256 << 20     # bytes read (and made our own, or mapped) between two trims of the C heap
 
 
 @functools.lru_cache(maxsize=None)
@@ -335,7 +334,8 @@ def trim_heap() -> None:
     serves the next ones from its heap once a freed mapping has raised its mmap threshold, and
     the free chunks left between kept weights stay resident: quantizing a full-size
     DeepSeek-V2-Lite held ~23 GB of anonymous memory for 15.3 GB of weights, and the kernel
-    killed it on a 23 GB machine. ``malloc_trim`` returns those pages; elsewhere this does nothing."""
+    killed it on a 23 GB machine. ``malloc_trim`` returns those pages (the loader calls it every
+    ``TRIM_EVERY`` bytes it reads, and at the end); elsewhere this does nothing."""
     fn = _malloc_trim()
     if fn is not None:
         fn(0)
