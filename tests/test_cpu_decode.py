@@ -8,6 +8,7 @@ against an fp32 model holding the same weights. Bit-equality is asserted only wh
 code runs twice (a hooked step takes the torch path) or for data (expert ids).
 """
 
+import contextlib
 import warnings
 
 import pytest
@@ -553,6 +554,80 @@ def test_fp8_gemv_widens_every_e4m3_code_exactly(dtype):
         assert torch.equal(y, ref[:, k]), k
 
 
+def _tier_has_f16c() -> bool:
+    """Whether the kernels are built with F16C (the form a flushing thread takes is then the
+    F16C vector loop, else the scalar loop: another summation order)."""
+    tier = cpu_compile.march()
+    if tier == "native":
+        return "f16c" in cpu_compile.cpu_flags()
+    return tier in ("x86-64-v3", "x86-64-v4")
+
+
+@contextlib.contextmanager
+def _denormal_inputs_as_zero(threads: int):
+    """This thread's FPU reading subnormal inputs as zero (x86 MXCSR.DAZ, set by
+    torch.set_flush_denormal), and the C calls run on ``threads`` threads (the others keep
+    their own control register)."""
+    old = torch.get_num_threads()
+    if not torch.set_flush_denormal(True):
+        pytest.skip("this CPU cannot flush denormals")
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_flush_denormal(False)
+        torch.set_num_threads(old)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_fp8_gemv_keeps_e4m3_subnormals_when_denormals_are_flushed(threads):
+    """The AVX2 GEMV widens e4m3 into fp32 values 2^-120 of the weight, which makes e4m3's
+    subnormals fp32 subnormals; a thread whose FPU reads those as zero must take the F16C form
+    instead. Every e4m3 code against one-hot activations, with this thread flushing: each
+    output is still one dequantized weight, bit for bit (a kernel that ignored the flag reads
+    every subnormal code as 0)."""
+    from dsv3lab import fp8
+    g = torch.Generator().manual_seed(22)
+    N, K = 256, 259
+    codes = torch.arange(256, dtype=torch.uint8)
+    codes = codes[(codes & 0x7F) != 0x7F]
+    q = codes[torch.randint(0, codes.numel(), (N, K), generator=g)].view(torch.float8_e4m3fn)
+    q.view(torch.uint8)[:, :128] &= 0x87                             # the first block: subnormals and zeros only
+    s = torch.rand(2, 3, generator=g) + 0.5
+    ref = fp8.weight_dequant(q, s, dtype=torch.float32)
+    assert (ref[:, :128] != 0).float().mean() > 0.8
+    with _denormal_inputs_as_zero(threads):
+        for k in (0, 5, 127, 128, 258):
+            x = torch.zeros(K)
+            x[k] = 1
+            assert torch.equal(cpu_decode.gemv_fp8(q, s, x, torch.float32), ref[:, k]), k
+
+
+@pytest.mark.parametrize("magnitude", [2.0 ** -30, 1.0, 2.0 ** 26, 2.0 ** 27, 2.0 ** 60])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fp8_gemv_at_every_activation_magnitude(magnitude, dtype):
+    """The AVX2 GEMV multiplies the activation by 2^100 (see decode_bf16.c's dot_e4m3) and takes
+    the F16C form for one it would overflow (|x| >= 2^27): tiny, ordinary, just below and at the
+    switch, and huge activations all give the float64 product within fp32 summation error, also
+    on a thread that flushes denormals, and there the F16C form gives the same bits."""
+    from dsv3lab import fp8
+    g = torch.Generator().manual_seed(23)
+    N, K = 192, 384
+    q, s = fp8.weight_quant(torch.randn(N, K, generator=g) * 0.05)
+    x = torch.randn(K, generator=g)
+    x = (x / x.abs().max() * magnitude).to(dtype)                     # max |x| = magnitude exactly
+    y = cpu_decode.gemv_fp8(q, s, x, dtype)
+    w = fp8.weight_dequant(q, s).double()
+    ref, scale = w @ x.double(), w.abs() @ x.double().abs()
+    bound = (2 ** -8 * ref.abs() if dtype == torch.bfloat16 else 0) + 2 * K * 2 ** -24 * scale
+    assert ((y.double() - ref).abs() <= bound + 1e-300).all()
+    with _denormal_inputs_as_zero(1):
+        y_flushed = cpu_decode.gemv_fp8(q, s, x, dtype)
+    assert ((y_flushed.double() - ref).abs() <= bound + 1e-300).all()
+    if _tier_has_f16c():
+        assert torch.equal(y, y_flushed)
+
+
 def test_fp8_gemv_rejects_what_it_cannot_take():
     from dsv3lab import fp8
     q, s = fp8.weight_quant(torch.randn(256, 256))
@@ -564,17 +639,11 @@ def test_fp8_gemv_rejects_what_it_cannot_take():
         cpu_decode.gemv_fp8(q.float(), s, torch.randn(256), torch.float32)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("K,inter", [(256, 384), (200, 96), (130, 7)])
-def test_moe_kernel_with_fp8_experts(K, inter, dtype):
-    """Experts kept FP8 (e4m3 + 128x128 scales) read as stored by the fused MoE call, beside an
-    expert of x's dtype: the torch path's result (each weight dequantized into x's dtype, the
-    SwiGLU in x's dtype, weighted sum in fp32) within two bf16 roundings in bf16 (the C call
-    multiplies the stored weights, torch's path them rounded to bf16), 1e-5 in fp32.
-    Tails: K and widths not multiples of 4 (one row a work item), 128 or the vector width."""
+def _mixed_experts(K: int, inter: int, dtype, g):
+    """Two experts kept FP8 (e4m3 + 128x128 scales) and one of ``dtype`` (maybe wider): their
+    weights as the kernel takes them, their scales (None: not FP8) and every weight dequantized
+    into ``dtype`` (the torch path's operands)."""
     from dsv3lab import fp8
-    g = torch.Generator().manual_seed(K + inter)
-    x = torch.randn(K, generator=g).to(dtype)
     widths = [inter, inter, inter + 4 * (inter % 4 == 0)]            # the last one plain, maybe wider
     experts, scales, deq = [], [], []
     for s, w_ in enumerate(widths):
@@ -589,21 +658,65 @@ def test_moe_kernel_with_fp8_experts(K, inter, dtype):
             experts.append([w.to(dtype) for w in ws])
             scales.append(None)
             deq.append(experts[-1])
-    weights = torch.rand(len(widths), generator=g)
-    y = cpu_decode.moe(x, *[[e[j] for e in experts] for j in range(3)], weights, scales=scales)
-    ref = torch.zeros(K, dtype=torch.float64)
+    return [[e[j] for e in experts] for j in range(3)], scales, deq
+
+
+def _moe_reference(x, deq, weights) -> torch.Tensor:
+    """The torch path: each weight dequantized into x's dtype, the SwiGLU in x's dtype, the
+    experts' weighted sum in float64."""
+    ref = torch.zeros(x.shape[-1], dtype=torch.float64)
     for s, (gw, uw, dw) in enumerate(deq):
         h = F.silu(F.linear(x, gw)) * F.linear(x, uw)
         ref += weights[s].double() * F.linear(h, dw).double()
+    return ref
+
+
+def _moe_close(y, ref, dtype) -> bool:
     if dtype == torch.bfloat16:
-        assert ((y.double() - ref).abs() <= 2 * BF16_ULP * ref.abs().max()).all()
-    else:
-        assert ((y.double() - ref).norm() / ref.norm()).item() < 1e-5
+        return bool(((y.double() - ref).abs() <= 2 * BF16_ULP * ref.abs().max()).all())
+    return ((y.double() - ref).norm() / ref.norm()).item() < 1e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("K,inter", [(256, 384), (200, 96), (130, 7)])
+def test_moe_kernel_with_fp8_experts(K, inter, dtype):
+    """Experts kept FP8 (e4m3 + 128x128 scales) read as stored by the fused MoE call, beside an
+    expert of x's dtype: the torch path's result (each weight dequantized into x's dtype, the
+    SwiGLU in x's dtype, weighted sum in fp32) within two bf16 roundings in bf16 (the C call
+    multiplies the stored weights, torch's path them rounded to bf16), 1e-5 in fp32.
+    Tails: K and widths not multiples of 4 (one row a work item), 128 or the vector width."""
+    g = torch.Generator().manual_seed(K + inter)
+    x = torch.randn(K, generator=g).to(dtype)
+    (gate, up, down), scales, deq = _mixed_experts(K, inter, dtype, g)
+    weights = torch.rand(3, generator=g)
+    y = cpu_decode.moe(x, gate, up, down, weights, scales=scales)
+    assert _moe_close(y, _moe_reference(x, deq, weights), dtype)
     with pytest.raises(ValueError, match="not e4m3 with contiguous fp32"):
-        cpu_decode.moe(x, *[[e[j] for e in experts] for j in range(3)], weights,
-                       scales=[(sc[0], sc[1], sc[2][:1]) if sc else None for sc in scales])
+        cpu_decode.moe(x, gate, up, down, weights, scales=[(sc[0], sc[1], sc[2][:1]) if sc else None for sc in scales])
     with pytest.raises(ValueError, match="FP8 needs its scales"):
-        cpu_decode.moe(x, *[[e[j] for e in experts] for j in range(3)], weights)
+        cpu_decode.moe(x, gate, up, down, weights)
+
+
+@pytest.mark.parametrize("magnitude", [1.0, 2.0 ** 16, 2.0 ** 28])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_moe_fp8_experts_at_every_activation_magnitude(magnitude, dtype):
+    """The MoE call lifts x and the SwiGLU's output h by 2^100 for the AVX2 dot products where
+    neither would overflow (|.| < 2^27): ordinary x (both lifted), x of 2^16 (x lifted, h of
+    ~2^30 not) and x of 2^28 (neither) all give the torch path's result, also on a thread that
+    flushes denormals, and there the F16C form gives the same bits."""
+    g = torch.Generator().manual_seed(24)
+    K, inter = 256, 256
+    x = torch.randn(K, generator=g)
+    x = (x / x.abs().max() * magnitude).to(dtype)
+    (gate, up, down), scales, deq = _mixed_experts(K, inter, dtype, g)
+    weights = torch.rand(3, generator=g)
+    y = cpu_decode.moe(x, gate, up, down, weights, scales=scales)
+    assert _moe_close(y, _moe_reference(x, deq, weights), dtype)
+    with _denormal_inputs_as_zero(1):
+        y_flushed = cpu_decode.moe(x, gate, up, down, weights, scales=scales)
+    assert _moe_close(y_flushed, _moe_reference(x, deq, weights), dtype)
+    if _tier_has_f16c():
+        assert torch.equal(y, y_flushed)
 
 
 @pytest.mark.parametrize("preset", ["tiny", "lab"])

@@ -24,6 +24,7 @@
 #include <math.h>
 #include <omp.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "bf16.h"
@@ -185,6 +186,10 @@ static inline void put(int f32, void *p, int64_t i, float v) {
 /* What a stored value reads back as (for torch's intermediate roundings: none in fp32). */
 static inline float stored(int f32, float v) { return f32 ? v : round_bf(v); }
 
+static inline float get(int f32, const void *p, int64_t i) {
+    return f32 ? ((const float *)p)[i] : bf2f(((const bf16 *)p)[i]);
+}
+
 /* Y[b][m][n] = sum_k W[b][n][k] X[b][m][k] for b < nb, m < M (<= 8), n < N, rounded to bf16
    (or fp32 throughout, f32). W rows are ldw apart, batches sw apart (elements); X and Y likewise.
    Rows of every batch are split over the threads as one range, so a batch of small matrices
@@ -235,11 +240,14 @@ void dsv3_gemv_f32(const float *W, int64_t ldw, int64_t sw, const float *X, int6
  * The output is rounded to bf16 once in a bf16 model. Rows four at a time (four never straddle a
  * 128-row block, so one scale row serves them), threads over rows. */
 static inline float e4m3_to_f32(uint8_t b) {
-    uint32_t mag = (uint32_t)(b & 0x7F) << 20;
-    float m;
-    memcpy(&m, &mag, 4);
-    m *= 0x1p120f;
-    return (b & 0x80) ? -m : m;
+    /* (8 + m) 2^(e - 10) for a normal, m 2^-9 for a subnormal: an integer times a power of two,
+       both exact, no subnormal anywhere (a flushing FPU changes nothing) */
+    uint32_t e = (b >> 3) & 15, m = b & 7;
+    uint32_t pbits = (uint32_t)((int)(e ? e : 1) - 10 + 127) << 23;
+    float p;
+    memcpy(&p, &pbits, 4);
+    float v = (float)(e ? m + 8 : m) * p;
+    return (b & 0x80) ? -v : v;
 }
 
 /* e4m3 rows prefetched ahead: at 1 byte a weight a row is half a bf16 row's bytes */
@@ -247,27 +255,75 @@ static inline float e4m3_to_f32(uint8_t b) {
 #define PF8 8
 #endif
 
+/* The lifted form of the dot product, where the tier gains by it: the activation is copied once
+ * into fp32 times X_LIFT = 2^100 (lift_activation) and the weights widened by vec.h's
+ * vload_e4m3_tiny (value * 2^-120, three integer operations a vector) in place of vcvtph2ps:
+ * each product is then 2^-20 of the true one, a normal fp32, and every partial sum carries the
+ * same power of two, so the block's sum times scale * 2^20 is bit for bit what the F16C form
+ * gives (both are exact power-of-two scalings of one computation), unless |x| >= 2^27, where
+ * x * 2^100 would overflow: such an activation takes the F16C form. On an AVX2 EPYC the lifted
+ * GEMV ran 1.5x the F16C one from L1 (a vcvtph2ps is two of the four vector pipes' operations
+ * there). AVX-512 converts 16 lanes in one vcvtph2ps and keeps it. */
+#if VL <= 8
+#define E4M3_LIFTED 1
+#else
+#define E4M3_LIFTED 0
+#endif
+#define X_LIFT 0x1p100f
+#define X_LIFT_MAX 0x1p27f
+
+/* How a thread widens e4m3 in its vector loops: lifted (x lifted into xs, see above), raw
+   (vec.h's vload_e4m3_raw against x), or not at all (the scalar loop, e4m3_to_f32): where the
+   thread's FPU reads subnormal inputs as zero (denormals_flushed), the forms that make e4m3's
+   subnormals fp32 subnormals -- the lifted one, and the raw one on tiers without F16C -- would
+   lose them. MXCSR is per thread: each thread asks. */
+enum { E4M3_SCALAR, E4M3_RAW, E4M3_LIFTED_FORM };
+static inline int e4m3_form(const float *xs) {
+    int flushed = denormals_flushed();
+    if (E4M3_LIFTED && xs && !flushed)
+        return E4M3_LIFTED_FORM;
+    return flushed && E4M3_RAW_TINY ? E4M3_SCALAR : E4M3_RAW;
+}
+
+/* xs[k] = x[k] * X_LIFT in fp32 (x bf16, or fp32 with xf32); 1 if every |x[k]| < X_LIFT_MAX (a
+   NaN passes: it makes NaN either way), else 0 (xs unusable). */
+static int lift_activation(int xf32, const void *x, int K, float *xs) {
+    float amax = 0.0f;
+    for (int k = 0; k < K; k++) {
+        float v = xf32 ? ((const float *)x)[k] : bf2f(((const bf16 *)x)[k]);
+        float a = fabsf(v);
+        amax = a > amax ? a : amax;
+        xs[k] = v * X_LIFT;
+    }
+    return amax < X_LIFT_MAX;
+}
+
 /* R (<= 4) e4m3 rows w (ld bytes apart, inside one 128-row block whose scales are srow) against
-   one activation row x (bf16, or fp32 with xf32): out[j] = sum_b srow[b] sum_{k in b} w[j][k] x[k].
-   A block whose scale * E4M3_LIFT would overflow (scale >= 2^7 without F16C: no weight is that
-   large) is summed whole by the scalar loop. */
-static inline __attribute__((always_inline)) void dot_e4m3(int xf32, int R, const uint8_t *w, int64_t ld,
-                                                           const float *srow, const void *x, int K, float *out) {
+   one activation row x (bf16, or fp32 with xf32; in the lifted form fp32 times X_LIFT, see
+   above): out[j] = sum_b srow[b] sum_{k in b} w[j][k] x[k]. A block whose scale * lift would
+   overflow (no weight is that large), and every block in the scalar form, is summed by the
+   scalar loop. */
+static inline __attribute__((always_inline)) void dot_e4m3(int xf32, int form, int R, const uint8_t *w,
+                                                           int64_t ld, const float *srow, const void *x, int K,
+                                                           float *out) {
+    const int lifted = form == E4M3_LIFTED_FORM;
+    const float lift0 = lifted ? E4M3_TINY_LIFT / X_LIFT : E4M3_LIFT;
     vf a[4] = {vzero(), vzero(), vzero(), vzero()};
     float t[4] = {0.0f, 0.0f, 0.0f, 0.0f};
     for (int k0 = 0; k0 < K; k0 += 128) {
         int k1 = K - k0 < 128 ? K : k0 + 128;
         float sc = srow[k0 / 128];
         int k = k0;
-        if (sc < 0x1p127f / E4M3_LIFT) {
+        if (form != E4M3_SCALAR && sc < 0x1p127f / lift0) {
             vf b[4] = {vzero(), vzero(), vzero(), vzero()};
             for (; k + VL <= k1; k += VL) {
                 vf xv = xf32 ? vload((const float *)x + k) : vload_bf((const bf16 *)x + k);
                 if (PF8 && k % 64 == 0)
                     for (int j = 0; j < R; j++) PREFETCH(w + (PF8 + j) * ld + k);
-                for (int j = 0; j < R; j++) b[j] += vload_e4m3_raw(w + j * ld + k) * xv;
+                for (int j = 0; j < R; j++)
+                    b[j] += (lifted ? vload_e4m3_tiny(w + j * ld + k) : vload_e4m3_raw(w + j * ld + k)) * xv;
             }
-            vf lift = vsplat(sc * E4M3_LIFT);
+            vf lift = vsplat(sc * lift0);
             for (int j = 0; j < R; j++) a[j] += b[j] * lift;
         }
         float tb[4] = {0.0f, 0.0f, 0.0f, 0.0f};
@@ -275,33 +331,55 @@ static inline __attribute__((always_inline)) void dot_e4m3(int xf32, int R, cons
             float xk = xf32 ? ((const float *)x)[k] : bf2f(((const bf16 *)x)[k]);
             for (int j = 0; j < R; j++) tb[j] += e4m3_to_f32(w[j * ld + k]) * xk;
         }
-        for (int j = 0; j < R; j++) t[j] += tb[j] * sc;
+        for (int j = 0; j < R; j++) t[j] += lifted ? (tb[j] * sc) / X_LIFT : tb[j] * sc;
     }
     for (int j = 0; j < R; j++) out[j] = vsum(a[j]) + t[j];
 }
 
-/* both activation types, each compiled with its branches folded */
-static void dot_e4m3_rows(int xf32, int R, const uint8_t *w, int64_t ld, const float *srow, const void *x, int K,
-                          float *out) {
-    if (R == 4) {
-        if (xf32) dot_e4m3(1, 4, w, ld, srow, x, K, out);
-        else dot_e4m3(0, 4, w, ld, srow, x, K, out);
+/* the rows in a thread's form (e4m3_form(xs)): against xs (fp32, lifted) in the lifted form,
+   else against x (bf16, or fp32 with xf32); each case compiled with its branches folded */
+static void dot_e4m3_rows(int xf32, int form, int R, const uint8_t *w, int64_t ld, const float *srow,
+                          const void *x, const float *xs, int K, float *out) {
+    if (E4M3_LIFTED && form == E4M3_LIFTED_FORM) {
+        if (R == 4) dot_e4m3(1, E4M3_LIFTED_FORM, 4, w, ld, srow, xs, K, out);
+        else dot_e4m3(1, E4M3_LIFTED_FORM, R, w, ld, srow, xs, K, out);
+    } else if (form == E4M3_RAW && R == 4) {
+        if (xf32) dot_e4m3(1, E4M3_RAW, 4, w, ld, srow, x, K, out);
+        else dot_e4m3(0, E4M3_RAW, 4, w, ld, srow, x, K, out);
     } else {
-        dot_e4m3(xf32, R, w, ld, srow, x, K, out);
+        dot_e4m3(xf32, form, R, w, ld, srow, x, K, out);
     }
+}
+
+/* x lifted into a new buffer (free it) where the tier takes the lifted form and x allows it, else NULL */
+static float *lifted_copy(int xf32, const void *x, int K) {
+    if (!E4M3_LIFTED)
+        return NULL;
+    float *xs = malloc(sizeof(float) * (size_t)K);
+    if (xs && !lift_activation(xf32, x, K, xs)) {
+        free(xs);
+        xs = NULL;
+    }
+    return xs;
 }
 
 /* Y[n] (bf16 rounded, or fp32 with f32out) = x W^T for e4m3 W [N, K] (ldw bytes apart) with
    scales S (lds apart); x bf16 or fp32 (xf32). */
 static void gemv_fp8_any(int xf32, int f32out, const uint8_t *W, int64_t ldw, const float *S, int64_t lds,
                          const void *x, void *Y, int N, int K, int nt) {
-#pragma omp parallel for schedule(static) num_threads(nt)
-    for (int64_t r = 0; r < N; r += 4) {
-        int rows = N - r < 4 ? (int)(N - r) : 4;
-        float out[4];
-        dot_e4m3_rows(xf32, rows, W + r * ldw, ldw, S + (r / 128) * lds, x, K, out);
-        for (int j = 0; j < rows; j++) put(f32out, Y, r + j, out[j]);
+    float *xs = lifted_copy(xf32, x, K);
+#pragma omp parallel num_threads(nt)
+    {
+        int form = e4m3_form(xs);
+#pragma omp for schedule(static)
+        for (int64_t r = 0; r < N; r += 4) {
+            int rows = N - r < 4 ? (int)(N - r) : 4;
+            float out[4];
+            dot_e4m3_rows(xf32, form, rows, W + r * ldw, ldw, S + (r / 128) * lds, x, xs, K, out);
+            for (int j = 0; j < rows; j++) put(f32out, Y, r + j, out[j]);
+        }
     }
+    free(xs);
 }
 
 /* x fp32 (a bf16 activation widened exactly by the caller); rnd: a bf16 model (bf16 output) */
@@ -315,30 +393,34 @@ void dsv3_gemv_fp8(const uint8_t *W, int64_t ldw, const float *S, int64_t lds, c
    conversion of e4m3 runs at ~45 M elements/s on an AVX2 EPYC). Threads over rows. */
 void dsv3_dequant_fp8(const uint8_t *W, int64_t ldw, const float *S, int64_t lds, void *out, int64_t ldo, int f32,
                       int N, int K, int nt) {
-#pragma omp parallel for schedule(static) num_threads(nt)
-    for (int64_t n = 0; n < N; n++) {
-        const uint8_t *w = W + n * ldw;
-        const float *srow = S + (n / 128) * lds;
-        for (int k0 = 0; k0 < K; k0 += 128) {
-            int k1 = K - k0 < 128 ? K : k0 + 128;
-            float sc = srow[k0 / 128];
-            int k = k0;
-            if (sc < 0x1p127f / E4M3_LIFT) {
-                vf lift = vsplat(sc * E4M3_LIFT);
-                for (; k + VL <= k1; k += VL) {
-                    vf v = vload_e4m3_raw(w + k) * lift;
-                    if (f32) {
-                        vstore((float *)out + n * ldo + k, v);
-                    } else {
-                        vu u;
-                        v = vround_bf(v);
-                        memcpy(&u, &v, sizeof u);
-                        vh h = __builtin_convertvector(u >> 16, vh);
-                        memcpy((bf16 *)out + n * ldo + k, &h, sizeof h);
+#pragma omp parallel num_threads(nt)
+    {
+        int vec = e4m3_form(NULL) == E4M3_RAW;
+#pragma omp for schedule(static)
+        for (int64_t n = 0; n < N; n++) {
+            const uint8_t *w = W + n * ldw;
+            const float *srow = S + (n / 128) * lds;
+            for (int k0 = 0; k0 < K; k0 += 128) {
+                int k1 = K - k0 < 128 ? K : k0 + 128;
+                float sc = srow[k0 / 128];
+                int k = k0;
+                if (vec && sc < 0x1p127f / E4M3_LIFT) {
+                    vf lift = vsplat(sc * E4M3_LIFT);
+                    for (; k + VL <= k1; k += VL) {
+                        vf v = vload_e4m3_raw(w + k) * lift;
+                        if (f32) {
+                            vstore((float *)out + n * ldo + k, v);
+                        } else {
+                            vu u;
+                            v = vround_bf(v);
+                            memcpy(&u, &v, sizeof u);
+                            vh h = __builtin_convertvector(u >> 16, vh);
+                            memcpy((bf16 *)out + n * ldo + k, &h, sizeof h);
+                        }
                     }
                 }
+                for (; k < k1; k++) put(f32, out, n * ldo + k, e4m3_to_f32(w[k]) * sc);
             }
-            for (; k < k1; k++) put(f32, out, n * ldo + k, e4m3_to_f32(w[k]) * sc);
         }
     }
 }
@@ -351,10 +433,13 @@ static void proj(int f32, const void *W, const float *S, const void *x, void *y,
 }
 
 /* Rows [i, i+R) (R = 1 or 4) of one expert weight [., Kw] against x: e4m3 with its scales when
-   sc (the weight's weight_scale_inv, contiguous) is set, else of the element type. */
-static inline void expert_rows(int f32, const void *w, const float *sc, int64_t i, int R, const void *x, int Kw,
-                               float *o) {
-    if (sc) dot_e4m3_rows(f32, R, (const uint8_t *)w + i * Kw, Kw, sc + (i / 128) * ((Kw + 127) / 128), x, Kw, o);
+   sc (the weight's weight_scale_inv, contiguous) is set (xs: x lifted, or NULL), else of the
+   element type. */
+static inline void expert_rows(int f32, const void *w, const float *sc, int64_t i, int R, const void *x,
+                               int form, const float *xs, int Kw, float *o) {
+    if (sc)
+        dot_e4m3_rows(f32, form, R, (const uint8_t *)w + i * Kw, Kw, sc + (i / 128) * ((Kw + 127) / 128), x, xs,
+                      Kw, o);
     else if (R == 4) dot4_any(f32, at(f32, w, i * Kw), Kw, x, Kw, o);
     else dot_rows_any(f32, at(f32, w, i * Kw), x, 0, 1, Kw, o);
 }
@@ -380,33 +465,51 @@ static void moe_any(int f32, const void *x, int K, int nslot, const int64_t *g, 
     for (int s = 0; s < nslot; s++) by4 &= inter[s] % 4 == 0;
     int64_t step = by4 ? 4 : 1;      /* rows per work item: four (dot4) when every width allows */
 #define SC(arr, s) ((arr) && (arr)[s] ? (const float *)(arr)[s] : (const float *)0)
+    /* FP8 experts take the lifted dot product (dot_e4m3) where the tier does: x lifted once, and
+       h's values lifted as they are stored (hs), each used when its values allow */
+    int any_fp8 = 0;
+    for (int s = 0; s < nslot; s++) any_fp8 |= SC(gs, s) || SC(us, s) || SC(ds, s);
+    float *xs = any_fp8 ? lifted_copy(f32, x, K) : NULL;
+    float *hs = xs ? malloc(sizeof(float) * (size_t)(total > 0 ? total : 1)) : NULL;
+    float hmax = 0.0f;                  /* max |h|, reduced over the threads (a NaN is passed over) */
 #pragma omp parallel num_threads(nt)
     {
-#pragma omp for schedule(static)
+        int xform = e4m3_form(xs);
+#pragma omp for schedule(static) reduction(max : hmax)
         for (int64_t r = 0; r < total; r += step) {
             int s = 0;
             while (r >= off[s + 1]) s++;
             int64_t i = r - off[s];
             float gv[4], uv[4];
-            expert_rows(f32, (const void *)g[s], SC(gs, s), i, (int)step, x, K, gv);
-            expert_rows(f32, (const void *)u[s], SC(us, s), i, (int)step, x, K, uv);
+            expert_rows(f32, (const void *)g[s], SC(gs, s), i, (int)step, x, xform, xs, K, gv);
+            expert_rows(f32, (const void *)u[s], SC(us, s), i, (int)step, x, xform, xs, K, uv);
             for (int j = 0; j < step; j++) {
                 float ga = stored(f32, gv[j]), ua = stored(f32, uv[j]);
                 float act = stored(f32, ga / (1.0f + expf(-ga)));
                 put(f32, h, r + j, act * ua);
+                if (hs) {
+                    float hv = get(f32, h, r + j);
+                    hs[r + j] = hv * X_LIFT;
+                    hmax = fabsf(hv) > hmax ? fabsf(hv) : hmax;
+                }
             }
         }
+        const float *hl = hs && hmax < X_LIFT_MAX ? hs : NULL;
+        int hform = e4m3_form(hl);
 #pragma omp for schedule(static)
         for (int n = 0; n < K; n += (int)step) {
             float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
             for (int s = 0; s < nslot; s++) {
                 float o[4];
-                expert_rows(f32, (const void *)d[s], SC(ds, s), n, (int)step, at(f32, h, off[s]), inter[s], o);
+                expert_rows(f32, (const void *)d[s], SC(ds, s), n, (int)step, at(f32, h, off[s]), hform,
+                            hl ? hl + off[s] : NULL, inter[s], o);
                 for (int j = 0; j < step; j++) acc[j] += ws[s] * stored(f32, o[j]);
             }
             for (int j = 0; j < step; j++) y[n + j] = acc[j];
         }
     }
+    free(xs);
+    free(hs);
 #undef SC
 }
 
@@ -425,10 +528,6 @@ void dsv3_moe_mixed(int f32, const void *x, int K, int nslot, const int64_t *g, 
                   const int64_t *gs, const int64_t *us, const int64_t *ds, const int *inter, const float *ws, void *h,
                   float *y, int nt) {
     moe_any(f32, x, K, nslot, g, u, d, gs, us, ds, inter, ws, h, y, nt);
-}
-
-static inline float get(int f32, const void *p, int64_t i) {
-    return f32 ? ((const float *)p)[i] : bf2f(((const bf16 *)p)[i]);
 }
 
 /* RMSNorm of M rows x[m] (D wide, ldx apart) as the torch module computes it: in fp32,

@@ -13,8 +13,8 @@
 
 #include <stdint.h>
 #include <string.h>
-#if defined(__SSE4_1__)
-#include <immintrin.h>       /* vload_i8's sign extensions */
+#if defined(__SSE__)
+#include <immintrin.h>       /* vload_i8's sign extensions, the MXCSR */
 #endif
 
 #if defined(__AVX512F__)
@@ -53,16 +53,54 @@ static inline vf vload_bf(const uint16_t *p) {
    - with F16C (x86-64-v3 and up): each byte sign-extended to 16 bits and shifted left by 7 is an
      fp16 with the e4m3's exponent and mantissa bits in place (e4m3 is fp16 with 3 exponent bits
      fewer, so value = fp16 * 2^8), the sign at bit 15, converted by vcvtph2ps. Every result is
-     an fp32 normal: no denormal operand ever reaches a multiply (they cost a microcode assist,
-     measured 2.5x slower on this EPYC with 8 % of e4m3 codes subnormal).
-   - elsewhere: each byte sign-extended to 32 bits and shifted left by 20 puts its 7 magnitude
-     bits under an fp32's exponent field and its sign at bit 31 (value = fp32 * 2^120); e4m3's
-     subnormals become fp32 subnormals, exact as long as denormals are not flushed (torch leaves
-     them on). */
+     an fp32 normal.
+   - elsewhere: vload_e4m3_tiny (value = fp32 * 2^120). */
 typedef int8_t vsb __attribute__((vector_size(VL)));
+
+/* VL bytes sign-extended to int32 lanes: pmovsxbd where the target has it (GCC 12 scalarises
+   __builtin_convertvector from a vector of 4 or 8 bytes), the generic conversion elsewhere */
+static inline vu vload_i8(const uint8_t *p) {
+    vu v;
+#if VL == 4 && defined(__SSE4_1__)
+    int32_t w;
+    memcpy(&w, p, 4);
+    __m128i r = _mm_cvtepi8_epi32(_mm_cvtsi32_si128(w));
+    memcpy(&v, &r, sizeof v);
+#elif VL == 8 && defined(__AVX2__)
+    __m256i r = _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)p));
+    memcpy(&v, &r, sizeof v);
+#elif VL == 16 && defined(__AVX512F__)
+    __m512i r = _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)p));
+    memcpy(&v, &r, sizeof v);
+#else
+    vsb b;
+    memcpy(&b, p, sizeof b);
+    v = (vu)__builtin_convertvector(b, vi);
+#endif
+    return v;
+}
+
+/* VL e4m3 bytes as fp32 lanes holding value * 2^-120 exactly, in three integer operations: each
+   byte sign-extended to 32 bits and shifted left by 20 puts its 7 magnitude bits under an fp32's
+   exponent field (e4m3's exponent is fp32's low 4 exponent bits) and its sign at bit 31. e4m3's
+   normals become fp32 normals (2^-126 and up), its subnormals fp32 subnormals: exact as long as
+   the FPU does not treat subnormal inputs as zero (x86 MXCSR.DAZ, Arm FPCR.FZ; torch leaves them
+   off: denormals_flushed() says). What keeps this fast is the other operand: a product of these
+   lanes with an unscaled activation lands in fp32's subnormal range (|product| < 2^-6 before the
+   scaling) and every such multiply takes a microcode assist -- 5x slower on an AVX2 EPYC --
+   whereas an activation lifted by X_LIFT (2^100) puts every product back at 2^-20 of its value,
+   a normal (decode_bf16.c's dot_e4m3). */
+#define E4M3_TINY_LIFT 0x1p120f
+static inline vf vload_e4m3_tiny(const uint8_t *p) {
+    vu bits = (vload_i8(p) << 20) & 0x87F00000u;        /* unsigned: no signed shift */
+    vf f;
+    memcpy(&f, &bits, sizeof f);
+    return f;
+}
 
 #if defined(__F16C__) && defined(__AVX__) && (VL == 8 || (VL == 16 && defined(__AVX512F__)))
 #define E4M3_LIFT 0x1p8f
+#define E4M3_RAW_TINY 0
 static inline vf vload_e4m3_raw(const uint8_t *p) {
     vf v;
 #if VL == 16
@@ -78,31 +116,22 @@ static inline vf vload_e4m3_raw(const uint8_t *p) {
     return v;
 }
 #else
-#define E4M3_LIFT 0x1p120f
-/* VL bytes sign-extended to int32 lanes: pmovsxbd where the target has it (GCC 12 scalarises
-   __builtin_convertvector from a vector of 4 bytes), the generic conversion elsewhere */
-static inline vu vload_i8(const uint8_t *p) {
-    vu v;
-#if VL == 4 && defined(__SSE4_1__)
-    int32_t w;
-    memcpy(&w, p, 4);
-    __m128i r = _mm_cvtepi8_epi32(_mm_cvtsi32_si128(w));
-    memcpy(&v, &r, sizeof v);
-#else
-    vsb b;
-    memcpy(&b, p, sizeof b);
-    v = (vu)__builtin_convertvector(b, vi);
+#define E4M3_LIFT E4M3_TINY_LIFT
+#define E4M3_RAW_TINY 1                  /* its subnormals are fp32 subnormals */
+static inline vf vload_e4m3_raw(const uint8_t *p) { return vload_e4m3_tiny(p); }
 #endif
-    return v;
-}
 
-static inline vf vload_e4m3_raw(const uint8_t *p) {
-    vu bits = (vload_i8(p) << 20) & 0x87F00000u;        /* unsigned: no signed shift */
-    vf f;
-    memcpy(&f, &bits, sizeof f);
-    return f;
-}
+/* Whether this thread's FPU reads subnormal inputs as zero (then vload_e4m3_tiny's subnormals
+   would be lost): x86's MXCSR.DAZ, Arm's FPCR.FZ; MXCSR and FPCR are per thread. */
+static inline int denormals_flushed(void) {
+#if defined(__SSE__)
+    return (_mm_getcsr() & 0x0040) != 0;
+#elif defined(__aarch64__)
+    return (__builtin_aarch64_get_fpcr() & (1u << 24)) != 0;
+#else
+    return 1;                            /* unknown: take the path that never makes a subnormal */
 #endif
+}
 
 /* VL e4m3 bytes widened to their fp32 values exactly */
 static inline vf vload_e4m3(const uint8_t *p) { return vload_e4m3_raw(p) * E4M3_LIFT; }
