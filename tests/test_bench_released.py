@@ -4,6 +4,8 @@ a tiny preset standing in for the released shapes (the full shapes are a benchma
 
 import json
 import os
+import subprocess
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -50,7 +52,14 @@ def test_bench_runs_on_a_stand_in(tmp_path, monkeypatch):
     args = SimpleNamespace(models="tiny", layers=None, dir=str(tmp_path), prefill=8, context=8, decode_steps=2,
                            page_fraction=0.5, threads=1, no_paged=False, out=str(tmp_path / "out.json"))
     assert released.run(args) == 0
-    rows = json.load(open(tmp_path / "out.json"))["rows"]
+    saved = json.load(open(tmp_path / "out.json"))
+    rows = saved["rows"]
+    # where the figures came from: the command, when, and the commit (this checkout's HEAD)
+    made_by = saved["made_by"]
+    head = subprocess.run(["git", "-C", str(Path(__file__).resolve().parents[1]), "rev-parse", "HEAD"],
+                          capture_output=True, text=True).stdout.strip() or None
+    assert made_by["commit"] == head and made_by["dirty"] in (True, False, None)
+    assert made_by["command"] and made_by["utc"].endswith("+00:00")
     main = rows[0]
     assert main["own_GB"] == 0 and main["decode_tok_s"] > 0 and main["limit_tok_s"] > 0
     paged = [r for r in rows if r.get("mode") == "paged"]

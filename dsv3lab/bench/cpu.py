@@ -29,6 +29,7 @@ import torch.nn.functional as F
 
 from dsv3lab.bench import print_table, write_json_atomic
 from dsv3lab.bench.measure import alternating_rounds, median_limits, summarize
+from dsv3lab.bench.record import recorded
 
 STREAM_BYTES = 96 << 20      # copies cycled per figure: well past this machine's last-level cache
 
@@ -204,8 +205,8 @@ def run(args) -> int:
           f"in use but slower than torch here: {', '.join(slower)} (the calibration's shape won; this one lost)")
     ratios = [t["ratio"] for t in table if t["ratio"] == t["ratio"]]
     out = args.out or "results/bench-cpu.json"
-    write_json_atomic(out, dict(preset=cfg.name, threads=args.threads, rounds=args.rounds, cpu_features=_cpu_features(),
+    write_json_atomic(out, recorded(dict(preset=cfg.name, threads=args.threads, rounds=args.rounds, cpu_features=_cpu_features(),
                                 limits=limit, rows=table, raw=rows, calibration=verdicts, slower_in_use=slower,
-                                median_ratio=statistics.median(ratios) if ratios else None))
+                                median_ratio=statistics.median(ratios) if ratios else None)))
     print(f"wrote {out}")
     return 0

@@ -26,6 +26,7 @@ import time
 import torch
 
 from dsv3lab.bench import print_table, write_json_atomic
+from dsv3lab.bench.record import recorded
 from dsv3lab.model.layers import _NATIVE_BF16
 
 
@@ -270,9 +271,9 @@ def run(args) -> int:
         print(f"INVALID: {len(bad)} figure(s) above 100% of a machine limit measured in this run "
               "(the machine's speed changed during the run); rerun on a quieter machine")
     out = args.out or os.path.join("results", "bench-engine.json")
-    write_json_atomic(out, dict(preset=name, threads=threads, rounds=rounds, cpu_features=_cpu_features(),
+    write_json_atomic(out, recorded(dict(preset=name, threads=threads, rounds=rounds, cpu_features=_cpu_features(),
                                 bf16_policy="native" if _NATIVE_BF16 else "upcast",
-                                limits=limits, rows=rows, table=text))
+                                limits=limits, rows=rows, table=text)))
     print(f"wrote {out}")
     return 0
 

@@ -115,6 +115,7 @@ def measure(preset="lab", batch=4, seq=128, reps=15, threads=None, decode=0) -> 
 
 def run(args) -> int:
     from dsv3lab.bench import print_table, write_json_atomic
+    from dsv3lab.bench.record import recorded
     res = measure(args.preset, args.batch, args.seq, args.reps, args.threads, args.decode)
     what = (f"one bf16 decode step after {res['decode']} tokens" if res["decode"]
             else f"batch {res['batch']} x {res['seq']} tokens")
@@ -125,5 +126,5 @@ def run(args) -> int:
     else:
         print(f"idle HookPoint call: {res['idle_call_us']:.2f} us x {res['calls_per_forward']} calls per forward = "
               f"{res['idle_overhead_ms']:.3f} ms = {100 * res['idle_overhead_fraction']:.3f}% of the fastest bypassed forward")
-    write_json_atomic(args.out or ("results/bench-hooks-decode.json" if res["decode"] else "results/bench-hooks.json"), res)
+    write_json_atomic(args.out or ("results/bench-hooks-decode.json" if res["decode"] else "results/bench-hooks.json"), recorded(res))
     return 0

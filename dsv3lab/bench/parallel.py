@@ -66,6 +66,7 @@ def _balance(ranks) -> float:
 
 def run(args) -> int:
     from dsv3lab.bench import print_table, write_json_atomic
+    from dsv3lab.bench.record import recorded
     from dsv3lab.config import ModelConfig
     from dsv3lab.parallel import Layout, spawn
     from dsv3lab.parallel.plan import a2a_bytes_per_token
@@ -148,6 +149,6 @@ def run(args) -> int:
                new_tokens=args.new_tokens, repeat=args.repeat, moe_comm=args.moe_comm, dtype=str(dtype),
                machine=dict(platform=platform.platform(), cpus=os.cpu_count(), torch=torch.__version__,
                             gpus=ngpu), rows=rows)
-    path = write_json_atomic(args.out or os.path.join("results", "bench-parallel.json"), res)
+    path = write_json_atomic(args.out or os.path.join("results", "bench-parallel.json"), recorded(res))
     print(f"wrote {path}")
     return 0

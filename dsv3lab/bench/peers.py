@@ -42,6 +42,7 @@ from dsv3lab.bench import gguf_export, print_table, write_json_atomic
 from dsv3lab.bench.engine import (cpu_features, decode_bytes, dsv3lab_engine, machine_limits,
                                   measure_round)
 from dsv3lab.bench.measure import alternating_rounds, median_limits, summarize
+from dsv3lab.bench.record import recorded
 
 ENGINES = ["dsv3lab", "llama.cpp"]
 GGUF_TYPE = {"bfloat16": "bf16", "float32": "f32"}
@@ -310,9 +311,9 @@ def run(args) -> int:
     elapsed = time.perf_counter() - t_start
     print(f"took {elapsed:.0f} s (conversions {sum(conv_s.values()):.0f} s)")
     out = args.out or os.path.join("results", "bench-peers.json")
-    write_json_atomic(out, dict(preset=name, threads=args.threads, rounds=args.rounds, cpu_features=cpu_features(),
+    write_json_atomic(out, recorded(dict(preset=name, threads=args.threads, rounds=args.rounds, cpu_features=cpu_features(),
                                 llamacpp_version=getattr(llama_cpp, "__version__", None), llamacpp_system=system,
                                 agreement=agree, limits=limits, rows=rows, conversion_s=conv_s,
-                                elapsed_s=elapsed, table=text))
+                                elapsed_s=elapsed, table=text)))
     print(f"wrote {out}")
     return 1 if wrong else 0

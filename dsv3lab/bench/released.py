@@ -35,6 +35,7 @@ import time
 import torch
 
 from dsv3lab.bench import print_table, write_json_atomic
+from dsv3lab.bench.record import recorded
 from dsv3lab.kernels import cpu_compile
 
 MODELS = {"moonlight": ("moonlight-16b", True), "v2-lite": ("v2-lite-16b", False)}
@@ -478,6 +479,6 @@ def peer_summary(rows: list[dict]) -> list[dict]:
 def _save(args, rows) -> None:
     """The rows so far (written after each measurement: a long run keeps what it measured)."""
     out = args.out or os.path.join("results", "bench-released.json")
-    write_json_atomic(out, dict(machine=dict(cpu=f"{cpu_compile.cpu_model()} ({cpu_compile.isa_summary()})", cores=os.cpu_count(),
+    write_json_atomic(out, recorded(dict(machine=dict(cpu=f"{cpu_compile.cpu_model()} ({cpu_compile.isa_summary()})", cores=os.cpu_count(),
                                              threads=args.threads or torch.get_num_threads()),
-                                args={k: v for k, v in vars(args).items() if k != "func"}, rows=rows))
+                                args={k: v for k, v in vars(args).items() if k != "func"}, rows=rows)))

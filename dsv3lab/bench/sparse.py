@@ -30,6 +30,7 @@ import time
 import torch
 
 from dsv3lab.bench import print_table, write_json_atomic
+from dsv3lab.bench.record import recorded
 
 
 def add_args(p) -> None:
@@ -214,8 +215,8 @@ def run(args) -> int:
         print(line)
         text += "\n" + line
     out = args.out or os.path.join("results", "bench-sparse.json")
-    write_json_atomic(out, dict(preset=cfg.name, threads=threads, dtype=args.dtype, key_format=args.key_format,
+    write_json_atomic(out, recorded(dict(preset=cfg.name, threads=threads, dtype=args.dtype, key_format=args.key_format,
                                 index=dict(heads=cfg.index_n_heads, dim=cfg.index_head_dim, topk=cfg.index_topk),
-                                rounds=args.rounds, steps=args.steps, rows=rows, fit=fit, table=text))
+                                rounds=args.rounds, steps=args.steps, rows=rows, fit=fit, table=text)))
     print(f"wrote {out}")
     return 0

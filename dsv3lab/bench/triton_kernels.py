@@ -22,6 +22,7 @@ import time
 import torch
 
 from dsv3lab.bench import print_table, write_json_atomic
+from dsv3lab.bench.record import recorded
 
 GEMM_SHAPES = [(2112, 7168, "q_a+kv_a"), (24576, 1536, "q_b"), (32768, 512, "kv_b"),
                (7168, 16384, "o_proj"), (4096, 7168, "gate+up"), (7168, 2048, "down")]
@@ -229,6 +230,6 @@ def run(args) -> int:
         print_table(result["moe"])
     if interpret:
         print("\n(interpreter smoke run: the kernels ran; the times are not performance numbers)")
-    path = write_json_atomic(args.out or os.path.join("results", "bench-kernels.json"), result)
+    path = write_json_atomic(args.out or os.path.join("results", "bench-kernels.json"), recorded(result))
     print(f"\nwrote {path}")
     return 0
