@@ -261,9 +261,12 @@ static inline float e4m3_to_f32(uint8_t b) {
  * each product is then 2^-20 of the true one, a normal fp32, and every partial sum carries the
  * same power of two, so the block's sum times scale * 2^20 is bit for bit what the F16C form
  * gives (both are exact power-of-two scalings of one computation), unless |x| >= 2^27, where
- * x * 2^100 would overflow: such an activation takes the F16C form. On an AVX2 EPYC the lifted
- * GEMV ran 1.5x the F16C one from L1 (a vcvtph2ps is two of the four vector pipes' operations
- * there). AVX-512 converts 16 lanes in one vcvtph2ps and keeps it. */
+ * x * 2^100 would overflow: such an activation takes the F16C form. On an AVX2 EPYC (Zen 3)
+ * the lifted GEMV ran ~1.5x the F16C one from L1 and the MoE call 1.3x from memory (a ymm
+ * vcvtph2ps is two operations there; the integer widening runs on any vector pipe). The two
+ * forms part only where a partial sum's true value is below 2^-106 (fp32's subnormals at the
+ * lifted scale; 2^-118 at F16C's). AVX-512 converts 16 lanes in one vcvtph2ps and keeps it (no
+ * such CPU was at hand to measure the lifted form on). */
 #if VL <= 8
 #define E4M3_LIFTED 1
 #else

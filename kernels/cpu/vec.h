@@ -85,10 +85,10 @@ static inline vu vload_i8(const uint8_t *p) {
    exponent field (e4m3's exponent is fp32's low 4 exponent bits) and its sign at bit 31. e4m3's
    normals become fp32 normals (2^-126 and up), its subnormals fp32 subnormals: exact as long as
    the FPU does not treat subnormal inputs as zero (x86 MXCSR.DAZ, Arm FPCR.FZ; torch leaves them
-   off: denormals_flushed() says). What keeps this fast is the other operand: a product of these
-   lanes with an unscaled activation lands in fp32's subnormal range (|product| < 2^-6 before the
-   scaling) and every such multiply takes a microcode assist -- 5x slower on an AVX2 EPYC --
-   whereas an activation lifted by X_LIFT (2^100) puts every product back at 2^-20 of its value,
+   off: denormals_flushed() says). What keeps this exact and fast is the other operand: against an
+   unscaled activation the products of these lanes sit at 2^-120 of their values, in or near
+   fp32's subnormal range (where x86 arithmetic takes microcode assists and results keep fewer
+   bits), whereas an activation lifted by X_LIFT (2^100) puts every product at 2^-20 of its value,
    a normal (decode_bf16.c's dot_e4m3). */
 #define E4M3_TINY_LIFT 0x1p120f
 static inline vf vload_e4m3_tiny(const uint8_t *p) {
