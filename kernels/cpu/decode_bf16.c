@@ -293,7 +293,7 @@ static inline int e4m3_form(const float *xs) {
 static int lift_activation(int xf32, const void *x, int K, float *xs) {
     float amax = 0.0f;
     for (int k = 0; k < K; k++) {
-        float v = xf32 ? ((const float *)x)[k] : bf2f(((const bf16 *)x)[k]);
+        float v = get(xf32, x, k);
         float a = fabsf(v);
         amax = a > amax ? a : amax;
         xs[k] = v * X_LIFT;
@@ -469,16 +469,16 @@ static void moe_any(int f32, const void *x, int K, int nslot, const int64_t *g, 
     int64_t step = by4 ? 4 : 1;      /* rows per work item: four (dot4) when every width allows */
 #define SC(arr, s) ((arr) && (arr)[s] ? (const float *)(arr)[s] : (const float *)0)
     /* FP8 experts take the lifted dot product (dot_e4m3) where the tier does: x lifted once, and
-       h's values lifted as they are stored (hs), each used when its values allow */
+       h once every expert's rows are in it (hl), each used where its values allow */
     int any_fp8 = 0;
     for (int s = 0; s < nslot; s++) any_fp8 |= SC(gs, s) || SC(us, s) || SC(ds, s);
     float *xs = any_fp8 ? lifted_copy(f32, x, K) : NULL;
-    float *hs = xs ? malloc(sizeof(float) * (size_t)(total > 0 ? total : 1)) : NULL;
-    float hmax = 0.0f;                  /* max |h|, reduced over the threads (a NaN is passed over) */
+    float *hs = any_fp8 && E4M3_LIFTED ? malloc(sizeof(float) * (size_t)(total > 0 ? total : 1)) : NULL;
+    const float *hl = NULL;
 #pragma omp parallel num_threads(nt)
     {
         int xform = e4m3_form(xs);
-#pragma omp for schedule(static) reduction(max : hmax)
+#pragma omp for schedule(static)
         for (int64_t r = 0; r < total; r += step) {
             int s = 0;
             while (r >= off[s + 1]) s++;
@@ -490,14 +490,10 @@ static void moe_any(int f32, const void *x, int K, int nslot, const int64_t *g, 
                 float ga = stored(f32, gv[j]), ua = stored(f32, uv[j]);
                 float act = stored(f32, ga / (1.0f + expf(-ga)));
                 put(f32, h, r + j, act * ua);
-                if (hs) {
-                    float hv = get(f32, h, r + j);
-                    hs[r + j] = hv * X_LIFT;
-                    hmax = fabsf(hv) > hmax ? fabsf(hv) : hmax;
-                }
             }
         }
-        const float *hl = hs && hmax < X_LIFT_MAX ? hs : NULL;
+#pragma omp single
+        hl = hs && lift_activation(f32, h, (int)total, hs) ? hs : NULL;     /* a few thousand values */
         int hform = e4m3_form(hl);
 #pragma omp for schedule(static)
         for (int n = 0; n < K; n += (int)step) {
