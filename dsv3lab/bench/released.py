@@ -24,6 +24,7 @@ routing repeats more.
 
 from __future__ import annotations
 
+import glob
 import json
 import math
 import multiprocessing as mp
@@ -275,6 +276,7 @@ def _measure(path, fp8, args_d, paged) -> dict:
                 out.update(fused_ms=v["fused_ms"], module_ms=v["module_ms"])
             if args_d.get("tokens"):
                 out["tokens"], _ = _greedy(m, x, min(ctxs[0], 64), args_d["decode_steps"])
+            out.update(_huge_page_share(glob.glob(os.path.join(path, "*.safetensors"))))
         else:
             cap, prefetch = paged
             m = dsv3lab.load(path, fp8=fp8, max_memory=cap / 1e9, prefetch=prefetch)
@@ -335,8 +337,19 @@ def _measure_llamacpp(gguf: str, args_d: dict) -> dict:
             ts.append(time.perf_counter() - t0)
         rates[c] = 1 / statistics.median(ts)
     out.update(decode_tok_s=rates[ctxs[0]], decode_tok_s_by_context={str(c): r for c, r in rates.items()},
-               peak_rss_GB=rss_bytes()[1] / 1e9)
+               peak_rss_GB=rss_bytes()[1] / 1e9, **_huge_page_share([gguf]))
     return out
+
+
+def _huge_page_share(files) -> dict:
+    """The share of the engine's mapped weights (resident after its decode) that 2 MB pages map
+    (dsv3lab/checkpoint/pages.py: a page cache left in 4 KB folios slows either engine's decode,
+    so each row says which it had)."""
+    from dsv3lab.checkpoint.pages import mapped_pages
+    pages = mapped_pages(files)
+    if not pages or not pages["resident"]:
+        return {}
+    return dict(mapped_resident_GB=pages["resident"] / 1e9, pct_in_2MB_pages=100 * pages["huge"] / pages["resident"])
 
 
 def _child_llamacpp(q, *a):
@@ -431,12 +444,12 @@ def run(args) -> int:
     print_table([r for r in whole if r.get("engine", "dsv3lab") == "dsv3lab"],
                 ["model", "layers", "round", "stored", "fp8", "disk_GB", "load_s", "rss_before_load_GB",
                  "load_peak_rss_GB", "mapped_GB", "own_GB", "prefill_tok_s", "decode_tok_s", "limit_tok_s",
-                 "pct_of_limit", "read_GBps", "act_GB_per_tok", "fused"])
+                 "pct_of_limit", "read_GBps", "act_GB_per_tok", "pct_in_2MB_pages", "fused"])
     peers = [r for r in whole if r.get("engine", "dsv3lab") != "dsv3lab"]
     if peers:
         print()
         print_table(peers, ["model", "layers", "round", "engine", "gguf_GB", "load_s", "peak_rss_GB",
-                            "prefill_tok_s", "decode_tok_s", "read_GBps"])
+                            "prefill_tok_s", "decode_tok_s", "read_GBps", "pct_in_2MB_pages"])
         print()
         print_table(peer_summary(whole), ["model", "layers", "context", "dsv3lab_tok_s", "peer_tok_s",
                                           "ratio", "dsv3lab_range", "peer_range", "rounds"])

@@ -13,6 +13,7 @@ import os
 
 import torch
 
+from dsv3lab.checkpoint.pages import advise_huge_pages
 from dsv3lab.config import ModelConfig
 
 
@@ -157,6 +158,7 @@ class ShardMap:
             self.header = json.loads(f.read(n))
             self.data_start = 8 + n
             self.mmap = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+        advise_huge_pages(self.mmap)         # before the first read: pages.py says why
         self.file = file
         self.bytes = torch.frombuffer(self.mmap, dtype=torch.uint8)
 

@@ -198,7 +198,7 @@ static void gemv_any(int f32, const void *W, int64_t ldw, int64_t sw, const void
                      void *Y, int64_t ldy, int64_t sy, int nb, int M, int N, int K, int nt) {
     int64_t rows = (int64_t)nb * N;
     if (M == 1 && N % 4 == 0) {
-#pragma omp parallel for schedule(static) num_threads(nt)
+#pragma omp parallel for schedule(guided, 4) num_threads(nt)
         for (int64_t r = 0; r < rows; r += 4) {
             int64_t b = r / N, n = r % N;
             float out[4];
@@ -374,7 +374,7 @@ static void gemv_fp8_any(int xf32, int f32out, const uint8_t *W, int64_t ldw, co
 #pragma omp parallel num_threads(nt)
     {
         int form = e4m3_form(xs);
-#pragma omp for schedule(static)
+#pragma omp for schedule(guided, 4)
         for (int64_t r = 0; r < N; r += 4) {
             int rows = N - r < 4 ? (int)(N - r) : 4;
             float out[4];
@@ -478,7 +478,7 @@ static void moe_any(int f32, const void *x, int K, int nslot, const int64_t *g, 
 #pragma omp parallel num_threads(nt)
     {
         int xform = e4m3_form(xs);
-#pragma omp for schedule(static)
+#pragma omp for schedule(guided, 4)
         for (int64_t r = 0; r < total; r += step) {
             int s = 0;
             while (r >= off[s + 1]) s++;
@@ -495,7 +495,7 @@ static void moe_any(int f32, const void *x, int K, int nslot, const int64_t *g, 
 #pragma omp single
         hl = hs && lift_activation(f32, h, (int)total, hs) ? hs : NULL;     /* a few thousand values */
         int hform = e4m3_form(hl);
-#pragma omp for schedule(static)
+#pragma omp for schedule(guided, 4)
         for (int n = 0; n < K; n += (int)step) {
             float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
             for (int s = 0; s < nslot; s++) {
