@@ -61,15 +61,21 @@ def block_amax(w: torch.Tensor, block: int = 128) -> torch.Tensor:
     return out
 
 
-def quant_fp8(w: torch.Tensor, scale_inv: torch.Tensor, block: int = 128) -> torch.Tensor:
-    """e4m3 [M, N] = e4m3(clamp(w / s, -448, 448)), s = scale_inv of w's block where > 0, else 1."""
+def quant_fp8(w: torch.Tensor, scale_inv: torch.Tensor, block: int = 128,
+              out: torch.Tensor | None = None) -> torch.Tensor:
+    """e4m3 [M, N] = e4m3(clamp(w / s, -448, 448)), s = scale_inv of w's block where > 0, else 1;
+    into ``out`` (contiguous e4m3 [M, N]) when given."""
     _check("quant_fp8", w, block)
     M, N = w.shape
     grid = (-(-M // block), -(-N // block))
     if tuple(scale_inv.shape) != grid or scale_inv.dtype != torch.float32 or scale_inv.stride(-1) != 1:
         raise ValueError(f"quant_fp8: scale_inv {tuple(scale_inv.shape)} {scale_inv.dtype} for w {tuple(w.shape)}: "
                          f"needs fp32 {list(grid)} with unit stride along its rows")
-    q = torch.empty(M, N, dtype=torch.float8_e4m3fn)
+    if out is not None and (tuple(out.shape) != (M, N) or out.dtype != torch.float8_e4m3fn
+                            or not out.is_contiguous()):
+        raise ValueError(f"quant_fp8: out {tuple(out.shape)} {out.dtype} for w {tuple(w.shape)}: "
+                         f"needs a contiguous float8_e4m3fn [{M}, {N}]")
+    q = torch.empty(M, N, dtype=torch.float8_e4m3fn) if out is None else out
     library().dsv3_quant_fp8(int(w.dtype == torch.float32), w.data_ptr(), w.stride(0), scale_inv.data_ptr(),
                              scale_inv.stride(0), q.data_ptr(), q.stride(0), M, N, block, torch.get_num_threads())
     return q

@@ -60,6 +60,10 @@ def add_args(p) -> None:
     p.add_argument("--no-paged", action="store_true")
     p.add_argument("--peer", choices=("none", "llama.cpp"), default="none",
                    help="also measure llama.cpp on the same checkpoint (a Q8_0 GGUF by its own converter)")
+    p.add_argument("--peer-pages", choices=("as-read", "2mb"), default="as-read",
+                   help="the GGUF's page cache before each llama.cpp load: as llama.cpp's own reading leaves it "
+                        "(default), or read afresh in 2 MB folios, the pages our loader asks for "
+                        "(dsv3lab/checkpoint/pages.py; each row reports the share it got)")
     p.add_argument("--rounds", type=int, default=1,
                    help="rounds of the unpaged measurement; with --peer the engines alternate round by round")
     p.add_argument("--llama-src", default=None,
@@ -311,6 +315,9 @@ def _measure_llamacpp(gguf: str, args_d: dict) -> dict:
     threads = args_d["threads"] or torch.get_num_threads()
     ctxs, n, steps = args_d["contexts"], args_d["prefill"], args_d["decode_steps"]
     longest = max(n, *ctxs)
+    if args_d.get("peer_pages") == "2mb":
+        from dsv3lab.checkpoint.pages import read_in_2mb_pages
+        read_in_2mb_pages([gguf])            # before the load: not in its time
     bw = read_bandwidth()
     _reset_peak_rss()
     out = {"rss_before_load_GB": rss_bytes()[0] / 1e9}
@@ -393,7 +400,8 @@ def run(args) -> int:
     root = args.dir or os.path.join(tempfile.gettempdir(), "dsv3lab-released")
     args_d = dict(threads=args.threads, prefill=args.prefill, decode_steps=args.decode_steps,
                   contexts=[int(c) for c in str(args.context).split(",")],
-                  tiled=getattr(args, "context_fill", "prefill") == "tiled", tokens=getattr(args, "tokens", False))
+                  tiled=getattr(args, "context_fill", "prefill") == "tiled", tokens=getattr(args, "tokens", False),
+                  peer_pages=getattr(args, "peer_pages", "as-read"))
     rows = []
     for name in args.models.split(","):
         cfg = config_of(name, args.layers)
@@ -418,7 +426,7 @@ def run(args) -> int:
                     row.update(_in_child(path, mode, args_d, None))
                     r = r or row
                 else:
-                    row.update(stored="Q8_0 GGUF (llama.cpp's converter)")
+                    row.update(stored="Q8_0 GGUF (llama.cpp's converter)", page_cache=args_d["peer_pages"])
                     row.update(_in_child(gguf, args_d, target=_child_llamacpp))
                 rows.append(row)
                 _save(args, rows)

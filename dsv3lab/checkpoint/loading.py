@@ -27,6 +27,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from dsv3lab.checkpoint.arena import HugeArena
 from dsv3lab.checkpoint.keys import hf_key, is_fp8_key, module_key
 from dsv3lab.checkpoint.reader import FP8_DTYPES, CheckpointError, ShardReader, read_config
 from dsv3lab.config import ModelConfig
@@ -191,23 +192,26 @@ def _kept(t: torch.Tensor, device) -> torch.Tensor:
 FP8_MODES = ("dequant", "keep", "quantize")
 
 
-def _quantize_in_bands(w: torch.Tensor, block: int, scale_fmt: str | None) -> tuple[torch.Tensor, torch.Tensor]:
+def _quantize_in_bands(w: torch.Tensor, block: int, scale_fmt: str | None,
+                       arena: HugeArena | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``fp8.weight_quant`` of ``w``, one band of whole block rows (~1M elements) at a time:
     blocks are quantized independently, so the result is the same, and the fp32 temporaries
     stay small. Whole-weight temporaries (4 bytes an element, several of them) freed between
     weights interleaved with the results kept leave the C heap fragmented: the process kept
-    ~2x the bf16 weights resident after quantizing V2-Lite's experts."""
+    ~2x the bf16 weights resident after quantizing V2-Lite's experts. The e4m3 result is
+    carved from ``arena`` (2 MB pages, arena.py) when given."""
     from dsv3lab.fp8 import scale_of_amax, weight_quant
     from dsv3lab.kernels import cpu_quant
+    M, N = w.shape
+    q = arena.empty((M, N), torch.float8_e4m3fn) if arena is not None else None
     if cpu_quant.enabled(w):
         # the same values from C, straight into the result: no temporaries, ~2x the bands' rate
         s = scale_of_amax(cpu_quant.block_amax(w, block), scale_fmt)
-        return cpu_quant.quant_fp8(w, s, block), s
-    M, N = w.shape
+        return cpu_quant.quant_fp8(w, s, block, out=q), s
     rows = max(block, (1 << 20) // max(N, 1) // block * block)
-    if rows >= M:
+    if rows >= M and q is None:
         return weight_quant(w, block, scale_fmt=scale_fmt)
-    q = torch.empty(M, N, dtype=torch.float8_e4m3fn)
+    q = torch.empty(M, N, dtype=torch.float8_e4m3fn) if q is None else q
     s = torch.empty(math.ceil(M / block), math.ceil(N / block), dtype=torch.float32)
     for r0 in range(0, M, rows):
         r1 = min(M, r0 + rows)
@@ -257,6 +261,7 @@ def read_tensors(reads: list[TensorRead], reader: ShardReader, cfg: ModelConfig,
         items = tqdm(reads, desc=desc, unit="tensor")
     as_stored = fp8 in ("keep", "quantize")
     kept = set()
+    arena = HugeArena() if fp8 == "quantize" and (device is None or torch.device(device).type == "cpu") else None
 
     def release(*keys):            # read and copied: its pages of the mapping may go
         for k in keys:
@@ -295,7 +300,7 @@ def read_tensors(reads: list[TensorRead], reader: ShardReader, cfg: ModelConfig,
                 place(r.module, r.attr, t)           # already ours, contiguous and aligned: no second copy
                 continue
         elif fp8 == "quantize" and lin and is_fp8_key(r.key):
-            q, s = _quantize_in_bands(t, block, cfg.scale_fmt)
+            q, s = _quantize_in_bands(t, block, cfg.scale_fmt, arena)
             r.module.weight = nn.Parameter(q.to(device), requires_grad=False)
             r.module.weight_scale_inv = s.to(device)
             release(r.key)

@@ -4,10 +4,12 @@ A decode token streams ~3 GB of mapped weights. With 4 KB pages that is one TLB 
 restart of the CPU's stream prefetcher (it stops at a page's edge), every 4 KB; a 2 MB page
 makes both 512 times rarer. Linux maps a file with 2 MB page table entries only where the page
 cache holds the file in 2 MB folios (kernels with large-folio page caches, e.g. ext4 and XFS on
-6.x), and a fault readahead allocates such folios only in a mapping advised ``MADV_HUGEPAGE``
-when transparent huge pages are in ``madvise`` mode (their usual default). On a 2-core AVX2
-EPYC, Moonlight-16B-A3B decoded at 3.5-4.9 tokens/s with 27 % of its shards in 2 MB pages and
-5.8-6.3 with 97 % (docs/performance.md, "2 MB pages"). Pages the cache already holds in small
+6.x). A fault in a mapping advised ``MADV_HUGEPAGE`` reads 2 MB folios when transparent huge
+pages are in ``madvise`` mode (their usual default); other reads get what readahead picks
+(llama.cpp's own load of its GGUF left 23-56 % of it in 2 MB pages on the machine below). On a 2-core AVX2
+EPYC, Moonlight-16B-A3B (FP8 kept) decoded at 3.5-4.9 tokens/s, process after process, with 27 %
+of its mapped shards in 2 MB pages, and at 5.8-6.3 in three of four processes with 97 %
+(docs/performance.md, "2 MB pages"). Pages the cache already holds in small
 folios stay small until they are read again: ``evict`` drops a file's clean, unmapped pages, so
 the next load reads it from disk in large ones.
 """
@@ -66,3 +68,21 @@ def evict(files) -> None:
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
         finally:
             os.close(fd)
+
+
+def read_in_2mb_pages(files) -> None:
+    """Read each file into the page cache afresh through a mapping advised 2 MB pages, so that
+    any process mapping it next -- one that asks for nothing, as llama.cpp does -- is served 2 MB
+    pages where the kernel can (the bench gives its peer the pages our loader asks for)."""
+    evict(files)
+    for file in files:
+        with open(file, "rb") as f:
+            if os.fstat(f.fileno()).st_size == 0:
+                continue
+            mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        try:
+            advise_huge_pages(mm)
+            for off in range(0, len(mm), 1 << 21):        # one fault a 2 MB folio
+                mm[off]
+        finally:
+            mm.close()

@@ -193,7 +193,11 @@ static inline float get(int f32, const void *p, int64_t i) {
 /* Y[b][m][n] = sum_k W[b][n][k] X[b][m][k] for b < nb, m < M (<= 8), n < N, rounded to bf16
    (or fp32 throughout, f32). W rows are ldw apart, batches sw apart (elements); X and Y likewise.
    Rows of every batch are split over the threads as one range, so a batch of small matrices
-   (per-head W_UK) still keeps every thread busy. */
+   (per-head W_UK) still keeps every thread busy.
+   The streaming loops here and in the FP8 GEMV and MoE are scheduled guided, not static: on a
+   2-vCPU VM one thread often ran ~8 % slower than the other (memory and neighbours), and a static
+   split left the faster one waiting at each of the ~300 barriers of a token (perf: 12-14 % of
+   the samples in libgomp's waits, 8-10 % guided; decode 4.65 -> 5.00 tok/s median of three). */
 static void gemv_any(int f32, const void *W, int64_t ldw, int64_t sw, const void *X, int64_t ldx, int64_t sx,
                      void *Y, int64_t ldy, int64_t sy, int nb, int M, int N, int K, int nt) {
     int64_t rows = (int64_t)nb * N;
