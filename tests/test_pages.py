@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import dsv3lab
-from dsv3lab.checkpoint.pages import advise_huge_pages, evict, mapped_pages
+from dsv3lab.checkpoint.pages import advise_huge_pages, anonymous_pages, evict, mapped_pages
 from lab_models import tiny_with_biases
 
 linux = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc/self/smaps and madvise: Linux")
@@ -183,3 +183,13 @@ def test_quantize_at_load_puts_the_weights_in_memory_advised_2mb_pages(tmp_path)
         q, s = weight_quant(stored[hf_key(model.cfg, name + ".weight")], 128, scale_fmt=model.cfg.scale_fmt)
         assert torch.equal(mod.weight.view(torch.uint8), q.view(torch.uint8)), name
         assert torch.equal(mod.weight_scale_inv, s), name
+
+
+@linux
+def test_anonymous_pages_counts_memory_this_process_writes():
+    before = anonymous_pages()
+    block = torch.ones(64 << 20, dtype=torch.uint8)          # 64 MB written: resident, anonymous
+    after = anonymous_pages()
+    assert after["resident"] - before["resident"] >= 60 << 20, (before, after)
+    assert 0 <= after["huge"] <= after["resident"]
+    del block

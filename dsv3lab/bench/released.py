@@ -352,11 +352,15 @@ def _huge_page_share(files) -> dict:
     """The share of the engine's mapped weights (resident after its decode) that 2 MB pages map
     (dsv3lab/checkpoint/pages.py: a page cache left in 4 KB folios slows either engine's decode,
     so each row says which it had)."""
-    from dsv3lab.checkpoint.pages import mapped_pages
+    from dsv3lab.checkpoint.pages import anonymous_pages, mapped_pages
+    out = {}
     pages = mapped_pages(files)
-    if not pages or not pages["resident"]:
-        return {}
-    return dict(mapped_resident_GB=pages["resident"] / 1e9, pct_in_2MB_pages=100 * pages["huge"] / pages["resident"])
+    if pages and pages["resident"]:
+        out.update(mapped_resident_GB=pages["resident"] / 1e9, pct_in_2MB_pages=100 * pages["huge"] / pages["resident"])
+    anon = anonymous_pages()           # weights made at load (quantized) live here
+    if anon and anon["resident"]:
+        out.update(anon_resident_GB=anon["resident"] / 1e9, anon_pct_in_2MB_pages=100 * anon["huge"] / anon["resident"])
+    return out
 
 
 def _child_llamacpp(q, *a):
@@ -452,7 +456,7 @@ def run(args) -> int:
     print_table([r for r in whole if r.get("engine", "dsv3lab") == "dsv3lab"],
                 ["model", "layers", "round", "stored", "fp8", "disk_GB", "load_s", "rss_before_load_GB",
                  "load_peak_rss_GB", "mapped_GB", "own_GB", "prefill_tok_s", "decode_tok_s", "limit_tok_s",
-                 "pct_of_limit", "read_GBps", "act_GB_per_tok", "pct_in_2MB_pages", "fused"])
+                 "pct_of_limit", "read_GBps", "act_GB_per_tok", "pct_in_2MB_pages", "anon_pct_in_2MB_pages", "fused"])
     peers = [r for r in whole if r.get("engine", "dsv3lab") != "dsv3lab"]
     if peers:
         print()

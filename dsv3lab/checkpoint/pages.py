@@ -6,12 +6,13 @@ makes both 512 times rarer. Linux maps a file with 2 MB page table entries only 
 cache holds the file in 2 MB folios (kernels with large-folio page caches, e.g. ext4 and XFS on
 6.x). A fault in a mapping advised ``MADV_HUGEPAGE`` reads 2 MB folios when transparent huge
 pages are in ``madvise`` mode (their usual default); other reads get what readahead picks
-(llama.cpp's own load of its GGUF left 23-56 % of it in 2 MB pages on the machine below). On a 2-core AVX2
-EPYC, Moonlight-16B-A3B (FP8 kept) decoded at 3.5-4.9 tokens/s, process after process, with 27 %
-of its mapped shards in 2 MB pages, and at 5.8-6.3 in three of four processes with 97 %
-(docs/performance.md, "2 MB pages"). Pages the cache already holds in small
-folios stay small until they are read again: ``evict`` drops a file's clean, unmapped pages, so
-the next load reads it from disk in large ones.
+(llama.cpp's own load of its GGUF left 23-79 % of it in 2 MB pages on the machine below).
+
+On a 2-core AVX2 EPYC, Moonlight-16B-A3B (FP8 kept) decoded at 3.5-4.9 tokens/s, process after
+process, with 27 % of its mapped shards in 2 MB pages, and at 5.8-6.3 in three of four processes
+with 97 % (docs/performance.md, "2 MB pages and a guided schedule"). Pages the cache already
+holds in small folios stay small until they are read again: ``evict`` drops a file's clean,
+unmapped pages, so the next load reads it from disk in large ones.
 """
 
 from __future__ import annotations
@@ -54,6 +55,19 @@ def mapped_pages(files) -> dict[str, int] | None:
     except (OSError, ValueError, IndexError):
         return None
     return out
+
+
+def anonymous_pages() -> dict[str, int] | None:
+    """Bytes of this process's anonymous memory that are resident (``resident``) and, of those, in
+    2 MB pages (``huge``: transparent huge pages, e.g. ``arena.HugeArena``'s), from
+    ``/proc/self/smaps_rollup``; None where the OS does not say."""
+    try:
+        with open("/proc/self/smaps_rollup") as f:
+            v = {k: int(rest.split()[0]) * 1024 for k, _, rest in (line.partition(":") for line in f)
+                 if k in ("Anonymous", "AnonHugePages")}
+        return {"resident": v["Anonymous"], "huge": v["AnonHugePages"]}
+    except (OSError, KeyError, ValueError, IndexError):
+        return None
 
 
 def evict(files) -> None:
