@@ -20,15 +20,19 @@ from lab_models import tiny_with_biases
 linux = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc/self/smaps and madvise: Linux")
 
 
-def _vm_flags(file: str) -> list[set[str]]:
-    """The VmFlags of each of this process's mappings of ``file``."""
+def _vm_flags(file: str | None = None, ptr: int | None = None) -> list[set[str]]:
+    """The VmFlags of each of this process's mappings of ``file``, or of the one holding address ``ptr``."""
     out, inside = [], False
     with open("/proc/self/smaps") as f:
         for line in f:
             head, _, rest = line.partition(" ")
             if "-" in head and not head.endswith(":"):
-                fields = rest.split(None, 4)
-                inside = len(fields) == 5 and os.path.realpath(fields[4].strip()) == os.path.realpath(file)
+                if ptr is not None:
+                    lo, hi = (int(v, 16) for v in head.split("-"))
+                    inside = lo <= ptr < hi
+                else:
+                    fields = rest.split(None, 4)
+                    inside = len(fields) == 5 and os.path.realpath(fields[4].strip()) == os.path.realpath(file)
             elif inside and head == "VmFlags:":
                 out.append(set(rest.split()))
     return out
@@ -129,20 +133,6 @@ def test_evict_drops_the_file_from_the_page_cache(tmp_path):
     assert f.read_bytes() == data            # read again from disk
 
 
-def _vm_flags_at(ptr: int) -> set[str]:
-    """The VmFlags of the mapping holding address ``ptr``."""
-    inside = False
-    with open("/proc/self/smaps") as f:
-        for line in f:
-            head, _, rest = line.partition(" ")
-            if "-" in head and not head.endswith(":"):
-                lo, hi = (int(v, 16) for v in head.split("-"))
-                inside = lo <= ptr < hi
-            elif inside and head == "VmFlags:":
-                return set(rest.split())
-    return set()
-
-
 def test_arena_tensors_are_disjoint_aligned_and_outlive_the_arena():
     from dsv3lab.checkpoint.arena import ALIGN, HugeArena
     arena = HugeArena(chunk=8 << 20)
@@ -179,7 +169,7 @@ def test_quantize_at_load_puts_the_weights_in_memory_advised_2mb_pages(tmp_path)
             and mod.weight.dtype == torch.float8_e4m3fn]
     assert lins
     for name, mod in lins:
-        assert "hg" in _vm_flags_at(mod.weight.data_ptr()), name
+        assert ["hg" in f for f in _vm_flags(ptr=mod.weight.data_ptr())] == [True], name
         q, s = weight_quant(stored[hf_key(model.cfg, name + ".weight")], 128, scale_fmt=model.cfg.scale_fmt)
         assert torch.equal(mod.weight.view(torch.uint8), q.view(torch.uint8)), name
         assert torch.equal(mod.weight_scale_inv, s), name

@@ -29,7 +29,6 @@ class HugeArena:
         self.chunk = chunk
         self._bytes: torch.Tensor | None = None     # the current mapping, as bytes
         self._used = 0
-        self.mapped = 0                               # bytes of anonymous mappings made
 
     def _map(self, n: int) -> torch.Tensor:
         size = -(-n // (2 << 20)) * (2 << 20)
@@ -37,7 +36,6 @@ class HugeArena:
         # (shmem_enabled, usually "never"); untouched pages cost nothing until written
         mm = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE)
         advise_huge_pages(mm)
-        self.mapped += size
         return torch.frombuffer(mm, dtype=torch.uint8)   # the tensor holds the mapping
 
     def empty(self, shape, dtype: torch.dtype) -> torch.Tensor:
