@@ -554,15 +554,6 @@ def test_fp8_gemv_widens_every_e4m3_code_exactly(dtype):
         assert torch.equal(y, ref[:, k]), k
 
 
-def _tier_has_f16c() -> bool:
-    """Whether the kernels are built with F16C (the form a flushing thread takes is then the
-    F16C vector loop, else the scalar loop: another summation order)."""
-    tier = cpu_compile.march()
-    if tier == "native":
-        return "f16c" in cpu_compile.cpu_flags()
-    return tier in ("x86-64-v3", "x86-64-v4")
-
-
 @contextlib.contextmanager
 def _denormal_inputs_as_zero(threads: int):
     """This thread's FPU reading subnormal inputs as zero (x86 MXCSR.DAZ, set by
@@ -609,7 +600,8 @@ def test_fp8_gemv_at_every_activation_magnitude(magnitude, dtype):
     """The AVX2 GEMV multiplies the activation by 2^100 (see decode_bf16.c's dot_e4m3) and takes
     the F16C form for one it would overflow (|x| >= 2^27): tiny, ordinary, just below and at the
     switch, and huge activations all give the float64 product within fp32 summation error, also
-    on a thread that flushes denormals, and there the F16C form gives the same bits."""
+    on a thread that flushes denormals (which takes the F16C form: its lanes add the weights in
+    another order than the lifted form's, so the two agree within the bound, not bit for bit)."""
     from dsv3lab import fp8
     g = torch.Generator().manual_seed(23)
     N, K = 192, 384
@@ -624,8 +616,6 @@ def test_fp8_gemv_at_every_activation_magnitude(magnitude, dtype):
     with _denormal_inputs_as_zero(1):
         y_flushed = cpu_decode.gemv_fp8(q, s, x, dtype)
     assert ((y_flushed.double() - ref).abs() <= bound + 1e-300).all()
-    if _tier_has_f16c():
-        assert torch.equal(y, y_flushed)
 
 
 def test_fp8_gemv_rejects_what_it_cannot_take():
@@ -703,7 +693,7 @@ def test_moe_fp8_experts_at_every_activation_magnitude(magnitude, dtype):
     """The MoE call lifts x and the SwiGLU's output h by 2^100 for the AVX2 dot products where
     neither would overflow (|.| < 2^27): ordinary x (both lifted), x of 2^16 (x lifted, h of
     ~2^30 not) and x of 2^28 (neither) all give the torch path's result, also on a thread that
-    flushes denormals, and there the F16C form gives the same bits."""
+    flushes denormals (the F16C form, another order of additions)."""
     g = torch.Generator().manual_seed(24)
     K, inter = 256, 256
     x = torch.randn(K, generator=g)
@@ -715,8 +705,6 @@ def test_moe_fp8_experts_at_every_activation_magnitude(magnitude, dtype):
     with _denormal_inputs_as_zero(1):
         y_flushed = cpu_decode.moe(x, gate, up, down, weights, scales=scales)
     assert _moe_close(y_flushed, _moe_reference(x, deq, weights), dtype)
-    if _tier_has_f16c():
-        assert torch.equal(y, y_flushed)
 
 
 @pytest.mark.parametrize("preset", ["tiny", "lab"])

@@ -261,16 +261,18 @@ static inline float e4m3_to_f32(uint8_t b) {
 
 /* The lifted form of the dot product, where the tier gains by it: the activation is copied once
  * into fp32 times X_LIFT = 2^100 (lift_activation) and the weights widened by vec.h's
- * vload_e4m3_tiny (value * 2^-120, three integer operations a vector) in place of vcvtph2ps:
- * each product is then 2^-20 of the true one, a normal fp32, and every partial sum carries the
- * same power of two, so the block's sum times scale * 2^20 is bit for bit what the F16C form
- * gives (both are exact power-of-two scalings of one computation), unless |x| >= 2^27, where
- * x * 2^100 would overflow: such an activation takes the F16C form. On an AVX2 EPYC (Zen 3)
- * the lifted GEMV ran ~1.5x the F16C one from L1 and the MoE call 1.3x from memory (a ymm
- * vcvtph2ps is two operations there; the integer widening runs on any vector pipe). The two
- * forms part only where a partial sum's true value is below 2^-106 (fp32's subnormals at the
- * lifted scale; 2^-118 at F16C's). AVX-512 converts 16 lanes in one vcvtph2ps and keeps it (no
- * such CPU was at hand to measure the lifted form on). */
+ * vload_e4m3_tiny_pairs (value * 2^-120, five integer operations for two vectors) in place of
+ * vcvtph2ps: each product is then 2^-20 of the true one, a normal fp32, and every partial sum
+ * carries the same power of two (exact scalings: the lifted form rounds as an F16C computation
+ * adding in the same order would), unless |x| >= 2^27, where x * 2^100 would overflow: such an
+ * activation takes the F16C form. The pairs put even and odd weights in separate lanes, so the
+ * lifted form adds in another order than the F16C form and the two agree to rounding. On an AVX2
+ * EPYC (Zen 3) the lifted GEMV (one widening a vector, session 8) ran ~1.5x the F16C one from L1
+ * and the MoE call 1.3x from memory (a ymm vcvtph2ps is two operations there; the integer
+ * widening runs on any vector pipe); the pairs (one widening for two vectors, session 10) ran
+ * ~1.2x that from L2. The lifted scale loses partial sums below 2^-106 to fp32's subnormals
+ * (2^-118 at F16C's). AVX-512 converts 16 lanes in one vcvtph2ps and keeps it (no such CPU was
+ * at hand to measure the lifted form on). */
 #if VL <= 8
 #define E4M3_LIFTED 1
 #else
@@ -292,24 +294,39 @@ static inline int e4m3_form(const float *xs) {
     return flushed && E4M3_RAW_TINY ? E4M3_SCALAR : E4M3_RAW;
 }
 
-/* xs[k] = x[k] * X_LIFT in fp32 (x bf16, or fp32 with xf32); 1 if every |x[k]| < X_LIFT_MAX (a
-   NaN passes: it makes NaN either way), else 0 (xs unusable). */
+/* Where the lifted activation holds x[k] (of K): in each whole group of 2 VL values, the even
+   positions first, then the odd ones, the order in which vec.h's vload_e4m3_tiny_pairs widens a
+   group of weights; the last group, if short, in place. Groups start at multiples of 2 VL, so
+   every 128-column block is whole groups but the last. */
+static inline int lifted_at(int k, int K) {
+    int g = k - k % (2 * VL);
+    if (g + 2 * VL > K)
+        return k;
+    int i = k - g;
+    return g + (i & 1) * VL + i / 2;
+}
+
+/* xs[lifted_at(k)] = x[k] * X_LIFT in fp32 (x bf16, or fp32 with xf32); 1 if every |x[k]| <
+   X_LIFT_MAX (a NaN passes: it makes NaN either way), else 0 (xs unusable). */
 static int lift_activation(int xf32, const void *x, int K, float *xs) {
     float amax = 0.0f;
     for (int k = 0; k < K; k++) {
         float v = get(xf32, x, k);
         float a = fabsf(v);
         amax = a > amax ? a : amax;
-        xs[k] = v * X_LIFT;
+        xs[lifted_at(k, K)] = v * X_LIFT;
     }
     return amax < X_LIFT_MAX;
 }
 
 /* R (<= 4) e4m3 rows w (ld bytes apart, inside one 128-row block whose scales are srow) against
-   one activation row x (bf16, or fp32 with xf32; in the lifted form fp32 times X_LIFT, see
-   above): out[j] = sum_b srow[b] sum_{k in b} w[j][k] x[k]. A block whose scale * lift would
-   overflow (no weight is that large), and every block in the scalar form, is summed by the
-   scalar loop. */
+   one activation row x (bf16, or fp32 with xf32; in the lifted form fp32 times X_LIFT in
+   lift_activation's order, see above): out[j] = sum_b srow[b] sum_{k in b} w[j][k] x[k]. A block
+   whose scale * lift would overflow (no weight is that large), and every block in the scalar
+   form, is summed by the scalar loop. The lifted form takes 2 VL weights a row at a time
+   (vload_e4m3_tiny_pairs, two partial sums a row), then VL at a time for a short last group:
+   its lanes add other weights together than the F16C form's, so the two agree to rounding, not
+   bit for bit. */
 static inline __attribute__((always_inline)) void dot_e4m3(int xf32, int form, int R, const uint8_t *w,
                                                            int64_t ld, const float *srow, const void *x, int K,
                                                            float *out) {
@@ -323,6 +340,21 @@ static inline __attribute__((always_inline)) void dot_e4m3(int xf32, int form, i
         int k = k0;
         if (form != E4M3_SCALAR && sc < 0x1p127f / lift0) {
             vf b[4] = {vzero(), vzero(), vzero(), vzero()};
+            if (lifted) {
+                vf c[4] = {vzero(), vzero(), vzero(), vzero()};
+                for (; k + 2 * VL <= k1; k += 2 * VL) {
+                    vf xe = vload((const float *)x + k), xo = vload((const float *)x + k + VL);
+                    if (PF8 && k % 64 == 0)
+                        for (int j = 0; j < R; j++) PREFETCH(w + (PF8 + j) * ld + k);
+                    for (int j = 0; j < R; j++) {
+                        vf lo, hi;
+                        vload_e4m3_tiny_pairs(w + j * ld + k, &lo, &hi);
+                        b[j] += lo * xe;
+                        c[j] += hi * xo;
+                    }
+                }
+                for (int j = 0; j < R; j++) b[j] += c[j];
+            }
             for (; k + VL <= k1; k += VL) {
                 vf xv = xf32 ? vload((const float *)x + k) : vload_bf((const bf16 *)x + k);
                 if (PF8 && k % 64 == 0)
@@ -335,7 +367,8 @@ static inline __attribute__((always_inline)) void dot_e4m3(int xf32, int form, i
         }
         float tb[4] = {0.0f, 0.0f, 0.0f, 0.0f};
         for (; k < k1; k++) {
-            float xk = xf32 ? ((const float *)x)[k] : bf2f(((const bf16 *)x)[k]);
+            float xk = lifted ? ((const float *)x)[lifted_at(k, K)]
+                              : xf32 ? ((const float *)x)[k] : bf2f(((const bf16 *)x)[k]);
             for (int j = 0; j < R; j++) tb[j] += e4m3_to_f32(w[j * ld + k]) * xk;
         }
         for (int j = 0; j < R; j++) t[j] += lifted ? (tb[j] * sc) / X_LIFT : tb[j] * sc;
@@ -497,7 +530,11 @@ static void moe_any(int f32, const void *x, int K, int nslot, const int64_t *g, 
             }
         }
 #pragma omp single
-        hl = hs && lift_activation(f32, h, (int)total, hs) ? hs : NULL;     /* a few thousand values */
+        {   /* a few thousand values; each expert's own in its own groups (its dot product starts at off[s]) */
+            int ok = hs != NULL;
+            for (int s = 0; ok && s < nslot; s++) ok = lift_activation(f32, at(f32, h, off[s]), inter[s], hs + off[s]);
+            hl = ok ? hs : NULL;
+        }
         int hform = e4m3_form(hl);
 #pragma omp for schedule(guided, 4)
         for (int n = 0; n < K; n += (int)step) {

@@ -98,6 +98,36 @@ static inline vf vload_e4m3_tiny(const uint8_t *p) {
     return f;
 }
 
+/* 2 VL e4m3 bytes as two vectors of the same values as vload_e4m3_tiny's: the bytes at even
+   offsets in *lo, the odd ones in *hi (lane i: bytes 2i and 2i + 1). Each byte sign-extended to 16
+   bits, a pair of them is one 32-bit lane: shifted left by 20, the low byte's magnitude lands
+   under the exponent field and its sign copies above it (the high byte shifts out); shifted left
+   by 4, the high byte's (the low byte sits below bit 20, under the mask). One widening, two shifts
+   and two masks for 2 VL weights where vload_e4m3_tiny takes two widenings: the widenings and
+   shifts share two of Zen 3's four vector pipes with the fused multiply-adds, and the GEMV of the
+   AVX2 EPYC ran ~1.2x as fast from L2 this way (the caller pairs the lanes with an activation
+   whose even and odd positions it split the same way: decode_bf16.c's lift_activation). */
+static inline void vload_e4m3_tiny_pairs(const uint8_t *p, vf *lo, vf *hi) {
+    vu v;
+#if VL == 8 && defined(__AVX2__)
+    __m256i r = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)p));
+    memcpy(&v, &r, sizeof v);
+#elif VL == 4 && defined(__SSE4_1__)
+    __m128i r = _mm_cvtepi8_epi16(_mm_loadl_epi64((const __m128i *)p));
+    memcpy(&v, &r, sizeof v);
+#else
+    typedef int8_t vb2 __attribute__((vector_size(2 * VL)));
+    typedef int16_t vs2 __attribute__((vector_size(4 * VL)));
+    vb2 b;
+    memcpy(&b, p, sizeof b);
+    vs2 s = __builtin_convertvector(b, vs2);
+    memcpy(&v, &s, sizeof v);
+#endif
+    vu l = (v << 20) & 0x87F00000u, h = (v << 4) & 0x87F00000u;
+    memcpy(lo, &l, sizeof l);
+    memcpy(hi, &h, sizeof h);
+}
+
 #if defined(__F16C__) && defined(__AVX__) && (VL == 8 || (VL == 16 && defined(__AVX512F__)))
 #define E4M3_LIFT 0x1p8f
 #define E4M3_RAW_TINY 0
