@@ -18,7 +18,8 @@ read them. A kernel is used where its median time is below torch's.
 measures again (a noisy first measurement, e.g. taken while the machine was busy, is replaced).
 The fused decode step (``dsv3lab/fast/step.py``) replaces the module path as a whole, so it is
 timed against it as a whole on each model's first decode step (``fast.step_verdict``); inside
-it, the C latent attention runs only where ``latent_attention`` won here, V3.2's C selection and
+it, the C latent attention runs only where ``latent_attention`` won here (``latent_attention_short``
+for a cache below the rows at which torch's pass is split over the threads), V3.2's C selection and
 gather where ``index_select``/``index_scores``/``gather`` did. A kept FP8 weight's one-row
 product takes ``gemv_fp8`` where it won, a prefill's bands ``dequant_fp8``; a model with weights kept FP8 takes the fused step only
 where ``moe_fp8`` (its experts read as stored in one call) won against torch's path.
@@ -49,7 +50,8 @@ KERNELS = {
     "moe_fp8": (torch.bfloat16, torch.float32),     # the fused MoE call with experts kept FP8 (the fused step)
     "dequant_fp8": (torch.bfloat16, torch.float32),  # a kept FP8 weight's band dequantized for a prefill's GEMM
     "index_scores": (torch.bfloat16,),
-    "latent_attention": (torch.bfloat16, torch.float32),
+    "latent_attention": (torch.bfloat16, torch.float32),        # 4096 rows: torch's pass split over the threads
+    "latent_attention_short": (torch.bfloat16, torch.float32),  # 1024 rows: torch's pass on one thread
     "index_select": (torch.bfloat16,),      # cpu_sparse: V3.2's top-k of the indexer's logits
     "gather": (torch.bfloat16,),            # cpu_sparse: the selected latent rows
 }
@@ -324,8 +326,12 @@ def _arms(kernel: str, dt: torch.dtype):
         return ((lambda keys: cpu_decode.index_scores(keys, q, w)),
                 (lambda keys: torch.mv(F.linear(keys, q).float().clamp_min_(0), w)),
                 _copies(lambda: rand(T, D), T * D * 2))
-    if kernel == "latent_attention":         # one token, 16 heads, over 4096 latent rows of 576
-        T, H, D, c = 4096, 16, 576, 512
+    if kernel in ("latent_attention", "latent_attention_short"):
+        # one token, 16 heads, over 4096 latent rows of 576, or 1024: the engine's torch path splits
+        # the rows over the threads only from 1024 rows a thread (model/attn_absorbed.py), so below
+        # that its pass runs on one thread, and one verdict for both lengths was wrong for one of
+        # them (Moonlight-16B at 1024 rows, 2 threads: C 15 ms a token, torch 28)
+        T, H, D, c = 4096 if kernel == "latent_attention" else 1024, 16, 576, 512
         q = rand(1, 1, H, D, s=0.1)
         n = torch.get_num_threads()
         flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu

@@ -90,6 +90,37 @@ def test_a_losing_kernel_is_never_called_a_winning_one_is(measured, monkeypatch,
     assert (on - off).abs().max() <= 0.05 * off.abs().max()
 
 
+@needs_c
+@pytest.mark.parametrize("short_wins", [True, False])
+def test_the_attention_verdict_follows_the_cache_length(measured, monkeypatch, short_wins):
+    """Below SPLIT_MIN_ROWS cache rows a thread torch's attention pass runs on one thread, from
+    there on all of them (model/attn_absorbed.py), so the fused step takes the C attention by the
+    verdict measured for its cache's length (``latent_attention_short`` or ``latent_attention``):
+    with C winning at one length only, torch's pass runs at the other length only."""
+    m = dsv3lab.build("tiny", seed=0).eval()
+    monkeypatch.setattr(decode_step, "SPLIT_MIN_ROWS", 4)              # short: < 4 rows a thread
+    verdicts = _verdicts_all(True)
+    verdicts[cpu_calibrate.key("latent_attention_short", m.dtype)]["use"] = short_wins
+    verdicts[cpu_calibrate.key("latent_attention", m.dtype)]["use"] = not short_wins
+    monkeypatch.setattr(cpu_calibrate, "verdicts", lambda: verdicts)
+    monkeypatch.setattr(decode_step, "_time_step", lambda *a: (True, 1.0, 1.0))
+    torch_rows = []
+    real = decode_step.latent_attention
+    monkeypatch.setattr(decode_step, "latent_attention",
+                        lambda q, lat, *a, **k: torch_rows.append(lat.shape[1]) or real(q, lat, *a, **k))
+    split = 4 * torch.get_num_threads()
+    x = torch.randint(0, m.cfg.vocab_size, (1, 2 * split + 2), generator=torch.Generator().manual_seed(0))
+    fused = {}
+    with torch.no_grad():
+        for n in (2, 2 * split):                # prefilled by the module path; a cache of n + 1 rows at the step
+            cache = m.new_cache(1, n + 2)
+            m(x[:, :n], start=0, cache=cache)
+            fused[n + 1] = dsv3lab.fast.decode(m, x[:, n:n + 1], n, cache) is not None
+    assert fused == {3: True, 2 * split + 1: True}
+    layers = m.cfg.num_hidden_layers
+    assert torch_rows == ([2 * split + 1] * layers if short_wins else [3] * layers)
+
+
 def test_bad_settings_are_named(monkeypatch):
     monkeypatch.setenv("DSV3LAB_CPU_KERNELS", "fastest")
     with pytest.raises(ValueError, match="DSV3LAB_CPU_KERNELS"):

@@ -41,7 +41,7 @@ import torch
 
 from dsv3lab.fast.sparse import gathered
 from dsv3lab.kernels import cpu_calibrate, cpu_decode
-from dsv3lab.model.attn_absorbed import AbsorbedAttention, LatentCache, latent_attention
+from dsv3lab.model.attn_absorbed import SPLIT_MIN_ROWS, AbsorbedAttention, LatentCache, latent_attention
 from dsv3lab.model.attn_sparse import SparseAttention
 from dsv3lab.model.layers import MLP, HookPoint, Linear, RMSNorm, hooked, is_plain_linear, sharded
 from dsv3lab.model.moe import MoE
@@ -247,7 +247,8 @@ class _StepOperands:
         self.kv = e(1, c + r)
         self.q_cat = e(1, 1, H, c + r)
         self.o = e(1, H * v)
-        self.o_lat = e(1, 1, H, c)                                       # the C attention's output
+        self.o_lat = e(1, 1, H, c)                                       # the C attention's output,
+        self.q32 = torch.empty(H, c + r)                                 # its query (fp32: exact for bf16)
         self.att_work = torch.empty(0)                                   # and its scratch (sized per thread count)
         self.hf = e(1, D)
         self.x = e(1, D)                                                    # the residual stream
@@ -456,14 +457,19 @@ class DecodeStep:
                                plan.moe_y.data_ptr(), nt)
             return plan.moe_y
 
-        # the C latent attention where it measured faster than torch's flash attention here (fp32
-        # on every CPU measured; bf16 where there is no AMX for torch's kernel)
-        c_attn = cfg.num_attention_heads % 4 == 0 and cpu_calibrate.wins("latent_attention", dt)
-        o_lat_buf = plan.o_lat
-        if c_attn and plan.att_work.numel() < cpu_decode.attention_work(cfg.num_attention_heads, c + cfg.qk_rope_head_dim,
-                                                                         c, nt):
-            plan.att_work = torch.empty(cpu_decode.attention_work(cfg.num_attention_heads, c + cfg.qk_rope_head_dim,
-                                                                  c, nt))
+        # the C latent attention where it measured faster than torch's flash attention here, for
+        # the cache's length: below SPLIT_MIN_ROWS rows a thread torch's pass runs on one thread
+        # (model/attn_absorbed.py), from there on all of them (cpu_calibrate's two verdicts). Called
+        # directly, as the other C calls are: the plan sized every buffer.
+        H, Dq = cfg.num_attention_heads, c + cfg.qk_rope_head_dim
+        c_attn = {short: H % 4 == 0 and cpu_calibrate.wins("latent_attention_short" if short else "latent_attention", dt)
+                  for short in (True, False)}
+        split_rows = SPLIT_MIN_ROWS * nt
+        o_lat_buf, q32 = plan.o_lat, plan.q32
+        if any(c_attn.values()) and plan.att_work.numel() < cpu_decode.attention_work(H, Dq, c, nt):
+            plan.att_work = torch.empty(cpu_decode.attention_work(H, Dq, c, nt))
+        attn_args = (int(dt == torch.bfloat16), q32.data_ptr(), H, Dq, c)
+        attn_out = (o_lat_buf.data_ptr(), c, plan.att_work.data_ptr(), nt)
         x, h, h2, qa_n, q_cat = plan.x, plan.h, plan.h2, plan.qa_n, plan.q_cat
         x.copy_(plan.embed[tokens.reshape(-1)[0]].view(1, D))                 # the residual stream
         for ly in plan.layers:
@@ -482,8 +488,11 @@ class DecodeStep:
             if ly["sparse"]:                     # V3.2: the indexer's top-k rows, gathered (attn_sparse.py)
                 latent = gathered(impl, h.view(1, 1, D), qa_n.view(1, 1, -1) if cfg.q_lora_rank else None,
                                          cos, sin, start, cache, ly["layer"], latent)
-            if c_attn and latent.stride(-1) == 1:
-                cpu_decode.latent_attention(q_cat[0, 0], latent[0], attn.scale, c, out=o_lat_buf[0, 0], work=plan.att_work)
+            rows = latent.shape[1]
+            if c_attn[rows < split_rows] and latent.stride(-1) == 1:
+                q32.copy_(q_cat.view(H, Dq))
+                lib.dsv3_latent_attn(attn_args[0], latent.data_ptr(), latent.stride(1), None, rows, *attn_args[1:],
+                                     attn.scale, *attn_out)
                 o_lat = o_lat_buf
             else:
                 o_lat = latent_attention(q_cat, latent, attn.scale, c, latent.shape[1] - 1)
