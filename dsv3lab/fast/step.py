@@ -6,8 +6,8 @@ A decode step of a small model on a CPU is as much Python as arithmetic: the mod
 batch 1, written as a short list of kernel calls (``kernels/cpu/decode_bf16.c``, in bf16 or
 their fp32 twins). Per layer, one call before the attention (``dsv3_mla_in``: RMSNorm, the q /
 kv projections, c_kv and k_pe straight into the cache row, [q_nope W_UK^T ; q_pe] straight into
-the query buffer), the attention over the latent cache (torch's flash attention in bf16, the C
-kernel in fp32), one call after it (``dsv3_mla_out``: W_UV, o_proj, the residual, RMSNorm, the
+the query buffer), the attention over the latent cache (the C kernel or torch's flash attention,
+whichever measured faster here for the cache's length), one call after it (``dsv3_mla_out``: W_UV, o_proj, the residual, RMSNorm, the
 gate's product and expert choice), then the chosen experts in one call (a dense SwiGLU is a
 one-expert call). Each kernel
 rounds where the module rounds (in bf16; fp32 rounds nowhere), so the two agree to summation
@@ -462,14 +462,14 @@ class DecodeStep:
         # (model/attn_absorbed.py), from there on all of them (cpu_calibrate's two verdicts). Called
         # directly, as the other C calls are: the plan sized every buffer.
         H, Dq = cfg.num_attention_heads, c + cfg.qk_rope_head_dim
-        c_attn = {short: H % 4 == 0 and cpu_calibrate.wins("latent_attention_short" if short else "latent_attention", dt)
+        c_attn = {short: H % 4 == 0 and cpu_calibrate.wins("latent_attention" + ("_short" if short else ""), dt)
                   for short in (True, False)}
         split_rows = SPLIT_MIN_ROWS * nt
         o_lat_buf, q32 = plan.o_lat, plan.q32
         if any(c_attn.values()) and plan.att_work.numel() < cpu_decode.attention_work(H, Dq, c, nt):
             plan.att_work = torch.empty(cpu_decode.attention_work(H, Dq, c, nt))
-        attn_args = (int(dt == torch.bfloat16), q32.data_ptr(), H, Dq, c)
-        attn_out = (o_lat_buf.data_ptr(), c, plan.att_work.data_ptr(), nt)
+        bf16 = int(dt == torch.bfloat16)
+        q32_p, o_lat_p, work_p = q32.data_ptr(), o_lat_buf.data_ptr(), plan.att_work.data_ptr()
         x, h, h2, qa_n, q_cat = plan.x, plan.h, plan.h2, plan.qa_n, plan.q_cat
         x.copy_(plan.embed[tokens.reshape(-1)[0]].view(1, D))                 # the residual stream
         for ly in plan.layers:
@@ -491,8 +491,8 @@ class DecodeStep:
             rows = latent.shape[1]
             if c_attn[rows < split_rows] and latent.stride(-1) == 1:
                 q32.copy_(q_cat.view(H, Dq))
-                lib.dsv3_latent_attn(attn_args[0], latent.data_ptr(), latent.stride(1), None, rows, *attn_args[1:],
-                                     attn.scale, *attn_out)
+                lib.dsv3_latent_attn(bf16, latent.data_ptr(), latent.stride(1), None, rows, q32_p, H, Dq, c, attn.scale,
+                                     o_lat_p, c, work_p, nt)
                 o_lat = o_lat_buf
             else:
                 o_lat = latent_attention(q_cat, latent, attn.scale, c, latent.shape[1] - 1)

@@ -307,14 +307,25 @@ static inline int lifted_at(int k, int K) {
 }
 
 /* xs[lifted_at(k)] = x[k] * X_LIFT in fp32 (x bf16, or fp32 with xf32); 1 if every |x[k]| <
-   X_LIFT_MAX (a NaN passes: it makes NaN either way), else 0 (xs unusable). */
+   X_LIFT_MAX (a NaN passes: it makes NaN either way), else 0 (xs unusable). Whole groups are
+   split as they are read (no index arithmetic a value: this runs once per call, on one thread,
+   over every activation and MoE hidden value). */
 static int lift_activation(int xf32, const void *x, int K, float *xs) {
     float amax = 0.0f;
-    for (int k = 0; k < K; k++) {
+    int k = 0;
+    for (; k + 2 * VL <= K; k += 2 * VL)
+        for (int i = 0; i < VL; i++) {
+            float e = get(xf32, x, k + 2 * i), o = get(xf32, x, k + 2 * i + 1);
+            float a = fabsf(e) > fabsf(o) ? fabsf(e) : fabsf(o);
+            amax = a > amax ? a : amax;
+            xs[k + i] = e * X_LIFT;
+            xs[k + VL + i] = o * X_LIFT;
+        }
+    for (; k < K; k++) {                           /* the short last group, in place */
         float v = get(xf32, x, k);
         float a = fabsf(v);
         amax = a > amax ? a : amax;
-        xs[lifted_at(k, K)] = v * X_LIFT;
+        xs[k] = v * X_LIFT;
     }
     return amax < X_LIFT_MAX;
 }
