@@ -69,6 +69,7 @@ def _library(tier: str) -> ctypes.CDLL | None:
         "dsv3_dequant_fp8": [P, I64, P, I64, P, I64, I, I, I, I],
         "dsv3_mla_in": [I, P, P, I],             # one layer around the attention (dsv3lab/fast/step.py)
         "dsv3_mla_out": [I, P, P, I],
+        "dsv3_moe_routed": [I, P, I],            # the chosen experts from a table, the residual
     })
     return cpu_compile.bound_library(SOURCE, tier, signatures)
 

@@ -288,6 +288,38 @@ def test_fused_decode_step_runs_only_when_nothing_is_hooked():
     assert try_decode(m, x[:, 19:], 19, c) is None             # grad mode, parameters require grad
 
 
+def test_fused_step_takes_a_forced_routing_of_another_width():
+    """A forced routing (routing replay's seam) may hand out fewer experts than the model's k:
+    the fused step runs them (the gate module chooses, the step adds what it chose) and matches
+    the module path; with the model's own width it runs them through the layer's expert table."""
+    from dsv3lab.fast.step import try_decode
+    m = dsv3lab.build("tiny", dtype=torch.float32).eval()
+    x = torch.randint(0, m.cfg.vocab_size, (1, 16), generator=torch.Generator().manual_seed(3))
+    k = m.cfg.num_experts_per_tok
+    for width in (1, k):
+        def force(scores, width=width):
+            ids = torch.arange(width).expand(scores.shape[0], width) + 1
+            return ids, torch.full(ids.shape, 0.5)
+        for blk in m.layers:
+            if hasattr(blk.mlp, "gate"):
+                blk.mlp.gate.forced_routing = force
+        try:
+            with torch.no_grad():
+                c = m.new_cache(1, 20)
+                m(x[:, :12], start=0, cache=c)
+                assert try_decode(m, x[:, 12:13], 12, c) is not None
+            fast = _decode(m, x, 4)
+            with backend.use_backend("torch"):
+                ref = _decode(m, x, 4)
+        finally:
+            for blk in m.layers:
+                if hasattr(blk.mlp, "gate"):
+                    blk.mlp.gate.forced_routing = None
+        assert ((fast - ref).norm() / ref.norm()).item() < 1e-5, width
+    free = _decode(m, x, 4)
+    assert ((free - ref).norm() / ref.norm()).item() > 1e-3                  # the forcing mattered
+
+
 def test_fused_decode_step_with_sparse_attention():
     """V3.2 (index_topk below the context): the fused step selects with the indexer and attends
     over the gathered rows, as the module path does."""
@@ -489,7 +521,8 @@ def test_fused_step_layer_calls_on_other_shapes(variant):
     presets above do not take: V2's group-limited greedy gate without a bias, q without a low
     rank (Moonlight), a gate whose weight is not fp32 (the gate module runs instead), V2-Lite's
     softmax router over all experts without renormalising (the gate module chooses; before, the
-    whole model stepped aside and decoded on the module path)."""
+    whole model stepped aside and decoded on the module path; now the C gate chooses: the gate
+    module must not run)."""
     from dsv3lab.fast.step import try_decode
     cfg = dsv3lab.ModelConfig.preset("tiny")
     if variant == "greedy groups, no bias":
@@ -505,10 +538,16 @@ def test_fused_step_layer_calls_on_other_shapes(variant):
             if hasattr(blk.mlp, "gate"):
                 blk.mlp.gate.weight.data = blk.mlp.gate.weight.data.bfloat16()
     x = torch.randint(0, cfg.vocab_size, (1, 20), generator=torch.Generator().manual_seed(14))
+    gates = [blk.mlp.gate for blk in m.layers if hasattr(blk.mlp, "gate")]
+    calls = []
+    for g in gates:                     # an instance attribute: counts calls without a hook
+        g.forward = (lambda f: lambda *a: calls.append(1) or f(*a))(g.forward)
     with torch.no_grad():
         c = m.new_cache(1, 24)
         m(x[:, :12], start=0, cache=c)
+        calls.clear()
         assert try_decode(m, x[:, 12:13], 12, c) is not None
+        assert len(calls) == (len(gates) if variant == "gate in bf16" else 0), variant
     fast = _decode(m, x, 8)
     with backend.use_backend("torch"):
         ref = _decode(m, x, 8)

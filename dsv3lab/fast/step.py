@@ -7,9 +7,10 @@ batch 1, written as a short list of kernel calls (``kernels/cpu/decode_bf16.c``,
 their fp32 twins). Per layer, one call before the attention (``dsv3_mla_in``: RMSNorm, the q /
 kv projections, c_kv and k_pe straight into the cache row, [q_nope W_UK^T ; q_pe] straight into
 the query buffer), the attention over the latent cache (the C kernel or torch's flash attention,
-whichever measured faster here for the cache's length), one call after it (``dsv3_mla_out``: W_UV, o_proj, the residual, RMSNorm, the
-gate's product and expert choice), then the chosen experts in one call (a dense SwiGLU is a
-one-expert call). Each kernel
+whichever measured faster here for the cache's length), one call after it (``dsv3_mla_out``: W_UV,
+o_proj, the residual, RMSNorm, the gate's product and expert choice), then the chosen experts
+from the layer's table of every expert, and the residual add, in one call (``dsv3_moe_routed``; a
+dense SwiGLU is a one-entry table). Each kernel
 rounds where the module rounds (in bf16; fp32 rounds nowhere), so the two agree to summation
 order (tests/test_cpu_decode.py compares them).
 
@@ -48,7 +49,7 @@ from dsv3lab.model.moe import MoE
 
 
 # dsv3_mla_in / dsv3_mla_out's argument slots by name, from the C enums (cpu_decode.slots)
-IN, OUT = cpu_decode.slots("IN"), cpu_decode.slots("OUT")
+IN, OUT, MOE = cpu_decode.slots("IN"), cpu_decode.slots("OUT"), cpu_decode.slots("MOE")
 _IN_ROW, _IN_COS, _IN_SIN, _IN_WUK = IN["ROW"], IN["COS"], IN["SIN"], IN["WUK"]       # set every step
 _OUT_OLAT, _OUT_OLAT_LD, _OUT_WUV = OUT["OLAT"], OUT["OLAT_LD"], OUT["WUV"]
 _OUT_GATE_W, _OUT_BIAS = OUT["GATE_W"], OUT["BIAS"]
@@ -273,7 +274,7 @@ class _StepOperands:
             QA_NORM_W=ptr(ly["q_a_norm"][0]) if qlr else 0, QA_N=ptr(self.qa_n),
             QB_W=ptr(q_b[0]), Q=ptr(self.q), KVA_W=ptr(ly["kv_a"][0]), KV=ptr(self.kv),
             KV_NORM_W=ptr(ly["kv_norm"][0]), QCAT=ptr(self.q_cat), D=D, QLR=qlr, H_HEADS=H, NOPE=n, ROPE=r, C=c,
-            QA_S=ptr(q_a[1]), QB_S=ptr(q_b[1]), KVA_S=ptr(ly["kv_a"][1]))
+            QA_S=ptr(q_a[1]), QB_S=ptr(q_b[1]), KVA_S=ptr(ly["kv_a"][1]), Q32=ptr(self.q32))
         ly["in_eps"] = (ctypes.c_float * 3)(ly["in_norm"][1], ly["q_a_norm"][1] if qlr else 0.0, ly["kv_norm"][1])
         ly["out_args"] = _slot_array(
             OUT, O=ptr(self.o), OPROJ_W=ptr(ly["o_proj"][0]), OPROJ_S=ptr(ly["o_proj"][1]), A=ptr(self.a), X=ptr(self.x),
@@ -282,13 +283,25 @@ class _StepOperands:
             # "greedy" routes over all experts whatever n_group (model/moe.py): one group for the C
             GROUPS=cfg.n_group if cfg.topk_method != "greedy" else 1,
             TOPK_GROUP=cfg.topk_group if cfg.topk_method != "greedy" else 1, K=cfg.num_experts_per_tok,
-            NORM_TOPK=int(cfg.norm_topk_prob))
+            NORM_TOPK=int(cfg.norm_topk_prob), SOFTMAX=int(cfg.scoring_func == "softmax"))
         ly["gate_ptrs"] = (0, 0)
         if ly["ffn"] == "moe":
             gw, bias = ly["gate_weight"], ly["gate_bias"]
             if gw is not None and (bias is not None or not ly["gate"].has_bias):
                 ly["gate_ptrs"] = (gw.data_ptr(), ptr(bias))
         ly["out_f"] = (ctypes.c_float * 2)(ly["post_norm"][1], cfg.routed_scaling_factor)
+        # the FFN after the C gate's choice (a dense FFN: one table entry, no choice): dsv3_moe_routed
+        experts = ly["routed"] + [ly["shared"]] if ly["ffn"] == "moe" else [ly["dense"]]
+        table = {key: (ctypes.c_int64 * len(experts))(*[s[key] if s else 0 for s in experts])
+                 for key in ("g", "u", "d", "gs", "us", "ds")}
+        table["inter"] = (ctypes.c_int * len(experts))(*[s["inter"] if s else 0 for s in experts])
+        moe = ly["ffn"] == "moe"
+        ly["moe_table"] = table                                         # kept alive with the slot array
+        ly["moe_args"] = _slot_array(
+            MOE, X=ptr(self.h2), K=D, NK=cfg.num_experts_per_tok if moe else 0, IDS=ptr(self.ids),
+            WEIGHTS=ptr(self.weights), **{key.upper(): ctypes.addressof(arr) for key, arr in table.items()},
+            SHARED=(len(experts) - 1 if ly["shared"] else -1) if moe else 0, H=ptr(self.moe_h), Y=ptr(self.moe_y),
+            RESID=ptr(self.x))
 
     def _layer(self, blk, cfg) -> dict:
         ly = {"blk": blk}
@@ -325,17 +338,19 @@ class _StepOperands:
             # bias) are contiguous fp32 on the CPU, as Gate builds them; else the gate module runs
             gw = self._tensor(gate._parameters, "weight")
             bias = self._tensor(gate._buffers, "e_score_correction_bias")
-            # the C choice is V3's sigmoid router; softmax (V2, V2-Lite) is chosen by the gate module
-            ly["gate_weight"] = gw if (gw is not None and gw.shape == (cfg.n_routed_experts, cfg.hidden_size)
-                                       and cfg.scoring_func == "sigmoid") else None
             ly["gate_bias"] = bias if bias is not None and bias.numel() == cfg.n_routed_experts else None
+            # the C choice (dsv3_route) scores a group by its two best biased scores with a bias,
+            # its best one without: the gate module's rule unless the groups do not restrict
+            grouped = cfg.n_group > 1 and cfg.topk_group < cfg.n_group and cfg.topk_method != "greedy"
+            same_rule = not grouped or (cfg.topk_method in ("noaux_tc", "group_top2")) == (bias is not None)
+            ly["gate_weight"] = gw if (gw is not None and gw.shape == (cfg.n_routed_experts, cfg.hidden_size)
+                                       and same_rule) else None
             k = cfg.num_experts_per_tok
             widths = sorted(x["inter"] for x in routed)
             ly["moe_width"] = sum(widths[-k:]) + (shared["inter"] if shared else 0)
         elif type(mlp) is MLP:
             dense = self._expert(blk, "mlp")
             ly.update(ffn="dense", dense=dense, moe_width=dense["inter"])
-            ly["dense_args"] = _ffn_args([dense], torch.ones(1))
         else:
             raise _Fallback
         return ly
@@ -415,6 +430,18 @@ class DecodeStep:
                 _PLANS.pop(self.model, None)         # rebuilt by the second try
         return None
 
+    @staticmethod
+    def _chosen(plan: _StepOperands, ly: dict, ids: list, weights: torch.Tensor) -> tuple[list, torch.Tensor]:
+        """The expert slots of a choice the gate module made (and the shared one), checked, with
+        their fp32 weights: ``ffn``'s arguments."""
+        slots = [ly["routed"][e] for e in ids]
+        if ly["shared"] is not None:
+            slots.append(ly["shared"])
+            weights = torch.cat([weights, weights.new_ones(1)])
+        for sl in slots:
+            plan.check_slot(sl)
+        return slots, weights.float().contiguous()
+
     def _run(self, tokens: torch.Tensor, start: int, cache) -> torch.Tensor:
         m, cfg = self.model, self.cfg
         if hooked() or sharded(m):
@@ -449,10 +476,9 @@ class DecodeStep:
             norm_c(xin.data_ptr(), 0, wn[0].data_ptr(), wn[1], out.data_ptr(), 0, 1, xin.shape[-1])
             return out
 
-        def ffn(xin, slots, weights, args=None):      # slots: _StepOperands._expert dicts; -> fp32 [D] (plan.moe_y)
+        def ffn(xin, slots, weights):                 # slots: _StepOperands._expert dicts; -> fp32 [D] (plan.moe_y)
             # experts of the model's dtype or kept FP8, each read where it lies (dsv3_moe_mixed)
-            if args is None:
-                args = _ffn_args(slots, weights)
+            args = _ffn_args(slots, weights)
             lib.dsv3_moe_mixed(f32, xin.data_ptr(), D, len(slots), *args[:7], args[7].data_ptr(), plan.moe_h.data_ptr(),
                                plan.moe_y.data_ptr(), nt)
             return plan.moe_y
@@ -476,28 +502,35 @@ class DecodeStep:
             attn, impl = ly["attn"], ly["impl"]
             if attn.absorb_prefill or ly["sparse"] and not impl.fast_decode_ok():
                 raise _Fallback
-            row = cache.layers[ly["layer"]][0, start]                      # [c + r] in the cache
-            if row.dtype != dt:
+            kv = cache.layers[ly["layer"]]                                 # [B, T, c + r]
+            if kv.dtype != dt or kv.stride(2) != 1:
                 raise _Fallback
             w_uk_t, w_uv = decode_weights(impl, dt)
             a_in = ly["in_args"]
-            a_in[_IN_ROW], a_in[_IN_COS], a_in[_IN_SIN], a_in[_IN_WUK] = row.data_ptr(), cs_p, sn_p, w_uk_t.data_ptr()
+            a_in[_IN_ROW] = kv.data_ptr() + start * kv.stride(1) * kv.element_size()        # row [0, start]
+            a_in[_IN_COS], a_in[_IN_SIN], a_in[_IN_WUK] = cs_p, sn_p, w_uk_t.data_ptr()
             # norm, q and kv projections, c_kv and k_pe into the cache row, [q_nope W_UK^T ; q_pe]
+            # (and its fp32 copy, the C attention's query)
             lib.dsv3_mla_in(f32, a_in, ly["in_eps"], nt)
-            latent = cache.layers[ly["layer"]][:1, :start + 1]
-            if ly["sparse"]:                     # V3.2: the indexer's top-k rows, gathered (attn_sparse.py)
-                latent = gathered(impl, h.view(1, 1, D), qa_n.view(1, 1, -1) if cfg.q_lora_rank else None,
-                                         cos, sin, start, cache, ly["layer"], latent)
-            rows = latent.shape[1]
-            if c_attn[rows < split_rows] and latent.stride(-1) == 1:
-                q32.copy_(q_cat.view(H, Dq))
-                lib.dsv3_latent_attn(bf16, latent.data_ptr(), latent.stride(1), None, rows, q32_p, H, Dq, c, attn.scale,
+            rows = start + 1
+            if not ly["sparse"] and c_attn[rows < split_rows]:             # every row of batch 0, in C
+                lib.dsv3_latent_attn(bf16, kv.data_ptr(), kv.stride(1), None, rows, q32_p, H, Dq, c, attn.scale,
                                      o_lat_p, c, work_p, nt)
                 o_lat = o_lat_buf
             else:
-                o_lat = latent_attention(q_cat, latent, attn.scale, c, latent.shape[1] - 1)
-            if o_lat.stride(-1) != 1:
-                o_lat = o_lat.contiguous()                                 # [1,1,H,c], rows stride(2) apart
+                latent = kv[:1, :rows]
+                if ly["sparse"]:                 # V3.2: the indexer's top-k rows, gathered (attn_sparse.py)
+                    latent = gathered(impl, h.view(1, 1, D), qa_n.view(1, 1, -1) if cfg.q_lora_rank else None,
+                                      cos, sin, start, cache, ly["layer"], latent)
+                if c_attn[latent.shape[1] < split_rows] and latent.stride(-1) == 1:
+                    q32.copy_(q_cat.view(H, Dq))
+                    lib.dsv3_latent_attn(bf16, latent.data_ptr(), latent.stride(1), None, latent.shape[1], q32_p, H,
+                                         Dq, c, attn.scale, o_lat_p, c, work_p, nt)
+                    o_lat = o_lat_buf
+                else:
+                    o_lat = latent_attention(q_cat, latent, attn.scale, c, latent.shape[1] - 1)
+                if o_lat.stride(-1) != 1:
+                    o_lat = o_lat.contiguous()                             # [1,1,H,c], rows stride(2) apart
             a_out = ly["out_args"]
             a_out[_OUT_OLAT], a_out[_OUT_OLAT_LD], a_out[_OUT_WUV] = o_lat.data_ptr(), o_lat.stride(2), w_uv.data_ptr()
             gate_in_c = False
@@ -512,23 +545,22 @@ class DecodeStep:
             # W_UV, o_proj, the residual, the post-attention norm (and the gate's choice)
             lib.dsv3_mla_out(f32, a_out, ly["out_f"], nt)
             if ly["ffn"] == "moe":
-                if gate_in_c:
-                    ids, w = plan.ids.tolist(), plan.weights
-                else:
+                if not gate_in_c:
                     ids_t, w_t = gate(h2)
-                    ids, w = ids_t[0].tolist(), w_t[0]
-                slots = [ly["routed"][e] for e in ids]
-                weights = w
+                    if ids_t.shape != (1, cfg.num_experts_per_tok):       # a forced routing of its own width
+                        x.add_(ffn(h2, *self._chosen(plan, ly, ids_t[0].tolist(), w_t[0])).to(dt))
+                        continue
+                    plan.ids.copy_(ids_t[0])
+                    plan.weights.copy_(w_t[0])
+                routed = ly["routed"]
+                for e in plan.ids.tolist():
+                    plan.check_slot(routed[e])
                 if ly["shared"] is not None:
-                    slots.append(ly["shared"])
-                    weights = torch.cat([weights, weights.new_ones(1)])
-                for sl in slots:
-                    plan.check_slot(sl)
-                y = ffn(h2, slots, weights.float().contiguous())
+                    plan.check_slot(ly["shared"])
             else:
                 plan.check_slot(ly["dense"])
-                y = ffn(h2, [ly["dense"]], None, ly["dense_args"])
-            x.add_(y.to(dt))
+            # the chosen experts (or the dense FFN) from the layer's table, then the residual add
+            lib.dsv3_moe_routed(f32, ly["moe_args"], nt)
         norm(plan.final_norm, x, plan.hf)
         logits = gemv(plan.lm_head, plan.hf, torch.empty(1, cfg.vocab_size, dtype=dt))
         return logits.view(1, 1, -1)

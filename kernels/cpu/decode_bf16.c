@@ -976,12 +976,15 @@ void dsv3_latent_attn_f32(const float *lat, int64_t ld, const int64_t *idx, int6
 enum {  /* dsv3_mla_in's slots */
     IN_X, IN_NORM_W, IN_H, IN_QA_W, IN_QA, IN_QA_NORM_W, IN_QA_N, IN_QB_W, IN_Q, IN_KVA_W, IN_KV, IN_KV_NORM_W,
     IN_ROW, IN_COS, IN_SIN, IN_WUK, IN_QCAT, IN_D, IN_QLR, IN_H_HEADS, IN_NOPE, IN_ROPE, IN_C,
-    IN_QA_S, IN_QB_S, IN_KVA_S, IN_NSLOTS      /* _S: an FP8 weight's scales (0: a weight of the element type) */
+    IN_QA_S, IN_QB_S, IN_KVA_S,                /* _S: an FP8 weight's scales (0: a weight of the element type) */
+    IN_Q32,                                    /* (or 0) q_cat again in fp32, the C attention's query */
+    IN_NSLOTS
 };
 
 /* h = norm(x); q = q_b(norm(q_a h)) (or q_proj h); kv = kv_a h; the cache row gets [norm(kv[:c]) ;
-   rope(kv[c:])]; q_cat[h] = [q_nope[h] W_UK^T[h] ; rope(q_pe[h])]. eps: the three norms' eps.
-   The projections q_a, q_b (q_proj) and kv_a may be e4m3 with scales (proj). */
+   rope(kv[c:])]; q_cat[h] = [q_nope[h] W_UK^T[h] ; rope(q_pe[h])] (and its fp32 copy with Q32 set).
+   eps: the three norms' eps. The projections q_a, q_b (q_proj) and kv_a may be e4m3 with scales
+   (proj). */
 void dsv3_mla_in(int f32, const int64_t *a, const float *eps, int nt) {
     size_t es = f32 ? 4 : 2;
     int64_t D = a[IN_D], qlr = a[IN_QLR], H = a[IN_H_HEADS], n = a[IN_NOPE], r = a[IN_ROPE], c = a[IN_C];
@@ -1006,18 +1009,23 @@ void dsv3_mla_in(int f32, const int64_t *a, const float *eps, int nt) {
     rope_any(f32, q + n * es, n + r, cs, sn, qcat + c * es, c + r, (int)H, (int)r);         /* q_pe */
     const void *wuk = (const void *)a[IN_WUK];                                              /* [H, c, n] */
     gemv_any(f32, wuk, n, c * n, q, 0, n + r, qcat, 0, c + r, (int)H, 1, (int)c, (int)n, nt);   /* q_lat */
+    float *q32 = (float *)a[IN_Q32];
+    for (int64_t i = 0; q32 && i < H * (c + r); i++) q32[i] = get(f32, qcat, i);
 }
 
 enum {  /* dsv3_mla_out's slots */
     OUT_OLAT, OUT_OLAT_LD, OUT_WUV, OUT_O, OUT_OPROJ_W, OUT_A, OUT_X, OUT_NORM_W, OUT_H2, OUT_GATE_W, OUT_BIAS,
     OUT_SCORES, OUT_X32, OUT_IDS, OUT_WEIGHTS, OUT_D, OUT_H_HEADS, OUT_V, OUT_C, OUT_E, OUT_GROUPS, OUT_TOPK_GROUP,
-    OUT_K, OUT_NORM_TOPK, OUT_OPROJ_S, OUT_NSLOTS
+    OUT_K, OUT_NORM_TOPK, OUT_OPROJ_S,
+    OUT_SOFTMAX,                               /* the router's scores: softmax (V2, V2-Lite), else sigmoid */
+    OUT_NSLOTS
 };
 
 /* o[h] = W_UV[h] o_lat[h]; x += o_proj o (o_proj e4m3 with OPROJ_S set; rounded as the module's
    residual add); h2 = norm(x);
-   then, with a gate weight (fp32 [E, D]), the gate: scores = sigmoid(h2 W^T) in fp32 and the
-   expert choice (dsv3_route) into ids / weights. f: post-norm eps, routed scaling factor. */
+   then, with a gate weight (fp32 [E, D]), the gate: scores = sigmoid(h2 W^T) (softmax with
+   SOFTMAX set) in fp32 and the expert choice (dsv3_route) into ids / weights. f: post-norm eps,
+   routed scaling factor. */
 void dsv3_mla_out(int f32, const int64_t *a, const float *f, int nt) {
     int64_t D = a[OUT_D], H = a[OUT_H_HEADS], v = a[OUT_V], c = a[OUT_C];
     void *x = (void *)a[OUT_X], *att = (void *)a[OUT_A];
@@ -1032,7 +1040,50 @@ void dsv3_mla_out(int f32, const int64_t *a, const float *f, int nt) {
     for (int64_t i = 0; i < D; i++) x32[i] = get(f32, (const void *)a[OUT_H2], i);
     int E = (int)a[OUT_E];
     gemv_any(1, (const void *)a[OUT_GATE_W], D, 0, x32, 0, 0, scores, 0, 0, 1, 1, E, (int)D, nt);
-    for (int e = 0; e < E; e++) scores[e] = 1.0f / (1.0f + expf(-scores[e]));
+    if (a[OUT_SOFTMAX]) {
+        float mx = -INFINITY, sum = 0.0f;
+        for (int e = 0; e < E; e++) mx = scores[e] > mx ? scores[e] : mx;
+        for (int e = 0; e < E; e++) sum += scores[e] = expf(scores[e] - mx);
+        float inv = 1.0f / sum;                       /* as torch's softmax: a product with 1 / sum */
+        for (int e = 0; e < E; e++) scores[e] *= inv;
+    } else {
+        for (int e = 0; e < E; e++) scores[e] = 1.0f / (1.0f + expf(-scores[e]));
+    }
     dsv3_route(scores, (const float *)a[OUT_BIAS], 1, E, (int)a[OUT_GROUPS], (int)a[OUT_TOPK_GROUP], (int)a[OUT_K],
                (int)a[OUT_NORM_TOPK], f[1], (int64_t *)a[OUT_IDS], (float *)a[OUT_WEIGHTS]);
+}
+
+enum {  /* dsv3_moe_routed's slots */
+    MOE_X, MOE_K, MOE_NK, MOE_IDS, MOE_WEIGHTS, MOE_G, MOE_U, MOE_D, MOE_GS, MOE_US, MOE_DS, MOE_INTER,
+    MOE_SHARED, MOE_H, MOE_Y, MOE_RESID, MOE_NSLOTS
+};
+
+/* One MoE layer of the fused step after dsv3_mla_out chose its experts: the NK experts ids[j]
+   (weights[j]) and, with SHARED >= 0, the table's entry SHARED (weight 1) through moe_any, from
+   tables over every expert (G, U, D: int64 weight pointers; GS, US, DS: their FP8 scales or 0;
+   INTER: int32 widths); then RESID[i] += y[i] rounded as the module's residual add (y to the
+   element type first). The caller has checked the chosen experts' references. */
+void dsv3_moe_routed(int f32, const int64_t *a, int nt) {
+    const int64_t *ids = (const int64_t *)a[MOE_IDS];
+    const int64_t *tg = (const int64_t *)a[MOE_G], *tu = (const int64_t *)a[MOE_U], *td = (const int64_t *)a[MOE_D];
+    const int64_t *tgs = (const int64_t *)a[MOE_GS], *tus = (const int64_t *)a[MOE_US];
+    const int64_t *tds = (const int64_t *)a[MOE_DS];
+    const int *tin = (const int *)a[MOE_INTER];
+    const float *w = (const float *)a[MOE_WEIGHTS];
+    int nk = (int)a[MOE_NK], K = (int)a[MOE_K], ns = 0;
+    int64_t g[65], u[65], d[65], gs[65], us[65], ds[65];
+    int inter[65];
+    float ws[65];
+    for (int j = 0; j <= nk && ns < 64; j++) {
+        int64_t e = j < nk ? ids[j] : a[MOE_SHARED];
+        if (e < 0)
+            continue;
+        g[ns] = tg[e], u[ns] = tu[e], d[ns] = td[e], gs[ns] = tgs[e], us[ns] = tus[e], ds[ns] = tds[e];
+        inter[ns] = tin[e];
+        ws[ns++] = j < nk ? w[j] : 1.0f;
+    }
+    float *y = (float *)a[MOE_Y];
+    moe_any(f32, (const void *)a[MOE_X], K, ns, g, u, d, gs, us, ds, inter, ws, (void *)a[MOE_H], y, nt);
+    void *x = (void *)a[MOE_RESID];
+    for (int64_t i = 0; i < K; i++) put(f32, x, i, get(f32, x, i) + stored(f32, y[i]));
 }
