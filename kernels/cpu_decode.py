@@ -65,6 +65,7 @@ def _library(tier: str) -> ctypes.CDLL | None:
         "dsv3_latent_attn_f32": [P, I64, P, I64, P, I, I, I, F, P, I64, P, I],
         "dsv3_latent_attn": [I, P, I64, P, I64, P, I, I, I, F, P, I64, P, I],
         "dsv3_gemv_fp8": [P, I64, P, I64, P, P, I, I, I, I],
+        "dsv3_gemv_fp8_batched": [I, P, I64, I64, I64, P, I64, P, I64, P, I64, I, I, I, I],
         "dsv3_moe_mixed": [I, P, I, I, P, P, P, P, P, P, P, P, P, P, I],
         "dsv3_dequant_fp8": [P, I64, P, I64, P, I64, I, I, I, I],
         "dsv3_mla_in": [I, P, P, I],             # one layer around the attention (dsv3lab/fast/step.py)

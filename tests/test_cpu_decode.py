@@ -572,6 +572,35 @@ def test_fp8_gemv_reads_e4m3_as_stored(N, K, dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows,r0,N,K", [(256, 128, 128, 512), (64, 16, 36, 130), (8, 4, 3, 16)])
+def test_fp8_batched_gemv_reads_each_heads_rows_as_stored(rows, r0, N, K, dtype):
+    """dsv3_gemv_fp8_batched (W_UK^T and W_UV of an FP8 kv_b, read as stored): batch b multiplies
+    rows [b rows + r0, b rows + r0 + N) of one e4m3 matrix, each with the scale of its own 128-row
+    block, by its own activation (strided), into its own strided output: within fp32 summation
+    error (and one output rounding in bf16) of the float64 product of the dequantized rows.
+    Shapes: V3's kv_b (rows 256 a head, W_UV from row 128); rows and blocks misaligned; N not of 4."""
+    from dsv3lab import fp8
+    B = 3
+    g = torch.Generator().manual_seed(rows + K)
+    q, s = fp8.weight_quant(torch.randn(B * rows, K, generator=g) * 0.05)
+    deq = fp8.weight_dequant(q, s).double()
+    sx, sy = K + 8, N + 5                                              # strides past each row's end
+    X = torch.randn(B * sx, generator=g).to(dtype)
+    Y = torch.full((B * sy,), -7.0, dtype=dtype)
+    cpu_decode.library().dsv3_gemv_fp8_batched(int(dtype == torch.float32), q.data_ptr(), K, rows, r0,
+                                                s.data_ptr(), s.shape[1], X.data_ptr(), sx, Y.data_ptr(), sy,
+                                                B, N, K, 2)
+    for b in range(B):
+        w = deq[b * rows + r0:b * rows + r0 + N]
+        x = X[b * sx:b * sx + K].double()
+        ref, scale = w @ x, w.abs() @ x.abs()
+        bound = (2 ** -8 * ref.abs() if dtype == torch.bfloat16 else 0) + 2 * K * 2 ** -24 * scale
+        y = Y[b * sy:b * sy + N].double()
+        assert ((y - ref).abs() <= bound + 1e-30).all(), b
+        assert (Y[b * sy + N:(b + 1) * sy] == -7.0).all()                 # nothing written past N
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_fp8_gemv_widens_every_e4m3_code_exactly(dtype):
     """Against a one-hot activation each output is one dequantized weight, exactly: every e4m3
     code (subnormals, zeros of both signs, the largest) at every lane of the vector loop and in
@@ -746,7 +775,7 @@ def test_moe_fp8_experts_at_every_activation_magnitude(magnitude, dtype):
     assert _moe_close(y_flushed, _moe_reference(x, deq, weights), dtype)
 
 
-@pytest.mark.parametrize("preset", ["tiny", "lab"])
+@pytest.mark.parametrize("preset", ["tiny", "lab", "lab, kv_b in 128-row heads"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_fp8_kept_fused_decode_step_equals_the_module_path(preset, dtype, tmp_path):
     """A model loaded with its FP8 weights kept (``load(fp8="keep")``: e4m3 + 128x128 scales, as
@@ -760,8 +789,12 @@ def test_fp8_kept_fused_decode_step_equals_the_module_path(preset, dtype, tmp_pa
     module path (test_fp8_keep's bound), and measured against the fp32 model of the same weights
     the fused step is no further off than the module path (median) and picks its greedy token
     as often (the bound of test_decode_with_kernels_is_as_close_to_fp32_as_without)."""
-    from dsv3lab.fast.step import _PLANS, try_decode
-    m = dsv3lab.build(preset, seed=3)
+    from dsv3lab.fast.step import _DECODE_WEIGHTS, _PLANS, try_decode
+    cfg = dsv3lab.ModelConfig.preset(preset.split(",")[0])
+    heads128 = "128-row" in preset            # n + v = 128: W_UK^T and W_UV stay e4m3 (decode_weights)
+    if heads128:
+        cfg = cfg.replace(qk_nope_head_dim=64, v_head_dim=64)
+    m = dsv3lab.build(cfg, seed=3)
     path = dsv3lab.save(m, tmp_path / "fp8", fp8=True)
     kept = dsv3lab.load(path, dtype=dtype, fp8="keep").eval()
     deq = dsv3lab.load(path, dtype=dtype, fp8="dequant").eval()
@@ -772,6 +805,8 @@ def test_fp8_kept_fused_decode_step_equals_the_module_path(preset, dtype, tmp_pa
         kept(x[:, :20], start=0, cache=c)
         assert try_decode(kept, x[:, 20:21], 20, c) is not None            # the kept model takes it
     assert _PLANS[kept].layers[0]["kv_a"][1] is not None                    # with the scales read in C
+    w_uk_t, s_uk_t, w_uv, s_uv = _DECODE_WEIGHTS[kept.layers[0].self_attn.impl][1]
+    assert (s_uk_t is not None and w_uv is kept.layers[0].self_attn.kv_b_proj.weight) == heads128
     fast = _decode(kept, x, 8)
     with backend.use_backend("torch"):
         ref = _decode(kept, x, 8)

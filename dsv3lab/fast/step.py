@@ -50,8 +50,8 @@ from dsv3lab.model.moe import MoE
 
 # dsv3_mla_in / dsv3_mla_out's argument slots by name, from the C enums (cpu_decode.slots)
 IN, OUT, MOE = cpu_decode.slots("IN"), cpu_decode.slots("OUT"), cpu_decode.slots("MOE")
-_IN_ROW, _IN_COS, _IN_SIN, _IN_WUK = IN["ROW"], IN["COS"], IN["SIN"], IN["WUK"]       # set every step
-_OUT_OLAT, _OUT_OLAT_LD, _OUT_WUV = OUT["OLAT"], OUT["OLAT_LD"], OUT["WUV"]
+_IN_ROW, _IN_COS, _IN_SIN, _IN_WUK, _IN_WUK_S = IN["ROW"], IN["COS"], IN["SIN"], IN["WUK"], IN["WUK_S"]  # every step
+_OUT_OLAT, _OUT_OLAT_LD, _OUT_WUV, _OUT_WUV_S = OUT["OLAT"], OUT["OLAT_LD"], OUT["WUV"], OUT["WUV_S"]
 _OUT_GATE_W, _OUT_BIAS = OUT["GATE_W"], OUT["BIAS"]
 
 
@@ -66,19 +66,44 @@ def _slot_array(slots: dict[str, int], **values) -> ctypes.Array:
 _DECODE_WEIGHTS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
-def decode_weights(impl: AbsorbedAttention, dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """W_UK^T as [H, c, n] and W_UV as [H, v, c], contiguous, in ``dtype``: the layouts in which
-    both per-head products are rows-times-vector (dot products along contiguous memory) for the
-    C GEMV. Kept per attention module until kv_b's weight changes (its storage or version)."""
+def decode_weights(impl: AbsorbedAttention, dtype) -> tuple:
+    """(W_UK^T, its scales, W_UV, its scales): the layouts in which both per-head products are
+    rows-times-vector (dot products along contiguous memory) for the C GEMV. With kv_b kept FP8
+    (e4m3, 128 x 128 ``weight_scale_inv``), both stay e4m3 as stored: W_UV is kv_b itself (each
+    head's rows [n, n + v), read in place, its scales kv_b's), W_UK^T an e4m3 copy [H, c, n] of
+    each head's rows [0, n) transposed, with the scales transposed alike ([H c / 128, n / 128]:
+    exact, when each head starts on a 128-row block and c is whole blocks). Otherwise W_UK^T as
+    [H, c, n] and W_UV as [H, v, c] in ``dtype``, scales None. Kept per attention module until
+    kv_b's weight changes (its storage or version)."""
     mla = impl.mla
-    w = mla.kv_b_proj.weight
+    lin = mla.kv_b_proj
+    w = lin.weight
     key = (w.data_ptr(), w._version, w.device, mla.n_heads, dtype)
     held = _DECODE_WEIGHTS.get(impl)
     if held is None or held[0] != key:
-        kvb = mla.kv_b_weight().to(dtype)
-        held = _DECODE_WEIGHTS[impl] = (key, (kvb[:, :mla.n].transpose(1, 2).contiguous(),
-                                              kvb[:, mla.n:].contiguous()))
+        held = _DECODE_WEIGHTS[impl] = (key, _fp8_decode_weights(mla) or _dense_decode_weights(mla, dtype))
     return held[1]
+
+
+def _dense_decode_weights(mla, dtype) -> tuple:
+    kvb = mla.kv_b_weight().to(dtype)                                     # [H, n + v, c]
+    return kvb[:, :mla.n].transpose(1, 2).contiguous(), None, kvb[:, mla.n:].contiguous(), None
+
+
+def _fp8_decode_weights(mla) -> tuple | None:
+    H, n, v, c = mla.n_heads, mla.n, mla.v, mla.c
+    lin = mla.kv_b_proj
+    w, s = lin.weight, lin._buffers.get("weight_scale_inv")
+    B = cpu_decode.FP8_BLOCK
+    if (type(lin) is not Linear or w.dtype != torch.float8_e4m3fn or s is None or s.dtype != torch.float32
+            or not (w.is_contiguous() and s.is_contiguous()) or w.device.type != "cpu"
+            or tuple(w.shape) != (H * (n + v), c) or tuple(s.shape) != (-(-H * (n + v) // B), -(-c // B))
+            or (n + v) % B or c % B or n % 4):
+        return None
+    w_uk_t = w.view(torch.uint8).view(H, n + v, c)[:, :n].transpose(1, 2).contiguous()     # [H, c, n] bytes
+    heads = s.view(H, (n + v) // B, c // B)[:, :-(-n // B)]                                # [H, n / B, c / B]
+    s_uk_t = heads.transpose(1, 2).contiguous().view(H * c // B, -(-n // B))
+    return w_uk_t, s_uk_t, w, s
 
 
 class _Fallback(Exception):
@@ -283,7 +308,7 @@ class _StepOperands:
             # "greedy" routes over all experts whatever n_group (model/moe.py): one group for the C
             GROUPS=cfg.n_group if cfg.topk_method != "greedy" else 1,
             TOPK_GROUP=cfg.topk_group if cfg.topk_method != "greedy" else 1, K=cfg.num_experts_per_tok,
-            NORM_TOPK=int(cfg.norm_topk_prob), SOFTMAX=int(cfg.scoring_func == "softmax"))
+            NORM_TOPK=int(cfg.norm_topk_prob), SOFTMAX=int(cfg.scoring_func == "softmax"), NOPE=n)
         ly["gate_ptrs"] = (0, 0)
         if ly["ffn"] == "moe":
             gw, bias = ly["gate_weight"], ly["gate_bias"]
@@ -505,10 +530,11 @@ class DecodeStep:
             kv = cache.layers[ly["layer"]]                                 # [B, T, c + r]
             if kv.dtype != dt or kv.stride(2) != 1:
                 raise _Fallback
-            w_uk_t, w_uv = decode_weights(impl, dt)
+            w_uk_t, s_uk_t, w_uv, s_uv = decode_weights(impl, dt)
             a_in = ly["in_args"]
             a_in[_IN_ROW] = kv.data_ptr() + start * kv.stride(1) * kv.element_size()        # row [0, start]
             a_in[_IN_COS], a_in[_IN_SIN], a_in[_IN_WUK] = cs_p, sn_p, w_uk_t.data_ptr()
+            a_in[_IN_WUK_S] = 0 if s_uk_t is None else s_uk_t.data_ptr()
             # norm, q and kv projections, c_kv and k_pe into the cache row, [q_nope W_UK^T ; q_pe]
             # (and its fp32 copy, the C attention's query)
             lib.dsv3_mla_in(f32, a_in, ly["in_eps"], nt)
@@ -533,6 +559,7 @@ class DecodeStep:
                     o_lat = o_lat.contiguous()                             # [1,1,H,c], rows stride(2) apart
             a_out = ly["out_args"]
             a_out[_OUT_OLAT], a_out[_OUT_OLAT_LD], a_out[_OUT_WUV] = o_lat.data_ptr(), o_lat.stride(2), w_uv.data_ptr()
+            a_out[_OUT_WUV_S] = 0 if s_uv is None else s_uv.data_ptr()
             gate_in_c = False
             if ly["ffn"] == "moe":
                 mlp, gate = ly["mlp"], ly["gate"]

@@ -433,10 +433,48 @@ static void gemv_fp8_any(int xf32, int f32out, const uint8_t *W, int64_t ldw, co
     free(xs);
 }
 
+/* B e4m3 GEMVs in one parallel loop, each against its own activation: batch b's rows r < N are
+   the weight's rows b * rb + r0 + r (ldw bytes apart, scales S by that row's 128-row block, lds
+   apart), its activation x_b = X + b * sx and output y_b = Y + b * sy (elements of the element
+   type, or fp32 with xf32 / f32out). A head's slice of a stored matrix is a batch: W_UV is rows
+   [n, n + v) of each head's n + v rows of kv_b as stored. rb and r0 multiples of 4 (four rows
+   never straddle a 128-row block). */
+static void gemv_fp8_batched(int xf32, int f32out, const uint8_t *W, int64_t ldw, int64_t rb, int64_t r0,
+                             const float *S, int64_t lds, const void *X, int64_t sx, void *Y, int64_t sy, int B,
+                             int N, int K, int nt) {
+    float *xs = E4M3_LIFTED ? malloc(sizeof(float) * (size_t)B * K) : NULL;
+    for (int b = 0; xs && b < B; b++)
+        if (!lift_activation(xf32, at(xf32, X, b * sx), K, xs + (int64_t)b * K)) {
+            free(xs);
+            xs = NULL;
+        }
+    int64_t groups = (N + 3) / 4;
+#pragma omp parallel num_threads(nt)
+    {
+        int form = e4m3_form(xs);
+#pragma omp for schedule(guided, 4)
+        for (int64_t i = 0; i < B * groups; i++) {
+            int64_t b = i / groups, r = (i % groups) * 4, row = b * rb + r0 + r;
+            int rows = N - r < 4 ? (int)(N - r) : 4;
+            float out[4];
+            dot_e4m3_rows(xf32, form, rows, W + row * ldw, ldw, S + (row / 128) * lds, at(xf32, X, b * sx),
+                          xs ? xs + b * K : NULL, K, out);
+            for (int j = 0; j < rows; j++) put(f32out, Y, b * sy + r + j, out[j]);
+        }
+    }
+    free(xs);
+}
+
 /* x fp32 (a bf16 activation widened exactly by the caller); rnd: a bf16 model (bf16 output) */
 void dsv3_gemv_fp8(const uint8_t *W, int64_t ldw, const float *S, int64_t lds, const float *x, void *Y, int rnd,
                    int N, int K, int nt) {
     gemv_fp8_any(1, !rnd, W, ldw, S, lds, x, Y, N, K, nt);
+}
+
+/* gemv_fp8_batched for the tests (x and y of the element type, fp32 with f32) */
+void dsv3_gemv_fp8_batched(int f32, const uint8_t *W, int64_t ldw, int64_t rb, int64_t r0, const float *S,
+                           int64_t lds, const void *X, int64_t sx, void *Y, int64_t sy, int B, int N, int K, int nt) {
+    gemv_fp8_batched(f32, f32, W, ldw, rb, r0, S, lds, X, sx, Y, sy, B, N, K, nt);
 }
 
 /* out[n][k] (ldo apart) = dequant(W)[n][k] for e4m3 W [N, K] with scales S: fp32 (f32), or
@@ -978,6 +1016,7 @@ enum {  /* dsv3_mla_in's slots */
     IN_ROW, IN_COS, IN_SIN, IN_WUK, IN_QCAT, IN_D, IN_QLR, IN_H_HEADS, IN_NOPE, IN_ROPE, IN_C,
     IN_QA_S, IN_QB_S, IN_KVA_S,                /* _S: an FP8 weight's scales (0: a weight of the element type) */
     IN_Q32,                                    /* (or 0) q_cat again in fp32, the C attention's query */
+    IN_WUK_S,                                  /* (or 0) W_UK^T e4m3 [H, c, n]: its scales [H c / 128, n / 128] */
     IN_NSLOTS
 };
 
@@ -1008,7 +1047,11 @@ void dsv3_mla_in(int f32, const int64_t *a, const float *eps, int nt) {
     rope_any(f32, kv + c * es, 0, cs, sn, row + c * es, 0, 1, (int)r);                      /* k_pe */
     rope_any(f32, q + n * es, n + r, cs, sn, qcat + c * es, c + r, (int)H, (int)r);         /* q_pe */
     const void *wuk = (const void *)a[IN_WUK];                                              /* [H, c, n] */
-    gemv_any(f32, wuk, n, c * n, q, 0, n + r, qcat, 0, c + r, (int)H, 1, (int)c, (int)n, nt);   /* q_lat */
+    if (a[IN_WUK_S])                                                     /* q_lat, e4m3 as stored */
+        gemv_fp8_batched(f32, f32, (const uint8_t *)wuk, n, c, 0, (const float *)a[IN_WUK_S], (n + 127) / 128, q,
+                         n + r, qcat, c + r, (int)H, (int)c, (int)n, nt);
+    else
+        gemv_any(f32, wuk, n, c * n, q, 0, n + r, qcat, 0, c + r, (int)H, 1, (int)c, (int)n, nt);  /* q_lat */
     float *q32 = (float *)a[IN_Q32];
     for (int64_t i = 0; q32 && i < H * (c + r); i++) q32[i] = get(f32, qcat, i);
 }
@@ -1018,10 +1061,12 @@ enum {  /* dsv3_mla_out's slots */
     OUT_SCORES, OUT_X32, OUT_IDS, OUT_WEIGHTS, OUT_D, OUT_H_HEADS, OUT_V, OUT_C, OUT_E, OUT_GROUPS, OUT_TOPK_GROUP,
     OUT_K, OUT_NORM_TOPK, OUT_OPROJ_S,
     OUT_SOFTMAX,                               /* the router's scores: softmax (V2, V2-Lite), else sigmoid */
+    OUT_WUV_S, OUT_NOPE,                       /* (or 0) WUV is kv_b as stored, e4m3 [H (n + v), c]: its scales */
     OUT_NSLOTS
 };
 
-/* o[h] = W_UV[h] o_lat[h]; x += o_proj o (o_proj e4m3 with OPROJ_S set; rounded as the module's
+/* o[h] = W_UV[h] o_lat[h] (W_UV bf16 / fp32 [H, v, c], or kv_b's e4m3 rows as stored with WUV_S);
+   x += o_proj o (o_proj e4m3 with OPROJ_S set; rounded as the module's
    residual add); h2 = norm(x);
    then, with a gate weight (fp32 [E, D]), the gate: scores = sigmoid(h2 W^T) (softmax with
    SOFTMAX set) in fp32 and the expert choice (dsv3_route) into ids / weights. f: post-norm eps,
@@ -1029,8 +1074,13 @@ enum {  /* dsv3_mla_out's slots */
 void dsv3_mla_out(int f32, const int64_t *a, const float *f, int nt) {
     int64_t D = a[OUT_D], H = a[OUT_H_HEADS], v = a[OUT_V], c = a[OUT_C];
     void *x = (void *)a[OUT_X], *att = (void *)a[OUT_A];
-    gemv_any(f32, (const void *)a[OUT_WUV], c, v * c, (const void *)a[OUT_OLAT], 0, a[OUT_OLAT_LD],
-             (void *)a[OUT_O], 0, v, (int)H, 1, (int)v, (int)c, nt);
+    if (a[OUT_WUV_S])           /* each head's rows [n, n + v) of kv_b */
+        gemv_fp8_batched(f32, f32, (const uint8_t *)a[OUT_WUV], c, a[OUT_NOPE] + v, a[OUT_NOPE],
+                         (const float *)a[OUT_WUV_S], (c + 127) / 128, (const void *)a[OUT_OLAT], a[OUT_OLAT_LD],
+                         (void *)a[OUT_O], v, (int)H, (int)v, (int)c, nt);
+    else
+        gemv_any(f32, (const void *)a[OUT_WUV], c, v * c, (const void *)a[OUT_OLAT], 0, a[OUT_OLAT_LD],
+                 (void *)a[OUT_O], 0, v, (int)H, 1, (int)v, (int)c, nt);
     proj(f32, (const void *)a[OUT_OPROJ_W], (const float *)a[OUT_OPROJ_S], (const void *)a[OUT_O], att, (int)D,
          (int)(H * v), nt);
     for (int64_t i = 0; i < D; i++) put(f32, x, i, get(f32, x, i) + get(f32, att, i));
