@@ -5,12 +5,14 @@ covers every kernel, is stored beside the library and read back instead of measu
 a verdict is obeyed by the engine both ways, and that bad settings are named.
 """
 
+import time
+
 import pytest
 import torch
 
 import dsv3lab
 import dsv3lab.fast
-from dsv3lab.kernels import cpu_compile, cpu_calibrate, cpu_decode
+from dsv3lab.kernels import backend, cpu_compile, cpu_calibrate, cpu_decode
 from dsv3lab.fast import step as decode_step
 
 needs_c = pytest.mark.skipif(not cpu_decode.available(), reason="the C kernels cannot be built here (no compiler)")
@@ -142,6 +144,41 @@ def test_tiers_end_with_native_and_follow_the_cpu():
             assert all(f in flags for f in need), level
     if "x86-64-v3" in tiers:
         assert "x86-64-v2" in tiers           # levels are cumulative
+
+
+@needs_c
+@pytest.mark.parametrize("module_s", [0.0, 1.0])
+def test_a_decisive_first_timing_skips_the_rounds(measured, monkeypatch, module_s):
+    """The verdict's rounds run only when the two warm-ups do not settle it: a module path
+    DECISIVE times slower than the fused step (a released-size FP8 model's, ~12 s a step)
+    is timed once; one of the same order takes the alternating rounds."""
+    m = dsv3lab.build("tiny", seed=0, dtype=torch.bfloat16).eval()
+    x = torch.randint(0, m.cfg.vocab_size, (1, 8), generator=torch.Generator().manual_seed(2))
+    runs = {"fused": 0, "module": 0}
+    real_run = decode_step.DecodeStep.run
+
+    def fused(self, *a):
+        runs["fused"] += 1
+        return real_run(self, *a)
+    monkeypatch.setattr(decode_step.DecodeStep, "run", fused)
+    real_forward = type(m).forward
+
+    def forward(self, *a, **k):          # the module path: the backend is torch's inside _time_step
+        if backend.get_backend() == "torch":
+            runs["module"] += 1
+            time.sleep(module_s)
+        return real_forward(self, *a, **k)
+    monkeypatch.setattr(type(m), "forward", forward)
+    with torch.no_grad():
+        cache = m.new_cache(1, 8)
+        m(x[:, :5], start=0, cache=cache)
+        runs.update(fused=0, module=0)
+        m(x[:, 5:6], start=5, cache=cache)
+    v = dsv3lab.fast.step_verdict(m)
+    rounds = 1 + (decode_step.STEP_ROUNDS if module_s == 0.0 else 0)
+    assert runs["module"] == rounds and runs["fused"] == rounds + 1        # + the step itself
+    if module_s:
+        assert v["used"] and v["module_ms"] >= 1000
 
 
 @needs_c

@@ -74,11 +74,11 @@ def decode_weights(impl: AbsorbedAttention, dtype) -> tuple:
     each head's rows [0, n) transposed, with the scales transposed alike ([H c / 128, n / 128]:
     exact, when each head starts on a 128-row block and c is whole blocks). Otherwise W_UK^T as
     [H, c, n] and W_UV as [H, v, c] in ``dtype``, scales None. Kept per attention module until
-    kv_b's weight changes (its storage or version)."""
+    kv_b's weight or scales change (storage or version)."""
     mla = impl.mla
-    lin = mla.kv_b_proj
-    w = lin.weight
-    key = (w.data_ptr(), w._version, w.device, mla.n_heads, dtype)
+    w, s = mla.kv_b_proj.weight, mla.kv_b_proj._buffers.get("weight_scale_inv")
+    key = (w.data_ptr(), w._version, w.device, mla.n_heads, dtype,
+           None if s is None else (s.data_ptr(), s._version))
     held = _DECODE_WEIGHTS.get(impl)
     if held is None or held[0] != key:
         held = _DECODE_WEIGHTS[impl] = (key, _fp8_decode_weights(mla) or _dense_decode_weights(mla, dtype))
@@ -596,6 +596,7 @@ class DecodeStep:
 # per model: (threads, the fused step measured faster, its seconds, the module path's seconds)
 _STEP_VERDICTS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 STEP_ROUNDS = 3
+DECISIVE = 10        # a module-path warm-up this many times the fused one's decides without rounds
 
 
 def try_decode(model, tokens: torch.Tensor, start: int, cache) -> torch.Tensor | None:
@@ -628,7 +629,11 @@ def try_decode(model, tokens: torch.Tensor, start: int, cache) -> torch.Tensor |
 
 def _time_step(step: "DecodeStep", tokens, start: int, cache) -> tuple[bool, float, float] | None:
     """(fused faster, fused seconds, module seconds): medians of ``STEP_ROUNDS`` alternating runs of
-    the same step, after one warm-up of each (the plan, the buffers, torch's own first calls)."""
+    the same step, after one warm-up of each (the plan, the buffers, torch's own first calls) --
+    unless the module path's warm-up took ``DECISIVE`` times the fused one's, warm-up included:
+    then those two decide. On a released-size model kept FP8 the module path dequantizes every
+    weight it touches each step (~12 s a Moonlight step on a 2-core AVX2 EPYC against ~0.2 s
+    fused), and its rounds would hold up the first token for a minute."""
     import time
 
     from dsv3lab.kernels import backend
@@ -637,9 +642,14 @@ def _time_step(step: "DecodeStep", tokens, start: int, cache) -> tuple[bool, flo
     def module():
         with backend.use_backend("torch"):          # Transformer.forward then takes its own path
             model(tokens, start=start, cache=cache)
+    t0 = time.perf_counter()
     if step.run(tokens, start, cache) is None:
         return None
+    t1 = time.perf_counter()
     module()
+    f0, m0 = t1 - t0, time.perf_counter() - t1
+    if m0 > DECISIVE * f0:
+        return True, f0, m0
     times = {"fused": [], "module": []}
     for r in range(STEP_ROUNDS):
         for arm in (("fused", "module") if r % 2 == 0 else ("module", "fused")):
