@@ -581,6 +581,8 @@ class DecodeStep:
                     plan.weights.copy_(w_t[0])
                 routed = ly["routed"]
                 for e in plan.ids.tolist():
+                    if not 0 <= e < len(routed):          # a forced routing's own ids: the module's to judge
+                        raise _Fallback
                     plan.check_slot(routed[e])
                 if ly["shared"] is not None:
                     plan.check_slot(ly["shared"])
