@@ -53,6 +53,7 @@ IN, OUT, MOE = cpu_decode.slots("IN"), cpu_decode.slots("OUT"), cpu_decode.slots
 _IN_ROW, _IN_COS, _IN_SIN, _IN_WUK, _IN_WUK_S = IN["ROW"], IN["COS"], IN["SIN"], IN["WUK"], IN["WUK_S"]  # every step
 _OUT_OLAT, _OUT_OLAT_LD, _OUT_WUV, _OUT_WUV_S = OUT["OLAT"], OUT["OLAT_LD"], OUT["WUV"], OUT["WUV_S"]
 _OUT_GATE_W, _OUT_BIAS = OUT["GATE_W"], OUT["BIAS"]
+_MOE_NK = MOE["NK"]
 
 
 def _slot_array(slots: dict[str, int], **values) -> ctypes.Array:
@@ -413,16 +414,6 @@ class _StepOperands:
         return ws
 
 
-def _ffn_args(slots: list, weights: torch.Tensor) -> tuple:
-    """``dsv3_moe_mixed``'s per-expert arrays for experts ``slots`` (``_StepOperands._expert``
-    dicts): weight pointers, FP8 scale pointers (0: a weight of the model's dtype), widths, and
-    the fp32 weights tensor."""
-    k = len(slots)
-    ptr = ctypes.c_int64 * k
-    return (*(ptr(*[s[key] for s in slots]) for key in ("g", "u", "d", "gs", "us", "ds")),
-            (ctypes.c_int * k)(*[s["inter"] for s in slots]), weights)
-
-
 _PLANS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
@@ -454,18 +445,6 @@ class DecodeStep:
             except _Stale:
                 _PLANS.pop(self.model, None)         # rebuilt by the second try
         return None
-
-    @staticmethod
-    def _chosen(plan: _StepOperands, ly: dict, ids: list, weights: torch.Tensor) -> tuple[list, torch.Tensor]:
-        """The expert slots of a choice the gate module made (and the shared one), checked, with
-        their fp32 weights: ``ffn``'s arguments."""
-        slots = [ly["routed"][e] for e in ids]
-        if ly["shared"] is not None:
-            slots.append(ly["shared"])
-            weights = torch.cat([weights, weights.new_ones(1)])
-        for sl in slots:
-            plan.check_slot(sl)
-        return slots, weights.float().contiguous()
 
     def _run(self, tokens: torch.Tensor, start: int, cache) -> torch.Tensor:
         m, cfg = self.model, self.cfg
@@ -500,13 +479,6 @@ class DecodeStep:
         def norm(wn, xin, out):
             norm_c(xin.data_ptr(), 0, wn[0].data_ptr(), wn[1], out.data_ptr(), 0, 1, xin.shape[-1])
             return out
-
-        def ffn(xin, slots, weights):                 # slots: _StepOperands._expert dicts; -> fp32 [D] (plan.moe_y)
-            # experts of the model's dtype or kept FP8, each read where it lies (dsv3_moe_mixed)
-            args = _ffn_args(slots, weights)
-            lib.dsv3_moe_mixed(f32, xin.data_ptr(), D, len(slots), *args[:7], args[7].data_ptr(), plan.moe_h.data_ptr(),
-                               plan.moe_y.data_ptr(), nt)
-            return plan.moe_y
 
         # the C latent attention where it measured faster than torch's flash attention here, for
         # the cache's length: below SPLIT_MIN_ROWS rows a thread torch's pass runs on one thread
@@ -572,15 +544,17 @@ class DecodeStep:
             # W_UV, o_proj, the residual, the post-attention norm (and the gate's choice)
             lib.dsv3_mla_out(f32, a_out, ly["out_f"], nt)
             if ly["ffn"] == "moe":
+                nk = cfg.num_experts_per_tok
                 if not gate_in_c:
                     ids_t, w_t = gate(h2)
-                    if ids_t.shape != (1, cfg.num_experts_per_tok):       # a forced routing of its own width
-                        x.add_(ffn(h2, *self._chosen(plan, ly, ids_t[0].tolist(), w_t[0])).to(dt))
-                        continue
-                    plan.ids.copy_(ids_t[0])
-                    plan.weights.copy_(w_t[0])
+                    nk = ids_t.shape[-1]                  # a forced routing may choose fewer experts
+                    if ids_t.shape[0] != 1 or nk > cfg.num_experts_per_tok:       # more than the plan's buffers
+                        raise _Fallback
+                    plan.ids[:nk].copy_(ids_t[0])
+                    plan.weights[:nk].copy_(w_t[0])
+                ly["moe_args"][_MOE_NK] = nk
                 routed = ly["routed"]
-                for e in plan.ids.tolist():
+                for e in plan.ids[:nk].tolist():
                     if not 0 <= e < len(routed):          # a forced routing's own ids: the module's to judge
                         raise _Fallback
                     plan.check_slot(routed[e])

@@ -402,52 +402,30 @@ static void dot_e4m3_rows(int xf32, int form, int R, const uint8_t *w, int64_t l
     }
 }
 
-/* x lifted into a new buffer (free it) where the tier takes the lifted form and x allows it, else NULL */
-static float *lifted_copy(int xf32, const void *x, int K) {
+/* B activations (x_b = x + b * sx elements apart, K each) lifted into one new buffer, x_b's at
+   b * K (free it), where the tier takes the lifted form and every x_b allows it, else NULL */
+static float *lifted_copy(int xf32, const void *x, int64_t sx, int B, int K) {
     if (!E4M3_LIFTED)
         return NULL;
-    float *xs = malloc(sizeof(float) * (size_t)K);
-    if (xs && !lift_activation(xf32, x, K, xs)) {
-        free(xs);
-        xs = NULL;
-    }
-    return xs;
-}
-
-/* Y[n] (bf16 rounded, or fp32 with f32out) = x W^T for e4m3 W [N, K] (ldw bytes apart) with
-   scales S (lds apart); x bf16 or fp32 (xf32). */
-static void gemv_fp8_any(int xf32, int f32out, const uint8_t *W, int64_t ldw, const float *S, int64_t lds,
-                         const void *x, void *Y, int N, int K, int nt) {
-    float *xs = lifted_copy(xf32, x, K);
-#pragma omp parallel num_threads(nt)
-    {
-        int form = e4m3_form(xs);
-#pragma omp for schedule(guided, 4)
-        for (int64_t r = 0; r < N; r += 4) {
-            int rows = N - r < 4 ? (int)(N - r) : 4;
-            float out[4];
-            dot_e4m3_rows(xf32, form, rows, W + r * ldw, ldw, S + (r / 128) * lds, x, xs, K, out);
-            for (int j = 0; j < rows; j++) put(f32out, Y, r + j, out[j]);
+    float *xs = malloc(sizeof(float) * (size_t)B * K);
+    for (int b = 0; xs && b < B; b++)
+        if (!lift_activation(xf32, at(xf32, x, b * sx), K, xs + (int64_t)b * K)) {
+            free(xs);
+            xs = NULL;
         }
-    }
-    free(xs);
+    return xs;
 }
 
 /* B e4m3 GEMVs in one parallel loop, each against its own activation: batch b's rows r < N are
    the weight's rows b * rb + r0 + r (ldw bytes apart, scales S by that row's 128-row block, lds
    apart), its activation x_b = X + b * sx and output y_b = Y + b * sy (elements of the element
    type, or fp32 with xf32 / f32out). A head's slice of a stored matrix is a batch: W_UV is rows
-   [n, n + v) of each head's n + v rows of kv_b as stored. rb and r0 multiples of 4 (four rows
-   never straddle a 128-row block). */
+   [n, n + v) of each head's n + v rows of kv_b as stored; one GEMV (Y[n] = x W^T) is B = 1 with
+   rb = r0 = 0. rb and r0 multiples of 4 (four rows never straddle a 128-row block). */
 static void gemv_fp8_batched(int xf32, int f32out, const uint8_t *W, int64_t ldw, int64_t rb, int64_t r0,
                              const float *S, int64_t lds, const void *X, int64_t sx, void *Y, int64_t sy, int B,
                              int N, int K, int nt) {
-    float *xs = E4M3_LIFTED ? malloc(sizeof(float) * (size_t)B * K) : NULL;
-    for (int b = 0; xs && b < B; b++)
-        if (!lift_activation(xf32, at(xf32, X, b * sx), K, xs + (int64_t)b * K)) {
-            free(xs);
-            xs = NULL;
-        }
+    float *xs = lifted_copy(xf32, X, sx, B, K);
     int64_t groups = (N + 3) / 4;
 #pragma omp parallel num_threads(nt)
     {
@@ -468,7 +446,7 @@ static void gemv_fp8_batched(int xf32, int f32out, const uint8_t *W, int64_t ldw
 /* x fp32 (a bf16 activation widened exactly by the caller); rnd: a bf16 model (bf16 output) */
 void dsv3_gemv_fp8(const uint8_t *W, int64_t ldw, const float *S, int64_t lds, const float *x, void *Y, int rnd,
                    int N, int K, int nt) {
-    gemv_fp8_any(1, !rnd, W, ldw, S, lds, x, Y, N, K, nt);
+    gemv_fp8_batched(1, !rnd, W, ldw, 0, 0, S, lds, x, 0, Y, 0, 1, N, K, nt);
 }
 
 /* gemv_fp8_batched for the tests (x and y of the element type, fp32 with f32) */
@@ -517,7 +495,7 @@ void dsv3_dequant_fp8(const uint8_t *W, int64_t ldw, const float *S, int64_t lds
 /* One projection of the fused step's calls: W e4m3 with scales S (contiguous, ceil(K/128) a row)
    when S is set, else a plain weight of the element type; one row x -> y, both of the element type. */
 static void proj(int f32, const void *W, const float *S, const void *x, void *y, int N, int K, int nt) {
-    if (S) gemv_fp8_any(f32, f32, (const uint8_t *)W, K, S, (K + 127) / 128, x, y, N, K, nt);
+    if (S) gemv_fp8_batched(f32, f32, (const uint8_t *)W, K, 0, 0, S, (K + 127) / 128, x, 0, y, 0, 1, N, K, nt);
     else gemv_any(f32, W, K, 0, x, 0, 0, y, 0, 0, 1, 1, N, K, nt);
 }
 
@@ -558,7 +536,7 @@ static void moe_any(int f32, const void *x, int K, int nslot, const int64_t *g, 
        h once every expert's rows are in it (hl), each used where its values allow */
     int any_fp8 = 0;
     for (int s = 0; s < nslot; s++) any_fp8 |= SC(gs, s) || SC(us, s) || SC(ds, s);
-    float *xs = any_fp8 ? lifted_copy(f32, x, K) : NULL;
+    float *xs = any_fp8 ? lifted_copy(f32, x, 0, 1, K) : NULL;
     float *hs = any_fp8 && E4M3_LIFTED ? malloc(sizeof(float) * (size_t)(total > 0 ? total : 1)) : NULL;
     const float *hl = NULL;
 #pragma omp parallel num_threads(nt)
