@@ -346,7 +346,11 @@ def _arms(kernel: str, dt: torch.dtype):
             kv = lat.view(n, 1, T // n, D)
             o, lse = flash(q.expand(n, 1, H, D), kv, kv, 0.0, False, scale=0.07)
             return (o[..., :c].float() * lse.softmax(dim=0)[..., None]).sum(0).to(dt)
-        return ((lambda lat: cpu_decode.latent_attention(q[0, 0], lat, 0.07, c)), torch_attn,
+        # the C arm with its output and scratch kept, as the fused step keeps them: a fresh ~0.3 MB
+        # scratch a call is an mmap whose pages fault in each time, which made the two arms tie at
+        # 1024 rows on a 2-core AVX2 EPYC where the step's C attention takes half torch's time
+        out, work = torch.empty(H, c, dtype=dt), torch.empty(cpu_decode.attention_work(H, D, c, n))
+        return ((lambda lat: cpu_decode.latent_attention(q[0, 0], lat, 0.07, c, out=out, work=work)), torch_attn,
                 _copies(lambda: rand(T, D), T * D * dt.itemsize))
     if kernel == "index_select":             # top-512 of 8192 keys' scores from [T, 64] logits
         T, H, k = 8192, 64, 512

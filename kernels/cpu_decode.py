@@ -280,9 +280,15 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
 ATT_BLK = 128           # rows whose scores one thread holds at once (the C source's ATT_BLK)
 
 
+ATT_TR_MAX = 12         # the most rows a scores tile reads (the C source's ATT_TR_MAX)
+
+
 def attention_work(H: int, D: int, c: int, threads: int) -> int:
-    """fp32 scratch values ``latent_attention`` needs with ``threads`` threads."""
-    return threads * (H * (c + 2 + ATT_BLK) + ATT_BLK * D)
+    """fp32 scratch values ``latent_attention`` needs with ``threads`` threads: the transposed
+    query (heads padded to a multiple of 16), then per thread its softmax state (3 x padded heads),
+    output, block scores and the block's rows as fp32 (a stride of at most D + 32)."""
+    hp = -(-H // 16) * 16
+    return D * hp + threads * (3 * hp + H * c + ATT_BLK * hp + (ATT_BLK + ATT_TR_MAX) * (D + 32))
 
 
 def latent_attention(q: torch.Tensor, latent: torch.Tensor, scale: float, c: int, idx: torch.Tensor | None = None,

@@ -725,250 +725,190 @@ void dsv3_index_scores(const bf16 *keys, int64_t ldk, const bf16 *q, const float
  * MLA's decode in the latent space is multi-query attention with one key/value head: the H query
  * rows q[h] = [q_nope W_UK ; q_pe] (D = c + r wide) all attend to the same cache rows
  * [c_kv ; k_pe], whose first c values are also the values. Per head: o[h] = softmax(scale *
- * q[h] . K^T) V over the T rows. Every cache row is read from memory once for all H heads; the
- * scores of a block of rows stay in L1 (an online softmax over blocks, as flash attention does);
- * the rows split over the threads, each thread's partial (max, sum, unnormalised output) merged
- * by log-sum-exp at the end (flash decoding). Rows are ``lat + row * ld`` for row = t, or
- * row = idx[t] (V3.2: only the indexer's selection, read in place).
+ * q[h] . K^T) V over the T rows. Every cache row is read from memory once for all H heads, in
+ * blocks of ATT_BLK rows whose scores stay in cache (an online softmax over blocks, as flash
+ * attention does); the rows split over the threads, each thread's partial (max, sum, unnormalised
+ * output) merged by log-sum-exp at the end (flash decoding). Rows are ``lat + row * ld`` for
+ * row = t, or row = idx[t] (V3.2: only the indexer's selection, read in place).
  *
- * fp32 rows, or bf16 rows widened as they load (fp32 arithmetic either way). In fp32 it is ~1.5x
- * torch's flash attention on an AVX-512 CPU. In bf16 torch's kernel multiplies on AMX tiles where
- * the CPU has them, which these loops do not reach (0.7-0.85x of it there); without AMX torch's
- * bf16 attention is no faster than its fp32 one, and this kernel can win. Which runs is measured
- * per CPU (kernels/cpu_calibrate.py). The scores' 4 x 4 block keeps its AVX-512 shuffle tree
- * (16 horizontal sums in 15 shuffles); every other loop is vec.h's. */
+ * A block's rows are first copied as fp32 (bf16 rows widened) into a buffer whose row stride is an
+ * odd number of cache lines; both products are then GEMM tiles of outer products, with no
+ * horizontal sums:
+ *   scores  s[j][h] = scale * sum_k row_j[k] q[h][k], the query transposed once a call into
+ *           qt[k][h] (its heads padded with zero rows to Hp, a whole number of vectors on every
+ *           tier): a k step of a tile is TR broadcast row values times HV vectors of heads;
+ *   values  o[h][:] += sum_j p[j][h] row_j[:c]: AH broadcast probabilities times 4 vectors of
+ *           columns, column chunks outer so that a chunk's rows (ATT_BLK x 4 vectors) stay in L1
+ *           for every group of heads.
+ * The online softmax runs across heads in vector lanes (the scores are laid out [row][head]).
+ * The previous form (dot products of 4 rows x 4 heads closed by a horizontal-sum tree, the values'
+ * heads outer) reached ~35 % of the FMA peak with every operand in cache on a 2-core AVX2 EPYC
+ * (Zen 3); docs/performance.md has the figures of this one. Which of this kernel and torch's
+ * flash attention runs is measured per CPU (kernels/cpu_calibrate.py). */
 
-#define ATT_BLK 128     /* rows whose scores are held at once: H x 128 fp32 = 8 KB at H = 16 */
-#define AH (VL == 16 ? 4 : 2)   /* heads a pass of the values loop (H is a multiple of 4) */
+#define ATT_BLK 128             /* rows a block: their scores, 128 x Hp fp32, 8 KB at 16 heads */
+#define ATT_TR_MAX 12           /* the most rows a scores tile (the block buffer's spare rows) */
+#define ATT_HP(H) (((H) + 15) / 16 * 16)
+#define AH (VL == 16 ? 4 : 2)   /* heads a values tile (H is a multiple of 4) */
 
-/* the softmax's exp: vec.h's vexp_neg (its arguments are scores minus their running max) */
-
-/* Scores of 4 rows against 4 query rows (D wide, contiguous): out[i][j] = q[i] . row_j. */
-/* The cache rows are bf16 (a bf16 model's cache) or fp32, widened to fp32 lanes as they load: the
-   arithmetic is fp32 either way. bf is a constant at each call of the always-inlined functions,
-   so each element type gets its own loops. */
-static inline vf vrow(int bf, const void *r, int64_t k) {
-    return bf ? vload_bf((const bf16 *)r + k) : vload((const float *)r + k);
+/* the block buffer's row stride: an odd number of 64-byte lines, so that a tile's rows fall in
+   different L1 sets (576 floats, 36 lines, put every 16th row in the same set) */
+static inline int64_t att_ld(int D) {
+    int64_t lines = (D + 15) / 16;
+    return (lines % 2 ? lines : lines + 1) * 16;
 }
-static inline float row1(int bf, const void *r, int64_t k) {
-    return bf ? bf2f(((const bf16 *)r)[k]) : ((const float *)r)[k];
-}
-#ifdef __AVX512F__
-static inline __m512 row512(int bf, const void *r, int64_t k) {
-    if (!bf) return _mm512_loadu_ps((const float *)r + k);
-    __m256i h = _mm256_loadu_si256((const void *)((const bf16 *)r + k));
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-}
-#endif
 
-static inline __attribute__((always_inline)) void scores4x4(int bf, const float *q, int D, const void *const rows[4],
-                                                              float out[4][4]) {
-    int k = 0;
-#ifdef __AVX512F__
-    __m512 a[4][4];
-    for (int i = 0; i < 4; i++)
-        for (int j = 0; j < 4; j++) a[i][j] = _mm512_setzero_ps();
-    for (; k + 16 <= D; k += 16) {
-        __m512 kv[4];
-        for (int j = 0; j < 4; j++) kv[j] = row512(bf, rows[j], k);
-        for (int i = 0; i < 4; i++) {
-            __m512 qv = _mm512_loadu_ps(q + (int64_t)i * D + k);
-            for (int j = 0; j < 4; j++) a[i][j] = _mm512_fmadd_ps(qv, kv[j], a[i][j]);
+/* TR rows of the block buffer (LC apart) against HV vectors of heads, from head vector hv0:
+   st[i][h] = scale * row_i . q[h]. TR, HV are constants where it is inlined; acc (TR x HV <= 12)
+   stays in registers. Rows past the block (i >= nr) are computed from the buffer's spare rows and
+   not stored. */
+static inline __attribute__((always_inline)) void scores_tile(int TR, int HV, const float *r, int64_t LC, int nr,
+                                                                const float *qt, int Hp, int hv0, int D, float scale,
+                                                                float *st) {
+    vf acc[ATT_TR_MAX][2];
+    for (int i = 0; i < TR; i++)
+        for (int u = 0; u < HV; u++) acc[i][u] = vzero();
+    const float *q = qt + hv0 * VL;
+    for (int k = 0; k < D; k++) {
+        vf qv[2];
+        for (int u = 0; u < HV; u++) qv[u] = vload(q + (int64_t)k * Hp + u * VL);
+        for (int i = 0; i < TR; i++) {
+            vf x = vsplat(r[i * LC + k]);
+            for (int u = 0; u < HV; u++) acc[i][u] += x * qv[u];
         }
     }
-    /* the 16 horizontal sums at once: a tree of shuffles and adds (15 of each, not 16 x 8) */
-    __m512 s1[8], s2[4], s3[2];
-    for (int p = 0; p < 8; p++) {
-        __m512 x = a[p / 2][2 * (p % 2)], y = a[p / 2][2 * (p % 2) + 1];
-        s1[p] = _mm512_add_ps(_mm512_shuffle_f32x4(x, y, 0x44), _mm512_shuffle_f32x4(x, y, 0xEE));
-    }
-    for (int p = 0; p < 4; p++)
-        s2[p] = _mm512_add_ps(_mm512_shuffle_f32x4(s1[2 * p], s1[2 * p + 1], 0x88),
-                              _mm512_shuffle_f32x4(s1[2 * p], s1[2 * p + 1], 0xDD));
-    for (int p = 0; p < 2; p++)
-        s3[p] = _mm512_add_ps(_mm512_shuffle_ps(s2[2 * p], s2[2 * p + 1], 0x44),
-                              _mm512_shuffle_ps(s2[2 * p], s2[2 * p + 1], 0xEE));
-    __m512 tot = _mm512_add_ps(_mm512_shuffle_ps(s3[0], s3[1], 0x88), _mm512_shuffle_ps(s3[0], s3[1], 0xDD));
-    float lanes[16];
-    _mm512_storeu_ps(lanes, tot);
-    for (int i = 0; i < 4; i++)
-        for (int j = 0; j < 4; j++) out[i][j] = lanes[4 * j + i];    /* the tree leaves a 4 x 4 transpose */
-#else
-    /* two query rows at a time: 8 accumulators, 4 key vectors and a query vector fit 16 registers */
-    for (int i0 = 0; i0 < 4; i0 += 2) {
-        vf a[2][4];
-        for (int i = 0; i < 2; i++)
-            for (int j = 0; j < 4; j++) a[i][j] = vzero();
-        for (k = 0; k + VL <= D; k += VL) {
-            vf kv[4];
-            for (int j = 0; j < 4; j++) kv[j] = vrow(bf, rows[j], k);
-            for (int i = 0; i < 2; i++) {
-                vf qv = vload(q + (int64_t)(i0 + i) * D + k);
-                for (int j = 0; j < 4; j++) a[i][j] += qv * kv[j];
-            }
-        }
-        /* the 8 sums (VL = 8: one tree; VL = 4: two) */
-        float r[8];
-        for (int n = 0; n < 8; n += VL) {
-            vf t = vsums(&a[0][0] + n);
-            memcpy(r + n, &t, sizeof t);
-        }
-        for (int i = 0; i < 2; i++)
-            for (int j = 0; j < 4; j++) out[i0 + i][j] = r[4 * i + j];
-    }
-#endif
-    for (int i = 0; i < 4; i++)
-        for (int j = 0; j < 4; j++) {
-            float s = 0.0f;
-            for (int kk = k; kk < D; kk++) s += q[(int64_t)i * D + kk] * row1(bf, rows[j], kk);
-            out[i][j] += s;
-        }
+    for (int i = 0; i < TR && i < nr; i++)
+        for (int u = 0; u < HV; u++) vstore(st + (int64_t)i * Hp + (hv0 + u) * VL, acc[i][u] * scale);
 }
 
 static inline const void *row_at(int bf, const void *lat, int64_t ld, const int64_t *idx, int64_t t) {
     return (const char *)lat + (idx ? idx[t] : t) * ld * (bf ? 2 : 4);
 }
 
-/* One thread's part: rows [t0, t1) -> m[h], l[h], o[h][c] (unnormalised). s: H x ATT_BLK. */
-static inline __attribute__((always_inline)) void attn_part(int bf, const void *lat, int64_t ld, const int64_t *idx,
-                                                              int64_t t0, int64_t t1, const float *q, int H, int D,
-                                                              int c, float scale, float *m, float *l, float *o,
-                                                              float *s, float *conv) {
-    for (int h = 0; h < H; h++) { m[h] = -INFINITY; l[h] = 0.0f; }
+/* One thread's part: rows [t0, t1) -> m[h], l[h], o[h][c] (unnormalised). a: Hp rescale factors,
+   st: ATT_BLK x Hp scores, rb: (ATT_BLK + ATT_TR_MAX) x att_ld(D) rows. */
+static void attn_part(int bf, const void *lat, int64_t ld, const int64_t *idx, int64_t t0, int64_t t1,
+                      const float *qt, int H, int D, int c, float scale, float *m, float *l, float *a, float *o,
+                      float *st, float *rb) {
+    int Hp = ATT_HP(H), nv = Hp / VL;
+    int64_t LC = att_ld(D);
+    for (int h = 0; h < Hp; h++) { m[h] = -INFINITY; l[h] = 0.0f; }
     memset(o, 0, sizeof(float) * (size_t)H * c);
     for (int64_t b0 = t0; b0 < t1; b0 += ATT_BLK) {
         int nb = (int)(t1 - b0 < ATT_BLK ? t1 - b0 : ATT_BLK);
-        /* the block's rows: in place (fp32), or widened once into conv (bf16: every row is read by
-           the scores and again by the values pass, AH heads at a time; widening each time it is
-           loaded cost more than the bytes it saves) */
-        const void *L = lat;
-        int64_t LD = ld, B0 = b0;
-        const int64_t *IX = idx;
-        if (bf) {
+        /* the block's rows as fp32, the next rows prefetched (V3.2's selection is in any order) */
+        for (int j = 0; j < nb; j++) {
+            if (j + 4 < nb) {
+                const char *p = (const char *)row_at(bf, lat, ld, idx, b0 + j + 4);
+                for (int64_t byte = 0; byte < (int64_t)D * (bf ? 2 : 4); byte += 64) PREFETCH(p + byte);
+            }
+            const void *src = row_at(bf, lat, ld, idx, b0 + j);
+            float *d = rb + j * LC;
+            int k = 0;
+            if (bf) {
+                for (; k + VL <= D; k += VL) vstore(d + k, vload_bf((const bf16 *)src + k));
+                for (; k < D; k++) d[k] = bf2f(((const bf16 *)src)[k]);
+            } else {
+                memcpy(d, src, sizeof(float) * (size_t)D);
+            }
+        }
+        /* scores: tiles of 6 rows x 2 head vectors; where the heads are one vector, 8 rows (12 with
+           AVX-512's 32 registers) x 1: 12 accumulators or 8, two FMAs a cycle of 4 cycles' latency */
+        for (int j0 = 0; j0 < nb; j0 += (nv >= 2 ? 6 : VL == 16 ? 12 : 8)) {
+            const float *r = rb + j0 * LC;
+            int hv = 0;
+            if (nv >= 2)
+                for (; hv + 2 <= nv; hv += 2) scores_tile(6, 2, r, LC, nb - j0, qt, Hp, hv, D, scale, st + j0 * Hp);
+            for (; hv < nv; hv++) {
+                if (nv >= 2) scores_tile(6, 1, r, LC, nb - j0, qt, Hp, hv, D, scale, st + j0 * Hp);
+                else if (VL == 16) scores_tile(12, 1, r, LC, nb - j0, qt, Hp, hv, D, scale, st + j0 * Hp);
+                else scores_tile(8, 1, r, LC, nb - j0, qt, Hp, hv, D, scale, st + j0 * Hp);
+            }
+        }
+        /* online softmax across the heads' lanes: the new running max, the factor a that rescales
+           what is accumulated, p in place of s */
+        for (int v = 0; v < nv; v++) {
+            float *sv = st + v * VL;
+            vf bm = vload(sv);
+            for (int j = 1; j < nb; j++) bm = vmax(bm, vload(sv + (int64_t)j * Hp));
+            vf mo = vload(m + v * VL), mn = vmax(bm, mo), sum = vzero();
             for (int j = 0; j < nb; j++) {
-                if (j + 4 < nb) {
-                    const char *p = (const char *)row_at(1, lat, ld, idx, b0 + j + 4);
-                    for (int64_t byte = 0; byte < (int64_t)D * 2; byte += 64) PREFETCH(p + byte);
-                }
-                const bf16 *r = (const bf16 *)row_at(1, lat, ld, idx, b0 + j);
-                float *d = conv + (int64_t)j * D;
-                int k = 0;
-                for (; k + VL <= D; k += VL) vstore(d + k, vload_bf(r + k));
-                for (; k < D; k++) d[k] = bf2f(r[k]);
+                vf p = vexp_neg(vload(sv + (int64_t)j * Hp) - mn);
+                vstore(sv + (int64_t)j * Hp, p);
+                sum += p;
             }
-            L = conv, LD = D, B0 = 0, IX = NULL;
+            vf f = vexp_neg(mo - mn);              /* e^-87 against a first block's -inf: l, o are 0 */
+            vstore(a + v * VL, f);
+            vstore(l + v * VL, vload(l + v * VL) * f + sum);
+            vstore(m + v * VL, mn);
         }
-        /* scores, 4 rows x 4 heads at a time (past the block's end the last row stands in) */
-        for (int j0 = 0; j0 < nb; j0 += 4) {
-            const void *rows[4];
-            for (int j = 0; j < 4; j++) rows[j] = row_at(0, L, LD, IX, B0 + (j0 + j < nb ? j0 + j : nb - 1));
-            for (int j = 0; j < 4 && !bf && j0 + 4 + j < nb; j++) {  /* the next 4 rows, from memory */
-                const char *p = (const char *)row_at(0, L, LD, IX, B0 + j0 + 4 + j);
-                for (int64_t byte = 0; byte < (int64_t)D * 4; byte += 64) PREFETCH(p + byte);
-            }
-            for (int h0 = 0; h0 < H; h0 += 4) {
-                float sc[4][4];
-                scores4x4(0, q + (int64_t)h0 * D, D, rows, sc);
-                for (int i = 0; i < 4; i++)
-                    for (int j = 0; j < 4 && j0 + j < nb; j++) s[(int64_t)(h0 + i) * ATT_BLK + j0 + j] = sc[i][j] * scale;
-            }
-        }
-        /* online softmax: the new running max, what is accumulated rescaled, p in place of s */
-        for (int h = 0; h < H; h++) {
-            float *sh = s + (int64_t)h * ATT_BLK;
-            float bm = -INFINITY;
-            for (int j = 0; j < nb; j++) bm = sh[j] > bm ? sh[j] : bm;
-            float mn = bm > m[h] ? bm : m[h];
-            float a = m[h] == -INFINITY ? 0.0f : expf(m[h] - mn);
-            if (a != 1.0f) {
-                l[h] *= a;
-                for (int i = 0; i < c; i++) o[(int64_t)h * c + i] *= a;
-            }
-            m[h] = mn;
-            int j = 0;
-            float sum = 0.0f;
-            vf vs = vzero();
-            for (; j + VL <= nb; j += VL) {
-                vf p = vexp_neg(vload(sh + j) - mn);
-                vstore(sh + j, p);
-                vs += p;
-            }
-            sum = vsum(vs);
-            for (; j < nb; j++) { sh[j] = expf(sh[j] - mn); sum += sh[j]; }
-            l[h] += sum;
-        }
-        /* values: o[h][:] += p[h][j] * row_j[:c], AH heads x 4 vectors of columns a pass (each
-           value chunk loaded once for AH heads; the block's rows are in L2 by now). AH = 4 with
-           32 vector registers (AVX-512), 2 with 16 (AVX2, SSE, NEON): the accumulators stay in
-           registers. */
-        for (int h0 = 0; h0 < H; h0 += AH) {
-            int i0 = 0;
-            for (; i0 + 4 * VL <= c; i0 += 4 * VL) {
+        for (int h = 0; h < H; h++)
+            if (a[h] != 1.0f)
+                for (int i = 0; i < c; i++) o[(int64_t)h * c + i] *= a[h];
+        /* values: AH heads x 4 vectors of columns a tile, column chunks outer */
+        int i0 = 0;
+        for (; i0 + 4 * VL <= c; i0 += 4 * VL)
+            for (int h0 = 0; h0 < H; h0 += AH) {
                 vf acc[AH][4];
                 for (int i = 0; i < AH; i++)
                     for (int u = 0; u < 4; u++) acc[i][u] = vload(o + (int64_t)(h0 + i) * c + i0 + VL * u);
                 for (int j = 0; j < nb; j++) {
-                    const void *rw = row_at(0, L, LD, IX, B0 + j);
+                    const float *rw = rb + j * LC + i0;
                     vf v[4];
-                    for (int u = 0; u < 4; u++) v[u] = vrow(0, rw, i0 + VL * u);
+                    for (int u = 0; u < 4; u++) v[u] = vload(rw + VL * u);
                     for (int i = 0; i < AH; i++) {
-                        vf p = vsplat(s[(int64_t)(h0 + i) * ATT_BLK + j]);
+                        vf p = vsplat(st[(int64_t)j * Hp + h0 + i]);
                         for (int u = 0; u < 4; u++) acc[i][u] += p * v[u];
                     }
                 }
                 for (int i = 0; i < AH; i++)
                     for (int u = 0; u < 4; u++) vstore(o + (int64_t)(h0 + i) * c + i0 + VL * u, acc[i][u]);
             }
-            for (int h = h0; h < h0 + AH; h++)
-                for (int j = 0; j < nb; j++) {
-                    const void *rw = row_at(0, L, LD, IX, B0 + j);
-                    float p = s[(int64_t)h * ATT_BLK + j];
-                    for (int i = i0; i < c; i++) o[(int64_t)h * c + i] += p * row1(0, rw, i);
-                }
-        }
+        for (int h = 0; h < H; h++)
+            for (int j = 0; j < nb; j++) {
+                float p = st[(int64_t)j * Hp + h];
+                for (int i = i0; i < c; i++) o[(int64_t)h * c + i] += p * rb[j * LC + i];
+            }
     }
-}
-
-/* One thread's part for each row type, specialised (attn_part is inlined with bf constant). */
-static void attn_part_f32(const void *lat, int64_t ld, const int64_t *idx, int64_t t0, int64_t t1, const float *q,
-                          int H, int D, int c, float scale, float *m, float *l, float *o, float *s, float *conv) {
-    attn_part(0, lat, ld, idx, t0, t1, q, H, D, c, scale, m, l, o, s, conv);
-}
-static void attn_part_bf16(const void *lat, int64_t ld, const int64_t *idx, int64_t t0, int64_t t1, const float *q,
-                           int H, int D, int c, float scale, float *m, float *l, float *o, float *s, float *conv) {
-    attn_part(1, lat, ld, idx, t0, t1, q, H, D, c, scale, m, l, o, s, conv);
 }
 
 /* out[h][:c] (ldo apart) = softmax_t(scale q[h] . row_t) row_t[:c] over T rows (see above): rows
    bf16 (bf) or fp32, q fp32 H x D contiguous, H a multiple of 4, out bf16 (rounded once) with bf,
-   fp32 without. work: nt * (H * (c + 2 + ATT_BLK) + ATT_BLK * D) floats (the last part: bf16's
-   widened block). */
+   fp32 without. work: the floats cpu_decode.attention_work counts, D * Hp (the transposed query)
+   + nt * (3 Hp + H c + ATT_BLK Hp + (ATT_BLK + ATT_TR_MAX) (D + 32)). */
 void dsv3_latent_attn(int bf, const void *lat, int64_t ld, const int64_t *idx, int64_t T, const float *q, int H,
                       int D, int c, float scale, void *out, int64_t ldo, float *work, int nt) {
     if (nt > T / 256) nt = T / 256 > 1 ? (int)(T / 256) : 1;        /* a piece is worth a thread */
     if (nt > 64) nt = 64;                                            /* the merge's weights */
-    int64_t per_thread = (int64_t)H * (c + 2 + ATT_BLK) + (int64_t)ATT_BLK * D;
+    int Hp = ATT_HP(H);
+    float *qt = work;
+    int64_t per_thread = 3 * (int64_t)Hp + (int64_t)H * c + (int64_t)ATT_BLK * Hp +
+                         (int64_t)(ATT_BLK + ATT_TR_MAX) * (D + 32);
+    float *parts = work + (int64_t)D * Hp;
 #pragma omp parallel num_threads(nt)
     {
         int id = omp_get_thread_num(), n = omp_get_num_threads();
-        float *w = work + id * per_thread;
+#pragma omp for schedule(static)
+        for (int k = 0; k < D; k++)
+            for (int h = 0; h < Hp; h++) qt[(int64_t)k * Hp + h] = h < H ? q[(int64_t)h * D + k] : 0.0f;
+        float *w = parts + id * per_thread;
         int64_t t0 = T * id / n, t1 = T * (id + 1) / n;
-        float *sc = w + 2 * H + (int64_t)H * c;
-        (bf ? attn_part_bf16 : attn_part_f32)(lat, ld, idx, t0, t1, q, H, D, c, scale, w, w + H, w + 2 * H, sc,
-                                              sc + (int64_t)H * ATT_BLK);
+        float *o = w + 3 * Hp, *st = o + (int64_t)H * c;
+        attn_part(bf, lat, ld, idx, t0, t1, qt, H, D, c, scale, w, w + Hp, w + 2 * Hp, o, st,
+                  st + (int64_t)ATT_BLK * Hp);
 #pragma omp barrier
 #pragma omp for schedule(static)
         for (int h = 0; h < H; h++) {
             float mx = -INFINITY, den = 0.0f, wt[64];
-            for (int p = 0; p < n; p++) { float mp = work[p * per_thread + h]; mx = mp > mx ? mp : mx; }
+            for (int p = 0; p < n; p++) { float mp = parts[p * per_thread + h]; mx = mp > mx ? mp : mx; }
             for (int p = 0; p < n; p++) {
-                float mp = work[p * per_thread + h];
+                float mp = parts[p * per_thread + h];
                 wt[p] = mp == -INFINITY ? 0.0f : expf(mp - mx);
-                den += wt[p] * work[p * per_thread + H + h];
+                den += wt[p] * parts[p * per_thread + Hp + h];
             }
             for (int i = 0; i < c; i++) {
                 float acc = 0.0f;
-                for (int p = 0; p < n; p++) acc += wt[p] * work[p * per_thread + 2 * H + (int64_t)h * c + i];
+                for (int p = 0; p < n; p++) acc += wt[p] * parts[p * per_thread + 3 * Hp + (int64_t)h * c + i];
                 put(!bf, out, (int64_t)h * ldo + i, acc / den);
             }
         }

@@ -33,7 +33,9 @@ typedef uint16_t vh __attribute__((vector_size(VL * 2)));
 /* unaligned loads and stores: memcpy of a vector's size is one vector move at -O2 and up */
 static inline vf vload(const float *p) { vf v; memcpy(&v, p, sizeof v); return v; }
 static inline void vstore(float *p, vf v) { memcpy(p, &v, sizeof v); }
-static inline vf vsplat(float x) { return (vf){0} + x; }
+/* x - (+0) folds to a bare broadcast (a broadcast of (vf){0} + x made GCC add a scalar 0 first:
+   0 + -0 is +0) */
+static inline vf vsplat(float x) { return x - (vf){0}; }
 static inline vf vzero(void) { return (vf){0}; }
 
 /* VL bf16 values widened to fp32 (a bf16 is the top half of an fp32: exact) */
