@@ -735,21 +735,28 @@ void dsv3_index_scores(const bf16 *keys, int64_t ldk, const bf16 *q, const float
  * odd number of cache lines; both products are then GEMM tiles of outer products, with no
  * horizontal sums:
  *   scores  s[j][h] = scale * sum_k row_j[k] q[h][k], the query transposed once a call into
- *           qt[k][h] (its heads padded with zero rows to Hp, a whole number of vectors on every
- *           tier): a k step of a tile is TR broadcast row values times HV vectors of heads;
- *   values  o[h][:] += sum_j p[j][h] row_j[:c]: AH broadcast probabilities times 4 vectors of
- *           columns, column chunks outer so that a chunk's rows (ATT_BLK x 4 vectors) stay in L1
- *           for every group of heads.
+ *           qt[k][h] (its heads padded with zero rows to Hp, a multiple of 16): a k step of a
+ *           tile is ATT_TR broadcast row values times the vectors of 16 heads;
+ *   values  o[h][:] += sum_j p[j][h] row_j[:c]: VAL_H broadcast probabilities times VAL_V
+ *           vectors of columns, column chunks outer so that a chunk's rows (ATT_BLK x VAL_V
+ *           vectors) stay in L1 for every group of heads.
  * The online softmax runs across heads in vector lanes (the scores are laid out [row][head]).
  * The previous form (dot products of 4 rows x 4 heads closed by a horizontal-sum tree, the values'
- * heads outer) reached ~35 % of the FMA peak with every operand in cache on a 2-core AVX2 EPYC
- * (Zen 3); docs/performance.md has the figures of this one. Which of this kernel and torch's
- * flash attention runs is measured per CPU (kernels/cpu_calibrate.py). */
+ * heads outer) ran at ~43 % of one core's FMA peak with every operand in cache on a 2-core AVX2
+ * EPYC (Zen 3), this one at ~58 % (docs/performance.md, session 12). Which of this kernel and
+ * torch's flash attention runs is measured per CPU (kernels/cpu_calibrate.py). */
 
 #define ATT_BLK 128             /* rows a block: their scores, 128 x Hp fp32, 8 KB at 16 heads */
+/* Tiles of 12 accumulators (16 registers on AVX2 and SSE; 16 with AVX-512's 32): a scores
+   tile is ATT_TR rows x the 16 heads of 16 / VL vectors, so it takes ATT_TR broadcasts and 16 / VL
+   query loads a k step; a values tile is VAL_H heads x VAL_V vectors of columns. SSE has neither
+   FMAs nor broadcast loads (a broadcast is a load and a shuffle), so its values tile keeps 2 heads
+   x 4 vectors, one broadcast for 4 vectors. */
+#define ATT_TR (3 * VL / 4)
 #define ATT_TR_MAX 12           /* the most rows a scores tile (the block buffer's spare rows) */
-#define ATT_HP(H) (((H) + 15) / 16 * 16)
-#define AH (VL == 16 ? 4 : 2)   /* heads a values tile (H is a multiple of 4) */
+#define VAL_H (VL == 4 ? 2 : 4)
+#define VAL_V (VL == 8 ? 3 : 4)
+#define ATT_HP(H) (((H) + 15) / 16 * 16)     /* heads padded: a whole number of tiles */
 
 /* the block buffer's row stride: an odd number of 64-byte lines, so that a tile's rows fall in
    different L1 sets (576 floats, 36 lines, put every 16th row in the same set) */
@@ -765,13 +772,16 @@ static inline int64_t att_ld(int D) {
 static inline __attribute__((always_inline)) void scores_tile(int TR, int HV, const float *r, int64_t LC, int nr,
                                                                 const float *qt, int Hp, int hv0, int D, float scale,
                                                                 float *st) {
-    vf acc[ATT_TR_MAX][2];
+    vf acc[ATT_TR_MAX][4];
     for (int i = 0; i < TR; i++)
         for (int u = 0; u < HV; u++) acc[i][u] = vzero();
     const float *q = qt + hv0 * VL;
     for (int k = 0; k < D; k++) {
-        vf qv[2];
-        for (int u = 0; u < HV; u++) qv[u] = vload(q + (int64_t)k * Hp + u * VL);
+        vf qv[4];
+        for (int u = 0; u < HV; u++) {
+            qv[u] = vload(q + (int64_t)k * Hp + u * VL);
+            VREG(qv[u]);
+        }
         for (int i = 0; i < TR; i++) {
             vf x = vsplat(r[i * LC + k]);
             for (int u = 0; u < HV; u++) acc[i][u] += x * qv[u];
@@ -779,6 +789,30 @@ static inline __attribute__((always_inline)) void scores_tile(int TR, int HV, co
     }
     for (int i = 0; i < TR && i < nr; i++)
         for (int u = 0; u < HV; u++) vstore(st + (int64_t)i * Hp + (hv0 + u) * VL, acc[i][u] * scale);
+}
+
+/* o[h0 + i][i0 + u VL ...] += sum_j p[j][h0 + i] row_j[i0 + u VL ...], AH heads x UV vectors (both
+   constants where it is inlined; AH x UV accumulators in registers) over the block's nb rows */
+static inline __attribute__((always_inline)) void values_tile(int AH, int UV, const float *rb, int64_t LC, int nb,
+                                                                const float *st, int Hp, int h0, float *o, int c,
+                                                                int i0) {
+    vf acc[4][4];
+    for (int i = 0; i < AH; i++)
+        for (int u = 0; u < UV; u++) acc[i][u] = vload(o + (int64_t)(h0 + i) * c + i0 + VL * u);
+    for (int j = 0; j < nb; j++) {
+        const float *rw = rb + j * LC + i0;
+        vf v[4];
+        for (int u = 0; u < UV; u++) {
+            v[u] = vload(rw + VL * u);
+            VREG(v[u]);
+        }
+        for (int i = 0; i < AH; i++) {
+            vf p = vsplat(st[(int64_t)j * Hp + h0 + i]);
+            for (int u = 0; u < UV; u++) acc[i][u] += p * v[u];
+        }
+    }
+    for (int i = 0; i < AH; i++)
+        for (int u = 0; u < UV; u++) vstore(o + (int64_t)(h0 + i) * c + i0 + VL * u, acc[i][u]);
 }
 
 static inline const void *row_at(int bf, const void *lat, int64_t ld, const int64_t *idx, int64_t t) {
@@ -812,19 +846,10 @@ static void attn_part(int bf, const void *lat, int64_t ld, const int64_t *idx, i
                 memcpy(d, src, sizeof(float) * (size_t)D);
             }
         }
-        /* scores: tiles of 6 rows x 2 head vectors; where the heads are one vector, 8 rows (12 with
-           AVX-512's 32 registers) x 1: 12 accumulators or 8, two FMAs a cycle of 4 cycles' latency */
-        for (int j0 = 0; j0 < nb; j0 += (nv >= 2 ? 6 : VL == 16 ? 12 : 8)) {
-            const float *r = rb + j0 * LC;
-            int hv = 0;
-            if (nv >= 2)
-                for (; hv + 2 <= nv; hv += 2) scores_tile(6, 2, r, LC, nb - j0, qt, Hp, hv, D, scale, st + j0 * Hp);
-            for (; hv < nv; hv++) {
-                if (nv >= 2) scores_tile(6, 1, r, LC, nb - j0, qt, Hp, hv, D, scale, st + j0 * Hp);
-                else if (VL == 16) scores_tile(12, 1, r, LC, nb - j0, qt, Hp, hv, D, scale, st + j0 * Hp);
-                else scores_tile(8, 1, r, LC, nb - j0, qt, Hp, hv, D, scale, st + j0 * Hp);
-            }
-        }
+        /* scores: tiles of ATT_TR rows x 16 heads */
+        for (int j0 = 0; j0 < nb; j0 += ATT_TR)
+            for (int hv = 0; hv < nv; hv += 16 / VL)
+                scores_tile(ATT_TR, 16 / VL, rb + j0 * LC, LC, nb - j0, qt, Hp, hv, D, scale, st + j0 * Hp);
         /* online softmax across the heads' lanes: the new running max, the factor a that rescales
            what is accumulated, p in place of s */
         for (int v = 0; v < nv; v++) {
@@ -845,25 +870,12 @@ static void attn_part(int bf, const void *lat, int64_t ld, const int64_t *idx, i
         for (int h = 0; h < H; h++)
             if (a[h] != 1.0f)
                 for (int i = 0; i < c; i++) o[(int64_t)h * c + i] *= a[h];
-        /* values: AH heads x 4 vectors of columns a tile, column chunks outer */
+        /* values: VAL_H heads x VAL_V vectors of columns a tile, column chunks outer; then VAL_H x 1 */
         int i0 = 0;
-        for (; i0 + 4 * VL <= c; i0 += 4 * VL)
-            for (int h0 = 0; h0 < H; h0 += AH) {
-                vf acc[AH][4];
-                for (int i = 0; i < AH; i++)
-                    for (int u = 0; u < 4; u++) acc[i][u] = vload(o + (int64_t)(h0 + i) * c + i0 + VL * u);
-                for (int j = 0; j < nb; j++) {
-                    const float *rw = rb + j * LC + i0;
-                    vf v[4];
-                    for (int u = 0; u < 4; u++) v[u] = vload(rw + VL * u);
-                    for (int i = 0; i < AH; i++) {
-                        vf p = vsplat(st[(int64_t)j * Hp + h0 + i]);
-                        for (int u = 0; u < 4; u++) acc[i][u] += p * v[u];
-                    }
-                }
-                for (int i = 0; i < AH; i++)
-                    for (int u = 0; u < 4; u++) vstore(o + (int64_t)(h0 + i) * c + i0 + VL * u, acc[i][u]);
-            }
+        for (; i0 + VAL_V * VL <= c; i0 += VAL_V * VL)
+            for (int h0 = 0; h0 < H; h0 += VAL_H) values_tile(VAL_H, VAL_V, rb, LC, nb, st, Hp, h0, o, c, i0);
+        for (; i0 + VL <= c; i0 += VL)
+            for (int h0 = 0; h0 < H; h0 += VAL_H) values_tile(VAL_H, 1, rb, LC, nb, st, Hp, h0, o, c, i0);
         for (int h = 0; h < H; h++)
             for (int j = 0; j < nb; j++) {
                 float p = st[(int64_t)j * Hp + h];

@@ -37,6 +37,15 @@ static inline void vstore(float *p, vf v) { memcpy(p, &v, sizeof v); }
    0 + -0 is +0) */
 static inline vf vsplat(float x) { return x - (vf){0}; }
 static inline vf vzero(void) { return (vf){0}; }
+/* v held in a register from here: GCC otherwise may load a value again at each use, as a memory
+   operand of each FMA, which made a tile's loads outnumber its FMAs */
+#if defined(__x86_64__) || defined(__i386__)
+#define VREG(v) __asm__("" : "+x"(v))
+#elif defined(__aarch64__)
+#define VREG(v) __asm__("" : "+w"(v))
+#else
+#define VREG(v) ((void)0)
+#endif
 
 /* VL bf16 values widened to fp32 (a bf16 is the top half of an fp32: exact) */
 static inline vf vload_bf(const uint16_t *p) {
