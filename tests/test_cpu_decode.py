@@ -33,8 +33,12 @@ def _bound_ok(y, x, w):
     return bool(((y.float() - ref).abs() <= BF16_ULP * ref.abs() + 2 * x.shape[-1] * 2 ** -24 * scale).all())
 
 
-@pytest.mark.parametrize("M,N,K", [(1, 96, 64), (1, 130, 200), (1, 4, 7), (3, 72, 512), (8, 33, 96)])
+@pytest.mark.parametrize("M,N,K", [(1, 96, 64), (1, 130, 200), (1, 4, 7), (3, 72, 512), (8, 33, 96), (1, 132, 200),
+                                   (1, 64, 1000)])
 def test_gemv_within_one_rounding_of_fp32(M, N, K):
+    """Shapes for each loop: one activation row and N a multiple of 4 (bf16 rows widened in
+    pairs against the activation split once, with a last group shorter than 2 vectors at K = 200
+    and 1000 on every tier), N not (a row at a time), several rows."""
     g = torch.Generator().manual_seed(M * 1000 + N)
     x = torch.randn(M, K, generator=g).bfloat16()
     w = (torch.randn(N, K, generator=g) * 0.05).bfloat16()
