@@ -101,3 +101,25 @@ def test_bench_peers_tiny(tmp_path):
                                                      "deepseek2.expert_count", "deepseek2.attention.kv_lora_rank")}
     assert fields == {"general.architecture": "deepseek2", "deepseek2.block_count": 3,
                       "deepseek2.expert_count": 16, "deepseek2.attention.kv_lora_rank": 32}
+
+
+def test_llamacpp_model_params_reach_its_loader_and_are_restored(monkeypatch):
+    """``Llama`` has no argument for ``use_extra_bufts`` (off where llama.cpp's AMX buffer would
+    abort a DeepSeek-2 graph): the parameters its constructor starts from carry it during the
+    load, and a name the struct lacks is an error rather than an attribute ctypes keeps aside."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    from dsv3lab.bench import peers
+    low = llama_cpp.llama_cpp
+    default = low.llama_model_default_params
+    assert default().use_extra_bufts                  # llama.cpp's default: on
+    with peers._llamacpp_model_params(use_extra_bufts=False):
+        assert low.llama_model_default_params().use_extra_bufts is False
+    assert low.llama_model_default_params is default
+    with pytest.raises(RuntimeError, match="no field 'use_extra_buffers'"):
+        with peers._llamacpp_model_params(use_extra_buffers=False):
+            low.llama_model_default_params()
+    assert low.llama_model_default_params is default
+    monkeypatch.setattr("dsv3lab.kernels.cpu_compile.cpu_flags", lambda: frozenset({"avx2", "amx_int8"}))
+    assert peers.llamacpp_extra_bufts() is False
+    monkeypatch.setattr("dsv3lab.kernels.cpu_compile.cpu_flags", lambda: frozenset({"avx2"}))
+    assert peers.llamacpp_extra_bufts() is True

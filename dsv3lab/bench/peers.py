@@ -29,6 +29,7 @@ fp32 (the same bytes per token as dsv3lab's cache in that dtype).
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import os
 import platform
@@ -70,15 +71,50 @@ def add_args(p) -> None:
                    help="reuse the checkpoints and GGUF files an earlier run left in --work (same arguments)")
 
 
+def llamacpp_extra_bufts() -> bool:
+    """Whether llama.cpp may place weights in its extra CPU buffer types (AMX tiles, repacked
+    layouts). Not on a CPU with AMX: there llama.cpp 0.3.36 puts a quantized GGUF's 2-D weights in
+    its AMX buffer, and a DeepSeek-2-architecture graph then has an op on such a weight that no
+    backend takes (it aborts with ``GGML_ASSERT(*cur_backend_id != -1)`` at its first decode, on
+    Moonlight's Q8_0 GGUF). Off is its command line's ``--no-repack``, what a user of llama.cpp on
+    such a CPU runs it with."""
+    from dsv3lab.kernels.cpu_compile import cpu_flags
+    return "amx_int8" not in cpu_flags()
+
+
+@contextlib.contextmanager
+def _llamacpp_model_params(**fields):
+    """llama-cpp-python's ``Llama`` takes no argument for some of llama.cpp's model parameters
+    (``use_extra_bufts``); its constructor starts from ``llama_model_default_params()``, so that
+    is given ``fields`` while the model loads."""
+    import llama_cpp
+    low = llama_cpp.llama_cpp
+    default = low.llama_model_default_params
+
+    def params():
+        p = default()
+        for k, v in fields.items():
+            if k not in dict(type(p)._fields_):     # a ctypes struct takes an unknown name silently
+                raise RuntimeError(f"llama-cpp-python's llama_model_params has no field {k!r}")
+            setattr(p, k, v)
+        return p
+    low.llama_model_default_params = params
+    try:
+        yield
+    finally:
+        low.llama_model_default_params = default
+
+
 def llamacpp_engine(gguf_path: str, n_ctx: int, threads: int, dtype, n_batch: int, n_ubatch: int = 512):
     """llama.cpp behind ``bench engine``'s engine interface (model, prefill, decode_setup,
     decode_step, kv_bytes), plus the last position's logits for the agreement check."""
     import llama_cpp
     from llama_cpp import Llama
     kv_type = llama_cpp.GGML_TYPE_F32 if dtype == torch.float32 else llama_cpp.GGML_TYPE_F16
-    llm = Llama(model_path=gguf_path, n_ctx=n_ctx, n_batch=n_batch, n_ubatch=n_ubatch,
-                n_threads=threads, n_threads_batch=threads, flash_attn=True,
-                type_k=kv_type, type_v=kv_type, verbose=False)
+    with _llamacpp_model_params(use_extra_bufts=llamacpp_extra_bufts()):
+        llm = Llama(model_path=gguf_path, n_ctx=n_ctx, n_batch=n_batch, n_ubatch=n_ubatch,
+                    n_threads=threads, n_threads_batch=threads, flash_attn=True,
+                    type_k=kv_type, type_v=kv_type, verbose=False)
     state = {}
 
     def prefill(x):

@@ -310,7 +310,7 @@ def _measure_llamacpp(gguf: str, args_d: dict) -> dict:
     and decode tokens/s at each context (its cache cannot be tiled, so each context is a real
     prefill of that many tokens; the prefill of ``--prefill`` tokens is timed as one of them
     when it is one of the contexts)."""
-    from dsv3lab.bench.peers import llamacpp_engine
+    from dsv3lab.bench.peers import llamacpp_engine, llamacpp_extra_bufts
     from dsv3lab.checkpoint import rss_bytes
     threads = args_d["threads"] or torch.get_num_threads()
     ctxs, n, steps = args_d["contexts"], args_d["prefill"], args_d["decode_steps"]
@@ -324,7 +324,8 @@ def _measure_llamacpp(gguf: str, args_d: dict) -> dict:
     t0 = time.perf_counter()
     (llm, prefill, decode_setup, decode_step, _), _ = llamacpp_engine(gguf, longest + steps + 8, threads,
                                                                       torch.bfloat16, longest)
-    out.update(load_s=time.perf_counter() - t0, read_GBps=bw / 1e9, gguf_GB=os.path.getsize(gguf) / 1e9)
+    out.update(load_s=time.perf_counter() - t0, read_GBps=bw / 1e9, gguf_GB=os.path.getsize(gguf) / 1e9,
+               extra_bufts=llamacpp_extra_bufts())
     x = torch.randint(0, llm.n_vocab(), (1, longest + 4), generator=torch.Generator().manual_seed(0))
     prefill(x[:, :16])
     rates = {}
