@@ -119,10 +119,72 @@ def _verdicts(tier: str, threads: int) -> dict:
     if cpu_decode.library() is None:
         return {}
     path = _cache_file(tier)
-    cached = _read(path).get(str(threads)) if path else None
-    if cached and set(cached) >= {key(k, d) for k, ds in KERNELS.items() for d in ds}:
+    data = _read(path) if path else {}
+    cached, form = data.get(str(threads)), data.get(FORM, {}).get(str(threads))
+    if (cached and set(cached) >= {key(k, d) for k, ds in KERNELS.items() for d in ds}
+            and (form or not form_choice())):
+        _apply_form(form)
         return cached
     return _measure(tier, threads, ROUNDS)
+
+
+# --- the e4m3 form, where the tier has two (kernels/cpu/decode_bf16.c, dsv3_e4m3_lifted)
+
+FORM = "e4m3 form"               # the cache file's entry: {threads: {"lifted_us", "f16c_us", "speedup", "use"}}
+
+
+def form_choice() -> bool:
+    """Whether this tier's library widens e4m3 in two vector forms to choose from (AVX2 with F16C:
+    the lifted one and F16C's conversion)."""
+    prev = cpu_decode.e4m3_lifted()
+    both = cpu_decode.e4m3_lifted(True) and not cpu_decode.e4m3_lifted(False)
+    cpu_decode.e4m3_lifted(prev)
+    return both
+
+
+def form_verdict() -> dict | None:
+    """The measured choice of e4m3 form for the current tier and thread count (None where the
+    tier has one form, or it is not measured yet)."""
+    path = _cache_file(cpu_compile.march())
+    return (_read(path).get(FORM, {}).get(str(torch.get_num_threads()))) if path else None
+
+
+def _apply_form(form: dict | None) -> None:
+    if form is not None:
+        cpu_decode.e4m3_lifted(form["use"])
+
+
+def _measure_form(rounds: int) -> dict | None:
+    """The FP8 MoE call (``moe_fp8``'s operands: Gaussian weights cast to e4m3 unscaled, about a
+    quarter of them subnormal) in the lifted form against F16C's. The lifted form makes e4m3's
+    subnormals fp32 subnormals, multiplied at full rate on AMD cores and by microcode assist on
+    Intel's, so weights with subnormals pick the form that is fast on any weights: on an AVX2
+    EPYC the lifted one, on a Xeon F16C's."""
+    if not form_choice():
+        return None
+    c_fn, _, items = _arms("moe_fp8", torch.bfloat16)
+
+    def lifted(it):
+        cpu_decode.e4m3_lifted(True)
+        return c_fn(it)
+
+    def f16c(it):
+        cpu_decode.e4m3_lifted(False)
+        return c_fn(it)
+    lt, ft = _alternating(lifted, f16c, items, rounds)
+    form = dict(lifted_us=lt * 1e6, f16c_us=ft * 1e6, speedup=ft / lt, use=bool(lt < ft))
+    _apply_form(form)
+    return form
+
+
+def form_line(form: dict | None = None) -> str:
+    """One line saying which e4m3 form runs and what was measured (``dsv3lab info``, ``bench cpu``)."""
+    form = form_verdict() if form is None else form
+    if form is None:
+        return ("e4m3 form: " + ("lifted or F16C, not measured yet" if form_choice() else
+                                 "one vector form on this tier"))
+    return (f"e4m3 form: {'lifted' if form['use'] else 'F16C'} (the FP8 MoE call lifted {form['lifted_us']:.0f} us, "
+            f"F16C {form['f16c_us']:.0f} us)")
 
 
 def calibrate(force: bool = False, rounds: int = ROUNDS) -> dict:
@@ -159,6 +221,8 @@ def _measure_all(tier: str, threads: int, rounds: int) -> dict:
                   f"-march={tier}, {threads} threads; once, cached beside the library)", stacklevel=3)
     result = {}
     with torch.no_grad():
+        # the e4m3 form first: the FP8 kernels' verdicts below are then the chosen form's
+        form = _measure_form(rounds)
         for kernel, dtypes in KERNELS.items():
             for dt in dtypes:
                 if kernel in ("index_select", "gather") and cpu_sparse.library() is None:
@@ -173,6 +237,8 @@ def _measure_all(tier: str, threads: int, rounds: int) -> dict:
     if path is not None:
         data = _read(path)
         data[str(threads)] = result
+        if form is not None:
+            data.setdefault(FORM, {})[str(threads)] = form
         data["cpu"] = cpu_compile.isa_summary()
         try:
             _write(path, data)

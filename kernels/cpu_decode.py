@@ -17,8 +17,8 @@ model's fused decode step: ``kernel(name, dtype)``):
   latent_attention(q, latent, ...)   one token's attention over the latent cache (bf16 or fp32)
 (V3.2's fused decode selection and row gather are ``cpu_sparse.py``'s, ``cpu/sparse_bf16.c``.)
 
-The attention over the latent cache stays torch's fused flash attention: on a CPU with AMX its
-tile multiplies beat any AVX-512 loop written here (a fused C version measured 3x slower).
+The attention over the latent cache runs in C where it measured faster than torch's flash
+attention (on an AVX2 EPYC); on a CPU with AMX torch's tile multiplies win (docs/kernels.md).
 
 The library is built on first use for the CPU at hand (``cpu_compile.py``: ``-march=native``, or
 the tier ``DSV3LAB_CPU_MARCH`` names); without a C compiler, or if the build fails,
@@ -71,6 +71,7 @@ def _library(tier: str) -> ctypes.CDLL | None:
         "dsv3_mla_in": [I, P, P, I],             # one layer around the attention (dsv3lab/fast/step.py)
         "dsv3_mla_out": [I, P, P, I],
         "dsv3_moe_routed": [I, P, I],            # the chosen experts from a table, the residual
+        "dsv3_e4m3_lifted": ([I], I),            # which e4m3 form runs, where the tier has two
     })
     return cpu_compile.bound_library(SOURCE, tier, signatures)
 
@@ -179,6 +180,19 @@ def gemv_fp8(w: torch.Tensor, scale_inv: torch.Tensor, x: torch.Tensor, out_dtyp
     library().dsv3_gemv_fp8(w.data_ptr(), w.stride(0), scale_inv.data_ptr(), scale_inv.stride(0), xf.data_ptr(),
                             y.data_ptr(), int(out_dtype == torch.bfloat16), N, K, torch.get_num_threads())
     return y
+
+
+def e4m3_lifted(on: bool | None = None) -> bool:
+    """Which form the FP8 dot products widen e4m3 in, where this tier has two (AVX2 with F16C):
+    the lifted one (True) or F16C's conversion; ``on`` sets it (a no-op where the tier has one
+    form). Returns the form in effect. The lifted form makes e4m3's subnormals fp32 subnormals,
+    which Intel cores multiply by microcode assist (14x slower on a Sapphire Rapids' AVX2 tier
+    with 1/12 of the weights subnormal), AMD's at full rate (where it is ~1.2x F16C's):
+    ``cpu_calibrate`` measures both and sets the faster. False without the library."""
+    lib = library()
+    if lib is None:
+        return False
+    return bool(lib.dsv3_e4m3_lifted(-1 if on is None else int(bool(on))))
 
 
 def dequant_fp8(w: torch.Tensor, scale_inv: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -205,3 +205,46 @@ def test_the_fused_step_is_timed_against_the_module_path_once_per_model(measured
     finally:
         torch.set_num_threads(saved)
     assert timed == [1, 1]
+
+
+@needs_c
+def test_the_e4m3_form_is_measured_stored_and_applied(measured, monkeypatch):
+    """Where the tier widens e4m3 in two vector forms (AVX2 + F16C: the lifted one, whose
+    subnormal lanes cost Intel cores a microcode assist, and F16C's conversion), the calibration
+    times the FP8 MoE call in both, stores the faster beside the verdicts and sets it; a later
+    process reads it back and sets it again, whatever the library's default."""
+    if "x86-64-v3" not in cpu_compile.tiers():
+        pytest.skip("no AVX2 + F16C tier on this CPU")
+    monkeypatch.setenv("DSV3LAB_CPU_MARCH", "x86-64-v3")
+    cpu_decode._library.cache_clear()
+    assert cpu_calibrate.form_choice() and cpu_calibrate.form_verdict() is None
+    assert "not measured yet" in cpu_calibrate.form_line()
+    try:
+        with pytest.warns(UserWarning, match="timing the C decode kernels"):
+            cpu_calibrate.calibrate(force=True, rounds=1)
+        form = cpu_calibrate.form_verdict()
+        assert form is not None and form["lifted_us"] > 0 and form["f16c_us"] > 0
+        assert form["use"] == (form["lifted_us"] < form["f16c_us"])
+        assert cpu_decode.e4m3_lifted() == form["use"]
+        assert cpu_calibrate.form_line().startswith(f"e4m3 form: {'lifted' if form['use'] else 'F16C'}")
+        cpu_decode.e4m3_lifted(not form["use"])               # another process: the library's own default
+        monkeypatch.setattr(cpu_calibrate, "_measure", lambda *a: pytest.fail("measured twice"))
+        cpu_calibrate._verdicts.cache_clear()
+        cpu_calibrate.verdicts()
+        assert cpu_decode.e4m3_lifted() == form["use"]
+    finally:
+        cpu_decode.e4m3_lifted(True)
+
+
+@needs_c
+def test_a_tier_with_one_e4m3_form_stores_no_choice(measured, monkeypatch):
+    """SSE (no F16C: only the lifted form keeps products normal) and AVX-512 (F16C's conversion
+    of 16 lanes) have one form: nothing to set, and the line says so."""
+    tier = "x86-64-v2" if "x86-64-v2" in cpu_compile.tiers() else None
+    if tier is None:
+        pytest.skip("no SSE tier on this CPU")
+    monkeypatch.setenv("DSV3LAB_CPU_MARCH", tier)
+    cpu_decode._library.cache_clear()
+    assert cpu_decode.e4m3_lifted() and cpu_decode.e4m3_lifted(False)     # lifted, and stays
+    assert not cpu_calibrate.form_choice()
+    assert cpu_calibrate.form_line() == "e4m3 form: one vector form on this tier"

@@ -17,13 +17,27 @@ import torch.nn.functional as F
 
 import dsv3lab
 import dsv3lab.probes
-from dsv3lab.kernels import backend, cpu_compile, cpu_decode
+from dsv3lab.kernels import backend, cpu_calibrate, cpu_compile, cpu_decode
 from dsv3lab.model import moe as moe_mod
 from dsv3lab.model.rope import apply_rope
 
 pytestmark = pytest.mark.skipif(not cpu_decode.available(), reason="no C compiler for the CPU decode kernels")
 
 BF16_ULP = 2 ** -8
+
+
+@pytest.fixture(params=["lifted", "f16c"])
+def e4m3_form(request):
+    """The FP8 kernel tests run in each vector form the tier widens e4m3 in (the lifted one and
+    F16C's where it has both: AVX2; one elsewhere, so the second run is skipped), the form set
+    as the calibration would set it (cpu_decode.e4m3_lifted) and restored after."""
+    if request.param == "f16c" and not cpu_calibrate.form_choice():
+        pytest.skip("one e4m3 vector form on this tier")
+    prev = cpu_decode.e4m3_lifted()
+    now = cpu_decode.e4m3_lifted(request.param == "lifted")
+    assert now == (request.param == "lifted") or not cpu_calibrate.form_choice()
+    yield request.param
+    cpu_decode.e4m3_lifted(prev)
 
 
 def _bound_ok(y, x, w):
@@ -558,6 +572,7 @@ def test_fused_step_layer_calls_on_other_shapes(variant):
     assert ((fast - ref).norm() / ref.norm()).item() < 1e-5
 
 
+@pytest.mark.usefixtures("e4m3_form")
 @pytest.mark.parametrize("N,K", [(256, 384), (130, 200), (7, 129), (1, 1)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_fp8_gemv_reads_e4m3_as_stored(N, K, dtype):
@@ -575,6 +590,7 @@ def test_fp8_gemv_reads_e4m3_as_stored(N, K, dtype):
     assert y.dtype == dtype and ((y.double() - ref).abs() <= bound + 1e-30).all()
 
 
+@pytest.mark.usefixtures("e4m3_form")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("rows,r0,N,K", [(256, 128, 128, 512), (64, 16, 36, 130), (8, 4, 3, 16)])
 def test_fp8_batched_gemv_reads_each_heads_rows_as_stored(rows, r0, N, K, dtype):
@@ -604,6 +620,7 @@ def test_fp8_batched_gemv_reads_each_heads_rows_as_stored(rows, r0, N, K, dtype)
         assert (Y[b * sy + N:(b + 1) * sy] == -7.0).all()                 # nothing written past N
 
 
+@pytest.mark.usefixtures("e4m3_form")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_fp8_gemv_widens_every_e4m3_code_exactly(dtype):
     """Against a one-hot activation each output is one dequantized weight, exactly: every e4m3
@@ -642,6 +659,7 @@ def _denormal_inputs_as_zero(threads: int):
         torch.set_num_threads(old)
 
 
+@pytest.mark.usefixtures("e4m3_form")
 @pytest.mark.parametrize("threads", [1, 2])
 def test_fp8_gemv_keeps_e4m3_subnormals_when_denormals_are_flushed(threads):
     """The AVX2 GEMV widens e4m3 into fp32 values 2^-120 of the weight, which makes e4m3's
@@ -666,6 +684,7 @@ def test_fp8_gemv_keeps_e4m3_subnormals_when_denormals_are_flushed(threads):
             assert torch.equal(cpu_decode.gemv_fp8(q, s, x, torch.float32), ref[:, k]), k
 
 
+@pytest.mark.usefixtures("e4m3_form")
 @pytest.mark.parametrize("magnitude", [2.0 ** -30, 1.0, 2.0 ** 26, 2.0 ** 27, 2.0 ** 60])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_fp8_gemv_at_every_activation_magnitude(magnitude, dtype):
@@ -739,6 +758,7 @@ def _moe_close(y, ref, dtype) -> bool:
     return ((y.double() - ref).norm() / ref.norm()).item() < 1e-5
 
 
+@pytest.mark.usefixtures("e4m3_form")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("K,inter", [(256, 384), (200, 96), (130, 7)])
 def test_moe_kernel_with_fp8_experts(K, inter, dtype):
@@ -759,6 +779,7 @@ def test_moe_kernel_with_fp8_experts(K, inter, dtype):
         cpu_decode.moe(x, gate, up, down, weights)
 
 
+@pytest.mark.usefixtures("e4m3_form")
 @pytest.mark.parametrize("magnitude", [1.0, 2.0 ** 16, 2.0 ** 28])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_moe_fp8_experts_at_every_activation_magnitude(magnitude, dtype):

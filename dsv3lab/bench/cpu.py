@@ -132,6 +132,7 @@ def run(args) -> int:
           f"{args.threads} threads)")
     verdicts = cpu_calibrate.calibrate(force=True)
     print_table(cpu_calibrate.table(verdicts))
+    print(cpu_calibrate.form_line())
     cfg = dsv3lab.ModelConfig.preset(args.preset)
     g = torch.Generator().manual_seed(0)
     figures = []                                  # (what, dtype, bytes per call, {arm: fn, items})

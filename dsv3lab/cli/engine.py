@@ -90,6 +90,7 @@ def print_cpu_kernels(measure: bool) -> None:
         return
     used = sum(v["use"] for v in rows.values())
     print(f"  C decode kernels      {where}; {used} of {len(rows)} measured faster than torch's call and used")
+    print(f"  {cpu_calibrate.form_line()}")
     if measure:
         from dsv3lab.viz.tables import text_table
         print(text_table(cpu_calibrate.table(rows)))

@@ -331,8 +331,16 @@ static inline float e4m3_to_f32(uint8_t b) {
  * and the MoE call 1.3x from memory (a ymm vcvtph2ps is two operations there; the integer
  * widening runs on any vector pipe); the pairs (one widening for two vectors, session 10) ran
  * ~1.2x that from L2. The lifted scale loses partial sums below 2^-106 to fp32's subnormals
- * (2^-118 at F16C's). AVX-512 converts 16 lanes in one vcvtph2ps and keeps it (no such CPU was
- * at hand to measure the lifted form on). */
+ * (2^-118 at F16C's). AVX-512 converts 16 lanes in one vcvtph2ps and keeps it.
+ *
+ * The lifted form makes e4m3's subnormals (exponent field 0) fp32 subnormals, and Intel cores
+ * take a microcode assist for a multiply with a subnormal input where AMD's do not: on a
+ * Sapphire Rapids Xeon (session 13) the AVX2 tier's MoE call read 0.4 GB/s lifted against
+ * 5.6 GB/s in the F16C form on weights of which 1/12 are subnormal (the bench's random codes),
+ * and 6.8 against 5.6 on weights with none. So where the tier has both forms (AVX2 with F16C),
+ * which one runs is chosen at run time (dsv3_e4m3_lifted), by measuring both on weights with
+ * subnormals (kernels/cpu_calibrate.py): a form that is fast on every weight. Without F16C (SSE)
+ * the lifted form is the only vector form that keeps products normal, so it stays. */
 #if VL <= 8
 #define E4M3_LIFTED 1
 #else
@@ -340,6 +348,19 @@ static inline float e4m3_to_f32(uint8_t b) {
 #endif
 #define X_LIFT 0x1p100f
 #define X_LIFT_MAX 0x1p27f
+
+/* whether the lifted form runs (where the tier has it): on by default; dsv3_e4m3_lifted sets it
+   between calls, from the process's one thread that calls in */
+static int e4m3_lifted_on = E4M3_LIFTED;
+
+/* Sets whether the lifted form runs (on != 0), where this tier lets it be chosen (both forms
+   vectorised: E4M3_LIFTED with F16C's raw form); returns the form in effect, 1 = lifted. A
+   negative ``on`` only reads it. */
+int dsv3_e4m3_lifted(int on) {
+    if (on >= 0 && E4M3_LIFTED && !E4M3_RAW_TINY)
+        e4m3_lifted_on = on != 0;
+    return e4m3_lifted_on;
+}
 
 /* How a thread widens e4m3 in its vector loops: lifted (x lifted into xs, see above), raw
    (vec.h's vload_e4m3_raw against x), or not at all (the scalar loop, e4m3_to_f32): where the
@@ -349,7 +370,7 @@ static inline float e4m3_to_f32(uint8_t b) {
 enum { E4M3_SCALAR, E4M3_RAW, E4M3_LIFTED_FORM };
 static inline int e4m3_form(const float *xs) {
     int flushed = denormals_flushed();
-    if (E4M3_LIFTED && xs && !flushed)
+    if (E4M3_LIFTED && e4m3_lifted_on && xs && !flushed)
         return E4M3_LIFTED_FORM;
     return flushed && E4M3_RAW_TINY ? E4M3_SCALAR : E4M3_RAW;
 }
@@ -465,7 +486,7 @@ static void dot_e4m3_rows(int xf32, int form, int R, const uint8_t *w, int64_t l
 /* B activations (x_b = x + b * sx elements apart, K each) lifted into one new buffer, x_b's at
    b * K (free it), where the tier takes the lifted form and every x_b allows it, else NULL */
 static float *lifted_copy(int xf32, const void *x, int64_t sx, int B, int K) {
-    if (!E4M3_LIFTED)
+    if (!E4M3_LIFTED || !e4m3_lifted_on)
         return NULL;
     float *xs = malloc(sizeof(float) * (size_t)B * K);
     for (int b = 0; xs && b < B; b++)
@@ -597,7 +618,7 @@ static void moe_any(int f32, const void *x, int K, int nslot, const int64_t *g, 
     int any_fp8 = 0;
     for (int s = 0; s < nslot; s++) any_fp8 |= SC(gs, s) || SC(us, s) || SC(ds, s);
     float *xs = any_fp8 ? lifted_copy(f32, x, 0, 1, K) : NULL;
-    float *hs = any_fp8 && E4M3_LIFTED ? malloc(sizeof(float) * (size_t)(total > 0 ? total : 1)) : NULL;
+    float *hs = any_fp8 && E4M3_LIFTED && e4m3_lifted_on ? malloc(sizeof(float) * (size_t)(total > 0 ? total : 1)) : NULL;
     const float *hl = NULL;
     /* bf16 experts take dot4_split: x split once, h once every expert's rows are in it (each
        expert's values from its own off[s], where its rows' dot products start) */
