@@ -56,7 +56,12 @@ KERNELS = {
     "gather": (torch.bfloat16,),            # cpu_sparse: the selected latent rows
 }
 ROUNDS = 5
-STREAM_BYTES = 48 << 20          # copies of a weight cycled per timing: past a 32 MB L3
+# bytes of copies of an operand cycled per timing, so that each call reads it from memory as a
+# decode step does (it streams the weights once a token), not from a cache holding all of them:
+# None = 1.5x the last-level cache, within [STREAM_MIN, STREAM_MAX] (a VM of a Xeon with a 480 MB
+# L3 held the old fixed 48 MB whole, and timed torch's attention at half its cost in the step)
+STREAM_BYTES: int | None = None
+STREAM_MIN, STREAM_MAX = 48 << 20, 1 << 30
 MODES = ("measured", "all")
 
 
@@ -264,8 +269,31 @@ def table(verdicts_: dict | None = None) -> list[dict]:
 
 # --- the two arms of each kernel: decode-sized operands, the torch call the engine makes otherwise
 
-def _copies(make, nbytes: int) -> list:
-    return [make() for _ in range(max(2, min(48, -(-STREAM_BYTES // max(1, nbytes)))))]
+def stream_bytes(setting: int | None = None) -> int:
+    """Bytes of copies to cycle through: ``setting`` (else ``STREAM_BYTES``) where given, else
+    1.5x the last-level cache (32 MB where unknown) within [STREAM_MIN, STREAM_MAX]."""
+    s = STREAM_BYTES if setting is None else setting
+    if s is not None:
+        return s
+    return min(STREAM_MAX, max(STREAM_MIN, 3 * (cpu_compile.llc_bytes() or 32 << 20) // 2))
+
+
+def _clone(x):
+    if torch.is_tensor(x):
+        return x.clone()
+    if isinstance(x, (list, tuple)):
+        return type(x)(_clone(v) for v in x)
+    return x
+
+
+def copies(make, nbytes: int, total: int | None = None) -> list:
+    """``make()`` (operands of ``nbytes``) and clones of it, ``stream_bytes(total)`` in all, at
+    least two: cycled through by a timing. Clones rather than new draws: the same values in other
+    memory time the same, and drawing a large cache's worth of random numbers takes seconds."""
+    first = make()
+    return [first] + [_clone(first) for _ in range(max(2, -(-stream_bytes(total) // max(1, nbytes))) - 1)]
+
+
 
 
 def _arms(kernel: str, dt: torch.dtype):
@@ -278,7 +306,7 @@ def _arms(kernel: str, dt: torch.dtype):
         N = K = 2048
         x = rand(1, K)
         torch_mv = (lambda w: torch.mv(w, x[0])) if dt == torch.bfloat16 else (lambda w: F.linear(x, w))
-        return (lambda w: cpu_decode.gemv(w, x)), torch_mv, _copies(lambda: rand(N, K, s=0.05), N * K * dt.itemsize)
+        return (lambda w: cpu_decode.gemv(w, x)), torch_mv, copies(lambda: rand(N, K, s=0.05), N * K * dt.itemsize)
     if kernel == "gemv_fp8":                 # a 2048 x 2048 e4m3 projection of one token, 128x128 scales
         N = K = 2048
         x = rand(1, K)
@@ -292,7 +320,7 @@ def _arms(kernel: str, dt: torch.dtype):
             w, s = ws
             deq = (w.float().view(N // 128, 128, K // 128, 128) * s[:, None, :, None]).view(N, K).to(dt)
             return torch.mv(deq, x[0]) if dt == torch.bfloat16 else F.linear(x, deq)
-        return (lambda ws: cpu_decode.gemv_fp8(ws[0], ws[1], x, dt)), torch_fp8, _copies(make, N * K)
+        return (lambda ws: cpu_decode.gemv_fp8(ws[0], ws[1], x, dt)), torch_fp8, copies(make, N * K)
     if kernel == "dequant_fp8":              # a 2048 x 2048 e4m3 weight into x's dtype (a prefill's band)
         N = K = 2048
 
@@ -303,7 +331,7 @@ def _arms(kernel: str, dt: torch.dtype):
         def torch_deq(ws):
             w, s = ws
             return (w.float().view(N // 128, 128, K // 128, 128) * s[:, None, :, None]).view(N, K).to(dt)
-        return (lambda ws: cpu_decode.dequant_fp8(ws[0], ws[1], dt)), torch_deq, _copies(make, N * K)
+        return (lambda ws: cpu_decode.dequant_fp8(ws[0], ws[1], dt)), torch_deq, copies(make, N * K)
     if kernel == "moe_fp8":                  # one token through 6 e4m3 experts of 1024 -> 512 -> 1024
         K, inter, n = 1024, 512, 6
         x = rand(K)
@@ -333,7 +361,7 @@ def _arms(kernel: str, dt: torch.dtype):
                 h = F.silu(F.linear(x, gw)) * F.linear(x, uw)
                 y += ws[s] * F.linear(h, dw).float()
             return y
-        return c_moe, torch_moe, _copies(expert_set, 3 * n * inter * K)
+        return c_moe, torch_moe, copies(expert_set, 3 * n * inter * K)
     if kernel == "moe":                      # one token through 6 experts of 1024 -> 512 -> 1024
         K, inter, n = 1024, 512, 6
         x = rand(K)
@@ -355,7 +383,7 @@ def _arms(kernel: str, dt: torch.dtype):
                     h = F.silu(F.linear(x, gw)) * F.linear(x, uw)
                     y += ws[s] * F.linear(h, dw)
             return y
-        return c_moe, torch_moe, _copies(expert_set, 3 * n * inter * K * dt.itemsize)
+        return c_moe, torch_moe, copies(expert_set, 3 * n * inter * K * dt.itemsize)
     if kernel == "rmsnorm":                  # one token's hidden state
         D = 2048
         w = rand(D)
@@ -391,7 +419,7 @@ def _arms(kernel: str, dt: torch.dtype):
         q, w = rand(H, D), torch.rand(H, generator=g)
         return ((lambda keys: cpu_decode.index_scores(keys, q, w)),
                 (lambda keys: torch.mv(F.linear(keys, q).float().clamp_min_(0), w)),
-                _copies(lambda: rand(T, D), T * D * 2))
+                copies(lambda: rand(T, D), T * D * 2))
     if kernel in ("latent_attention", "latent_attention_short"):
         # one token, 16 heads, over 4096 latent rows of 576, or 1024: the engine's torch path splits
         # the rows over the threads only from 1024 rows a thread (model/attn_absorbed.py), so below
@@ -417,7 +445,7 @@ def _arms(kernel: str, dt: torch.dtype):
         # 1024 rows on a 2-core AVX2 EPYC where the step's C attention takes half torch's time
         out, work = torch.empty(H, c, dtype=dt), torch.empty(cpu_decode.attention_work(H, D, c, n))
         return ((lambda lat: cpu_decode.latent_attention(q[0, 0], lat, 0.07, c, out=out, work=work)), torch_attn,
-                _copies(lambda: rand(T, D), T * D * dt.itemsize))
+                copies(lambda: rand(T, D), T * D * dt.itemsize))
     if kernel == "index_select":             # top-512 of 8192 keys' scores from [T, 64] logits
         T, H, k = 8192, 64, 512
         w = torch.rand(H, generator=g)
@@ -432,7 +460,7 @@ def _arms(kernel: str, dt: torch.dtype):
         idx = torch.randperm(T, generator=g)[:k].sort().values
         out = torch.empty(k, W, dtype=dt)
         return ((lambda src: cpu_sparse.gather_sorted(src, idx, out)),
-                (lambda src: torch.index_select(src, 0, idx, out=out)), _copies(lambda: rand(T, W), T * W * 2))
+                (lambda src: torch.index_select(src, 0, idx, out=out)), copies(lambda: rand(T, W), T * W * 2))
     raise ValueError(kernel)
 
 

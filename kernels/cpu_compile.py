@@ -64,6 +64,27 @@ def cpu_flags() -> frozenset[str]:
     return frozenset((info.get("flags") or info.get("Features") or "").split())
 
 
+@functools.lru_cache(maxsize=None)
+def llc_bytes() -> int | None:
+    """The last-level cache's size in bytes (Linux sysfs: the highest cache level of cpu0), None
+    where the system does not say."""
+    best = (0, None)
+    for d in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*"):
+        try:
+            level = int((d / "level").read_text())
+            size = (d / "size").read_text().strip()
+        except (OSError, ValueError):
+            continue
+        mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(size[-1:].upper(), 1)
+        try:
+            n = int(size.rstrip("KkMmGg")) * mult
+        except ValueError:
+            continue
+        if level > best[0]:
+            best = (level, n)
+    return best[1]
+
+
 def cpu_model() -> str:
     """The CPU's model name, for naming where a figure came from; the platform's processor string
     where /proc/cpuinfo has none (Arm has no ``model name``)."""

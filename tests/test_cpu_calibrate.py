@@ -248,3 +248,22 @@ def test_a_tier_with_one_e4m3_form_stores_no_choice(measured, monkeypatch):
     assert cpu_decode.e4m3_lifted() and cpu_decode.e4m3_lifted(False)     # lifted, and stays
     assert not cpu_calibrate.form_choice()
     assert cpu_calibrate.form_line() == "e4m3 form: one vector form on this tier"
+
+
+def test_operands_stream_past_the_last_level_cache(monkeypatch):
+    """A timing cycles copies of its operands worth 1.5x the last-level cache (48 MB to 1 GB), so
+    that each call reads them from memory as a decode step does: a fixed 48 MB sat whole in a
+    Xeon VM's 480 MB L3. The copies are clones of one draw, in their own memory."""
+    llc = cpu_compile.llc_bytes()
+    assert llc is None or llc >= 1 << 20
+    monkeypatch.setattr(cpu_calibrate, "STREAM_BYTES", None)
+    for llc, want in ((480 << 20, 720 << 20), (8 << 20, cpu_calibrate.STREAM_MIN), (None, cpu_calibrate.STREAM_MIN),
+                      (4 << 30, cpu_calibrate.STREAM_MAX)):
+        monkeypatch.setattr(cpu_compile, "llc_bytes", lambda _l=llc: _l)
+        assert cpu_calibrate.stream_bytes() == want, llc
+    assert cpu_calibrate.stream_bytes(1 << 16) == 1 << 16                 # a setting wins (tests, bench cpu)
+    draws = []
+    items = cpu_calibrate.copies(lambda: draws.append(1) or (torch.arange(4.0), [torch.ones(2)]), 24, total=100)
+    assert len(draws) == 1 and len(items) == 5
+    assert all(torch.equal(it[0], items[0][0]) and torch.equal(it[1][0], items[0][1][0]) for it in items)
+    assert len({it[0].data_ptr() for it in items}) == 5 and isinstance(items[3][1], list)

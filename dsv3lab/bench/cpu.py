@@ -31,7 +31,7 @@ from dsv3lab.bench import print_table, write_json_atomic
 from dsv3lab.bench.measure import alternating_rounds, median_limits, summarize
 from dsv3lab.bench.record import recorded
 
-STREAM_BYTES = 96 << 20      # copies cycled per figure: well past this machine's last-level cache
+STREAM_BYTES: int | None = None     # copies cycled per figure (None: past the last-level cache, cpu_calibrate)
 
 
 def add_args(p) -> None:
@@ -44,8 +44,8 @@ def add_args(p) -> None:
 
 
 def _copies(make, nbytes: int) -> list[torch.Tensor]:
-    n = max(2, min(64, -(-STREAM_BYTES // max(1, nbytes))))
-    return [make() for _ in range(n)]
+    from dsv3lab.kernels.cpu_calibrate import copies
+    return copies(make, nbytes, STREAM_BYTES)
 
 
 def _per_call(fn, items, reps: int) -> float:
