@@ -58,8 +58,8 @@ KERNELS = {
 ROUNDS = 5
 # bytes of copies of an operand cycled per timing, so that each call reads it from memory as a
 # decode step does (it streams the weights once a token), not from a cache holding all of them:
-# None = 1.5x the last-level cache, within [STREAM_MIN, STREAM_MAX] (a VM of a Xeon with a 480 MB
-# L3 held the old fixed 48 MB whole, and timed torch's attention at half its cost in the step)
+# None = 1.5x the last-level cache, within [STREAM_MIN, STREAM_MAX] (a Xeon VM with a 480 MB L3
+# held the old fixed 48 MB whole)
 STREAM_BYTES: int | None = None
 STREAM_MIN, STREAM_MAX = 48 << 20, 1 << 30
 MODES = ("measured", "all")
@@ -292,7 +292,6 @@ def copies(make, nbytes: int, total: int | None = None) -> list:
     memory time the same, and drawing a large cache's worth of random numbers takes seconds."""
     first = make()
     return [first] + [_clone(first) for _ in range(max(2, -(-stream_bytes(total) // max(1, nbytes))) - 1)]
-
 
 
 

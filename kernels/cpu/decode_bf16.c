@@ -597,7 +597,8 @@ static void proj(int f32, const void *W, const float *S, const void *x, void *y,
 
 /* Rows [i, i+R) (R = 1 or 4) of one expert weight [., Kw] against x: e4m3 with its scales when
    sc (the weight's weight_scale_inv, contiguous) is set (xs: x lifted, or NULL), else of the
-   element type (xsplit: a bf16 x split by split_bf16, or NULL). */
+   element type (xsplit: a bf16 x split by split_bf16, or NULL). xw: x widened to fp32 for the F16C
+   form (widened_copy), or NULL: the e4m3 rows then read it instead of x. */
 static inline void expert_rows(int f32, const void *w, const float *sc, int64_t i, int R, const void *x,
                                const float *xw, int form, const float *xs, const float *xsplit, int Kw, float *o) {
     if (sc)
