@@ -669,8 +669,7 @@ static void moe_any(int f32, const void *x, int K, int nslot, const int64_t *g, 
             int ok = hs != NULL;
             for (int s = 0; ok && s < nslot; s++) ok = lift_activation(f32, at(f32, h, off[s]), inter[s], hs + off[s]);
             hl = ok ? hs : NULL;
-            if (any_fp8 && !f32 && !hl && total > 0 && (hw = malloc(sizeof(float) * (size_t)total)))
-                for (int64_t r = 0; r < total; r++) hw[r] = bf2f(((const bf16 *)h)[r]);
+            if (any_fp8 && !f32 && !hl && total > 0) hw = widened_copy((const bf16 *)h, 0, 1, (int)total);
             for (int s = 0; hb && s < nslot; s++) split_bf16((const bf16 *)h + off[s], inter[s], hb + off[s]);
         }
         int hform = e4m3_form(hl);
